@@ -1,0 +1,259 @@
+"""Typed lifecycle events: one frozen ``msgspec.Struct`` per training hook.
+
+Every event carries the same small header (``run_id``, ``step``, ``epoch``,
+``time_ns``, ``rank``) and a snapshot of what its consumers need, never a live
+model, optimizer or ``TrainerState``. Because they are msgspec Structs, the same
+objects encode to JSON lines, to msgpack for the disk spool and across processes,
+and decode back to the same type through the tagged union :data:`Event`.
+
+Values in ``Log.values``, ``Evaluate.metrics`` and ``Predict.metrics`` may be Python
+numbers, strings or torch tensors. Tensors are snapshotted when the event is built
+(an asynchronous copy, never a device sync) and turned into Python numbers by the bus
+thread, so a tensor the training loop later modifies in place does not change what
+was published.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Union
+
+import msgspec
+
+from eventbus import values as _values
+
+__all__ = [
+    "BaseEvent",
+    "Event",
+    "EVENT_TYPES",
+    "EVENT_BY_NAME",
+    "HOOK_EVENTS",
+    "InitEnd",
+    "TrainBegin",
+    "TrainEnd",
+    "EpochBegin",
+    "EpochEnd",
+    "StepBegin",
+    "SubstepEnd",
+    "PreOptimizerStep",
+    "OptimizerStep",
+    "StepEnd",
+    "Evaluate",
+    "Predict",
+    "PredictionStep",
+    "Save",
+    "Log",
+    "PushBegin",
+    "encode_json",
+    "decode_json",
+    "encode_msgpack",
+    "decode_msgpack",
+]
+
+
+class BaseEvent(msgspec.Struct, frozen=True, kw_only=True, tag=True, omit_defaults=False):
+    """The header every event carries.
+
+    ``step`` is the global optimizer step, ``epoch`` the fractional epoch (as
+    transformers' ``TrainerState.epoch``), ``time_ns`` wall-clock nanoseconds when the
+    event was built, ``rank`` the world rank of the process that published it.
+    """
+
+    run_id: str = ""
+    step: int = 0
+    epoch: float | None = None
+    time_ns: int = msgspec.field(default_factory=time.time_ns)
+    rank: int = 0
+
+    @property
+    def hook(self) -> str:
+        """The name of the callback hook this event mirrors, e.g. ``"on_step_end"``."""
+        return _HOOK_BY_TYPE[type(self)]
+
+
+class _ValuesEvent(BaseEvent, frozen=True, kw_only=True):
+    """Events whose payload mapping may hold tensors: snapshot them at construction."""
+
+    def __post_init__(self) -> None:
+        for field in self.__struct_fields__:
+            if field in _VALUE_FIELDS:
+                mapping = getattr(self, field)
+                if mapping and _values.has_tensor(mapping):
+                    # A copy of the mapping, tensors replaced by asynchronous snapshots:
+                    # the caller's dict and tensors are left as they were.
+                    msgspec.structs.force_setattr(self, field, _values.snapshot_mapping(mapping))
+
+
+_VALUE_FIELDS = frozenset({"values", "metrics"})
+
+
+class InitEnd(BaseEvent, frozen=True, kw_only=True):
+    """The trainer finished its ``__init__`` (``on_init_end``)."""
+
+
+class TrainBegin(BaseEvent, frozen=True, kw_only=True):
+    """Training starts (``on_train_begin``).
+
+    ``config`` holds the training arguments (secrets redacted), ``hparams`` the
+    hyperparameters worth comparing across runs, ``model_config`` the model's own
+    configuration when it has one.
+    """
+
+    config: dict[str, Any] = msgspec.field(default_factory=dict)
+    hparams: dict[str, Any] = msgspec.field(default_factory=dict)
+    model_config: dict[str, Any] = msgspec.field(default_factory=dict)
+    max_steps: int = 0
+    num_train_epochs: int = 0
+    resumed_from: str | None = None
+
+
+class TrainEnd(BaseEvent, frozen=True, kw_only=True):
+    """Training ended (``on_train_end``). ``status`` is ``"completed"``,
+    ``"stopped"`` (a callback asked to stop), ``"interrupted"`` or ``"failed"``."""
+
+    status: str = "completed"
+    error: str | None = None
+    best_metric: float | None = None
+    best_model_checkpoint: str | None = None
+
+
+class EpochBegin(BaseEvent, frozen=True, kw_only=True):
+    """An epoch starts (``on_epoch_begin``)."""
+
+
+class EpochEnd(BaseEvent, frozen=True, kw_only=True):
+    """An epoch ended (``on_epoch_end``)."""
+
+
+class StepBegin(BaseEvent, frozen=True, kw_only=True):
+    """An optimizer step starts (``on_step_begin``)."""
+
+
+class SubstepEnd(BaseEvent, frozen=True, kw_only=True):
+    """A gradient-accumulation micro-step ended (``on_substep_end``)."""
+
+
+class PreOptimizerStep(BaseEvent, frozen=True, kw_only=True):
+    """Gradients are ready, before ``optimizer.step()`` (``on_pre_optimizer_step``)."""
+
+
+class OptimizerStep(BaseEvent, frozen=True, kw_only=True):
+    """Right after ``optimizer.step()`` (``on_optimizer_step``)."""
+
+
+class StepEnd(BaseEvent, frozen=True, kw_only=True):
+    """An optimizer step ended (``on_step_end``)."""
+
+
+class Evaluate(_ValuesEvent, frozen=True, kw_only=True):
+    """An evaluation finished (``on_evaluate``); ``metrics`` keys carry their prefix
+    (``eval_loss``)."""
+
+    metrics: dict[str, Any] = msgspec.field(default_factory=dict)
+    prefix: str = "eval"
+
+
+class Predict(_ValuesEvent, frozen=True, kw_only=True):
+    """A prediction run finished (``on_predict``); ``metrics`` keys carry their prefix
+    (``test_loss``)."""
+
+    metrics: dict[str, Any] = msgspec.field(default_factory=dict)
+    prefix: str = "test"
+
+
+class PredictionStep(BaseEvent, frozen=True, kw_only=True):
+    """One evaluation or prediction batch ended (``on_prediction_step``)."""
+
+    batch_index: int = 0
+    num_batches: int | None = None
+    phase: str = "eval"
+
+
+class Save(BaseEvent, frozen=True, kw_only=True):
+    """A checkpoint was written (``on_save``)."""
+
+    checkpoint_dir: str = ""
+    is_best: bool = False
+
+
+class Log(_ValuesEvent, frozen=True, kw_only=True):
+    """Values were logged (``on_log``), e.g. ``{"loss": ..., "learning_rate": ...}``."""
+
+    values: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class PushBegin(BaseEvent, frozen=True, kw_only=True):
+    """A push of the model to a hub starts (``on_push_begin``)."""
+
+    destination: str | None = None
+
+
+Event = Union[
+    InitEnd,
+    TrainBegin,
+    TrainEnd,
+    EpochBegin,
+    EpochEnd,
+    StepBegin,
+    SubstepEnd,
+    PreOptimizerStep,
+    OptimizerStep,
+    StepEnd,
+    Evaluate,
+    Predict,
+    PredictionStep,
+    Save,
+    Log,
+    PushBegin,
+]
+"""The tagged union of every event type; the tag is the class name."""
+
+EVENT_TYPES: tuple[type[BaseEvent], ...] = Event.__args__  # type: ignore[attr-defined]
+EVENT_BY_NAME: dict[str, type[BaseEvent]] = {t.__name__: t for t in EVENT_TYPES}
+
+HOOK_EVENTS: dict[str, type[BaseEvent]] = {
+    "on_init_end": InitEnd,
+    "on_train_begin": TrainBegin,
+    "on_train_end": TrainEnd,
+    "on_epoch_begin": EpochBegin,
+    "on_epoch_end": EpochEnd,
+    "on_step_begin": StepBegin,
+    "on_substep_end": SubstepEnd,
+    "on_pre_optimizer_step": PreOptimizerStep,
+    "on_optimizer_step": OptimizerStep,
+    "on_step_end": StepEnd,
+    "on_evaluate": Evaluate,
+    "on_predict": Predict,
+    "on_prediction_step": PredictionStep,
+    "on_save": Save,
+    "on_log": Log,
+    "on_push_begin": PushBegin,
+}
+"""Callback hook name -> the event type it publishes."""
+
+_HOOK_BY_TYPE = {t: hook for hook, t in HOOK_EVENTS.items()}
+
+_json_encoder = msgspec.json.Encoder()
+_json_decoder = msgspec.json.Decoder(Event)
+_msgpack_encoder = msgspec.msgpack.Encoder()
+_msgpack_decoder = msgspec.msgpack.Decoder(Event)
+
+
+def encode_json(event: BaseEvent) -> bytes:
+    """Encode a resolved event as one JSON document (no trailing newline)."""
+    return _json_encoder.encode(event)
+
+
+def decode_json(data: bytes | str) -> Event:
+    """Decode a JSON document written by :func:`encode_json` back to its event type."""
+    return _json_decoder.decode(data)
+
+
+def encode_msgpack(event: BaseEvent) -> bytes:
+    """Encode a resolved event as msgpack (the spool's record format)."""
+    return _msgpack_encoder.encode(event)
+
+
+def decode_msgpack(data: bytes) -> Event:
+    """Decode msgpack written by :func:`encode_msgpack` back to its event type."""
+    return _msgpack_decoder.decode(data)

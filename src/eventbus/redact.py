@@ -1,0 +1,35 @@
+"""Keep secrets out of everything we write: configs, hparams, reprs and logs."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+__all__ = ["REDACTED", "is_secret_key", "redact", "redact_text"]
+
+REDACTED = "***"
+
+_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|apikey|authorization|credential)", re.IGNORECASE)
+
+
+def is_secret_key(key: str) -> bool:
+    """True for keys that name a secret (``api_key``, ``hub_token``, ``MLFLOW_TRACKING_PASSWORD``...)."""
+    return bool(_SECRET_KEY.search(str(key)))
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` (mappings and sequences, recursively) with the values of
+    secret-named keys replaced by ``"***"``."""
+    if isinstance(value, Mapping):
+        return {k: (REDACTED if is_secret_key(k) and v not in (None, "") else redact(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+def redact_text(text: str, *secrets: str | None) -> str:
+    """``text`` with every occurrence of each non-empty secret replaced by ``"***"``."""
+    for s in secrets:
+        if s and len(s) >= 4:
+            text = text.replace(s, REDACTED)
+    return text

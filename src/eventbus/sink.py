@@ -1,0 +1,175 @@
+"""Sink base classes: the consumers that run on the bus's event loop.
+
+A :class:`Sink` is asynchronous and runs on the bus thread's event loop. A
+:class:`ThreadedSink` wraps a blocking SDK: the same three hooks, synchronous, each
+sink on a daemon thread of its own so that one slow SDK never blocks the loop, and
+calls stay in order. Sinks only ever see frozen event snapshots; they cannot steer
+training.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import queue
+import threading
+import uuid
+from typing import Any, Callable, ClassVar, Sequence, TypeVar
+
+import msgspec
+
+from eventbus.errors import TransientSinkError
+from eventbus.events import EVENT_TYPES, BaseEvent
+from eventbus.overflow import Overflow
+
+__all__ = ["RunInfo", "Sink", "ThreadedSink"]
+
+T = TypeVar("T")
+
+
+class RunInfo(msgspec.Struct, kw_only=True):
+    """What a sink learns about the run when it is opened."""
+
+    run_id: str = msgspec.field(default_factory=lambda: uuid.uuid4().hex[:12])
+    run_name: str | None = None
+    output_dir: str | None = None
+    logging_dir: str | None = None
+    rank: int = 0
+    world_size: int = 1
+    resumed: bool = False
+
+
+class Sink:
+    """An asynchronous consumer of events, running on the bus's event loop.
+
+    Subclasses set ``name`` and ``events`` and implement :meth:`write`; :meth:`open`
+    and :meth:`close` are optional. Class attributes are defaults that an instance may
+    override (e.g. ``sink.capacity = 100``) before the bus starts.
+
+    Queueing follows OpenTelemetry's BatchSpanProcessor: at most ``capacity`` events
+    wait (``overflow`` says what happens past that), a write gets at most
+    ``max_batch_size`` events, and waits at most ``max_delay`` seconds for a batch to
+    fill (urgent events such as ``Save`` or ``TrainEnd`` are written at once).
+
+    Failure handling: an exception for which :meth:`is_transient` is true is retried
+    up to ``max_retries`` times with exponential backoff and jitter (or the
+    ``retry_after`` a :class:`~eventbus.errors.TransientSinkError` carries). A batch
+    that still fails is counted as failed (or spooled). After ``circuit_threshold``
+    batches fail in a row the circuit opens for ``circuit_cooldown`` seconds: the sink
+    is not called, its events go to the spool or are counted, and then one batch is
+    tried again.
+    """
+
+    name: ClassVar[str] = "sink"
+    events: ClassVar[tuple[type[BaseEvent], ...]] = EVENT_TYPES
+    overflow: Overflow = Overflow.DROP_OLDEST
+    capacity: int = 10_000
+    max_batch_size: int = 512
+    max_delay: float = 0.2
+    write_timeout: float | None = 120.0
+    max_retries: int = 5
+    retry_backoff: float = 0.5
+    retry_backoff_max: float = 30.0
+    circuit_threshold: int = 5
+    circuit_cooldown: float = 30.0
+    all_ranks: bool = False
+    """Run on every rank (tagging data with the rank) instead of world rank 0 only."""
+
+    spool_dir: str | None = None
+    """Where this sink's spool lives; ``None`` puts it under the run's output_dir."""
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether ``report_to="all"`` should include this sink: its SDK is installed
+        and it is configured (e.g. an API key or tracking URI is set)."""
+        return True
+
+    async def open(self, run: RunInfo) -> None:
+        """Called once on the bus loop before the first write."""
+
+    async def write(self, batch: Sequence[BaseEvent]) -> None:
+        """Consume a batch of events, in publish order. Raise to report a failure."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Flush and release resources. Called once, within the bus's close deadline."""
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether a failed write is worth retrying."""
+        return isinstance(exc, (TransientSinkError, ConnectionError, TimeoutError))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} name={self.name!r}>"
+
+
+class _SinkThread:
+    """One daemon thread that runs a sink's blocking calls in order.
+
+    A daemon, not a ThreadPoolExecutor worker: a hung SDK call must not keep the
+    interpreter from exiting after the bus's close deadline has passed.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._run, name=f"eventbus-sink-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the awaiting task
+                future.set_exception(exc)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((future, fn, args))
+        return await asyncio.wrap_future(future)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+
+class ThreadedSink(Sink):
+    """A sink for blocking SDKs: implement :meth:`open_sync`, :meth:`write_sync` and
+    :meth:`close_sync`; each runs on this sink's own daemon thread, in order."""
+
+    _thread: _SinkThread | None = None
+
+    def open_sync(self, run: RunInfo) -> None:
+        """Blocking counterpart of :meth:`Sink.open`."""
+
+    def write_sync(self, batch: Sequence[BaseEvent]) -> None:
+        """Blocking counterpart of :meth:`Sink.write`."""
+        raise NotImplementedError
+
+    def close_sync(self) -> None:
+        """Blocking counterpart of :meth:`Sink.close`."""
+
+    def _worker(self) -> _SinkThread:
+        if self._thread is None:
+            self._thread = _SinkThread(f"{self.name}-{os.getpid()}")
+        return self._thread
+
+    async def open(self, run: RunInfo) -> None:
+        await self._worker().call(self.open_sync, run)
+
+    async def write(self, batch: Sequence[BaseEvent]) -> None:
+        await self._worker().call(self.write_sync, batch)
+
+    async def close(self) -> None:
+        worker = self._worker()
+        try:
+            await worker.call(self.close_sync)
+        finally:
+            worker.stop()
+            self._thread = None

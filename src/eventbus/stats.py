@@ -1,0 +1,100 @@
+"""Counters the bus keeps per sink, and the snapshot ``bus.stats()`` returns."""
+
+from __future__ import annotations
+
+import collections
+from typing import Iterable
+
+import msgspec
+
+__all__ = ["SinkStats", "BusStats", "LagRecorder"]
+
+
+class SinkStats(msgspec.Struct, kw_only=True):
+    """One sink's counters.
+
+    Identity, always: ``received == delivered + dropped + spooled + queue_depth``.
+    ``dropped`` counts every event that sink will never get: ``overflow`` (its queue was
+    full), ``failed`` (its write kept failing) and ``abandoned`` (still queued when the
+    close deadline passed).
+    ``errors`` counts exceptions its hooks raised; ``retries`` the write attempts
+    repeated after a transient error. ``lag_p50_ms``/``lag_p99_ms``: from the event's
+    ``time_ns`` to the end of the write that delivered it.
+    """
+
+    name: str
+    received: int = 0
+    delivered: int = 0
+    dropped: int = 0
+    overflow: int = 0
+    failed: int = 0
+    abandoned: int = 0
+    spooled: int = 0
+    errors: int = 0
+    retries: int = 0
+    queue_depth: int = 0
+    queue_high_water: int = 0
+    lag_p50_ms: float | None = None
+    lag_p99_ms: float | None = None
+    circuit_open: bool = False
+    last_error: str | None = None
+
+
+class BusStats(msgspec.Struct, kw_only=True):
+    """The bus's totals and each sink's :class:`SinkStats`.
+
+    ``published`` counts every ``publish()`` call; ``ingress_dropped`` those refused
+    because the ingress was full (or the bus was already closed); ``ingress_depth``
+    those not yet taken by the pump.
+    """
+
+    published: int = 0
+    ingress_dropped: int = 0
+    ingress_depth: int = 0
+    ingress_high_water: int = 0
+    running: bool = False
+    sinks: dict[str, SinkStats] = msgspec.field(default_factory=dict)
+
+    @property
+    def delivered(self) -> int:
+        """Events delivered, summed over sinks."""
+        return sum(s.delivered for s in self.sinks.values())
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped, summed over sinks, plus those the ingress refused."""
+        return self.ingress_dropped + sum(s.dropped for s in self.sinks.values())
+
+    def to_dict(self) -> dict:
+        """Plain builtins, e.g. for ``json.dumps``."""
+        return msgspec.to_builtins(self)
+
+    def format_table(self) -> str:
+        """A small human-readable table, one row per sink."""
+        head = f"{'sink':<14}{'received':>10}{'delivered':>10}{'dropped':>9}{'spooled':>9}{'failed':>8}{'p99 ms':>9}"
+        rows = [head]
+        for s in self.sinks.values():
+            p99 = "-" if s.lag_p99_ms is None else f"{s.lag_p99_ms:.1f}"
+            rows.append(
+                f"{s.name:<14}{s.received:>10}{s.delivered:>10}{s.dropped:>9}{s.spooled:>9}{s.failed:>8}{p99:>9}"
+            )
+        return "\n".join(rows)
+
+
+class LagRecorder:
+    """A bounded reservoir of the most recent lag samples (milliseconds)."""
+
+    __slots__ = ("_samples",)
+
+    def __init__(self, size: int = 4096) -> None:
+        self._samples: collections.deque[float] = collections.deque(maxlen=size)
+
+    def add_many(self, samples: Iterable[float]) -> None:
+        self._samples.extend(samples)
+
+    def percentile(self, q: float) -> float | None:
+        if not self._samples:
+            return None
+        data = sorted(self._samples)
+        idx = min(len(data) - 1, max(0, round(q * (len(data) - 1))))
+        return data[idx]

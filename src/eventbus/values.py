@@ -1,0 +1,113 @@
+"""Tensor values: snapshot on the publishing thread, resolve on the bus thread.
+
+The publishing thread must never synchronise a device: no ``.item()``, ``.cpu()``,
+``float(t)`` or ``if t:``. :func:`snapshot` therefore only *enqueues* a copy
+(``clone()`` on the CPU; on CUDA an asynchronous device-to-host copy into pinned
+memory plus a recorded CUDA event) so that later in-place changes by the loop do
+not leak into what was published. :func:`resolve` runs on the bus thread, waits for
+the copy if it has to, and returns plain Python numbers.
+
+torch is never imported here: a tensor can only exist if the caller imported it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, Mapping
+
+__all__ = ["Deferred", "has_tensor", "is_tensor", "snapshot", "snapshot_mapping", "resolve", "resolve_mapping"]
+
+
+def _torch() -> Any:
+    return sys.modules.get("torch")
+
+
+def is_tensor(value: Any) -> bool:
+    """True when ``value`` is a ``torch.Tensor`` (without importing torch)."""
+    torch = _torch()
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def has_tensor(mapping: Mapping[str, Any]) -> bool:
+    """True when any value of ``mapping`` is a tensor."""
+    torch = _torch()
+    if torch is None:
+        return False
+    tensor = torch.Tensor
+    return any(isinstance(v, tensor) for v in mapping.values())
+
+
+class Deferred:
+    """A tensor value captured without a device sync, resolved later on the bus thread."""
+
+    __slots__ = ("tensor", "ready")
+
+    def __init__(self, tensor: Any, ready: Any = None) -> None:
+        self.tensor = tensor
+        self.ready = ready  # a torch.cuda.Event when the copy is asynchronous
+
+    def resolve(self) -> Any:
+        """Wait for the copy if needed and return a Python number (or a list)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return _to_python(self.tensor)
+
+    def __repr__(self) -> str:
+        return f"Deferred({type(self.tensor).__name__}{tuple(self.tensor.shape)})"
+
+
+def snapshot(value: Any) -> Any:
+    """Capture ``value`` as published. Non-tensors are returned unchanged."""
+    if not is_tensor(value):
+        return value
+    t = value.detach()
+    if t.device.type == "cuda":
+        torch = _torch()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return Deferred(host, ready)
+    if t.device.type == "cpu":
+        return Deferred(t.clone())
+    # Other devices (mps, xla, ...): an on-device clone is asynchronous there too.
+    return Deferred(t.clone())
+
+
+def snapshot_mapping(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``mapping`` with every tensor replaced by its :class:`Deferred`."""
+    return {k: snapshot(v) for k, v in mapping.items()}
+
+
+def _to_python(t: Any) -> Any:
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.numel() == 1:
+        return t.reshape(()).item()
+    return t.tolist()
+
+
+def resolve(value: Any) -> Any:
+    """Turn a snapshot (or a live tensor) into plain Python data. Runs off the hot path."""
+    if isinstance(value, Deferred):
+        return value.resolve()
+    if is_tensor(value):
+        return _to_python(value.detach())
+    return value
+
+
+def resolve_mapping(mapping: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A resolved copy of ``mapping``, or ``None`` when nothing in it needed resolving."""
+    if not any(isinstance(v, Deferred) or is_tensor(v) for v in mapping.values()):
+        return None
+    return {k: resolve(v) for k, v in mapping.items()}
+
+
+def is_finite_number(value: Any) -> bool:
+    """True for ints and finite floats (bools excluded)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, float) and math.isfinite(value)
