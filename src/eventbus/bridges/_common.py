@@ -1,0 +1,210 @@
+"""What both bridges share: owning (and re-creating) a bus, and making configs safe
+to log. Framework-free: importing this module imports neither transformers nor
+lightning."""
+
+from __future__ import annotations
+
+import atexit
+import enum
+import importlib
+import math
+import os
+import threading
+import weakref
+from typing import Any, Iterable, Mapping, Sequence
+
+from eventbus.bus import EventBus
+from eventbus.errors import BusStateError, MissingDependencyError, SinkConfigError
+from eventbus.events import EVENT_TYPES, BaseEvent
+from eventbus.redact import redact
+from eventbus.registry import sinks_from_report_to
+from eventbus.sink import RunInfo, Sink
+from eventbus.stats import BusStats
+
+__all__ = ["BusHolder", "import_framework", "jsonable", "safe_config", "scalar_params"]
+
+
+def import_framework(module: str, extra: str) -> Any:
+    """Import ``module`` or raise :class:`MissingDependencyError` naming the extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"this bridge needs {module!r}, which could not be imported ({exc}); "
+            f"install it with: pip install 'eventbus-telemetry[{extra}]'"
+        ) from exc
+
+
+class BusHolder:
+    """Owns the bus a bridge publishes to.
+
+    A bridge is built before the run is known (output dir, rank), so the bus is
+    created on first use with the run's :class:`RunInfo`. Frameworks close their
+    loggers after every ``fit``/``test``/``train`` call and may be called again
+    (``trainer.evaluate()`` after ``trainer.train()``): a closed bus cannot restart,
+    so the next use creates a fresh bus over the same sinks and the same ``run_id``.
+
+    A bus passed in by the caller is the caller's: it is started if needed but never
+    closed here.
+    """
+
+    def __init__(
+        self,
+        sinks: Iterable[Sink] | Sink | None = None,
+        *,
+        report_to: str | Sequence[str] | None = None,
+        bus: EventBus | None = None,
+        sink_options: Mapping[str, Mapping[str, Any]] | None = None,
+        close_timeout: float = 30.0,
+    ) -> None:
+        if isinstance(sinks, Sink):
+            sinks = [sinks]
+        sink_list = list(sinks or ())
+        for s in sink_list:
+            if not isinstance(s, Sink):
+                raise SinkConfigError(
+                    f"sinks must be eventbus.Sink instances, got {type(s).__name__}: {s!r}; "
+                    "build one (e.g. sinks.jsonl.JSONLSink(...)) or pass report_to=['jsonl']"
+                )
+        sink_list += sinks_from_report_to(report_to, **dict(sink_options or {}))
+        if bus is not None:
+            if not isinstance(bus, EventBus):
+                raise SinkConfigError(f"bus must be an eventbus.EventBus, got {type(bus).__name__}")
+            if sink_list:
+                raise SinkConfigError(
+                    "pass either bus= (an EventBus you configured and will close) or sinks=/report_to=, not both; "
+                    "add the sinks to that bus with bus.add_sink(...) before it starts"
+                )
+        if close_timeout < 0:
+            raise ValueError(f"close_timeout must be >= 0 seconds, got {close_timeout}")
+        self.sinks = sink_list
+        self.close_timeout = close_timeout
+        self.owns = bus is None
+        self.bus: EventBus | None = bus
+        self.run: RunInfo | None = bus.run if bus is not None else None
+        # Until a bus exists, what the sinks subscribe to; afterwards what the bus
+        # routes (on a rank > 0 that is usually nothing, so nothing gets built).
+        if bus is not None:
+            self.wanted: frozenset[type[BaseEvent]] = frozenset(t for t in EVENT_TYPES if bus.wants(t))
+        else:
+            self.wanted = frozenset(t for s in sink_list for t in s.events)
+        self.last_stats: BusStats | None = None
+        self.pending = False
+        """A bus was created by :meth:`prepare` and is not started yet."""
+        self._lock = threading.Lock()
+        self._atexit_registered = False
+
+    def prepare(self, run: RunInfo) -> EventBus:
+        """The bus for ``run``, created (or re-created after a close) but not started
+        yet: until :meth:`ensure` starts it, ``bus.run`` may still be completed (e.g.
+        with the trainer's output folder, learned after the bus was asked for)."""
+        with self._lock:
+            bus = self.bus
+            if not self.owns:
+                assert bus is not None
+                return bus
+            if bus is not None and (self.pending or bus.running):
+                return bus
+            # The same run_id across re-created buses: sinks see one run.
+            if self.run is not None:
+                run.run_id = self.run.run_id
+            self.run = run
+            bus = EventBus(self.sinks, run=run, close_timeout=self.close_timeout)
+            self.wanted = frozenset(t for t in EVENT_TYPES if bus.wants(t))
+            self.bus = bus
+            self.pending = True
+            return bus
+
+    def ensure(self, run: RunInfo) -> EventBus:
+        """A running bus: the prepared one, or one created (or re-created after a
+        close) for ``run``."""
+        bus = self.bus
+        if bus is not None and bus.running:
+            return bus
+        bus = self.prepare(run)
+        with self._lock:
+            if not self.owns:
+                try:
+                    bus.start()  # idempotent while running
+                except BusStateError:
+                    pass  # the caller closed it: publishes are counted as dropped there
+                self.wanted = frozenset(t for t in EVENT_TYPES if bus.wants(t))
+                return bus
+            if self.pending:
+                bus.start()
+                self.pending = False
+                if not self._atexit_registered:
+                    # A run that crashes never reaches on_train_end/finalize: still
+                    # flush what was published, within the deadline, at exit.
+                    atexit.register(_close_at_exit, weakref.ref(self))
+                    self._atexit_registered = True
+            return bus
+
+    @property
+    def running(self) -> bool:
+        """Whether the bus exists and is running."""
+        return self.bus is not None and self.bus.running
+
+    def close(self, timeout: float | None = None) -> BusStats | None:
+        """Close the bus if this holder owns it and it runs; returns its final stats."""
+        bus = self.bus
+        if bus is None:
+            return self.last_stats
+        if not self.owns:
+            return bus.stats()
+        if bus.running or self.pending:
+            # A prepared bus never started: closing it counts what was published.
+            self.pending = False
+            self.last_stats = bus.close(self.close_timeout if timeout is None else timeout)
+        return self.last_stats
+
+
+def _close_at_exit(ref: weakref.ReferenceType[BusHolder]) -> None:
+    holder = ref()
+    if holder is not None:
+        holder.close()
+
+
+def jsonable(value: Any, _depth: int = 0) -> Any:
+    """``value`` as plain JSON-able data (dict/list/str/int/float/bool/None).
+
+    Configs hold enums, paths, dtypes and arbitrary objects; sinks encode events with
+    msgspec, which refuses those, so anything unknown becomes its ``str``.
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, enum.Enum):
+        return jsonable(value.value, _depth + 1)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if _depth > 8:
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v, _depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v, _depth + 1) for v in value]
+    return str(value)
+
+
+def safe_config(value: Mapping[str, Any]) -> dict[str, Any]:
+    """A redacted, JSON-able copy of a config mapping."""
+    return jsonable(redact(dict(value)))  # type: ignore[no-any-return]
+
+
+def scalar_params(value: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
+    """Flatten nested mappings (``a/b``) and keep values a hyperparameter table can show
+    (bool, int, float, str; anything else as its ``str``), secrets redacted."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, v: Any) -> None:
+        if isinstance(v, Mapping):
+            for k, sub in v.items():
+                walk(f"{prefix}{sep}{k}" if prefix else str(k), sub)
+            return
+        v = jsonable(v)
+        out[prefix] = v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
+
+    walk("", redact(dict(value)))
+    return out

@@ -1,0 +1,240 @@
+"""JSON lines sink: every event as one JSON document per line, one file per run.
+
+The embedded default: it needs nothing beyond the package itself. Each line is
+``eventbus.events.encode_json(event)``, so :func:`eventbus.events.decode_json` reads it
+back to the same event type, with metric names exactly as they were published.
+
+Non-finite numbers: JSON has no NaN or infinity (msgspec writes them as ``null``,
+which would lose them). A line whose event holds one writes it as the string
+``"NaN"``, ``"Infinity"`` or ``"-Infinity"`` and lists where it did so under an extra
+top-level key, ``"_nonfinite"``: a list of paths (each a list of keys and list
+indices). :func:`read_jsonl` turns exactly those strings back into floats, so a
+string value that happens to read ``"NaN"`` stays a string. Other readers (``jq``,
+pandas) see the strings. ``decode_json`` ignores the extra key, so it still reads
+such a line, but gives the strings; :func:`decode_line` gives the floats back (and
+is needed when a typed float field such as ``TrainEnd.best_metric`` is NaN).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any, BinaryIO, Iterator, Sequence
+
+import msgspec
+
+from eventbus.errors import SinkConfigError
+from eventbus.events import EVENT_BY_NAME, EVENT_TYPES, BaseEvent, Event, Evaluate, Save, TrainBegin, TrainEnd, encode_json
+from eventbus.sink import RunInfo, ThreadedSink
+
+__all__ = ["JSONLSink", "read_jsonl", "iter_jsonl", "encode_line", "decode_line", "NONFINITE_KEY"]
+
+logger = logging.getLogger("sinks.jsonl")
+
+NONFINITE_KEY = "_nonfinite"
+"""The top-level key listing where a line holds NaN/inf written as strings."""
+
+_TOKENS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_URGENT = (TrainBegin, Evaluate, Save, TrainEnd)
+# For values msgspec cannot encode (an object left in a config dict): their text,
+# rather than losing the whole batch.
+_lenient_encoder = msgspec.json.Encoder(enc_hook=repr)
+
+
+def _token(x: float) -> str:
+    if math.isnan(x):
+        return "NaN"
+    return "Infinity" if x > 0 else "-Infinity"
+
+
+def _has_nonfinite(obj: Any) -> bool:
+    if isinstance(obj, float):
+        return not math.isfinite(obj)
+    if isinstance(obj, dict):
+        return any(_has_nonfinite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_nonfinite(v) for v in obj)
+    return False
+
+
+def _replace_nonfinite(obj: Any, path: list[Any], found: list[list[Any]]) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        found.append(list(path))
+        return _token(obj)
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            path.append(k)
+            out[k] = _replace_nonfinite(v, path, found)
+            path.pop()
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = []
+        for i, v in enumerate(obj):
+            path.append(i)
+            items.append(_replace_nonfinite(v, path, found))
+            path.pop()
+        return items
+    return obj
+
+
+def encode_line(event: BaseEvent) -> bytes:
+    """One line of the file for ``event``, newline included (see the module docstring)."""
+    if not any(_has_nonfinite(getattr(event, f)) for f in event.__struct_fields__):
+        try:
+            return encode_json(event) + b"\n"
+        except (TypeError, msgspec.EncodeError):
+            pass
+    # The rare slow path: a plain-data copy with the non-finite floats made strings.
+    data = msgspec.to_builtins(event, enc_hook=repr)
+    found: list[list[Any]] = []
+    data = _replace_nonfinite(data, [], found)
+    if found:
+        data[NONFINITE_KEY] = found
+    return _lenient_encoder.encode(data) + b"\n"
+
+
+def decode_line(line: bytes | str) -> Event:
+    """The event one line of a JSON lines file holds, NaN and inf restored."""
+    data = msgspec.json.decode(line)
+    if not isinstance(data, dict) or data.get("type") not in EVENT_BY_NAME:
+        raise ValueError(f"not an eventbus event line: {bytes(line[:80]) if isinstance(line, bytes) else line[:80]!r}")
+    for path in data.pop(NONFINITE_KEY, ()):
+        parent = data
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] = _TOKENS[parent[path[-1]]]
+    return msgspec.convert(data, Event)
+
+
+def read_jsonl(path: str | os.PathLike[str], *, purge_orphans: bool = True, strict: bool = False) -> list[Event]:
+    """Read back a file written by :class:`JSONLSink`.
+
+    With ``purge_orphans`` (the default), a resumed run's ``TrainBegin`` (its
+    ``resumed_from`` set, at step ``S``) drops what the interrupted run wrote after
+    step ``S``, as TensorBoard does with its event files: each step appears once.
+    A line that does not decode (torn when a process died mid-write) is skipped with
+    a warning, or raises with ``strict=True``.
+    """
+    events: list[Event] = []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            ev = decode_line(line)
+        except ValueError as exc:  # msgspec.DecodeError is a ValueError
+            if strict:
+                raise ValueError(f"{os.fspath(path)}:{lineno}: {exc}") from exc
+            logger.warning("jsonl: skipping line %d of %s that does not decode (%s)", lineno, os.fspath(path), exc)
+            continue
+        if purge_orphans and isinstance(ev, TrainBegin) and ev.resumed_from:
+            events = [e for e in events if e.step <= ev.step]
+        events.append(ev)
+    return events
+
+
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[Event]:
+    """Stream the events of a file written by :class:`JSONLSink`, as written
+    (no orphan purging)."""
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                yield decode_line(line)
+
+
+class JSONLSink(ThreadedSink):
+    """Writes every event as a JSON line (report_to name ``"jsonl"``).
+
+    Options:
+
+    - ``path``: the file to append to. Default: ``<dir>/events-<run_id>.jsonl``.
+    - ``dir``: the directory for the default file name; default the run's
+      ``output_dir``.
+    - ``flush_secs``: the longest time written lines may sit in the buffer while
+      events keep arriving (default 1 s). ``TrainBegin``, ``Evaluate``, ``Save`` and
+      ``TrainEnd`` flush at once, as does close.
+    - ``events``: the event type names to write (default: all of them).
+
+    A resumed run with the same ``run_id`` appends to the same file; see
+    :func:`read_jsonl` for how the reader keeps each step once.
+    """
+
+    name = "jsonl"
+    events = EVENT_TYPES
+
+    def __init__(
+        self,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        dir: str | os.PathLike[str] | None = None,  # noqa: A002 - the option's natural name
+        flush_secs: float = 1.0,
+        events: Sequence[str] | None = None,
+        buffer_size: int = 1 << 20,
+    ) -> None:
+        if path is not None and dir is not None:
+            raise SinkConfigError("jsonl sink: pass either path= (the file) or dir= (its directory), not both")
+        if isinstance(flush_secs, bool) or not isinstance(flush_secs, (int, float)) or flush_secs < 0:
+            raise SinkConfigError(f"jsonl sink: flush_secs must be a number of seconds >= 0, got {flush_secs!r}")
+        if events is not None:
+            if isinstance(events, str):
+                events = [e.strip() for e in events.split(",") if e.strip()]
+            unknown = [e for e in events if e not in EVENT_BY_NAME]
+            if unknown:
+                raise SinkConfigError(f"jsonl sink: unknown event types {unknown}; known: {', '.join(EVENT_BY_NAME)}")
+            self.events = tuple(EVENT_BY_NAME[e] for e in events)
+        self.path: str | None = os.fspath(path) if path is not None else None
+        """The file written (resolved when the sink is opened)."""
+        self.dir = os.fspath(dir) if dir is not None else None
+        self.flush_secs = float(flush_secs)
+        self.buffer_size = int(buffer_size)
+        self._file: BinaryIO | None = None
+        self._last_flush = 0.0
+
+    def resolve_path(self, run: RunInfo) -> str:
+        """The file this sink writes for ``run``."""
+        if self.path:
+            return os.path.expanduser(self.path)
+        base = self.dir or run.output_dir
+        if not base:
+            raise SinkConfigError("jsonl sink: no directory to write to; pass JSONLSink(dir=...) or path=..., or give the run an output_dir")
+        return os.path.join(os.path.expanduser(base), f"events-{run.run_id}.jsonl")
+
+    def open_sync(self, run: RunInfo) -> None:
+        """Open (append to) the run's file."""
+        path = self.resolve_path(run)
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        self.path = path
+        self._file = open(path, "ab", buffering=self.buffer_size)  # noqa: SIM115 - closed in close_sync
+        # A process that died mid-line left a torn tail: end it, so that this run's
+        # first line is not glued to it.
+        if self._file.tell() > 0:
+            with open(path, "rb") as existing:
+                existing.seek(-1, os.SEEK_END)
+                if existing.read(1) != b"\n":
+                    self._file.write(b"\n")
+        self._last_flush = time.monotonic()
+
+    def write_sync(self, batch: Sequence[BaseEvent]) -> None:
+        """Append one line per event; flush on urgent events or when the interval passed."""
+        f = self._file
+        if f is None:
+            raise SinkConfigError("jsonl sink: write before open (the bus opens sinks before writing)")
+        f.write(b"".join(encode_line(ev) for ev in batch))
+        if any(isinstance(ev, _URGENT) for ev in batch) or time.monotonic() - self._last_flush >= self.flush_secs:
+            f.flush()
+            self._last_flush = time.monotonic()
+
+    def close_sync(self) -> None:
+        """Flush and close the file."""
+        if self._file is not None:
+            try:
+                self._file.flush()
+            finally:
+                self._file.close()
+                self._file = None

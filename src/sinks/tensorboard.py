@@ -1,0 +1,319 @@
+"""TensorBoard sink: real event files, written with tensorboard's own protos and
+record writer, without TensorFlow and without a hidden writer thread.
+
+What lands in the event file, under the names transformers' ``TensorBoardCallback``
+uses:
+
+- ``Log`` values as scalars ``train/<name>`` (``eval_*`` -> ``eval/*``, ``test_*`` ->
+  ``test/*``, as ``rewrite_logs``), ``Evaluate``/``Predict`` metrics under their
+  prefix (``eval/loss``, ``test/accuracy``); NaN and inf are written as such.
+- String values as text (``<tag>/text_summary``, as ``SummaryWriter.add_text``);
+  other non-scalar values (lists, dicts, ``None``) are skipped with one warning per
+  key.
+- At ``TrainBegin``: the training arguments as text (``args``), the model config as
+  text (``model_config``), and the hyperparameters as an HParams session (read by
+  TensorBoard's HParams tab); at ``TrainEnd`` the session's end status and the
+  HParams experiment summary, listing every scalar written as a metric.
+
+The file is flushed on an interval (``flush_secs``), on ``Save``, ``Evaluate`` and
+``TrainEnd``, and at close, never per event. A resumed run (``TrainBegin.resumed_from``
+set) writes a ``SessionLog.START`` just after the resume step: TensorBoard's readers
+then drop what the interrupted run wrote after that step, so no step appears twice.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import logging
+import math
+import os
+import socket
+import time
+from types import SimpleNamespace
+from typing import Any, BinaryIO, Mapping, Sequence
+
+from eventbus.errors import SinkConfigError
+from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
+from eventbus.redact import redact
+from eventbus.sink import RunInfo, ThreadedSink
+from sinks._common import ScalarFilter, import_sdk, is_number, rewrite_logs
+
+__all__ = ["TensorBoardSink"]
+
+logger = logging.getLogger("sinks.tensorboard")
+
+# Event files of one process get distinct names even when opened within one second.
+_file_counter = itertools.count()
+
+_END_STATUS = {
+    "completed": "STATUS_SUCCESS",
+    "stopped": "STATUS_SUCCESS",
+    "interrupted": "STATUS_FAILURE",
+    "failed": "STATUS_FAILURE",
+}
+
+
+def _tb() -> SimpleNamespace:
+    """Import what the sink needs from tensorboard, or fail naming the extra."""
+    import_sdk("tensorboard", "tensorboard", "tensorboard")
+    from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+    from tensorboard.plugins.hparams import metadata as hp_metadata
+    from tensorboard.plugins.text import plugin_data_pb2 as text_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    return SimpleNamespace(
+        event_pb2=event_pb2,
+        summary_pb2=summary_pb2,
+        tensor_pb2=tensor_pb2,
+        tensor_shape_pb2=tensor_shape_pb2,
+        api_pb2=api_pb2,
+        plugin_data_pb2=plugin_data_pb2,
+        hp_metadata=hp_metadata,
+        text_pb2=text_pb2,
+        RecordWriter=RecordWriter,
+    )
+
+
+class TensorBoardSink(ThreadedSink):
+    """Writes TensorBoard event files (report_to name ``"tensorboard"``).
+
+    Options:
+
+    - ``log_dir``: where the event file goes. Default: ``$TENSORBOARD_LOGGING_DIR``
+      (as transformers), else the run's ``logging_dir``, else ``<output_dir>/logs``.
+    - ``flush_secs``: the longest time written events may sit in the file buffer
+      while events keep arriving (default 5 s).
+    - ``filename_suffix``: appended to the event file name.
+
+    The blocking file writes run on the sink's own thread (a :class:`ThreadedSink`);
+    tensorboard's ``EventFileWriter`` is not used because it brings its own queue and
+    thread, which would hide drops from the bus's counters.
+    """
+
+    name = "tensorboard"
+    events = (TrainBegin, Log, Evaluate, Predict, Save, TrainEnd)
+
+    def __init__(self, *, log_dir: str | os.PathLike[str] | None = None, flush_secs: float = 5.0, filename_suffix: str = "") -> None:
+        if isinstance(flush_secs, bool) or not isinstance(flush_secs, (int, float)) or flush_secs < 0:
+            raise SinkConfigError(f"tensorboard sink: flush_secs must be a number of seconds >= 0, got {flush_secs!r}")
+        if not isinstance(filename_suffix, str) or os.sep in filename_suffix:
+            raise SinkConfigError(f"tensorboard sink: filename_suffix must be a plain string without {os.sep!r}, got {filename_suffix!r}")
+        self._tb = _tb()  # a missing tensorboard is an error when the sink is asked for
+        self.log_dir: str | None = os.fspath(log_dir) if log_dir is not None else None
+        self.flush_secs = float(flush_secs)
+        self.filename_suffix = filename_suffix
+        self.path: str | None = None
+        """The event file being written (set when the sink is opened)."""
+        self._file: BinaryIO | None = None
+        self._writer: Any = None
+        self._last_flush = 0.0
+        self._filter = ScalarFilter(self.name)
+        self._last_written: dict[str, tuple[int, float]] = {}
+        self._scalar_tags: set[str] = set()
+        self._hparams: dict[str, Any] = {}
+
+    @classmethod
+    def available(cls) -> bool:
+        """True when tensorboard is installed."""
+        import importlib.util
+
+        return importlib.util.find_spec("tensorboard") is not None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def resolve_log_dir(self, run: RunInfo) -> str:
+        """The directory this sink writes to for ``run`` (see the class docstring)."""
+        if self.log_dir:
+            return os.path.expanduser(self.log_dir)
+        env = os.environ.get("TENSORBOARD_LOGGING_DIR")
+        if env:
+            return os.path.expanduser(env)
+        if run.logging_dir:
+            return os.path.expanduser(run.logging_dir)
+        if run.output_dir:
+            return os.path.join(os.path.expanduser(run.output_dir), "logs")
+        raise SinkConfigError(
+            "tensorboard sink: no directory to write to; pass TensorBoardSink(log_dir=...) "
+            "or give the run an output_dir or logging_dir"
+        )
+
+    def open_sync(self, run: RunInfo) -> None:
+        """Create the log directory and a new event file in it."""
+        log_dir = self.resolve_log_dir(run)
+        os.makedirs(log_dir, exist_ok=True)
+        self.log_dir = log_dir
+        self.path = os.path.join(log_dir, self._file_name(log_dir))
+        self._file = open(self.path, "wb", buffering=1 << 18)  # noqa: SIM115 - closed in close_sync
+        self._writer = self._tb.RecordWriter(self._file)
+        # file_version 2 tells readers to honour SessionLog.START (orphan purging).
+        self._write_event(self._tb.event_pb2.Event(wall_time=time.time(), step=0, file_version="brain.Event:2"))
+        self._flush()
+
+    def _file_name(self, log_dir: str) -> str:
+        # Readers load a directory's event files in name order, so a resumed run's
+        # file must sort after the earlier ones even within the same second.
+        stamp = int(time.time())
+        for existing in glob.glob(os.path.join(glob.escape(log_dir), "events.out.tfevents.*")):
+            parts = os.path.basename(existing).split(".")
+            if len(parts) > 3 and parts[3].isdigit() and int(parts[3]) >= stamp:
+                stamp = int(parts[3]) + 1
+        host = socket.gethostname().replace(os.sep, "_")
+        return f"events.out.tfevents.{stamp:010d}.{host}.{os.getpid()}.{next(_file_counter)}{self.filename_suffix}"
+
+    def write_sync(self, batch: Sequence[BaseEvent]) -> None:
+        """Write a batch of events; flush if one asks for it or the interval passed."""
+        urgent = False
+        for ev in batch:
+            if isinstance(ev, Log):
+                self._write_values(rewrite_logs(ev.values), ev)
+            elif isinstance(ev, (Evaluate, Predict)):
+                self._write_values(_prefixed(ev.metrics, ev.prefix), ev)
+                urgent = urgent or isinstance(ev, Evaluate)
+            elif isinstance(ev, TrainBegin):
+                self._train_begin(ev)
+            elif isinstance(ev, Save):
+                urgent = True
+            elif isinstance(ev, TrainEnd):
+                self._train_end(ev)
+                urgent = True
+        if urgent or time.monotonic() - self._last_flush >= self.flush_secs:
+            self._flush()
+
+    def close_sync(self) -> None:
+        """Flush and close the event file."""
+        if self._writer is not None:
+            try:
+                self._flush()
+            finally:
+                self._writer.close()
+                self._writer = None
+                self._file = None
+
+    # -- writing -----------------------------------------------------------------------
+
+    def _write_event(self, event: Any) -> None:
+        if self._writer is None:
+            raise SinkConfigError("tensorboard sink: write before open (the bus opens sinks before writing)")
+        self._writer.write(event.SerializeToString())
+
+    def _flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+        self._last_flush = time.monotonic()
+
+    def _summary_event(self, ev: BaseEvent, values: list[Any], step: int | None = None) -> Any:
+        tb = self._tb
+        wall = ev.time_ns / 1e9 if ev.time_ns else time.time()
+        return tb.event_pb2.Event(wall_time=wall, step=ev.step if step is None else step, summary=tb.summary_pb2.Summary(value=values))
+
+    def _write_values(self, values: Mapping[str, Any], ev: BaseEvent) -> None:
+        summary_pb2 = self._tb.summary_pb2
+        out = []
+        texts = {k: v for k, v in values.items() if isinstance(v, str)}
+        scalar_items = {k: v for k, v in values.items() if not isinstance(v, str)}
+        for tag, value in self._filter.scalars(scalar_items):
+            # The trainer may report eval metrics both as Evaluate and as Log (as
+            # transformers' Trainer.log does); one point per tag and step is enough.
+            last = self._last_written.get(tag)
+            if last is not None and last[0] == ev.step and _same(last[1], value):
+                continue
+            self._last_written[tag] = (ev.step, value)
+            self._scalar_tags.add(tag)
+            out.append(summary_pb2.Summary.Value(tag=tag, simple_value=value))
+        for tag, text in texts.items():
+            out.append(self._text_value(tag, text))
+        if out:
+            self._write_event(self._summary_event(ev, out))
+
+    def _text_value(self, tag: str, text: str) -> Any:
+        tb = self._tb
+        pb = tb.summary_pb2
+        tensor_pb2, tensor_shape_pb2 = tb.tensor_pb2, tb.tensor_shape_pb2
+        meta = pb.SummaryMetadata(
+            plugin_data=pb.SummaryMetadata.PluginData(plugin_name="text", content=tb.text_pb2.TextPluginData(version=0).SerializeToString())
+        )
+        tensor = tensor_pb2.TensorProto(
+            dtype="DT_STRING",
+            string_val=[text.encode("utf-8")],
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]),
+        )
+        return pb.Summary.Value(tag=f"{tag}/text_summary", metadata=meta, tensor=tensor)
+
+    def _hparams_value(self, tag: str, plugin_data: Any) -> Any:
+        hp = self._tb.hp_metadata
+        return self._tb.summary_pb2.Summary.Value(tag=tag, metadata=hp.create_summary_metadata(plugin_data), tensor=hp.NULL_TENSOR)
+
+    def _train_begin(self, ev: TrainBegin) -> None:
+        tb = self._tb
+        if ev.resumed_from:
+            # Readers purge every earlier point with step >= this one: what the
+            # interrupted run logged after its checkpoint. Points at the checkpoint's
+            # own step stay, since the resumed run does not log that step again.
+            start = tb.event_pb2.SessionLog(status=tb.event_pb2.SessionLog.START, checkpoint_path=ev.resumed_from)
+            self._write_event(tb.event_pb2.Event(wall_time=ev.time_ns / 1e9, step=ev.step + 1, session_log=start))
+        values = []
+        if ev.config:
+            values.append(self._text_value("args", json.dumps(redact(ev.config), indent=2, sort_keys=True, default=str)))
+        if ev.model_config:
+            values.append(self._text_value("model_config", json.dumps(redact(ev.model_config), indent=2, sort_keys=True, default=str)))
+        hparams = _hparam_values(redact(ev.hparams or ev.config))
+        self._hparams = hparams
+        if hparams:
+            ssi = tb.plugin_data_pb2.SessionStartInfo(start_time_secs=ev.time_ns / 1e9)
+            for k, v in hparams.items():
+                if isinstance(v, bool):
+                    ssi.hparams[k].bool_value = v
+                elif isinstance(v, (int, float)):
+                    ssi.hparams[k].number_value = v
+                else:
+                    ssi.hparams[k].string_value = v
+            values.append(self._hparams_value(tb.hp_metadata.SESSION_START_INFO_TAG, tb.plugin_data_pb2.HParamsPluginData(session_start_info=ssi)))
+        if values:
+            self._write_event(self._summary_event(ev, values))
+
+    def _train_end(self, ev: TrainEnd) -> None:
+        tb = self._tb
+        if not self._hparams:
+            return
+        api = tb.api_pb2
+        status = api.Status.Value(_END_STATUS.get(ev.status, "STATUS_UNKNOWN"))
+        sei = tb.plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=ev.time_ns / 1e9)
+        infos = []
+        for k, v in self._hparams.items():
+            kind = "DATA_TYPE_BOOL" if isinstance(v, bool) else "DATA_TYPE_FLOAT64" if isinstance(v, (int, float)) else "DATA_TYPE_STRING"
+            infos.append(api.HParamInfo(name=k, type=api.DataType.Value(kind)))
+        metrics = [api.MetricInfo(name=api.MetricName(tag=t)) for t in sorted(self._scalar_tags)]
+        experiment = api.Experiment(time_created_secs=ev.time_ns / 1e9, hparam_infos=infos, metric_infos=metrics)
+        values = [
+            self._hparams_value(tb.hp_metadata.SESSION_END_INFO_TAG, tb.plugin_data_pb2.HParamsPluginData(session_end_info=sei)),
+            self._hparams_value(tb.hp_metadata.EXPERIMENT_TAG, tb.plugin_data_pb2.HParamsPluginData(experiment=experiment)),
+        ]
+        self._write_event(self._summary_event(ev, values))
+
+
+def _prefixed(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``eval_loss`` -> ``eval/loss`` for an evaluation's own prefix (``val_``, ...)."""
+    if prefix in ("eval", "test", ""):
+        return rewrite_logs(metrics)
+    head = prefix + "_"
+    return {(f"{prefix}/{k[len(head):]}" if k.startswith(head) else f"{prefix}/{k}"): v for k, v in metrics.items()}
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _hparam_values(params: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
+    """What the HParams tab can show: bools, numbers and strings; lists and tuples as
+    their text (as transformers' ``to_sanitized_dict``); ``None`` and nested mappings
+    are left out (they are in the ``args`` text)."""
+    out: dict[str, bool | int | float | str] = {}
+    for k, v in params.items():
+        if isinstance(v, bool) or is_number(v) or isinstance(v, str):
+            out[str(k)] = v
+        elif isinstance(v, (list, tuple)):
+            out[str(k)] = str(v)
+    return out

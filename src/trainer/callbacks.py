@@ -1,0 +1,751 @@
+"""Control callbacks with transformers' API, and the handler that dispatches them and
+publishes every hook to the event bus.
+
+A callback written for transformers' ``Trainer`` runs here unchanged: the same hooks,
+the same positional ``(args, state, control)`` and keyword arguments (``model``,
+``processing_class``, ``optimizer``, ``lr_scheduler``, ``train_dataloader``,
+``eval_dataloader``; ``metrics`` for ``on_evaluate``/``on_predict``, ``logs`` for
+``on_log``), and a returned control (or ``None``) with the same meaning.
+
+What differs is the cost. :class:`CallbackHandler` keeps, for every hook, the tuple of
+callbacks whose class overrides it (rebuilt when callbacks are added or removed), so a
+callback is never called for a hook it does not implement, and a hook nobody
+implements costs nothing. Each hook's event is built and published only when a sink
+subscribes to it (decided once, in :meth:`CallbackHandler.set_bus`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import time
+from typing import Any, Callable, Iterable, Mapping, SupportsIndex
+
+from eventbus.events import (
+    HOOK_EVENTS,
+    EpochBegin,
+    EpochEnd,
+    Evaluate,
+    InitEnd,
+    Log,
+    OptimizerStep,
+    Predict,
+    PredictionStep,
+    PreOptimizerStep,
+    PushBegin,
+    Save,
+    StepBegin,
+    StepEnd,
+    SubstepEnd,
+    TrainBegin,
+    TrainEnd,
+)
+from eventbus.redact import redact
+from trainer.state import CallbackStateError, TrainerControl, TrainerState, _add_state, is_exportable, load_state_into
+
+__all__ = ["TrainerCallback", "CallbackHandler", "HOOKS", "STEP_HOOKS"]
+
+logger = logging.getLogger("trainer")
+
+HOOKS: tuple[str, ...] = (
+    "on_init_end",
+    "on_train_begin",
+    "on_train_end",
+    "on_epoch_begin",
+    "on_epoch_end",
+    "on_step_begin",
+    "on_pre_optimizer_step",
+    "on_optimizer_step",
+    "on_substep_end",
+    "on_step_end",
+    "on_evaluate",
+    "on_predict",
+    "on_save",
+    "on_log",
+    "on_prediction_step",
+    "on_push_begin",
+)
+"""Every callback hook, in the order transformers declares them."""
+if set(HOOKS) != set(HOOK_EVENTS):  # pragma: no cover - a development-time invariant
+    raise ImportError("trainer.callbacks.HOOKS and eventbus.events.HOOK_EVENTS must name the same hooks")
+
+STEP_HOOKS: tuple[str, ...] = ("on_step_begin", "on_substep_end", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end")
+"""The hooks called on every (micro-)step: the hot path."""
+
+
+class TrainerCallback:
+    """A control callback: inspects the training loop at each event and may steer it
+    through ``control`` (transformers' ``TrainerCallback``).
+
+    Every hook receives ``args`` (:class:`~trainer.TrainingArguments`), ``state``
+    (:class:`~trainer.TrainerState`) and ``control`` (:class:`~trainer.TrainerControl`)
+    positionally, and as keywords ``model``, ``processing_class``, ``optimizer``,
+    ``lr_scheduler``, ``train_dataloader``, ``eval_dataloader`` (plus ``metrics`` in
+    ``on_evaluate``/``on_predict``, ``logs`` in ``on_log``, and what the loop adds:
+    ``checkpoint_dir`` in ``on_save``, ``status``/``error`` in ``on_train_end``,
+    ``resumed_from`` in ``on_train_begin``). Take the ones you need by name and
+    accept ``**kwargs``. Change ``control`` and return it (or return ``None``).
+
+    Callbacks run inline on the training thread: override only the hooks you need
+    (the others are never called), and keep the per-step ones cheap. Observing
+    without steering is better done by an event-bus sink.
+
+    Example::
+
+        class StopAtLoss(TrainerCallback):
+            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+                if metrics["eval_loss"] < 0.1:
+                    control.should_training_stop = True
+    """
+
+    def on_init_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """The trainer finished its ``__init__``."""
+
+    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """Training begins."""
+
+    def on_train_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """Training ended."""
+
+    def on_epoch_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """An epoch begins."""
+
+    def on_epoch_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """An epoch ended."""
+
+    def on_step_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """An optimizer step begins (with gradient accumulation, before its first batch)."""
+
+    def on_pre_optimizer_step(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """Gradients are ready and clipped, before ``optimizer.step()``."""
+
+    def on_optimizer_step(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """Right after ``optimizer.step()``, before the gradients are zeroed."""
+
+    def on_substep_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """A gradient-accumulation micro-step (not the last of its step) ended."""
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """An optimizer step ended."""
+
+    def on_evaluate(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """An evaluation ended; ``metrics`` holds its results (``eval_``-prefixed)."""
+
+    def on_predict(self, args: Any, state: TrainerState, control: TrainerControl, metrics: Any, **kwargs: Any) -> Any:
+        """A prediction run ended; ``metrics`` holds its results (``test_``-prefixed)."""
+
+    def on_save(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """A checkpoint was saved (``checkpoint_dir`` names it)."""
+
+    def on_log(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """Values were logged; ``logs`` holds them (losses may be tensors)."""
+
+    def on_prediction_step(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """An evaluation or prediction batch ended."""
+
+    def on_push_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
+        """A push of the model to a hub begins."""
+
+
+_OUR_NOOPS: dict[str, Any] = {hook: TrainerCallback.__dict__[hook] for hook in HOOKS}
+
+
+def overrides(callback: Any, hook: str) -> bool:
+    """Whether ``callback`` implements ``hook`` (its class, or the instance itself,
+    defines something other than the base class's no-op).
+
+    The no-ops of transformers' own ``TrainerCallback`` count as not implemented too,
+    found by name in the class's MRO, so callbacks subclassing transformers' base
+    class get the same dispatch without transformers being imported here.
+    """
+    method = getattr(callback, hook, None)
+    if method is None or not callable(method):
+        return False
+    func = getattr(method, "__func__", method)
+    if func is _OUR_NOOPS[hook]:
+        return False
+    for klass in type(callback).__mro__:
+        if klass.__name__ == "TrainerCallback" and klass.__module__.startswith("transformers"):
+            if func is klass.__dict__.get(hook):
+                return False
+    return True
+
+
+class _CallbackList(list):  # type: ignore[type-arg]
+    """The handler's list of callbacks: any change rebuilds its dispatch tables, so
+    code that edits ``handler.callbacks`` directly (as some transformers code does)
+    stays correct."""
+
+    def __init__(self, handler: CallbackHandler, items: Iterable[Any] = ()) -> None:
+        super().__init__(items)
+        self._handler = handler
+
+    def _changed(self) -> None:
+        # Only the handler's current list drives its tables (not a copy of it, nor a
+        # list being rebuilt by copy/pickle before the handler is complete).
+        handler = getattr(self, "_handler", None)
+        if handler is not None and getattr(handler, "_callbacks", None) is self:
+            handler._rebuild()
+
+    def append(self, item: Any) -> None:
+        super().append(item)
+        self._changed()
+
+    def extend(self, items: Iterable[Any]) -> None:
+        super().extend(items)
+        self._changed()
+
+    def insert(self, index: SupportsIndex, item: Any) -> None:
+        super().insert(index, item)
+        self._changed()
+
+    def remove(self, item: Any) -> None:
+        super().remove(item)
+        self._changed()
+
+    def pop(self, index: SupportsIndex = -1) -> Any:
+        item = super().pop(index)
+        self._changed()
+        return item
+
+    def clear(self) -> None:
+        super().clear()
+        self._changed()
+
+    def sort(self, *args: Any, **kwargs: Any) -> None:
+        super().sort(*args, **kwargs)
+        self._changed()
+
+    def reverse(self) -> None:
+        super().reverse()
+        self._changed()
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        super().__setitem__(index, value)
+        self._changed()
+
+    def __delitem__(self, index: Any) -> None:
+        super().__delitem__(index)
+        self._changed()
+
+    def __iadd__(self, items: Iterable[Any]) -> _CallbackList:  # type: ignore[override]
+        super().__iadd__(items)
+        self._changed()
+        return self
+
+    def __imul__(self, n: SupportsIndex) -> _CallbackList:  # type: ignore[override]
+        super().__imul__(n)
+        self._changed()
+        return self
+
+
+def _timed(fn: Callable[..., Any], cell: list[float]) -> Callable[..., Any]:
+    perf = time.perf_counter
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        t0 = perf()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            cell[0] += 1
+            cell[1] += perf() - t0
+
+    return call
+
+
+class CallbackHandler(TrainerCallback):
+    """Calls the control callbacks in order and publishes each hook to the bus.
+
+    Same constructor, attributes and methods as transformers' ``CallbackHandler``
+    (``callbacks``, ``add_callback``, ``pop_callback``, ``remove_callback``,
+    ``callback_list``, one method per hook, the control resets), plus:
+
+    - ``bus``/:meth:`set_bus`: the :class:`~eventbus.EventBus` that hooks publish to;
+      each hook builds its event only if a sink subscribes to its type.
+    - :meth:`export_callback_states`/:meth:`restore_callback_states`: stateful
+      callbacks in checkpoints, restored into the same instances.
+    - ``profile``: when set, time spent per (callback class, hook) is recorded for
+      :meth:`profile_report`; when not set it costs nothing.
+
+    The loop passes extra keyword arguments that reach callbacks and events alike:
+    ``checkpoint_dir`` and ``is_best`` (``on_save``), ``status`` and ``error``
+    (``on_train_end``), ``resumed_from`` (``on_train_begin``), ``batch_index``,
+    ``num_batches`` and ``phase`` (``on_prediction_step``), ``metric_key_prefix``
+    (``on_evaluate``/``on_predict``).
+    """
+
+    def __init__(
+        self,
+        callbacks: Iterable[Any],
+        model: Any,
+        processing_class: Any,
+        optimizer: Any,
+        lr_scheduler: Any,
+        bus: Any = None,
+    ) -> None:
+        self._profile = False
+        self._timings: dict[tuple[str, str], list[float]] = {}
+        self._callbacks = _CallbackList(self)
+        self._rebuild()
+        for cb in callbacks:
+            self.add_callback(cb)
+        self.model = model
+        self.processing_class = processing_class
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.train_dataloader: Any = None
+        self.eval_dataloader: Any = None
+        self.set_bus(bus)
+
+        from trainer.flow import DefaultFlowCallback  # flow imports this module
+
+        if not any(isinstance(cb, DefaultFlowCallback) for cb in self._callbacks):
+            logger.warning(
+                "The trainer will not log, evaluate or save on schedule without a DefaultFlowCallback in its "
+                "callbacks; add one with add_callback(DefaultFlowCallback). The current callbacks are:\n%s",
+                self.callback_list,
+            )
+
+    # -- the callback list ----------------------------------------------------------
+
+    @property
+    def callbacks(self) -> list[Any]:
+        """The callbacks, in call order. Editing this list updates the dispatch tables."""
+        return self._callbacks
+
+    @callbacks.setter
+    def callbacks(self, value: Iterable[Any]) -> None:
+        self._callbacks = _CallbackList(self, value)
+        self._rebuild()
+
+    def add_callback(self, callback: Any) -> None:
+        """Append a callback instance, or an instance of a callback class (built with
+        no arguments). A second callback of a class already present is added with a
+        warning, as in transformers."""
+        cb = callback() if isinstance(callback, type) else callback
+        cb_class = callback if isinstance(callback, type) else type(callback)
+        if cb_class in [type(c) for c in self._callbacks]:
+            logger.warning(
+                "You are adding a %s to the callbacks of this trainer, but there is already one. The current list of "
+                "callbacks is:\n%s",
+                cb_class.__name__,
+                self.callback_list,
+            )
+        self._callbacks.append(cb)
+
+    def pop_callback(self, callback: Any) -> Any:
+        """Remove and return the first callback of class ``callback`` (or equal to the
+        instance ``callback``); ``None`` when there is none."""
+        if isinstance(callback, type):
+            for cb in self._callbacks:
+                if isinstance(cb, callback):
+                    self._callbacks.remove(cb)
+                    return cb
+        else:
+            for cb in self._callbacks:
+                if cb == callback:
+                    self._callbacks.remove(cb)
+                    return cb
+        return None
+
+    def remove_callback(self, callback: Any) -> None:
+        """Remove the first callback of class ``callback`` (nothing if there is none),
+        or the instance ``callback`` (a ``ValueError`` if it is not in the list)."""
+        if isinstance(callback, type):
+            for cb in self._callbacks:
+                if isinstance(cb, callback):
+                    self._callbacks.remove(cb)
+                    return
+            return
+        try:
+            self._callbacks.remove(callback)
+        except ValueError:
+            raise ValueError(
+                f"{callback!r} is not one of this trainer's callbacks ({self.callback_list.replace(chr(10), ', ')})"
+            ) from None
+
+    @property
+    def callback_list(self) -> str:
+        """The callbacks' class names, one per line."""
+        return "\n".join(type(cb).__name__ for cb in self._callbacks)
+
+    def dispatch_table(self, hook: str) -> tuple[Any, ...]:
+        """The callbacks called for ``hook``, in order: those that implement it."""
+        if hook not in _OUR_NOOPS:
+            raise ValueError(f"unknown hook {hook!r}; hooks are {', '.join(HOOKS)}")
+        return self._tables[hook]
+
+    def _rebuild(self) -> None:
+        # One tuple of callables per hook, stored as an attribute (_d_<hook>) so the
+        # hook methods read it with a single attribute lookup.
+        tables: dict[str, tuple[Any, ...]] = {}
+        for hook in HOOKS:
+            cbs = tuple(cb for cb in self._callbacks if overrides(cb, hook))
+            tables[hook] = cbs
+            if self._profile:
+                fns = tuple(
+                    _timed(getattr(cb, hook), self._timings.setdefault((type(cb).__name__, hook), [0, 0.0]))
+                    for cb in cbs
+                )
+            else:
+                fns = tuple(getattr(cb, hook) for cb in cbs)
+            setattr(self, "_d_" + hook, fns)
+        self._tables = tables
+
+    def refresh(self) -> None:
+        """Rebuild the dispatch tables (needed only after replacing a hook method on
+        a callback instance that is already in the list)."""
+        self._rebuild()
+
+    # -- profiling ------------------------------------------------------------------
+
+    @property
+    def profile(self) -> bool:
+        """Record time per (callback class, hook). Off by default; when off the
+        dispatch tables hold the callbacks' own methods, so it costs nothing."""
+        return self._profile
+
+    @profile.setter
+    def profile(self, on: bool) -> None:
+        self._profile = bool(on)
+        self._rebuild()
+
+    def profile_report(self) -> dict[tuple[str, str], dict[str, float]]:
+        """``{(callback class name, hook): {"calls", "total_s", "mean_s"}}`` for every
+        callback call made while :attr:`profile` was on."""
+        out = {}
+        for key, (n, total) in self._timings.items():
+            if n:
+                out[key] = {"calls": int(n), "total_s": total, "mean_s": total / n}
+        return out
+
+    # -- the bus ---------------------------------------------------------------------
+
+    @property
+    def bus(self) -> Any:
+        """The event bus hooks publish to, or ``None``."""
+        return self._bus
+
+    def set_bus(self, bus: Any) -> None:
+        """Publish hooks to ``bus`` (``None``: publish nothing). Which hooks build an
+        event is decided here from ``bus.wants``: attach the bus's sinks first."""
+        self._bus = bus
+        self._run_id = bus.run.run_id if bus is not None else ""
+        self._rank = bus.run.rank if bus is not None else 0
+        for hook, event_type in HOOK_EVENTS.items():
+            setattr(self, "_p_" + hook, bus is not None and bool(bus.wants(event_type)))
+
+    def publishes(self, hook: str) -> bool:
+        """Whether ``hook`` currently builds and publishes its event."""
+        return bool(getattr(self, "_p_" + hook))
+
+    # -- stateful callbacks ------------------------------------------------------------
+
+    def export_callback_states(self, control: Any = None) -> dict[str, Any]:
+        """The states of every stateful callback (and of ``control`` when given), in
+        the format of ``TrainerState.stateful_callbacks``: class name -> state, or a
+        list of states in callback order when several callbacks share a class."""
+        states: dict[str, Any] = {}
+        for cb in [*self._callbacks, *([control] if control is not None else [])]:
+            if is_exportable(cb):
+                _add_state(states, type(cb).__name__, cb.state())
+        return states
+
+    def restore_callback_states(self, states: Mapping[str, Any] | None, control: Any = None) -> list[str]:
+        """Load checkpointed ``states`` into the callbacks already in the list (and into
+        ``control`` when given), in place: each keeps its place and keeps receiving
+        events. Several callbacks of one class get their states in order; a stateful
+        callback the checkpoint has no state for starts fresh; states whose class is
+        no longer among the callbacks are ignored with a warning (as transformers).
+
+        Returns the class names whose states were ignored.
+        """
+        if not states:
+            return []
+        if not isinstance(states, Mapping):
+            raise CallbackStateError(
+                f"stateful_callbacks must map callback class names to states, got {type(states).__name__}"
+            )
+        targets = [cb for cb in [*self._callbacks, *([control] if control is not None else [])] if is_exportable(cb)]
+        ignored: list[str] = []
+        for name, data in states.items():
+            same = [cb for cb in targets if type(cb).__name__ == name]
+            if not same:
+                ignored.append(name)
+                continue
+            items = data if isinstance(data, list) else [data]
+            for cb, item in zip(same, items):
+                if hasattr(cb, "load_state"):
+                    cb.load_state(item)
+                else:
+                    load_state_into(cb, item)
+            if len(items) > len(same):
+                logger.warning(
+                    "the checkpoint holds %d states of %s but %d such callbacks are present; the extra states are ignored",
+                    len(items), name, len(same),
+                )
+            elif len(same) > len(items):
+                logger.info("%d new %s callback(s) not in the checkpoint start fresh", len(same) - len(items), name)
+        if ignored:
+            logger.warning(
+                "The checkpoint holds states of callbacks that are not in the current configuration; ignoring "
+                "them: %s",
+                ", ".join(ignored),
+            )
+        return ignored
+
+    # -- dispatch ---------------------------------------------------------------------
+
+    def _call(self, fns: tuple[Callable[..., Any], ...], args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> Any:
+        model = self.model
+        processing_class = self.processing_class
+        optimizer = self.optimizer
+        lr_scheduler = self.lr_scheduler
+        train_dataloader = self.train_dataloader
+        eval_dataloader = self.eval_dataloader
+        for fn in fns:
+            result = fn(
+                args,
+                state,
+                control,
+                model=model,
+                processing_class=processing_class,
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                train_dataloader=train_dataloader,
+                eval_dataloader=eval_dataloader,
+                **kwargs,
+            )
+            # A callback may return None when it did not replace the control.
+            if result is not None:
+                control = result
+        return control
+
+    def call_event(self, event: str, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        """Call ``event`` on the callbacks that implement it (no control reset, no
+        publishing), as transformers' method of the same name."""
+        return self._call(getattr(self, "_d_" + event), args, state, control, kwargs)
+
+    def _header(self, state: Any) -> dict[str, Any]:
+        return {"run_id": self._run_id, "rank": self._rank, "step": state.global_step, "epoch": state.epoch}
+
+    # The per-step hooks are written out: no dict, no getattr by name; nothing at all
+    # when no sink subscribes and no callback implements the hook.
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        control.should_log = False
+        control.should_evaluate = False
+        control.should_save = False
+        if self._p_on_step_begin:
+            self._bus.publish(StepBegin(run_id=self._run_id, rank=self._rank, step=state.global_step, epoch=state.epoch))
+        fns = self._d_on_step_begin
+        if fns:
+            return self._call(fns, args, state, control, kwargs)
+        return control
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self._p_on_substep_end:
+            self._bus.publish(SubstepEnd(run_id=self._run_id, rank=self._rank, step=state.global_step, epoch=state.epoch))
+        fns = self._d_on_substep_end
+        if fns:
+            return self._call(fns, args, state, control, kwargs)
+        return control
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self._p_on_pre_optimizer_step:
+            self._bus.publish(
+                PreOptimizerStep(run_id=self._run_id, rank=self._rank, step=state.global_step, epoch=state.epoch)
+            )
+        fns = self._d_on_pre_optimizer_step
+        if fns:
+            return self._call(fns, args, state, control, kwargs)
+        return control
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self._p_on_optimizer_step:
+            self._bus.publish(
+                OptimizerStep(run_id=self._run_id, rank=self._rank, step=state.global_step, epoch=state.epoch)
+            )
+        fns = self._d_on_optimizer_step
+        if fns:
+            return self._call(fns, args, state, control, kwargs)
+        return control
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self._p_on_step_end:
+            self._bus.publish(StepEnd(run_id=self._run_id, rank=self._rank, step=state.global_step, epoch=state.epoch))
+        fns = self._d_on_step_end
+        if fns:
+            return self._call(fns, args, state, control, kwargs)
+        return control
+
+    # The other hooks run a few times per run (or per evaluation): clarity first.
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self._p_on_init_end:
+            self._bus.publish(InitEnd(**self._header(state)))
+        return self._call(self._d_on_init_end, args, state, control, kwargs)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        control.should_training_stop = False
+        if self._p_on_train_begin:
+            self._bus.publish(self._train_begin_event(args, state, kwargs))
+        return self._call(self._d_on_train_begin, args, state, control, kwargs)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self._p_on_train_end:
+            error = kwargs.get("error")
+            if isinstance(error, BaseException):
+                error = f"{type(error).__name__}: {error}"
+            self._bus.publish(
+                TrainEnd(
+                    **self._header(state),
+                    status=kwargs.get("status", "completed"),
+                    error=None if error is None else str(error),
+                    best_metric=state.best_metric,
+                    best_model_checkpoint=state.best_model_checkpoint,
+                )
+            )
+        return self._call(self._d_on_train_end, args, state, control, kwargs)
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        control.should_epoch_stop = False
+        if self._p_on_epoch_begin:
+            self._bus.publish(EpochBegin(**self._header(state)))
+        return self._call(self._d_on_epoch_begin, args, state, control, kwargs)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self._p_on_epoch_end:
+            self._bus.publish(EpochEnd(**self._header(state)))
+        return self._call(self._d_on_epoch_end, args, state, control, kwargs)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any, **kwargs: Any) -> Any:
+        control.should_evaluate = False
+        if self._p_on_evaluate:
+            # A copy: a callback editing the metrics afterwards must not change (or
+            # race with) what the bus thread reads.
+            self._bus.publish(
+                Evaluate(**self._header(state), metrics=_copy_values(metrics), prefix=kwargs.get("metric_key_prefix") or "eval")
+            )
+        return self._call(self._d_on_evaluate, args, state, control, {"metrics": metrics, **kwargs})
+
+    def on_predict(self, args: Any, state: Any, control: Any, metrics: Any, **kwargs: Any) -> Any:
+        if self._p_on_predict:
+            self._bus.publish(
+                Predict(**self._header(state), metrics=_copy_values(metrics), prefix=kwargs.get("metric_key_prefix") or "test")
+            )
+        return self._call(self._d_on_predict, args, state, control, {"metrics": metrics, **kwargs})
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        control.should_save = False
+        if self._p_on_save:
+            self._bus.publish(
+                Save(
+                    **self._header(state),
+                    checkpoint_dir=str(kwargs.get("checkpoint_dir") or ""),
+                    is_best=bool(kwargs.get("is_best", False)),
+                )
+            )
+        return self._call(self._d_on_save, args, state, control, kwargs)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any, **kwargs: Any) -> Any:
+        control.should_log = False
+        if self._p_on_log:
+            # Published before the callbacks run (transformers' reporting callbacks
+            # come before user and printing callbacks, and PrinterCallback pops
+            # "total_flos" from the dict). Tensors are snapshotted by Log itself,
+            # without a device sync.
+            self._bus.publish(Log(**self._header(state), values=_copy_values(logs)))
+        return self._call(self._d_on_log, args, state, control, {"logs": logs, **kwargs})
+
+    def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self._p_on_prediction_step:
+            num_batches = kwargs.get("num_batches")
+            self._bus.publish(
+                PredictionStep(
+                    **self._header(state),
+                    batch_index=int(kwargs.get("batch_index", 0)),
+                    num_batches=None if num_batches is None else int(num_batches),
+                    phase=str(kwargs.get("phase", "eval")),
+                )
+            )
+        return self._call(self._d_on_prediction_step, args, state, control, kwargs)
+
+    def on_push_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self._p_on_push_begin:
+            destination = kwargs.get("destination")
+            self._bus.publish(PushBegin(**self._header(state), destination=None if destination is None else str(destination)))
+        return self._call(self._d_on_push_begin, args, state, control, kwargs)
+
+    def _train_begin_event(self, args: Any, state: Any, kwargs: Mapping[str, Any]) -> TrainBegin:
+        to_dict = getattr(args, "to_dict", None)
+        config = _plain(redact(to_dict())) if callable(to_dict) else {}
+        sanitized = getattr(args, "to_sanitized_dict", None)
+        hparams = _plain(redact(sanitized())) if callable(sanitized) else {}
+        resumed_from = kwargs.get("resumed_from")
+        return TrainBegin(
+            **self._header(state),
+            config=config,
+            hparams=hparams,
+            model_config=_model_config(self.model),
+            max_steps=int(state.max_steps),
+            num_train_epochs=int(state.num_train_epochs),
+            resumed_from=None if resumed_from is None else str(resumed_from),
+        )
+
+
+def _copy_values(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of logged values or metrics for an event. numpy scalars and arrays
+    (what ``compute_metrics`` usually returns) become Python numbers and lists, which
+    every sink can encode; this is host memory, never a device sync. Tensors are left
+    to the event, which snapshots them without a sync."""
+    if not mapping:
+        return {}
+    out = {}
+    for k, v in mapping.items():
+        if type(v).__module__ == "numpy":
+            tolist = getattr(v, "tolist", None)
+            if tolist is not None:
+                v = tolist()
+        out[k] = v
+    return out
+
+
+def _model_config(model: Any) -> dict[str, Any]:
+    """The model's own configuration (``model.config``), secrets redacted, as JSON
+    values; ``{}`` when the model has none."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    to_dict = getattr(config, "to_dict", None)
+    try:
+        if callable(to_dict):
+            data = to_dict()
+        elif isinstance(config, Mapping):
+            data = dict(config)
+        elif dataclasses.is_dataclass(config):
+            data = dataclasses.asdict(config)
+        else:
+            data = dict(vars(config))
+    except Exception as exc:  # a model's config must never stop training
+        logger.warning("could not read the model's config for TrainBegin: %r", exc)
+        return {}
+    result = _plain(redact(data))
+    return result if isinstance(result, dict) else {}
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """``value`` as JSON data: containers recursively, enums as values, anything
+    else as its ``str`` (configs may hold dtypes, paths, devices)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if depth > 20:
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v, depth + 1) for v in value]
+    if isinstance(value, enum.Enum):
+        return _plain(value.value, depth + 1)
+    return str(value)
