@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-__all__ = ["REDACTED", "is_secret_key", "redact", "redact_text"]
+__all__ = ["REDACTED", "Secret", "is_secret_key", "redact", "redact_text"]
 
 REDACTED = "***"
 
@@ -33,3 +33,25 @@ def redact_text(text: str, *secrets: str | None) -> str:
         if s and len(s) >= 4:
             text = text.replace(s, REDACTED)
     return text
+
+
+class Secret:
+    """Holds a secret (an API key, a token) so that no repr, log line or traceback
+    shows it; ``get()`` returns the value for the one place that needs it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | None) -> None:
+        self._value = value or None
+
+    def get(self) -> str | None:
+        """The secret itself, or ``None``."""
+        return self._value
+
+    def __bool__(self) -> bool:
+        return self._value is not None
+
+    def __repr__(self) -> str:
+        return REDACTED if self._value else "None"
+
+    __str__ = __repr__

@@ -1,0 +1,395 @@
+"""Comet sink: the official ``comet_ml`` SDK, driven from the sink's own thread.
+
+Comet's REST API has no batch endpoint for metrics and rate-limits per-step logging,
+so the SDK's own streamer (which batches and throttles) does the sending; every SDK
+call, including the ``import comet_ml`` that takes seconds and patches the process,
+happens on this sink's thread, never on the training thread or the bus loop.
+
+What it logs, as transformers' ``CometCallback`` does:
+
+- parameters ``args/<name>`` (the training arguments, secrets redacted) and
+  ``config/<name>`` (the model config); beyond transformers, ``hparams/<name>``;
+- metrics from ``Log`` (``loss`` -> ``train/loss``, ``eval_loss`` -> ``eval/loss``),
+  ``Evaluate`` and ``Predict`` (``test/<name>``), each with ``step`` (the global step)
+  and ``epoch``; NaN and inf are logged as such (Comet stores them); the same
+  evaluation arriving as ``Log`` and as ``Evaluate`` is logged once;
+- at the end, the output directory as assets when ``COMET_LOG_ASSETS`` is true.
+
+Beyond transformers: the eventbus run id as a tag and as the ``eventbus_run_id``
+other, the end status (``train_status``, ``best_metric``, ``best_model_checkpoint``)
+as others, and a failed run reported to Comet as crashed.
+
+Environment (as transformers documents): ``COMET_API_KEY``, ``COMET_PROJECT_NAME``,
+``COMET_WORKSPACE``, ``COMET_MODE`` (``get``, ``get_or_create``, ``create``; and the
+older ``ONLINE``/``OFFLINE``/``DISABLED``), ``COMET_START_ONLINE``,
+``COMET_OFFLINE_DIRECTORY``, ``COMET_LOG_ASSETS``, ``COMET_EXPERIMENT_KEY``. The
+experiment is offline (a ``.zip`` under the offline directory, to send later with
+``comet upload``) when ``COMET_START_ONLINE`` is false or no API key is configured.
+
+The SDK's own error reporting (Sentry, ``COMET_ERROR_TRACKING_ENABLE``), its usage
+reporting (``COMET_INTERNAL_REPORTING``) and its framework auto-logging import hooks
+(``COMET_DISABLE_AUTO_LOGGING``) are off unless those variables say otherwise; source
+code, the command line (which may hold tokens) and environment details are not
+logged unless asked (``log_code``, ``parse_args``, ``log_env_details``).
+"""
+
+from __future__ import annotations
+
+import configparser
+import glob
+import importlib.util
+import logging
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+from eventbus.errors import SinkConfigError
+from eventbus.events import BaseEvent, Evaluate, Log, Predict, TrainBegin, TrainEnd
+from eventbus.redact import Secret, redact, redact_text
+from eventbus.sink import RunInfo, ThreadedSink
+from sinks._common import ScalarFilter, import_sdk, rewrite_logs
+
+__all__ = ["CometSink"]
+
+logger = logging.getLogger("sinks.comet")
+
+_TRUE = ("1", "true", "yes", "on", "y", "t")
+_FALSE = ("0", "false", "no", "off", "n", "f", "")
+_START_MODES = ("get", "get_or_create", "create")
+_LEGACY_MODES = ("online", "offline", "disabled")
+
+# Set (unless the user set them) before comet_ml is imported: the SDK reads them at import.
+_SDK_DEFAULTS = {
+    "COMET_ERROR_TRACKING_ENABLE": "false",
+    "COMET_INTERNAL_REPORTING": "false",
+    "COMET_DISABLE_AUTO_LOGGING": "1",
+}
+
+
+def _env_bool(name: str, default: bool | None = None) -> bool | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SinkConfigError(f"comet_ml sink: {name}={raw!r} is not a boolean; use 1/0, true/false or yes/no")
+
+
+def _config_file_has_key() -> bool:
+    """Whether Comet's config file (``COMET_CONFIG`` or ``~/.comet.config``) sets an API key."""
+    path = os.path.expanduser(os.environ.get("COMET_CONFIG") or "~/.comet.config")
+    if not os.path.isfile(path):
+        return False
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path)
+    except configparser.Error:
+        return False
+    return bool(parser.get("comet", "api_key", fallback=None))
+
+
+class CometSink(ThreadedSink):
+    """Logs to Comet (report_to name ``"comet_ml"``).
+
+    Options (all optional; the ``COMET_*`` environment fills the rest):
+
+    - ``api_key``: default ``COMET_API_KEY`` (or Comet's config file). Never written.
+    - ``project_name``, ``workspace``: default ``COMET_PROJECT_NAME``, ``COMET_WORKSPACE``.
+    - ``experiment_name``: default the bus run's ``run_name``, else its run id.
+    - ``experiment_key``: continue an experiment (default ``COMET_EXPERIMENT_KEY``).
+    - ``mode``: ``"get_or_create"``, ``"get"`` or ``"create"``; default ``COMET_MODE``.
+    - ``online``: ``False`` for an offline experiment; default ``COMET_START_ONLINE``,
+      else online exactly when an API key is configured.
+    - ``offline_directory``: where offline archives go; default
+      ``COMET_OFFLINE_DIRECTORY``, else ``<output_dir>/comet`` of the run, else the SDK's.
+    - ``log_assets``: upload the run's output directory at the end; default
+      ``COMET_LOG_ASSETS`` (false).
+    - ``tags``: extra tags.
+    - ``log_code``, ``parse_args``, ``log_env_details``, ``display_summary_level``:
+      passed to ``comet_ml.ExperimentConfig`` (default off / 0).
+    """
+
+    name = "comet_ml"
+    events = (TrainBegin, Log, Evaluate, Predict, TrainEnd)
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        project_name: str | None = None,
+        workspace: str | None = None,
+        experiment_name: str | None = None,
+        experiment_key: str | None = None,
+        mode: str | None = None,
+        online: bool | None = None,
+        offline_directory: str | os.PathLike[str] | None = None,
+        log_assets: bool | None = None,
+        tags: Sequence[str] | None = None,
+        log_code: bool = False,
+        parse_args: bool = False,
+        log_env_details: bool = False,
+        display_summary_level: int = 0,
+    ) -> None:
+        for opt, value in (
+            ("api_key", api_key),
+            ("project_name", project_name),
+            ("workspace", workspace),
+            ("experiment_name", experiment_name),
+            ("experiment_key", experiment_key),
+            ("mode", mode),
+        ):
+            if value is not None and not isinstance(value, str):
+                raise SinkConfigError(f"comet_ml sink: {opt} must be a string, got {type(value).__name__}")
+        for opt, value in (("online", online), ("log_assets", log_assets)):
+            if value is not None and not isinstance(value, bool):
+                raise SinkConfigError(f"comet_ml sink: {opt} must be True, False or None, got {value!r}")
+        start_mode, legacy_online, disabled = self._parse_mode(mode)
+        self.disabled = disabled and online is None
+        """``COMET_MODE=DISABLED`` (transformers' older switch): nothing is logged."""
+        if online is None:
+            online = legacy_online
+        if online is None:
+            online = _env_bool("COMET_START_ONLINE")
+        self._api_key = Secret(api_key or os.environ.get("COMET_API_KEY"))
+        self.project_name = project_name or os.environ.get("COMET_PROJECT_NAME") or None
+        self.workspace = workspace or os.environ.get("COMET_WORKSPACE") or None
+        self.experiment_name = experiment_name
+        self.experiment_key = experiment_key or os.environ.get("COMET_EXPERIMENT_KEY") or None
+        self.mode = start_mode
+        self.online = online
+        env_dir = os.environ.get("COMET_OFFLINE_DIRECTORY")
+        self.offline_directory = os.fspath(offline_directory) if offline_directory else env_dir or None
+        self.log_assets = log_assets if log_assets is not None else bool(_env_bool("COMET_LOG_ASSETS", False))
+        self.tags = [tags] if isinstance(tags, str) else list(tags or ())
+        self.log_code = log_code
+        self.parse_args = parse_args
+        self.log_env_details = log_env_details
+        self.display_summary_level = display_summary_level
+        self.archive_path: str | None = None
+        """The offline archive (``.zip``) once the experiment has ended offline."""
+        self._experiment: Any = None
+        self._online = False
+        self._run: RunInfo | None = None
+        self._scalars = ScalarFilter(self.name)
+        self._last_step: dict[str, int] = {}
+
+    @staticmethod
+    def _parse_mode(mode: str | None) -> tuple[str | None, bool | None, bool]:
+        """``mode`` or ``COMET_MODE`` -> (comet_ml.start mode, online override, disabled)."""
+        raw = mode if mode is not None else os.environ.get("COMET_MODE")
+        if raw is None or raw == "":
+            return None, None, False
+        value = raw.strip().lower()
+        if value in _START_MODES:
+            return value, None, False
+        if value in _LEGACY_MODES:
+            # transformers' older COMET_MODE values: ONLINE, OFFLINE, DISABLED.
+            return None, {"online": True, "offline": False, "disabled": None}[value], value == "disabled"
+        where = "mode" if mode is not None else "COMET_MODE"
+        raise SinkConfigError(
+            f"comet_ml sink: {where}={raw!r} is not a Comet mode; use one of {', '.join(_START_MODES + _LEGACY_MODES)}"
+        )
+
+    @classmethod
+    def available(cls) -> bool:
+        """True when ``comet_ml`` is installed and an API key is configured
+        (``COMET_API_KEY`` or Comet's config file) or offline mode is asked for
+        (``COMET_START_ONLINE=0`` or ``COMET_MODE=OFFLINE``); false for
+        ``COMET_MODE=DISABLED``."""
+        if importlib.util.find_spec("comet_ml") is None:
+            return False
+        mode = (os.environ.get("COMET_MODE") or "").strip().lower()
+        if mode == "disabled":
+            return False
+        if os.environ.get("COMET_API_KEY") or _config_file_has_key():
+            return True
+        try:
+            return mode == "offline" or _env_bool("COMET_START_ONLINE") is False
+        except SinkConfigError:
+            return False
+
+    @property
+    def experiment(self) -> Any:
+        """The ``comet_ml`` experiment being logged to (``None`` before open and after close)."""
+        return self._experiment
+
+    def __repr__(self) -> str:
+        online = "auto" if self.online is None else ("online" if self.online else "offline")
+        return (
+            f"<CometSink name={self.name!r} project_name={self.project_name!r} workspace={self.workspace!r} "
+            f"{online} api_key={self._api_key!r}>"
+        )
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def open_sync(self, run: RunInfo) -> None:
+        """Import the SDK and start the experiment, on this sink's thread."""
+        self._run = run
+        self._last_step.clear()
+        if self.disabled:
+            logger.info("comet_ml sink: COMET_MODE=DISABLED, nothing is logged to Comet")
+            return
+        comet_ml = self._import()
+        api_key = self._api_key.get() or comet_ml.get_config()["comet.api_key"]
+        online = self.online
+        if online is None:
+            online = bool(api_key)
+        elif online and not api_key:
+            logger.warning(
+                "comet_ml sink: online logging was asked for but no Comet API key is configured "
+                "(COMET_API_KEY); logging offline instead"
+            )
+            online = False
+        offline_directory = self.offline_directory
+        if not online and offline_directory is None and run.output_dir:
+            offline_directory = os.path.join(run.output_dir, "comet")
+        if offline_directory:
+            os.makedirs(offline_directory, exist_ok=True)
+        config = comet_ml.ExperimentConfig(
+            name=self.experiment_name or run.run_name or run.run_id,
+            tags=[*self.tags, run.run_id],
+            offline_directory=offline_directory,
+            log_code=self.log_code,
+            log_graph=False,
+            parse_args=self.parse_args,
+            log_env_details=self.log_env_details,
+            log_git_metadata=self.log_code,
+            log_git_patch=self.log_code,
+            auto_param_logging=False,
+            auto_metric_logging=False,
+            display_summary_level=self.display_summary_level,
+        )
+        try:
+            self._experiment = comet_ml.start(
+                api_key=api_key if online else None,
+                workspace=self.workspace,
+                project_name=self.project_name,
+                experiment_key=self.experiment_key,
+                mode=self.mode,
+                online=online,
+                experiment_config=config,
+            )
+        except (ValueError, comet_ml.exceptions.InvalidExperimentMode, comet_ml.exceptions.InvalidAPIKey) as exc:
+            # Configuration mistakes; anything else (a server error) goes to the bus's retry logic.
+            raise SinkConfigError(f"comet_ml sink: could not start the experiment: {self._redact(str(exc))}") from None
+        self._online = online
+        self._experiment.log_other("eventbus_run_id", run.run_id)
+
+    def _import(self) -> Any:
+        for name, value in _SDK_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        comet_ml = import_sdk("comet_ml", "comet", "comet_ml")
+        import comet_ml.exceptions  # noqa: F401  (the error types open_sync catches)
+
+        return comet_ml
+
+    def write_sync(self, batch: Sequence[BaseEvent]) -> None:
+        """Log each event, in order."""
+        if self._experiment is None:
+            return
+        for event in batch:
+            if isinstance(event, Log):
+                self._log_metrics(rewrite_logs(event.values), event)
+            elif isinstance(event, (Evaluate, Predict)):
+                self._log_metrics(_prefixed(event.metrics, event.prefix), event)
+            elif isinstance(event, TrainBegin):
+                self._train_begin(event)
+            elif isinstance(event, TrainEnd):
+                self._train_end(event)
+
+    def close_sync(self) -> None:
+        """End the experiment: online, wait for the upload; offline, write the archive."""
+        experiment, self._experiment = self._experiment, None
+        if experiment is not None:
+            experiment.end()
+            if not self._online:
+                self.archive_path = _find_archive(experiment)
+            if self.archive_path:
+                logger.info(
+                    "comet_ml sink: offline experiment saved to %s (send it with `comet upload`)", self.archive_path
+                )
+
+    # -- events --------------------------------------------------------------------
+
+    def _train_begin(self, event: TrainBegin) -> None:
+        params: dict[str, Any] = {}
+        if event.config:
+            params["args"] = _clean(redact(event.config))
+        if event.model_config:
+            params["config"] = _clean(redact(event.model_config))
+        if event.hparams:
+            params["hparams"] = _clean(redact(event.hparams))
+        if params:
+            # Nested as transformers logs them: "args|learning_rate", "config|hidden_size".
+            self._experiment.log_parameters(params, nested_support=True)
+        if event.resumed_from:
+            self._experiment.log_other("resumed_from", event.resumed_from)
+
+    def _log_metrics(self, values: Mapping[str, Any], event: BaseEvent) -> None:
+        metrics: dict[str, float] = {}
+        for key, value in self._scalars.scalars(values):
+            if self._last_step.get(key) == event.step:
+                # Already logged at this step (an evaluation arrives as Log and as Evaluate).
+                continue
+            self._last_step[key] = event.step
+            metrics[key] = value
+        if metrics:
+            self._experiment.log_metrics(metrics, step=event.step, epoch=event.epoch)
+
+    def _train_end(self, event: TrainEnd) -> None:
+        exp = self._experiment
+        exp.log_other("train_status", event.status)
+        if event.best_metric is not None:
+            exp.log_other("best_metric", event.best_metric)
+        if event.best_model_checkpoint:
+            exp.log_other("best_model_checkpoint", event.best_model_checkpoint)
+        if event.status == "failed":
+            message = self._redact(event.error or "training failed")
+            exp.log_other("train_error", message)
+            # Private in the SDK, but it is how Comet marks an experiment as crashed.
+            report = getattr(exp, "_report_experiment_error", None)
+            if callable(report):
+                try:
+                    report(message, has_crashed=True)
+                except TypeError:
+                    report(message)
+        output_dir = self._run.output_dir if self._run else None
+        if self.log_assets and output_dir and os.path.isdir(output_dir):
+            logger.info("comet_ml sink: logging %s as assets; this may take time", output_dir)
+            exp.log_asset_folder(output_dir, recursive=True, log_file_name=True, step=event.step)
+
+    def _redact(self, text: str) -> str:
+        return redact_text(text, self._api_key.get())
+
+
+def _find_archive(experiment: Any) -> str | None:
+    """The ``.zip`` an ended offline experiment wrote (named ``<id>[-<suffix>].zip``)."""
+    directory = getattr(experiment, "offline_directory", None)
+    key = getattr(experiment, "id", None)
+    if not directory or not key:
+        return None
+    found = glob.glob(os.path.join(glob.escape(directory), f"{glob.escape(key)}*.zip"))
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def _prefixed(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``eval_loss`` -> ``eval/loss`` (and a key without the prefix -> ``eval/<key>``)."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        rest = k[len(prefix) + 1 :] if k.startswith(prefix + "_") else k
+        out[f"{prefix}/{rest}"] = v
+    return out
+
+
+def _clean(value: Any) -> Any:
+    """Parameters as JSON-safe values: string keys, non-finite floats as strings."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

@@ -1,0 +1,517 @@
+"""MLflowSink: runs, params, tags and metric histories over MLflow's REST API.
+
+One asynchronous client on the bus loop (``sinks._http``), no ``mlflow`` package
+needed: ``experiments/get-by-name`` and ``create``, ``runs/create`` (or resume
+``MLFLOW_RUN_ID``), ``runs/log-batch`` within MLflow's limits, ``runs/update`` at the
+end.
+
+It logs what transformers' ``MLflowCallback`` logs, under the same names: the training
+arguments merged over the model config as params (once, ``MLFLOW_FLATTEN_PARAMS``,
+``MLFLOW_MAX_LOG_PARAMS``), ``MLFLOW_TAGS`` as tags, each ``on_log`` value as a metric
+at the global step, with names sanitised the way it does. Plus: evaluation and
+prediction metrics even when the trainer did not also log them, NaN and infinity sent
+as MLflow's JSON spells them, each checkpoint's path as a tag (no large upload), and
+the run ended ``FINISHED``, ``FAILED`` or ``KILLED`` from ``TrainEnd.status``.
+
+Environment (as transformers documents it; explicit arguments win):
+``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME`` (or ``MLFLOW_EXPERIMENT_ID``),
+``MLFLOW_RUN_ID``, ``MLFLOW_TAGS`` (JSON), ``MLFLOW_NESTED_RUN``,
+``MLFLOW_FLATTEN_PARAMS``, ``MLFLOW_MAX_LOG_PARAMS``; credentials from
+``MLFLOW_TRACKING_TOKEN`` or ``MLFLOW_TRACKING_USERNAME`` + ``MLFLOW_TRACKING_PASSWORD``;
+TLS from ``MLFLOW_TRACKING_INSECURE_TLS`` / ``MLFLOW_TRACKING_SERVER_CERT_PATH``.
+
+Retries: each request gets a few fast attempts in ``sinks._http``; after that the
+failure goes to the bus as a transient error and the bus retries the write. A retried
+write resumes with the first request that did not get through, so nothing is logged
+twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import posixpath
+import re
+import time
+from typing import Any, Mapping, Sequence
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import httpx
+
+from eventbus.errors import SinkConfigError, SinkError
+from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
+from eventbus.redact import redact
+from eventbus.sink import RunInfo, Sink
+from sinks._common import ScalarFilter, flatten
+from sinks._http import HttpClient, TokenProvider
+
+__all__ = [
+    "MLflowSink",
+    "sanitize_name",
+    "MAX_METRICS_PER_BATCH",
+    "MAX_PARAMS_TAGS_PER_BATCH",
+    "MAX_ENTITIES_PER_BATCH",
+    "MAX_PARAM_VAL_LENGTH",
+]
+
+logger = logging.getLogger("sinks.mlflow")
+
+# MLflow's own limits (mlflow/utils/validation.py).
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_ENTITIES_PER_BATCH = 1000
+MAX_BATCH_LOG_REQUEST_SIZE = 1_000_000
+MAX_PARAM_VAL_LENGTH = 6000
+"""MLflow >= 2.? accepts 6000 characters per param value (older servers: 500; pass
+``max_param_length`` to match yours)."""
+MAX_TAG_VAL_LENGTH = 8000
+MAX_ENTITY_KEY_LENGTH = 250
+
+_TRUE = {"1", "TRUE", "YES", "ON", "Y"}
+_API = "/api/2.0/mlflow"
+
+_STATUS = {"completed": "FINISHED", "stopped": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
+"""TrainEnd.status -> MLflow RunStatus. Early stopping is a normal end: FINISHED."""
+
+_BAD_CHARS = re.compile(r"[^0-9A-Za-z_\-. :/]")
+
+
+def sanitize_name(name: str) -> str:
+    """A metric/param/tag key MLflow accepts: transformers' character rule (anything but
+    letters, digits, ``_-. :/`` becomes ``_``), then no empty, ``.`` or ``..`` path
+    segments and no leading slash (MLflow refuses names that would resolve to another
+    path), at most 250 characters."""
+    out = _BAD_CHARS.sub("_", str(name))
+    if posixpath.normpath(out) != out or out.startswith("/") or out in (".", "") or out.startswith(".."):
+        parts = [p if p != ".." else "__" for p in out.split("/") if p not in ("", ".")]
+        out = "/".join(parts) or "_"
+        if posixpath.normpath(out) != out:  # e.g. "__/.." cannot survive the above
+            out = out.replace(".", "_")
+    return out[:MAX_ENTITY_KEY_LENGTH]
+
+
+def _env_bool(name: str) -> bool | None:
+    value = os.environ.get(name)
+    return None if value is None else value.strip().upper() in _TRUE
+
+
+def _metric_value(v: float) -> float | str:
+    # MLflow's JSON (protobuf's mapping) spells non-finite doubles as strings; a bare
+    # NaN token would make the whole request invalid JSON.
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "Infinity" if v > 0 else "-Infinity"
+    return v
+
+
+def _ms(time_ns: int) -> int:
+    return time_ns // 1_000_000
+
+
+class MLflowSink(Sink):
+    """Log to an MLflow tracking server over its REST API.
+
+    Arguments default to the ``MLFLOW_*`` environment variables (see the module
+    docstring). ``tracking_uri`` is ``http(s)://host[:port][/prefix]`` (or an Azure ML
+    ``azureml://`` URI, see :class:`sinks.azureml.AzureMLSink`). ``run_id`` resumes that
+    run (params already set on it are not sent again). ``nested`` creates a child run of
+    ``parent_run_id``, or of ``run_id`` when only that is given (as
+    ``mlflow.start_run(nested=True)`` inside that run would). ``token`` / ``token_provider`` / ``username``
+    + ``password`` authenticate; ``allow_insecure_token`` permits a credential over
+    plain http to a non-loopback host. ``timeout`` bounds each HTTP attempt and
+    ``max_attempts`` the fast attempts per request before the bus takes over.
+    """
+
+    name = "mlflow"
+    events = (TrainBegin, Log, Evaluate, Predict, Save, TrainEnd)
+    max_batch_size = 1024
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        *,
+        experiment_name: str | None = None,
+        experiment_id: str | None = None,
+        run_id: str | None = None,
+        run_name: str | None = None,
+        tags: Mapping[str, Any] | str | None = None,
+        nested: bool | None = None,
+        parent_run_id: str | None = None,
+        flatten_params: bool | None = None,
+        max_log_params: int | str | None = None,
+        log_params: bool = True,
+        max_param_length: int = MAX_PARAM_VAL_LENGTH,
+        token: str | None = None,
+        token_provider: TokenProvider | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        allow_insecure_token: bool = False,
+        verify: bool | str | None = None,
+        timeout: float = 30.0,
+        max_attempts: int = 3,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        env = os.environ
+        self.tracking_uri = tracking_uri or env.get("MLFLOW_TRACKING_URI") or None
+        if not self.tracking_uri:
+            raise SinkConfigError(
+                f"{self.name} sink: no tracking server: pass tracking_uri='http://host:5000' or set MLFLOW_TRACKING_URI"
+            )
+        self.base_url, url_auth = _split_userinfo(self._base_url(self.tracking_uri))
+        self.experiment_name = experiment_name or env.get("MLFLOW_EXPERIMENT_NAME") or None
+        self.experiment_id = experiment_id or env.get("MLFLOW_EXPERIMENT_ID") or None
+        self.run_id: str | None = None
+        self.resume_run_id = run_id or env.get("MLFLOW_RUN_ID") or None
+        self.run_name = run_name
+        self.nested = bool(nested if nested is not None else _env_bool("MLFLOW_NESTED_RUN"))
+        self.parent_run_id = parent_run_id
+        if self.nested and self.parent_run_id is None and self.resume_run_id:
+            # As with mlflow.start_run(nested=True) inside the run MLFLOW_RUN_ID names:
+            # a child of that run, not that run itself.
+            self.parent_run_id, self.resume_run_id = self.resume_run_id, None
+        self.tags = self._parse_tags(tags if tags is not None else env.get("MLFLOW_TAGS"))
+        self.flatten_params = bool(flatten_params if flatten_params is not None else _env_bool("MLFLOW_FLATTEN_PARAMS"))
+        self.max_log_params = self._parse_max_params(
+            max_log_params if max_log_params is not None else env.get("MLFLOW_MAX_LOG_PARAMS")
+        )
+        self.log_params = log_params
+        if not isinstance(max_param_length, int) or max_param_length < 1:
+            raise SinkConfigError(f"{self.name} sink: max_param_length must be a positive int, got {max_param_length!r}")
+        self.max_param_length = max_param_length
+        token = token or None
+        if token is None and token_provider is None:
+            token = env.get("MLFLOW_TRACKING_TOKEN") or None
+        username = username or env.get("MLFLOW_TRACKING_USERNAME") or (url_auth[0] if url_auth else None)
+        password = password or env.get("MLFLOW_TRACKING_PASSWORD") or (url_auth[1] if url_auth else None)
+        if (username is None) != (password is None):
+            raise SinkConfigError(
+                f"{self.name} sink: basic auth needs both a username and a password "
+                f"(MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"
+            )
+        if verify is None:
+            cert = env.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
+            verify = cert if cert else not _env_bool("MLFLOW_TRACKING_INSECURE_TLS")
+        self._client_options: dict[str, Any] = dict(
+            name=f"{self.name} sink",
+            token=token,
+            token_provider=token_provider,
+            basic_auth=(username, password) if username and password else None,
+            allow_insecure_token=allow_insecure_token,
+            verify=verify,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            transport=transport,
+        )
+        # Validate the URL and the credential rules now, so a bad configuration is an
+        # error when the sink is built, not a counted failure later.
+        self._client: HttpClient | None = HttpClient(self.base_url, **self._client_options)
+        self._filter = ScalarFilter(self.name)
+        self._names: dict[str, str] = {}
+        """original metric name -> the name MLflow got (only those that changed)."""
+        self._name_cache: dict[str, str] = {}
+        self._last: dict[str, tuple[int, float]] = {}
+        self._params_set: set[str] = set()
+        self._pending: list[tuple[str, dict[str, Any]]] = []
+        self._pending_for: Sequence[BaseEvent] | None = None
+        self._ended = False
+        self._final_status = "FINISHED"
+
+    # -- configuration ------------------------------------------------------------------
+
+    @classmethod
+    def available(cls) -> bool:
+        """Configured when ``MLFLOW_TRACKING_URI`` is an http(s) server (an
+        ``azureml://`` URI belongs to the ``azure_ml`` sink)."""
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        return uri.startswith(("http://", "https://"))
+
+    def _base_url(self, uri: str) -> str:
+        if uri.startswith("azureml://"):
+            from sinks.azureml import azureml_to_https
+
+            return azureml_to_https(uri)
+        if uri.startswith(("http://", "https://")):
+            return uri.rstrip("/")
+        shown = _split_userinfo(uri)[0] if "@" in uri else uri
+        raise SinkConfigError(
+            f"{self.name} sink: tracking URI {shown!r} is not supported; this sink talks to a tracking server over "
+            f"REST: use http(s)://host:port (start one with `mlflow server`), or azureml://... for Azure ML"
+        )
+
+    def _parse_tags(self, tags: Mapping[str, Any] | str | None) -> dict[str, str]:
+        if tags is None or tags == "":
+            return {}
+        if isinstance(tags, str):
+            try:
+                tags = json.loads(tags)
+            except ValueError as exc:
+                raise SinkConfigError(
+                    f"{self.name} sink: MLFLOW_TAGS must be a JSON object such as '{{\"team\": \"nlp\"}}': {exc}"
+                ) from None
+        if not isinstance(tags, Mapping):
+            raise SinkConfigError(f"{self.name} sink: tags must be a mapping (MLFLOW_TAGS a JSON object), got {type(tags).__name__}")
+        return {sanitize_name(k): str(v)[:MAX_TAG_VAL_LENGTH] for k, v in redact(dict(tags)).items()}
+
+    def _parse_max_params(self, value: int | str | None) -> int | None:
+        if value is None or value == "":
+            return None
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            n = -1
+        if n < 0:
+            raise SinkConfigError(f"{self.name} sink: MLFLOW_MAX_LOG_PARAMS must be a non-negative integer, got {value!r}")
+        return n
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} name={self.name!r} url={self.base_url!r} run_id={self.run_id!r}>"
+
+    @property
+    def metric_names(self) -> dict[str, str]:
+        """The metric names that were changed to satisfy MLflow: original -> logged."""
+        return dict(self._names)
+
+    @property
+    def http(self) -> HttpClient:
+        """The sink's HTTP client (counters ``requests``, ``retries``...)."""
+        if self._client is None:
+            self._client = HttpClient(self.base_url, **self._client_options)
+        return self._client
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def open(self, run: RunInfo) -> None:
+        """Find or create the experiment, then create the run (or resume one)."""
+        if self.run_id is not None:
+            return
+        http = self.http
+        if self.resume_run_id:
+            try:
+                data = await http.json("GET", f"{_API}/runs/get", params={"run_id": self.resume_run_id})
+            except SinkError as exc:
+                if "RESOURCE_DOES_NOT_EXIST" not in str(exc):
+                    raise
+                raise SinkConfigError(
+                    f"{self.name} sink: run {self.resume_run_id!r} (MLFLOW_RUN_ID) does not exist on "
+                    f"{self.base_url}; unset MLFLOW_RUN_ID to start a new run"
+                ) from None
+            existing = data.get("run", {}).get("data", {}).get("params", []) or []
+            self._params_set = {p["key"] for p in existing if "key" in p}
+            self.run_id = self.resume_run_id
+            await http.json("POST", f"{_API}/runs/update", json={"run_id": self.run_id, "status": "RUNNING"})
+            if self.tags:
+                await http.json("POST", f"{_API}/runs/log-batch", json={"run_id": self.run_id, "tags": _kv(self.tags)})
+            logger.info("%s sink: resuming MLflow run %s", self.name, self.run_id)
+            return
+        experiment_id = self.experiment_id or await self._experiment_id()
+        tags = dict(self.tags)
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        tags.setdefault("mlflow.source.name", "eventbus-telemetry")
+        name = self.run_name or run.run_name
+        body: dict[str, Any] = {"experiment_id": experiment_id, "start_time": _ms(time.time_ns()), "tags": _kv(tags)}
+        if name:
+            body["run_name"] = name
+        data = await http.json("POST", f"{_API}/runs/create", json=body)
+        try:
+            self.run_id = data["run"]["info"]["run_id"]
+        except (KeyError, TypeError):
+            raise SinkError(f"{self.name} sink: runs/create answered without a run id: {str(data)[:200]}") from None
+        logger.info("%s sink: MLflow run %s in experiment %s", self.name, self.run_id, experiment_id)
+
+    async def _experiment_id(self) -> str:
+        if not self.experiment_name:
+            return "0"  # MLflow's "Default" experiment
+        http = self.http
+        for _ in range(2):
+            r = await http.request(
+                "GET", f"{_API}/experiments/get-by-name", params={"experiment_name": self.experiment_name}, ok_statuses=(404,)
+            )
+            if r.status_code != 404:
+                return str(r.json()["experiment"]["experiment_id"])
+            r = await http.request("POST", f"{_API}/experiments/create", json={"name": self.experiment_name}, ok_statuses=(400,))
+            if r.status_code != 400:
+                return str(r.json()["experiment_id"])
+            # 400 RESOURCE_ALREADY_EXISTS: another process created it in between.
+            if "ALREADY_EXISTS" not in r.text:
+                raise SinkError(f"{self.name} sink: could not create experiment {self.experiment_name!r}: {r.text[:300]}")
+        raise SinkError(f"{self.name} sink: experiment {self.experiment_name!r} could neither be found nor created")
+
+    async def write(self, batch: Sequence[BaseEvent]) -> None:
+        """Turn the batch into log-batch requests and send them in order.
+
+        When the bus retries the same batch after a failure, sending resumes at the
+        first request that did not get through.
+        """
+        if self.run_id is None:
+            raise SinkError(f"{self.name} sink: write before open")
+        if batch is not self._pending_for:
+            if self._pending:
+                logger.debug("%s sink: discarding %d requests of a batch the bus gave up on", self.name, len(self._pending))
+            self._pending = self._requests(batch)
+            self._pending_for = batch
+        http = self.http
+        while self._pending:
+            path, body = self._pending[0]
+            await http.json("POST", path, json=body)
+            self._pending.pop(0)
+            if path.endswith("/runs/update"):
+                self._ended = True
+        self._pending_for = None
+
+    async def close(self) -> None:
+        """End the run, if a ``TrainEnd`` did not get through, with the status it
+        carried (``FINISHED`` without one), and close the connection pool."""
+        try:
+            if self.run_id is not None and not self._ended:
+                body = {"run_id": self.run_id, "status": self._final_status, "end_time": _ms(time.time_ns())}
+                await self.http.json("POST", f"{_API}/runs/update", json=body)
+                self._ended = True
+        finally:
+            if self._client is not None:
+                await self._client.aclose()
+                self._client = None
+
+    # -- events -> requests -------------------------------------------------------------
+
+    def _requests(self, batch: Sequence[BaseEvent]) -> list[tuple[str, dict[str, Any]]]:
+        metrics: list[dict[str, Any]] = []
+        params: list[dict[str, str]] = []
+        tags: dict[str, str] = {}
+        end: dict[str, Any] | None = None
+        for ev in batch:
+            if isinstance(ev, Log):
+                metrics.extend(self._metrics(ev.values, ev))
+            elif isinstance(ev, (Evaluate, Predict)):
+                metrics.extend(self._metrics(ev.metrics, ev))
+            elif isinstance(ev, TrainBegin):
+                params.extend(self._params(ev))
+            elif isinstance(ev, Save):
+                if ev.checkpoint_dir:
+                    tags["checkpoint.last"] = ev.checkpoint_dir
+                    tags["checkpoint.last_step"] = str(ev.step)
+                    if ev.is_best:
+                        tags["checkpoint.best"] = ev.checkpoint_dir
+            elif isinstance(ev, TrainEnd):
+                if ev.best_model_checkpoint:
+                    tags["checkpoint.best"] = ev.best_model_checkpoint
+                if ev.best_metric is not None:
+                    tags["best_metric"] = repr(ev.best_metric)
+                if ev.status != "completed":
+                    tags["eventbus.train_status"] = ev.status
+                self._final_status = _STATUS.get(ev.status, "FINISHED")
+                end = {
+                    "run_id": self.run_id,
+                    "status": self._final_status,
+                    "end_time": _ms(ev.time_ns),
+                }
+        out = [(f"{_API}/runs/log-batch", body) for body in self._pack(metrics, params, _kv(tags))]
+        if end is not None:
+            out.append((f"{_API}/runs/update", end))
+        return out
+
+    def _metric_name(self, key: str) -> str:
+        name = self._name_cache.get(key)
+        if name is not None:
+            return name
+        clean = self._name_cache[key] = sanitize_name(key)
+        if clean != key:
+            self._names[key] = clean
+            logger.warning("%s sink: metric %r is logged as %r (MLflow does not accept the original name)", self.name, key, clean)
+        return clean
+
+    def _metrics(self, values: Mapping[str, Any], ev: BaseEvent) -> list[dict[str, Any]]:
+        out = []
+        ts = _ms(ev.time_ns)
+        for key, value in self._filter.scalars(values):
+            name = self._metric_name(key)
+            last = self._last.get(name)
+            # The trainer may publish eval metrics both as a Log and as an Evaluate at
+            # the same step (transformers does): log them once.
+            if last is not None and last[0] == ev.step and (last[1] == value or (math.isnan(last[1]) and math.isnan(value))):
+                continue
+            self._last[name] = (ev.step, value)
+            out.append({"key": name, "value": _metric_value(value), "timestamp": ts, "step": ev.step})
+        return out
+
+    def _params(self, ev: TrainBegin) -> list[dict[str, str]]:
+        if not self.log_params:
+            return []
+        merged: dict[str, Any] = {**ev.model_config, **ev.config, **ev.hparams}
+        merged = redact(merged)  # the trainer redacts too; a second pass costs nothing
+        if self.flatten_params:
+            merged = flatten(merged, sep=".")
+        items = list(merged.items())
+        if self.max_log_params is not None and len(items) > self.max_log_params:
+            logger.debug("%s sink: logging %d of %d params (MLFLOW_MAX_LOG_PARAMS)", self.name, self.max_log_params, len(items))
+            items = items[: self.max_log_params]
+        out = []
+        truncated = []
+        for key, value in items:
+            name = sanitize_name(key)
+            if name in self._params_set:
+                continue  # params are immutable in MLflow: set once (a resumed run has them)
+            text = str(value)
+            if len(text) > self.max_param_length:
+                truncated.append(name)
+                text = text[: self.max_param_length]
+            self._params_set.add(name)
+            out.append({"key": name, "value": text})
+        if truncated:
+            logger.warning(
+                "%s sink: params %s are longer than %d characters and were truncated (MLFLOW_FLATTEN_PARAMS=1 "
+                "logs nested values separately)",
+                self.name,
+                truncated,
+                self.max_param_length,
+            )
+        return out
+
+    def _pack(
+        self, metrics: list[dict[str, Any]], params: list[dict[str, str]], tags: list[dict[str, str]]
+    ) -> list[dict[str, Any]]:
+        """Split into log-batch bodies within MLflow's per-request limits."""
+        bodies: list[dict[str, Any]] = []
+        m = p = t = 0
+        while m < len(metrics) or p < len(params) or t < len(tags):
+            # Params and tags first (each at most 100, well under the 1 MB body limit),
+            # then fill the rest of the 1000 entities with metrics.
+            np_ = min(MAX_PARAMS_TAGS_PER_BATCH, len(params) - p)
+            nt = min(MAX_PARAMS_TAGS_PER_BATCH, len(tags) - t)
+            size = sum(len(x["value"]) + len(x["key"]) for x in params[p : p + np_]) + sum(
+                len(x["value"]) + len(x["key"]) for x in tags[t : t + nt]
+            )
+            if size > MAX_BATCH_LOG_REQUEST_SIZE // 2:
+                nt = 0  # long params and long tags: one kind per request
+            nm = min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - np_ - nt, len(metrics) - m)
+            body: dict[str, Any] = {"run_id": self.run_id}
+            if nm:
+                body["metrics"] = metrics[m : m + nm]
+            if np_:
+                body["params"] = params[p : p + np_]
+            if nt:
+                body["tags"] = tags[t : t + nt]
+            m, p, t = m + nm, p + np_, t + nt
+            bodies.append(body)
+        return bodies
+
+
+def _split_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
+    # http://user:pass@host: take the credentials out of the URL, which reprs, logs
+    # and error messages show, and send them as basic auth instead.
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    clean = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return clean, (unquote(parts.username or ""), unquote(parts.password or ""))
+
+
+def _kv(d: Mapping[str, str]) -> list[dict[str, str]]:
+    return [{"key": sanitize_name(k), "value": str(v)[:MAX_TAG_VAL_LENGTH]} for k, v in d.items()]

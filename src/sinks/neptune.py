@@ -1,0 +1,391 @@
+"""Neptune sink: the official ``neptune`` client (1.x), on a thread of its own.
+
+neptune.ai's hosted service closed on 2026-03-05. This sink serves self-hosted Neptune
+servers (an API token issued by your server, whose address the token carries) and
+the client's offline mode (``mode="offline"`` or ``NEPTUNE_MODE=offline``: operations
+are stored under ``.neptune/`` and can be sent later with ``neptune sync``). A token
+issued by ``app.neptune.ai`` is refused with an error that says so, instead of
+retrying against a service that no longer answers.
+
+It takes the parameters of transformers' ``NeptuneCallback`` and logs the same names
+under the same namespaces, so dashboards built for it keep working:
+
+- ``<base_namespace>/trainer_parameters``: the training arguments (secrets redacted);
+  ``<base_namespace>/model_parameters``: the model config (values Neptune cannot
+  store are stringified, as transformers does with ``stringify_unsupported``).
+- ``<base_namespace>/train/<name>``, ``eval/<name>``, ``test/<name>``: metric series,
+  appended with ``step=<global step>``; ``<base_namespace>/train/epoch`` is a single
+  value, overwritten at each log (transformers' ``flat_metrics``).
+- ``<base_namespace>/checkpoints`` (``log_checkpoints="same"``),
+  ``checkpoints/last`` or ``checkpoints/best``: checkpoint uploads.
+- ``source_code/integrations/eventbus-telemetry``: this package's version.
+
+Beyond transformers: the eventbus run id as a tag and as ``<base_namespace>/run_id``
+(to find the run of a log directory), the hyperparameters under
+``<base_namespace>/hparams``, the end status, best metric and best checkpoint under
+``<base_namespace>/train_status``, ``best_metric``, ``best_model_checkpoint``, and
+``sys/failed`` set when training failed. Source files are not uploaded unless asked
+(``source_files=[...]``). NaN and inf cannot be stored by Neptune: they are skipped
+with one warning per metric. A metric step that is not above the last one logged for
+that metric (Neptune's rule) is skipped too, so the same evaluation arriving both as
+``Log`` and as ``Evaluate`` is logged once.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import logging
+import math
+import os
+from typing import Any, Mapping, Sequence
+from urllib.parse import urlparse
+
+from eventbus.errors import SinkConfigError
+from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
+from eventbus.redact import Secret, redact, redact_text
+from eventbus.sink import RunInfo, ThreadedSink
+from sinks._common import import_sdk, is_number, rewrite_logs
+
+__all__ = ["NeptuneSink"]
+
+logger = logging.getLogger("sinks.neptune")
+
+_MODES = ("async", "sync", "offline", "debug")
+_LOCAL_MODES = ("offline", "debug")
+_CHECKPOINT_POLICIES = (None, "same", "last", "best")
+_FLAT_METRICS = frozenset({"train/epoch"})
+INTEGRATION_VERSION_KEY = "source_code/integrations/eventbus-telemetry"
+HOSTED_SERVICE_CLOSED = "2026-03-05"
+
+
+def _token_address(token: str) -> str | None:
+    """The server address a Neptune API token carries (tokens are base64 JSON; the
+    client sends requests to ``api_url`` when present, else to ``api_address``)."""
+    if token.strip() == "ANONYMOUS":  # the client's shortcut for the hosted service's public token
+        return "https://app.neptune.ai"
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        data = json.loads(base64.b64decode(padded))
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    address = data.get("api_url") or data.get("api_address")
+    return address if isinstance(address, str) else None
+
+
+def _config_errors() -> tuple[type[BaseException], ...]:
+    """The client's exceptions that mean "configured wrongly", not "server trouble"."""
+    import neptune.exceptions as nexc
+
+    names = (
+        "NeptuneMissingApiTokenException",
+        "NeptuneInvalidApiTokenException",
+        "NeptuneMissingProjectNameException",
+        "NeptuneWrongInitParametersException",
+        "ProjectNotFound",
+    )
+    return tuple(getattr(nexc, n) for n in names if isinstance(getattr(nexc, n, None), type))
+
+
+def _package_version() -> str:
+    try:
+        import importlib.metadata
+
+        return importlib.metadata.version("eventbus-telemetry")
+    except Exception:  # not installed as a distribution (e.g. run from a checkout)
+        return "unknown"
+
+
+class NeptuneSink(ThreadedSink):
+    """Logs to Neptune (report_to name ``"neptune"``), with transformers'
+    ``NeptuneCallback`` parameters.
+
+    Options (all optional; the environment fills the rest, as in transformers):
+
+    - ``api_token``: default ``NEPTUNE_API_TOKEN``. Never written anywhere.
+    - ``project``: ``"workspace/project"``; default ``NEPTUNE_PROJECT``.
+    - ``name``: the run's name; default the bus run's ``run_name``.
+    - ``base_namespace``: the namespace everything is logged under (``"finetuning"``).
+    - ``run``: an existing ``neptune.Run`` to log to instead of creating one; the sink
+      flushes it at close but does not stop it (it is yours).
+    - ``log_parameters``: log training arguments and model config (``True``).
+    - ``log_checkpoints``: ``None`` (default), ``"same"`` (upload every checkpoint),
+      ``"last"`` (keep only the latest) or ``"best"`` (only checkpoints saved as the
+      best so far).
+    - ``mode``: ``"async"`` (default), ``"sync"``, ``"offline"`` or ``"debug"``;
+      default ``NEPTUNE_MODE``.
+    - ``tags``: extra tags for a new run.
+    - ``**neptune_run_kwargs``: passed to ``neptune.init_run`` (e.g.
+      ``capture_hardware_metrics=False``, ``custom_run_id=...``, ``source_files=[...]``).
+    """
+
+    name = "neptune"
+    events = (TrainBegin, Log, Evaluate, Predict, Save, TrainEnd)
+
+    def __init__(
+        self,
+        *,
+        api_token: str | None = None,
+        project: str | None = None,
+        name: str | None = None,
+        base_namespace: str = "finetuning",
+        run: Any = None,
+        log_parameters: bool = True,
+        log_checkpoints: str | None = None,
+        mode: str | None = None,
+        tags: Sequence[str] | None = None,
+        **neptune_run_kwargs: Any,
+    ) -> None:
+        for opt, value in (("api_token", api_token), ("project", project), ("name", name), ("mode", mode)):
+            if value is not None and not isinstance(value, str):
+                raise SinkConfigError(f"neptune sink: {opt} must be a string, got {type(value).__name__}")
+        if not isinstance(base_namespace, str) or not base_namespace.strip("/"):
+            raise SinkConfigError(
+                f"neptune sink: base_namespace must be a non-empty string such as 'finetuning', got {base_namespace!r}"
+            )
+        if not isinstance(log_parameters, bool):
+            raise SinkConfigError(f"neptune sink: log_parameters must be True or False, got {log_parameters!r}")
+        if log_checkpoints not in _CHECKPOINT_POLICIES:
+            raise SinkConfigError(
+                f"neptune sink: log_checkpoints must be None, 'same', 'last' or 'best', got {log_checkpoints!r}"
+            )
+        resolved_mode = mode or os.environ.get("NEPTUNE_MODE") or None
+        if resolved_mode is not None and resolved_mode not in _MODES:
+            where = "mode" if mode else "NEPTUNE_MODE"
+            raise SinkConfigError(
+                f"neptune sink: {where}={resolved_mode!r} is not a mode that can log; use one of {', '.join(_MODES)}"
+            )
+        if isinstance(tags, str):
+            tags = [tags]
+        self._api_token = Secret(api_token or os.environ.get("NEPTUNE_API_TOKEN"))
+        self.project = project or os.environ.get("NEPTUNE_PROJECT") or None
+        self.run_name = name
+        self.base_namespace = base_namespace.strip("/")
+        self.log_parameters = log_parameters
+        self.log_checkpoints = log_checkpoints
+        self.mode = resolved_mode
+        self.tags = list(tags or ())
+        self.neptune_run_kwargs = neptune_run_kwargs
+        self._user_run = run
+        self._run: Any = None
+        self._last_step: dict[str, float] = {}
+        self._warned: set[str] = set()
+        self._previous_checkpoint: str | None = None
+        if log_checkpoints in ("last", "best"):
+            self._checkpoints_namespace = f"checkpoints/{log_checkpoints}"
+        else:
+            self._checkpoints_namespace = "checkpoints"
+        if log_checkpoints is None:
+            # Subscribe only to what is used: the bus then need not build Save events for us.
+            self.events = tuple(t for t in type(self).events if t is not Save)
+
+    @classmethod
+    def available(cls) -> bool:
+        """True when ``neptune`` is installed and either a token and project are set
+        (``NEPTUNE_API_TOKEN``, ``NEPTUNE_PROJECT``) or ``NEPTUNE_MODE`` is
+        ``offline``/``debug``."""
+        if importlib.util.find_spec("neptune") is None:
+            return False
+        if os.environ.get("NEPTUNE_MODE") in _LOCAL_MODES:
+            return True
+        return bool(os.environ.get("NEPTUNE_API_TOKEN") and os.environ.get("NEPTUNE_PROJECT"))
+
+    @property
+    def neptune_run(self) -> Any:
+        """The ``neptune.Run`` being logged to (``None`` before open and after close)."""
+        return self._run
+
+    def __repr__(self) -> str:
+        return (
+            f"<NeptuneSink name={self.name!r} project={self.project!r} mode={self.mode or 'async'!r} "
+            f"base_namespace={self.base_namespace!r} api_token={self._api_token!r}>"
+        )
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def _check_server(self) -> None:
+        """Refuse tokens for the hosted service, which closed on 2026-03-05."""
+        token = self._api_token.get()
+        if self.mode in _LOCAL_MODES or not token:
+            return
+        address = _token_address(token)
+        host = (urlparse(address).hostname or "") if address else ""
+        if host == "neptune.ai" or host.endswith(".neptune.ai"):
+            raise SinkConfigError(
+                f"neptune sink: the API token points at {host}, but neptune.ai's hosted service closed on "
+                f"{HOSTED_SERVICE_CLOSED}. Use a token issued by your self-hosted Neptune server, or log offline "
+                "(mode='offline' or NEPTUNE_MODE=offline) and sync later with `neptune sync`."
+            )
+
+    def open_sync(self, run: RunInfo) -> None:
+        """Create (or adopt) the Neptune run and tag it with the bus run id."""
+        neptune = import_sdk("neptune", "neptune", "neptune")
+        self._last_step.clear()
+        self._previous_checkpoint = None
+        if self._user_run is not None:
+            self._run = self._user_run
+            self._run["sys/tags"].add([run.run_id])
+        else:
+            self._check_server()
+            if self.mode not in _LOCAL_MODES and not self._api_token:
+                raise SinkConfigError(
+                    "neptune sink: no API token: set NEPTUNE_API_TOKEN (issued by your self-hosted Neptune server) "
+                    "or pass api_token=..., or log offline with NEPTUNE_MODE=offline"
+                )
+            if self.mode not in _LOCAL_MODES and not self.project:
+                raise SinkConfigError(
+                    "neptune sink: no project: set NEPTUNE_PROJECT='workspace/project' or pass project=..."
+                )
+            kwargs: dict[str, Any] = {"source_files": []}  # our code stays ours unless asked
+            kwargs.update(self.neptune_run_kwargs)
+            extra_tags = kwargs.pop("tags", None) or ()
+            kwargs["tags"] = [*self.tags, *([extra_tags] if isinstance(extra_tags, str) else extra_tags), run.run_id]
+            try:
+                self._run = neptune.init_run(
+                    project=self.project,
+                    api_token=self._api_token.get(),
+                    name=self.run_name or run.run_name or run.run_id,
+                    mode=self.mode,
+                    **kwargs,
+                )
+            except _config_errors() as exc:
+                raise SinkConfigError(
+                    f"neptune sink: could not create a run in project {self.project!r}: "
+                    f"{redact_text(str(exc), self._api_token.get())}"
+                ) from None
+        self._run[INTEGRATION_VERSION_KEY] = _package_version()
+        self._ns("run_id").assign(run.run_id)
+
+    def write_sync(self, batch: Sequence[BaseEvent]) -> None:
+        """Log each event, in order."""
+        for event in batch:
+            if isinstance(event, Log):
+                self._log_metrics(rewrite_logs(event.values), event.step)
+            elif isinstance(event, (Evaluate, Predict)):
+                self._log_metrics(_prefixed(event.metrics, event.prefix), event.step)
+            elif isinstance(event, TrainBegin):
+                self._train_begin(event)
+            elif isinstance(event, Save):
+                self._save(event)
+            elif isinstance(event, TrainEnd):
+                self._train_end(event)
+
+    def close_sync(self) -> None:
+        """Stop the run (a run passed in by the user is only flushed)."""
+        run, self._run = self._run, None
+        if run is None:
+            return
+        if run is self._user_run:
+            run.wait()
+        else:
+            run.stop()
+
+    # -- events --------------------------------------------------------------------
+
+    def _ns(self, path: str) -> Any:
+        return self._run[f"{self.base_namespace}/{path}"]
+
+    def _train_begin(self, event: TrainBegin) -> None:
+        from neptune.utils import stringify_unsupported
+
+        if self.log_parameters:
+            if event.config:
+                self._ns("trainer_parameters").assign(stringify_unsupported(_clean(redact(event.config))))
+            if event.model_config:
+                self._ns("model_parameters").assign(stringify_unsupported(_clean(redact(event.model_config))))
+        if event.hparams:
+            self._ns("hparams").assign(stringify_unsupported(_clean(redact(event.hparams))))
+        if event.resumed_from:
+            self._ns("resumed_from").assign(event.resumed_from)
+
+    def _log_metrics(self, values: Mapping[str, Any], step: int) -> None:
+        for key, value in values.items():
+            if not is_number(value) and not isinstance(value, bool):
+                self._warn_once(
+                    key, "%r is a %s, not a number; it is not logged (shown once per key)", key, type(value).__name__
+                )
+                continue
+            value = float(value)
+            if key in _FLAT_METRICS:
+                self._ns(key).assign(value)
+                continue
+            if not math.isfinite(value):
+                self._warn_once(
+                    key,
+                    "%r is %s at step %d: Neptune cannot store NaN or inf, skipped (shown once per key)",
+                    key,
+                    value,
+                    step,
+                )
+                continue
+            last = self._last_step.get(key)
+            if last is not None and step <= last:
+                # The same metrics arrive as Log and as Evaluate: that is not worth a warning.
+                if step < last:
+                    self._warn_once(
+                        key,
+                        "%r: step %d is not after step %d already logged; Neptune needs increasing steps, skipped",
+                        key,
+                        step,
+                        last,
+                    )
+                continue
+            self._last_step[key] = step
+            self._ns(key).log(value, step=step)
+
+    def _save(self, event: Save) -> None:
+        if self.log_checkpoints is None:
+            return
+        if self.log_checkpoints == "best" and not event.is_best:
+            return
+        path = event.checkpoint_dir
+        if not path or not os.path.exists(path):
+            self._warn_once(
+                "checkpoint", "checkpoint %r no longer exists (rotated away before upload?); not uploaded", path
+            )
+            return
+        target = self._ns(self._checkpoints_namespace)
+        target.upload_files(path)
+        if self.log_checkpoints in ("last", "best") and self._previous_checkpoint not in (None, path):
+            target.delete_files(self._previous_checkpoint)
+        self._previous_checkpoint = path
+
+    def _train_end(self, event: TrainEnd) -> None:
+        self._ns("train_status").assign(event.status)
+        if event.best_metric is not None and math.isfinite(event.best_metric):
+            self._ns("best_metric").assign(float(event.best_metric))
+        if event.best_model_checkpoint:
+            self._ns("best_model_checkpoint").assign(event.best_model_checkpoint)
+        if event.status == "failed":
+            self._run["sys/failed"] = True
+            if event.error:
+                self._ns("error").assign(redact_text(event.error, self._api_token.get()))
+
+    def _warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        logger.warning("neptune sink: " + msg, *args)
+
+
+def _prefixed(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``eval_loss`` -> ``eval/loss`` (and a key without the prefix -> ``eval/<key>``)."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        rest = k[len(prefix) + 1 :] if k.startswith(prefix + "_") else k
+        out[f"{prefix}/{rest}"] = v
+    return out
+
+
+def _clean(value: Any) -> Any:
+    """Neptune rejects empty namespaces and non-string keys, and stores NaN poorly:
+    drop empty dicts, stringify keys, and turn non-finite floats into strings."""
+    if isinstance(value, Mapping):
+        out = {str(k): _clean(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

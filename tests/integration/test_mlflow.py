@@ -1,0 +1,198 @@
+"""MLflowSink against a real ``mlflow server``: what was published through a real
+EventBus is read back over MLflow's REST API, exactly."""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from eventbus import EventBus, Evaluate, Log, RunInfo, Save, TrainBegin, TrainEnd
+from sinks.mlflow import MLflowSink
+
+pytestmark = pytest.mark.integration
+
+API = "/api/2.0/mlflow"
+T0 = 1_700_000_000_000_000_000  # a fixed time_ns, so timestamps can be compared exactly
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in list(os.environ):
+        if k.startswith("MLFLOW_"):
+            monkeypatch.delenv(k)
+
+
+def get(url: str, op: str, **params: Any) -> Any:
+    r = httpx.get(f"{url}{API}/{op}", params=params, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def run_data(url: str, run_id: str) -> dict[str, Any]:
+    run = get(url, "runs/get", run_id=run_id)["run"]
+    data = run["data"]
+    return {
+        "status": run["info"]["status"],
+        "run_name": run["info"].get("run_name"),
+        "params": {p["key"]: p["value"] for p in data.get("params", [])},
+        "tags": {t["key"]: t["value"] for t in data.get("tags", [])},
+        "metrics": {m["key"]: m["value"] for m in data.get("metrics", [])},
+    }
+
+
+def history(url: str, run_id: str, key: str) -> list[tuple[int, Any, int]]:
+    ms = get(url, "metrics/get-history", run_id=run_id, metric_key=key).get("metrics", [])
+    return sorted((m["step"], m["value"], m["timestamp"]) for m in ms)
+
+
+def publish_all(sink: MLflowSink, events: list[Any], run_name: str | None = None) -> Any:
+    with EventBus([sink], run=RunInfo(run_name=run_name)) as bus:
+        for ev in events:
+            bus.publish(ev)
+    stats = bus.stats().sinks[sink.name]
+    assert stats.received == stats.delivered + stats.dropped + stats.spooled + stats.queue_depth
+    assert (stats.dropped, stats.errors) == (0, 0), stats.last_error
+    return stats
+
+
+def experiment() -> str:
+    return f"eventbus-{uuid.uuid4().hex[:8]}"
+
+
+def test_run_params_tags_and_metric_histories_read_back(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name := experiment())
+    monkeypatch.setenv("MLFLOW_TAGS", '{"team": "nlp", "release.version": "2.2.0"}')
+    sink = MLflowSink()
+    config = {"learning_rate": 5e-5, "per_device_train_batch_size": 8, "hub_token": "***", "report_to": ["mlflow"]}
+    events: list[Any] = [TrainBegin(step=0, config=config, model_config={"hidden_size": 32, "learning_rate": 1.0})]
+    for step in range(1, 21):
+        events.append(Log(step=step, epoch=step / 10, time_ns=T0 + step * 10**6, values={"loss": 2.0 / step, "learning_rate": 1e-3 * step}))
+    events.append(Log(step=3, time_ns=T0, values={"grad_norm": float("nan"), "acc (top-1)": 0.25, "note": "not a number"}))
+    events.append(Log(step=4, time_ns=T0, values={"grad_norm": float("inf")}))
+    # transformers publishes eval metrics both as a log and as an evaluation: log once
+    events.append(Log(step=10, time_ns=T0, values={"eval_loss": 0.75}))
+    events.append(Evaluate(step=10, time_ns=T0, metrics={"eval_loss": 0.75}))
+    events.append(Evaluate(step=20, time_ns=T0, metrics={"eval_loss": 0.5}))
+    events.append(Save(step=20, checkpoint_dir="/tmp/out/checkpoint-20", is_best=True))
+    events.append(TrainEnd(step=20, status="completed"))
+    publish_all(sink, events, run_name="first-run")
+
+    exp = get(mlflow_server, "experiments/get-by-name", experiment_name=name)["experiment"]
+    run_id = sink.run_id
+    assert run_id
+    got = run_data(mlflow_server, run_id)
+    assert get(mlflow_server, "runs/get", run_id=run_id)["run"]["info"]["experiment_id"] == exp["experiment_id"]
+    assert got["status"] == "FINISHED"
+    assert got["run_name"] == "first-run"
+    # training arguments over the model config, as transformers merges them; secrets stay redacted
+    assert got["params"] == {
+        "hidden_size": "32",
+        "learning_rate": "5e-05",
+        "per_device_train_batch_size": "8",
+        "hub_token": "***",
+        "report_to": "['mlflow']",
+    }
+    assert got["tags"]["team"] == "nlp" and got["tags"]["release.version"] == "2.2.0"
+    assert got["tags"]["checkpoint.last"] == got["tags"]["checkpoint.best"] == "/tmp/out/checkpoint-20"
+    assert history(mlflow_server, run_id, "loss") == [(s, 2.0 / s, (T0 + s * 10**6) // 10**6) for s in range(1, 21)]
+    assert [(s, v) for s, v, _ in history(mlflow_server, run_id, "learning_rate")] == [(s, 1e-3 * s) for s in range(1, 21)]
+    assert [(s, v) for s, v, _ in history(mlflow_server, run_id, "eval_loss")] == [(10, 0.75), (20, 0.5)]
+    grad = history(mlflow_server, run_id, "grad_norm")
+    assert grad[0][0] == 3 and (grad[0][1] == "NaN" or math.isnan(grad[0][1]))
+    assert grad[1][0] == 4 and grad[1][1] == pytest.approx(1.7976931348623157e308)  # MLflow stores inf as max float
+    # a name MLflow refuses is sanitised as transformers does, and the mapping kept
+    assert sink.metric_names == {"acc (top-1)": "acc _top-1_"}
+    assert history(mlflow_server, run_id, "acc _top-1_") == [(3, 0.25, T0 // 10**6)]
+    assert "note" not in got["metrics"]
+
+
+def test_failed_training_ends_the_run_failed(mlflow_server: str) -> None:
+    sink = MLflowSink(mlflow_server, experiment_name=experiment())
+    publish_all(sink, [Log(step=1, values={"loss": 1.0}), TrainEnd(step=1, status="failed", error="boom")])
+    got = run_data(mlflow_server, sink.run_id or "")
+    assert got["status"] == "FAILED"
+    assert got["tags"]["eventbus.train_status"] == "failed"
+
+
+def test_interrupted_training_ends_the_run_killed(mlflow_server: str) -> None:
+    sink = MLflowSink(mlflow_server, experiment_name=experiment())
+    publish_all(sink, [Log(step=1, values={"loss": 1.0}), TrainEnd(step=1, status="interrupted")])
+    assert run_data(mlflow_server, sink.run_id or "")["status"] == "KILLED"
+
+
+def test_more_than_1000_metrics_in_one_batch_are_split(mlflow_server: str) -> None:
+    sink = MLflowSink(mlflow_server, experiment_name=experiment())
+    http = sink.http
+    sent: list[int] = []
+    original = http._client.request
+
+    async def spy(method: str, url: str, **kw: Any) -> Any:
+        if url.endswith("/runs/log-batch"):
+            body = kw.get("json") or {}
+            sent.append(tuple(len(body.get(k, [])) for k in ("metrics", "params", "tags")))
+        return await original(method, url, **kw)
+
+    http._client.request = spy  # type: ignore[method-assign]
+    params: dict[str, Any] = {f"p{i:03d}": i for i in range(119)}
+    params["long"] = "y" * 7000
+    values = {f"m{i:04d}": float(i) for i in range(1010)}
+    publish_all(sink, [TrainBegin(step=0, config=params), Log(step=7, values=values), TrainEnd(step=7)])
+    # within MLflow's limits per request: 1000 metrics, 100 params, 1000 entities in all
+    assert sent == [(900, 100, 0), (110, 20, 0)]
+    got = run_data(mlflow_server, sink.run_id or "")
+    assert got["metrics"] == values
+    # params once each, a value past MLflow's limit truncated to it
+    assert got["params"] == {**{k: str(v) for k, v in params.items()}, "long": "y" * 6000}
+    assert history(mlflow_server, sink.run_id or "", "m1009")[0][:2] == (7, 1009.0)
+
+
+def test_mlflow_run_id_resume_appends(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = MLflowSink(mlflow_server, experiment_name=experiment())
+    publish_all(
+        first,
+        [TrainBegin(step=0, config={"lr": 0.1, "seed": 1})]
+        + [Log(step=s, values={"loss": 1.0 / s}) for s in range(1, 6)]
+        + [TrainEnd(step=5, status="interrupted")],
+    )
+    run_id = first.run_id
+    assert run_data(mlflow_server, run_id or "")["status"] == "KILLED"
+
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id or "")
+    second = MLflowSink(mlflow_server)
+    # the resumed trainer sends its config again, with one value changed and one new:
+    # MLflow refuses to change a param, so params already set are not sent again
+    publish_all(
+        second,
+        [TrainBegin(step=5, config={"lr": 0.2, "seed": 1, "resumed": True})]
+        + [Log(step=s, values={"loss": 1.0 / s}) for s in range(6, 11)]
+        + [TrainEnd(step=10)],
+    )
+    assert second.run_id == run_id
+    got = run_data(mlflow_server, run_id or "")
+    assert got["status"] == "FINISHED"
+    assert got["params"] == {"lr": "0.1", "seed": "1", "resumed": "True"}
+    assert [(s, v) for s, v, _ in history(mlflow_server, run_id or "", "loss")] == [(s, 1.0 / s) for s in range(1, 11)]
+
+
+def test_nested_run_and_flattened_limited_params(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    parent = MLflowSink(mlflow_server, experiment_name=(name := experiment()))
+    publish_all(parent, [TrainEnd(step=0)])
+    monkeypatch.setenv("MLFLOW_RUN_ID", parent.run_id or "")
+    monkeypatch.setenv("MLFLOW_NESTED_RUN", "1")
+    monkeypatch.setenv("MLFLOW_FLATTEN_PARAMS", "TRUE")
+    monkeypatch.setenv("MLFLOW_MAX_LOG_PARAMS", "3")
+    child = MLflowSink(mlflow_server, experiment_name=name)
+    config = {"optim": {"name": "adamw", "betas": {"b1": 0.9}}, "lr": 0.1, "long": "x" * 7000, "dropped": 1}
+    publish_all(child, [TrainBegin(step=0, config=config), TrainEnd(step=0)])
+    assert child.run_id != parent.run_id
+    got = run_data(mlflow_server, child.run_id or "")
+    assert got["tags"]["mlflow.parentRunId"] == parent.run_id
+    # flattened with ".", then the first MLFLOW_MAX_LOG_PARAMS of them
+    assert got["params"] == {"optim.name": "adamw", "optim.betas.b1": "0.9", "lr": "0.1"}
+    assert run_data(mlflow_server, parent.run_id or "")["params"] == {}

@@ -1,0 +1,396 @@
+"""NeptuneSink against the real ``neptune`` client in offline mode.
+
+The client writes every operation to its offline disk queue
+(``.neptune/offline/run__<id>__<pid>__<key>/data-*.log``); the tests read that queue
+back with the client's own ``DiskQueue`` and ``Operation.from_dict`` and assert on the
+decoded operations. Every test runs with the network blocked: a connection or DNS
+lookup attempt fails the test.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from eventbus import EventBus, Evaluate, Log, Predict, RunInfo, Save, TrainBegin, TrainEnd
+from eventbus.errors import SinkConfigError
+from eventbus.registry import create_sink
+from tests.conftest import require_module
+
+pytestmark = pytest.mark.integration
+
+SECRET = "nep-secret-token-0123456789abcdef"
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Fail any attempt to connect or resolve a name, and record it."""
+    attempts: list[Any] = []
+
+    def connect(self: socket.socket, address: Any) -> None:
+        if self.family == socket.AF_UNIX:
+            return real_connect(self, address)
+        attempts.append(address)
+        raise OSError(f"network is blocked in this test (connect to {address!r})")
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        attempts.append(host)
+        raise OSError(f"network is blocked in this test (lookup of {host!r})")
+
+    real_connect = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return attempts
+
+
+@pytest.fixture
+def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: list[Any]) -> Path:
+    """A clean working directory for the client's ``.neptune/`` data, a secret token
+    in the environment (it must never be written), and no network."""
+    require_module("neptune")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NEPTUNE_API_TOKEN", SECRET)
+    monkeypatch.delenv("NEPTUNE_MODE", raising=False)
+    monkeypatch.delenv("NEPTUNE_PROJECT", raising=False)
+    monkeypatch.delenv("NEPTUNE_CUSTOM_RUN_ID", raising=False)
+    monkeypatch.delenv("NEPTUNE_DATA_DIRECTORY", raising=False)
+    yield tmp_path
+    assert no_network == [], f"the neptune sink tried the network in offline mode: {no_network}"
+
+
+class Offline:
+    """What one offline run's operation queue holds, decoded by the client's reader."""
+
+    def __init__(self, ops: list[Any]) -> None:
+        self.ops = ops
+        self.values: dict[str, Any] = {}
+        self.series: dict[str, list[tuple[float, float | None]]] = {}
+        self.tags: set[str] = set()
+        self.uploads: list[tuple[str, list[str]]] = []
+        self.deletes: list[tuple[str, list[str]]] = []
+        for op in ops:
+            path = "/".join(op.path)
+            kind = type(op).__name__
+            if kind.startswith("Assign"):
+                self.values[path] = op.value
+            elif kind == "LogFloats":
+                self.series.setdefault(path, []).extend((v.value, v.step) for v in op.values)
+            elif kind == "AddStrings" and path == "sys/tags":
+                self.tags |= set(op.values)
+            elif kind == "UploadFileSet":
+                self.uploads.append((path, list(op.file_globs)))
+            elif kind == "DeleteFiles":
+                self.deletes.append((path, list(op.file_paths)))
+
+
+def read_offline(root: Path) -> Offline:
+    """Decode the single offline run under ``root/.neptune`` with the client's own classes."""
+    from neptune.core.components.queue.disk_queue import DiskQueue
+    from neptune.internal.operation import Operation
+
+    runs = sorted((root / ".neptune" / "offline").glob("run__*"))
+    assert len(runs) == 1, f"expected one offline run, found {runs}"
+    queue = DiskQueue(
+        data_path=runs[0],
+        to_dict=lambda op: op.to_dict(),
+        from_dict=Operation.from_dict,
+        lock=threading.RLock(),
+    )
+    try:
+        ops = [element.obj for element in queue.get_batch(1_000_000)]
+    finally:
+        queue.close()
+    return Offline(ops)
+
+
+def _token(address: str) -> str:
+    return base64.b64encode(json.dumps({"api_address": address, "api_url": address, "api_key": SECRET}).encode()).decode()
+
+
+def run_training(sink: Any, tmp_path: Path, run_id: str = "run-7f3a") -> None:
+    import torch
+
+    ckpt = tmp_path / "out" / "checkpoint-3"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    with EventBus([sink], run=RunInfo(run_id=run_id, output_dir=str(tmp_path / "out"))) as bus:
+        bus.publish(
+            TrainBegin(
+                run_id=run_id,
+                config={
+                    "learning_rate": 0.1,
+                    "hub_token": "***",
+                    "report_to": ["neptune"],
+                    "warmup": None,
+                    "api_key": "leaked?",
+                    "nested": {"beta": 0.9},
+                },
+                hparams={"learning_rate": 0.1, "batch_size": 8},
+                model_config={"hidden_size": 4, "layers": [4, 4], "eps": float("nan")},
+                max_steps=3,
+            )
+        )
+        bus.publish(Log(run_id=run_id, step=1, epoch=0.25, values={"loss": torch.tensor(2.5), "learning_rate": 0.1, "epoch": 0.25}))
+        bus.publish(Log(run_id=run_id, step=2, epoch=0.5, values={"loss": torch.tensor(float("nan")), "epoch": 0.5}))
+        bus.publish(Log(run_id=run_id, step=3, epoch=0.75, values={"loss": torch.tensor(1.5), "grad_norm": torch.tensor(0.25), "note": "hello"}))
+        # transformers logs evaluation metrics through on_log and then on_evaluate: log once.
+        bus.publish(Log(run_id=run_id, step=3, epoch=0.75, values={"eval_loss": 1.25, "eval_accuracy": 0.75, "epoch": 0.75}))
+        bus.publish(Evaluate(run_id=run_id, step=3, epoch=0.75, metrics={"eval_loss": torch.tensor(1.25), "eval_accuracy": 0.75}))
+        bus.publish(Predict(run_id=run_id, step=3, metrics={"test_loss": 1.125}))
+        bus.publish(Save(run_id=run_id, step=3, checkpoint_dir=str(ckpt), is_best=True))
+        bus.publish(TrainEnd(run_id=run_id, step=3, status="completed", best_metric=1.25, best_model_checkpoint=str(ckpt)))
+    stats = bus.stats().sinks["neptune"]
+    assert stats.failed == 0 and stats.errors == 0, stats
+
+
+def test_end_to_end_offline_logs_transformers_names(offline: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Metrics, parameters and tags land under the names transformers' NeptuneCallback uses."""
+    from sinks.neptune import NeptuneSink
+
+    caplog.set_level(logging.WARNING, logger="sinks")
+    sink = NeptuneSink(mode="offline", name="my-run", tags=["demo"], capture_hardware_metrics=False)
+    run_training(sink, offline)
+    data = read_offline(offline)
+
+    # Metric series: appended with step=global step; NaN skipped; the evaluation once.
+    assert data.series["finetuning/train/loss"] == [(2.5, 1), (1.5, 3)]
+    assert data.series["finetuning/train/learning_rate"] == [(0.1, 1)]
+    assert data.series["finetuning/train/grad_norm"] == [(0.25, 3)]
+    assert data.series["finetuning/eval/loss"] == [(1.25, 3)]
+    assert data.series["finetuning/eval/accuracy"] == [(0.75, 3)]
+    assert data.series["finetuning/test/loss"] == [(1.125, 3)]
+    # train/epoch is a single value (transformers' flat_metrics), the last one logged.
+    assert "finetuning/train/epoch" not in data.series
+    assert data.values["finetuning/train/epoch"] == 0.75
+    assert "finetuning/train/note" not in data.series and "finetuning/train/note" not in data.values
+    assert any("nan" in r.getMessage() and "train/loss" in r.getMessage() for r in caplog.records)
+    assert sum("'train/note'" in r.getMessage() for r in caplog.records) == 1
+
+    # Parameters: training arguments and model config, secrets redacted, unsupported stringified.
+    assert data.values["finetuning/trainer_parameters/learning_rate"] == 0.1
+    assert data.values["finetuning/trainer_parameters/hub_token"] == "***"
+    assert data.values["finetuning/trainer_parameters/api_key"] == "***"
+    assert data.values["finetuning/trainer_parameters/report_to"] == "['neptune']"
+    assert data.values["finetuning/trainer_parameters/warmup"] == "None"
+    assert data.values["finetuning/trainer_parameters/nested/beta"] == 0.9
+    assert data.values["finetuning/model_parameters/hidden_size"] == 4
+    assert data.values["finetuning/model_parameters/layers"] == "[4, 4]"
+    assert data.values["finetuning/model_parameters/eps"] == "nan"
+    assert data.values["finetuning/hparams/batch_size"] == 8
+
+    # Run identity: name, the bus run id as a tag and a field, our version.
+    assert data.values["sys/name"] == "my-run"
+    assert {"run-7f3a", "demo"} <= data.tags
+    assert data.values["finetuning/run_id"] == "run-7f3a"
+    assert data.values["source_code/integrations/eventbus-telemetry"]
+    # Source code is off: the file set is empty.
+    assert ("source_code/files", []) in data.uploads
+
+    # The end of training.
+    assert data.values["finetuning/train_status"] == "completed"
+    assert data.values["finetuning/best_metric"] == 1.25
+    assert data.values["finetuning/best_model_checkpoint"].endswith("checkpoint-3")
+    assert data.values["sys/failed"] is False
+    # No checkpoint upload unless asked, and then Save events are not even subscribed to.
+    assert not [u for u in data.uploads if "checkpoints" in u[0]]
+    assert Save not in sink.events and Log in sink.events
+
+
+def test_configured_from_environment(offline: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """report_to="neptune" with no options: NEPTUNE_MODE and NEPTUNE_PROJECT are honoured."""
+    from sinks.neptune import NeptuneSink
+
+    monkeypatch.delenv("NEPTUNE_API_TOKEN")
+    assert not NeptuneSink.available()
+    monkeypatch.setenv("NEPTUNE_MODE", "offline")
+    monkeypatch.setenv("NEPTUNE_PROJECT", "team/project")
+    assert NeptuneSink.available()
+    sink = create_sink("neptune")
+    assert isinstance(sink, NeptuneSink)
+    assert (sink.mode, sink.project) == ("offline", "team/project")
+    with EventBus([sink], run=RunInfo(run_id="envrun", run_name="from-bus")) as bus:
+        bus.publish(Log(step=5, values={"loss": 0.5}))
+    data = read_offline(offline)
+    assert data.series["finetuning/train/loss"] == [(0.5, 5)]
+    assert data.values["sys/name"] == "from-bus"
+    assert "envrun" in data.tags
+
+
+def test_available_needs_token_and_project_online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """report_to="all" includes neptune only when it is configured."""
+    require_module("neptune")
+    from sinks.neptune import NeptuneSink
+
+    for var in ("NEPTUNE_API_TOKEN", "NEPTUNE_PROJECT", "NEPTUNE_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    assert not NeptuneSink.available()
+    monkeypatch.setenv("NEPTUNE_API_TOKEN", SECRET)
+    assert not NeptuneSink.available()
+    monkeypatch.setenv("NEPTUNE_PROJECT", "team/project")
+    assert NeptuneSink.available()
+
+
+def test_api_token_never_written_logged_or_shown(offline: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    """The token (here from NEPTUNE_API_TOKEN and passed explicitly) is in no file, log or repr."""
+    from sinks.neptune import NeptuneSink
+
+    caplog.set_level(logging.DEBUG)
+    sink = NeptuneSink(mode="offline", api_token=SECRET, capture_hardware_metrics=False)
+    assert SECRET not in repr(sink)
+    assert "***" in repr(sink)
+    run_training(sink, offline)
+    for path in offline.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), f"token written to {path}"
+    out, err = capfd.readouterr()
+    assert SECRET not in out + err
+    assert SECRET not in caplog.text
+    # ...while the run itself was written.
+    assert read_offline(offline).series["finetuning/train/loss"] == [(2.5, 1), (1.5, 3)]
+
+
+@pytest.mark.parametrize("policy", ["same", "last", "best"])
+def test_log_checkpoints(offline: Path, policy: str) -> None:
+    """same: every checkpoint; last: the latest replaces the previous; best: only best ones."""
+    from sinks.neptune import NeptuneSink
+
+    ckpts = []
+    for step in (1, 2, 3):
+        d = offline / "out" / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / "weights.bin").write_bytes(b"w")
+        ckpts.append(str(d))
+    sink = NeptuneSink(mode="offline", log_checkpoints=policy, capture_hardware_metrics=False)
+    assert Save in sink.events
+    with EventBus([sink], run=RunInfo(run_id="ck")) as bus:
+        for step, (d, best) in enumerate(zip(ckpts, (True, False, True)), start=1):
+            bus.publish(Save(step=step, checkpoint_dir=d, is_best=best))
+    data = read_offline(offline)
+    uploads = [u for u in data.uploads if "checkpoints" in u[0]]
+    if policy == "same":
+        assert uploads == [("finetuning/checkpoints", [c]) for c in ckpts]
+        assert data.deletes == []
+    elif policy == "last":
+        assert uploads == [("finetuning/checkpoints/last", [c]) for c in ckpts]
+        assert data.deletes == [("finetuning/checkpoints/last", [ckpts[0]]), ("finetuning/checkpoints/last", [ckpts[1]])]
+    else:
+        assert uploads == [("finetuning/checkpoints/best", [ckpts[0]]), ("finetuning/checkpoints/best", [ckpts[2]])]
+        assert data.deletes == [("finetuning/checkpoints/best", [ckpts[0]])]
+
+
+def test_failed_training_marks_run_failed(offline: Path) -> None:
+    """TrainEnd(status="failed") sets sys/failed and records the error, token redacted."""
+    from sinks.neptune import NeptuneSink
+
+    sink = NeptuneSink(mode="offline", base_namespace="ft", capture_hardware_metrics=False)
+    with EventBus([sink], run=RunInfo(run_id="boom")) as bus:
+        bus.publish(Log(step=1, values={"loss": 1.0}))
+        bus.publish(TrainEnd(step=1, status="failed", error=f"RuntimeError: bad auth {SECRET}"))
+    data = read_offline(offline)
+    assert data.series["ft/train/loss"] == [(1.0, 1)]
+    assert data.values["sys/failed"] is True
+    assert data.values["ft/train_status"] == "failed"
+    assert data.values["ft/error"] == "RuntimeError: bad auth ***"
+
+
+def test_existing_run_is_used_and_not_stopped(offline: Path) -> None:
+    """run=<neptune.Run>: the sink logs into it and leaves stopping it to its owner."""
+    import neptune
+
+    from sinks.neptune import NeptuneSink
+
+    run = neptune.init_run(mode="offline", capture_hardware_metrics=False, capture_stdout=False, capture_stderr=False)
+    try:
+        sink = NeptuneSink(run=run)
+        with EventBus([sink], run=RunInfo(run_id="mine")) as bus:
+            bus.publish(Log(step=2, values={"loss": 0.25}))
+        run["after/close"] = 1  # still usable: the sink did not stop it
+    finally:
+        run.stop()
+    data = read_offline(offline)
+    assert data.series["finetuning/train/loss"] == [(0.25, 2)]
+    assert "mine" in data.tags
+    assert data.values["after/close"] == 1
+
+
+@pytest.mark.parametrize("token", [_token("https://app.neptune.ai"), _token("https://ui.neptune.ai"), "ANONYMOUS"])
+def test_hosted_service_token_refused(no_network: list[Any], token: str) -> None:
+    """A token for the hosted service fails at open with the closure date, before any network call."""
+    require_module("neptune")
+    from sinks.neptune import NeptuneSink
+
+    sink = NeptuneSink(api_token=token, project="team/project", mode="async")
+    with pytest.raises(SinkConfigError) as info:
+        sink.open_sync(RunInfo(run_id="x"))
+    assert "2026-03-05" in str(info.value) and "self-hosted" in str(info.value)
+    assert token not in str(info.value) and SECRET not in str(info.value)
+    assert no_network == []
+
+
+def test_self_hosted_token_accepted(no_network: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token for another server passes the hosted-service check (and then talks to that server)."""
+    require_module("neptune")
+    from sinks.neptune import NeptuneSink
+
+    sink = NeptuneSink(api_token=_token("https://neptune.internal.example"), project="team/project")
+    sink._check_server()  # no error: only the closed hosted service is refused
+
+
+def test_missing_configuration_errors_name_the_fix(offline: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online without a token or project: a clear error, no network attempt."""
+    from sinks.neptune import NeptuneSink
+
+    monkeypatch.delenv("NEPTUNE_API_TOKEN")
+    with pytest.raises(SinkConfigError, match="NEPTUNE_API_TOKEN"):
+        NeptuneSink(project="team/project").open_sync(RunInfo())
+    with pytest.raises(SinkConfigError, match="NEPTUNE_PROJECT"):
+        NeptuneSink(api_token=_token("https://neptune.internal.example")).open_sync(RunInfo())
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"log_checkpoints": "sometimes"}, "log_checkpoints"),
+        ({"mode": "read-only"}, "mode"),
+        ({"base_namespace": ""}, "base_namespace"),
+        ({"log_parameters": "yes"}, "log_parameters"),
+        ({"project": 3}, "project"),
+    ],
+)
+def test_bad_options_are_clear_errors(options: dict[str, Any], message: str) -> None:
+    """A wrong option names itself."""
+    from sinks.neptune import NeptuneSink
+
+    with pytest.raises(SinkConfigError, match=message):
+        NeptuneSink(**options)
+
+
+def test_bad_neptune_mode_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NEPTUNE_MODE with a value that cannot log is reported as such."""
+    from sinks.neptune import NeptuneSink
+
+    monkeypatch.setenv("NEPTUNE_MODE", "offlne")
+    with pytest.raises(SinkConfigError, match="NEPTUNE_MODE='offlne'"):
+        NeptuneSink()
+
+
+
+def test_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the neptune package: not available, and opening says what to install."""
+    import sys
+
+    from eventbus.errors import MissingDependencyError
+    from sinks.neptune import NeptuneSink
+
+    monkeypatch.setenv("NEPTUNE_MODE", "offline")
+    monkeypatch.setitem(sys.modules, "neptune", None)  # makes `import neptune` fail
+    assert not NeptuneSink.available()
+    with pytest.raises(MissingDependencyError, match=r"pip install 'eventbus-telemetry\[neptune\]'"):
+        NeptuneSink().open_sync(RunInfo())
