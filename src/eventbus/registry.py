@@ -14,6 +14,9 @@ __all__ = ["ENTRY_POINT_GROUP", "register_sink", "unregister_sink", "available_s
 ENTRY_POINT_GROUP = "eventbus.sinks"
 
 SinkFactory = Callable[..., Sink]
+
+# report_to names (transformers' spelling) whose extra is spelled differently.
+_EXTRA_FOR = {"comet_ml": "comet"}
 _local: dict[str, SinkFactory] = {}
 
 
@@ -57,7 +60,7 @@ def load_sink_factory(name: str) -> SinkFactory:
         raise
     except ImportError as exc:
         raise MissingDependencyError(
-            f"sink {name!r} could not be imported ({exc}); install its extra: pip install 'eventbus-telemetry[{name}]'"
+            f"sink {name!r} could not be imported ({exc}); install its extra: pip install 'eventbus-telemetry[{_EXTRA_FOR.get(name, name)}]'"
         ) from exc
 
 

@@ -76,8 +76,19 @@ class Sink:
     all_ranks: bool = False
     """Run on every rank (tagging data with the rank) instead of world rank 0 only."""
 
+    spool: bool = False
+    """Keep a disk spool: events that cannot be delivered (the sink is down, its
+    retries ran out, or the close deadline passed) are appended to it and delivered,
+    in order, once the sink is back. Implied by ``overflow = Overflow.SPOOL``."""
+
     spool_dir: str | None = None
-    """Where this sink's spool lives; ``None`` puts it under the run's output_dir."""
+    """Where this sink's spool lives; ``None`` means ``<output_dir>/spool/<name>``."""
+
+    spool_max_file_bytes: int = 16 * 1024 * 1024
+    """The spool rotates to a new file past this size."""
+
+    spool_fsync_interval: float = 1.0
+    """Seconds between fsyncs of the spool (0: after every append); always at close."""
 
     @classmethod
     def available(cls) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 import msgspec
 
@@ -15,8 +15,15 @@ class SinkStats(msgspec.Struct, kw_only=True):
 
     Identity, always: ``received == delivered + dropped + spooled + queue_depth``.
     ``dropped`` counts every event that sink will never get: ``overflow`` (its queue was
-    full), ``failed`` (its write kept failing) and ``abandoned`` (still queued when the
-    close deadline passed).
+    full), ``failed`` (its write kept failing with no spool to keep it, its spool could
+    not be written, e.g. a full disk, or its spooled copy turned out unreadable),
+    ``abandoned`` (still queued when the close deadline passed) and ``skipped`` (a
+    metric event at or below the sink's resume high-water mark: the sink already has
+    that step, so it is not sent twice).
+    ``spooled`` is what is on disk now, not yet delivered: an event that goes to the
+    spool adds one, and leaves it again when drained to the sink (then counted in
+    ``delivered`` or ``skipped``) or found unreadable (``failed``). Events an earlier
+    run left in the spool count as ``received`` (and ``spooled``) when the bus starts.
     ``errors`` counts exceptions its hooks raised; ``retries`` the write attempts
     repeated after a transient error. ``lag_p50_ms``/``lag_p99_ms``: from the event's
     ``time_ns`` to the end of the write that delivered it.
@@ -29,6 +36,7 @@ class SinkStats(msgspec.Struct, kw_only=True):
     overflow: int = 0
     failed: int = 0
     abandoned: int = 0
+    skipped: int = 0
     spooled: int = 0
     errors: int = 0
     retries: int = 0
@@ -89,10 +97,22 @@ class LagRecorder:
     def __init__(self, size: int = 4096) -> None:
         self._samples: collections.deque[float] = collections.deque(maxlen=size)
 
+    per_batch = 64
+    """At most this many samples per delivered batch, evenly spaced through it, so the
+    cost per write stays bounded however large the batch (lag rises monotonically
+    through a batch, so a strided sample keeps the distribution's shape)."""
+
     def add_many(self, samples: Iterable[float]) -> None:
+        """Record lag samples in milliseconds."""
         self._samples.extend(samples)
 
+    def add_batch(self, done_ns: int, batch: Sequence[Any]) -> None:
+        """Record the lag of the events in ``batch`` (``time_ns`` to ``done_ns``)."""
+        stride = len(batch) // self.per_batch + 1
+        self._samples.extend([(done_ns - ev.time_ns) / 1e6 for ev in batch[::stride]])
+
     def percentile(self, q: float) -> float | None:
+        """The ``q`` quantile (0..1) of the recent samples, or ``None`` before any."""
         if not self._samples:
             return None
         data = sorted(self._samples)

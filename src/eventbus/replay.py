@@ -1,0 +1,310 @@
+"""Send what a past run spooled, or its JSON-lines file, to a sink later.
+
+Command line::
+
+    eventbus replay runs/x/spool/mlflow --to mlflow --option tracking_uri=http://127.0.0.1:5000
+    eventbus replay runs/x/events.jsonl --to tensorboard --option log_dir=runs/x/tb
+
+Python::
+
+    from eventbus.replay import replay
+    result = replay("runs/x/spool/mlflow", create_sink("mlflow"))
+
+The events go through a fresh :class:`~eventbus.EventBus`, so the sink sees them as it
+would in a live run (batches, retries). No duplicates: metric events (``Log``,
+``Evaluate``, ``Predict``) at or below the sink's high-water mark are skipped. The mark
+comes from ``resume_mark``, else from the marks file: the spool's ``state.json`` for a
+spool directory, ``<file>.marks.json`` next to a spool or JSONL file. After the replay
+the new mark is written back there, so replaying twice sends nothing twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import msgspec
+
+from eventbus.errors import EventBusError, SinkConfigError, SpoolError
+from eventbus.events import Event, TrainBegin, decode_json
+from eventbus.overflow import Overflow
+from eventbus.sink import RunInfo, Sink
+from eventbus.spool import MAGIC, STATE_FILE, read_spool, write_json_atomic
+
+__all__ = ["replay", "ReplayResult", "read_events", "decode_jsonl_line", "add_parser"]
+
+logger = logging.getLogger("eventbus.replay")
+
+
+class ReplayResult(msgspec.Struct, kw_only=True):
+    """What a replay did. ``read`` events were read; of those ``sent`` reached the
+    sink, ``skipped`` were at or below its high-water mark (it already had them) and
+    ``failed`` could not be delivered. ``superseded`` were not sent because a resumed
+    run redid their step later in the same file (see :func:`replay`). ``unreadable``
+    counts records or lines that did not decode (warned about, never fatal). ``mark``
+    is the sink's mark afterwards."""
+
+    sink: str
+    read: int = 0
+    sent: int = 0
+    skipped: int = 0
+    superseded: int = 0
+    failed: int = 0
+    unreadable: int = 0
+    mark: int | None = None
+
+
+def _is_spool_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
+_NONFINITE_KEY = "_nonfinite"
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def decode_jsonl_line(line: bytes) -> Event:
+    """One line of the JSONL sink's file back to its event. That file writes NaN and
+    infinities as the strings ``"NaN"``/``"Infinity"``/``"-Infinity"`` and lists their
+    paths under a top-level ``"_nonfinite"`` key; exactly those become floats again."""
+    if _NONFINITE_KEY.encode() not in line:
+        return decode_json(line)
+    data = msgspec.json.decode(line)
+    if not isinstance(data, dict):
+        raise msgspec.ValidationError(f"expected a JSON object, got {type(data).__name__}")
+    for path in data.pop(_NONFINITE_KEY, ()) or ():
+        try:
+            parent = data
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = _NONFINITE[parent[path[-1]]]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise msgspec.ValidationError(f"bad {_NONFINITE_KEY} path {path!r}") from exc
+    return msgspec.convert(data, Event)
+
+
+def read_events(
+    path: str | os.PathLike[str], *, on_unreadable: Callable[[], None] | None = None, warn: bool = True
+) -> Iterator[Event]:
+    """The events stored at ``path``: a spool directory (from its cursor on), a spool
+    file, or a JSON-lines file as the ``jsonl`` sink writes it (one
+    ``encode_json(event)`` per line, see :func:`decode_jsonl_line`). Lines that do not
+    decode are skipped with a warning (and reported to ``on_unreadable``)."""
+    p = Path(path)
+    if not p.exists():
+        raise SpoolError(f"nothing to replay at {p}: give a spool directory, a .spool file or a .jsonl file")
+    if p.is_dir() or _is_spool_file(p):
+        yield from read_spool(p, warn=warn)
+        return
+    with open(p, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield decode_jsonl_line(line)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                if warn:
+                    logger.warning("eventbus: %s line %d is not an event (%s); skipped", p, lineno, exc)
+                if on_unreadable is not None:
+                    on_unreadable()
+
+
+def _superseded(path: Path) -> Callable[[int, Event], bool]:
+    """Whether the i-th event was superseded by a resumed run: a later ``TrainBegin``
+    with ``resumed_from`` at step S restarts from S, so what came before it with a step
+    above S was redone (as TensorBoard purges orphaned steps)."""
+    points: list[tuple[int, int]] = []
+    for i, ev in enumerate(read_events(path, warn=False)):
+        if isinstance(ev, TrainBegin) and ev.resumed_from:
+            points.append((i, ev.step))
+    if not points:
+        return lambda i, ev: False
+    suffix_min = [s for _, s in points]
+    for k in range(len(points) - 2, -1, -1):
+        suffix_min[k] = min(suffix_min[k], suffix_min[k + 1])
+    state = {"k": 0}
+
+    def check(i: int, ev: Event) -> bool:
+        k = state["k"]
+        while k < len(points) and points[k][0] <= i:
+            k += 1
+        state["k"] = k
+        return k < len(points) and ev.step > suffix_min[k]
+
+    return check
+
+
+def _marks_path(path: Path) -> Path:
+    return path / STATE_FILE if path.is_dir() else path.with_name(path.name + ".marks.json")
+
+
+def _load_marks(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        logger.warning("eventbus: unreadable marks file %s (%s); replaying without a mark", path, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def replay(
+    path: str | os.PathLike[str],
+    sink: Sink,
+    *,
+    resume_mark: int | None = None,
+    save_mark: bool = True,
+    timeout: float = 300.0,
+) -> ReplayResult:
+    """Send the events stored at ``path`` (see :func:`read_events`) to ``sink``, in
+    order, through a fresh bus. Metric events at or below the sink's high-water mark
+    (``resume_mark``, else the one kept next to ``path``) are skipped. When the file
+    holds a resumed run (a ``TrainBegin`` with ``resumed_from`` at step S), events the
+    interrupted run wrote before it with a step above S are not sent: the resumed run
+    redid those steps. ``timeout``
+    bounds the whole replay, sink close included. Returns a :class:`ReplayResult`."""
+    from eventbus.bus import EventBus
+
+    if not isinstance(sink, Sink):
+        raise SinkConfigError(f"replay needs an eventbus.Sink instance, got {type(sink).__name__}")
+    p = Path(path)
+    marks_file = _marks_path(p) if p.exists() else None
+    state = _load_marks(marks_file) if marks_file is not None else {}
+    if resume_mark is None:
+        saved = (state.get("marks") or {}).get(sink.name)
+        if isinstance(saved, int) and not isinstance(saved, bool):
+            resume_mark = saved
+    # A replay is the catch-up itself: no spool of its own, and backpressure below
+    # keeps the queue from overflowing.
+    sink.spool = False  # type: ignore[misc]
+    if sink.overflow is Overflow.SPOOL:
+        sink.overflow = Overflow.DROP_NEWEST
+    result = ReplayResult(sink=sink.name)
+
+    def unreadable() -> None:
+        result.unreadable += 1
+
+    marks = {sink.name: resume_mark} if resume_mark is not None else None
+    deadline = time.monotonic() + timeout
+    # A short flush interval: the replay loop waits on the pump for backpressure.
+    bus = EventBus([sink], run=RunInfo(run_name="replay"), resume_marks=marks, close_timeout=timeout, flush_interval=0.005)
+    window = max(1, min(sink.capacity, 4 * sink.max_batch_size) // 2)
+    with bus:
+        sent_to_bus = 0
+        superseded = _superseded(p)
+        for i, ev in enumerate(read_events(p, on_unreadable=unreadable)):
+            result.read += 1
+            if superseded(i, ev):
+                result.superseded += 1
+                continue
+            bus.publish(ev)
+            sent_to_bus += 1
+            if sent_to_bus % window == 0:
+                # Backpressure: a replay must not outrun the sink's bounded queue.
+                while time.monotonic() < deadline:
+                    st = bus.stats()
+                    s = st.sinks[sink.name]
+                    if st.ingress_depth + s.queue_depth < window:
+                        break
+                    time.sleep(0.005)
+        stats = bus.close(max(0.0, deadline - time.monotonic()))
+    s = stats.sinks[sink.name]
+    result.sent = s.delivered
+    result.skipped = s.skipped
+    result.failed = s.dropped - s.skipped + stats.ingress_dropped
+    result.unreadable += _spool_unreadable(p)
+    result.mark = bus.high_water_marks().get(sink.name)
+    if save_mark and marks_file is not None and result.mark is not None:
+        state.setdefault("marks", {})
+        if not isinstance(state["marks"], dict):
+            state["marks"] = {}
+        state["marks"][sink.name] = result.mark
+        try:
+            write_json_atomic(marks_file, state, fsync=True)
+        except OSError as exc:
+            logger.warning("eventbus: could not save the high-water mark to %s: %s", marks_file, exc)
+    return result
+
+
+def _spool_unreadable(path: Path) -> int:
+    # read_spool warns about bad records as it goes; counting them means a second,
+    # quiet pass (cheap next to sending the events).
+    from eventbus.spool import _frames, _spool_files
+
+    if path.is_dir():
+        files = [path / n for n in _spool_files(path)]
+    elif path.is_file() and _is_spool_file(path):
+        files = [path]
+    else:
+        return 0
+    n = 0
+    for f in files:
+        try:
+            n += sum(1 for payload, _ in _frames(f, 0, warn=False) if payload is None)
+        except SpoolError:
+            n += 1
+    return n
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--option takes key=value, got {text!r}")
+    try:
+        value: Any = json.loads(raw)  # numbers, booleans, lists; anything else is a string
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+def add_parser(subparsers: Any) -> Callable[[argparse.Namespace], int]:
+    """Add ``eventbus replay`` to the CLI; returns its handler."""
+    p = subparsers.add_parser(
+        "replay",
+        help="send a past run's spool or JSONL file to a sink",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("path", help="a spool directory, a .spool file, or a JSON-lines events file")
+    p.add_argument("--to", required=True, metavar="NAME", help="the sink to send to (a registered sink name)")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        type=_parse_option,
+        metavar="KEY=VALUE",
+        help="a sink option (repeatable); VALUE is parsed as JSON when it can be",
+    )
+    p.add_argument("--resume-mark", type=int, default=None, help="skip metric events at or below this step")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole replay (default 300)")
+    return _run
+
+
+def _run(args: argparse.Namespace) -> int:
+    from eventbus.redact import is_secret_key, redact_text
+    from eventbus.registry import create_sink
+
+    options = dict(args.option)
+    # Options may carry an API key: it must not reach the terminal in an error.
+    secrets = [str(v) for k, v in options.items() if is_secret_key(k)]
+    try:
+        sink = create_sink(args.to, **options)
+        result = replay(args.path, sink, resume_mark=args.resume_mark, timeout=args.timeout)
+    except EventBusError as exc:
+        print(f"eventbus replay: error: {redact_text(str(exc), *secrets)}", file=sys.stderr)
+        return 2
+    print(
+        f"replayed {args.path} to {result.sink}: read {result.read}, sent {result.sent}, "
+        f"skipped {result.skipped} (already delivered), superseded {result.superseded}, failed {result.failed}, unreadable {result.unreadable}"
+        + ("" if result.mark is None else f"; high-water mark now step {result.mark}")
+    )
+    return 1 if result.failed else 0

@@ -1,0 +1,575 @@
+"""The disk spool: an append-only, framed and checksummed log of one sink's events.
+
+A spool is a directory of files ``00000001.spool``, ``00000002.spool``, ... (rotated
+by size) plus ``state.json`` (the read cursor and the per-sink high-water marks).
+
+File format (version 1)::
+
+    header  = b"EBSPOOL" + bytes([FORMAT_VERSION])            8 bytes
+    record  = RECORD_MARK (4 bytes) + length (u32 LE) + crc (u32 LE) + payload
+    payload = eventbus.events.encode_msgpack(event)
+    crc     = zlib.crc32(length bytes + payload)
+
+The checksum covers the length, so a bad length is caught as surely as a bad payload.
+A reader that meets a frame that does not check out searches forward for the next
+``RECORD_MARK`` that starts a valid frame ("resync") and warns; when no valid frame
+follows, the bad bytes are a torn final record (a write cut short by a crash) and
+are skipped with one warning. Reading never raises for bad data, only for a file of
+another format version (:class:`~eventbus.errors.SpoolError`).
+
+Durability: every append is written to the OS at once (one ``write``), so a process
+killed with SIGKILL loses nothing it appended; ``fsync`` runs every
+``fsync_interval`` seconds (0: after every append), at rotation and at close, which
+bounds what a machine crash can lose. Directories are created ``0o700`` and files
+``0o600``: the spool holds the run's metrics and config.
+
+The spool is used from one thread at a time (the bus thread while the bus runs).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Generator, Iterator, NamedTuple, Sequence
+
+import msgspec
+
+from eventbus.errors import SpoolError
+from eventbus.events import BaseEvent, Event, decode_msgpack
+
+__all__ = [
+    "Spool",
+    "SpoolBatch",
+    "SpoolPosition",
+    "read_spool",
+    "MAGIC",
+    "FORMAT_VERSION",
+    "RECORD_MARK",
+    "DEFAULT_MAX_FILE_BYTES",
+    "DEFAULT_FSYNC_INTERVAL",
+    "STATE_FILE",
+    "write_json_atomic",
+    "is_disk_full",
+]
+
+logger = logging.getLogger("eventbus.spool")
+
+MAGIC = b"EBSPOOL"
+FORMAT_VERSION = 1
+_HEADER = MAGIC + bytes([FORMAT_VERSION])
+RECORD_MARK = b"\xebS\x9f\x01"
+_FRAME = struct.Struct("<4sII")
+_MAX_RECORD = 64 * 1024 * 1024  # a length above this is corruption, not an event
+_SUFFIX = ".spool"
+STATE_FILE = "state.json"
+
+# As eventbus.events.encode_msgpack, but a value msgspec cannot encode (an object
+# left in a config dict) is stored as its repr instead of losing the whole batch.
+_encoder = msgspec.msgpack.Encoder(enc_hook=repr)
+
+DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024
+DEFAULT_FSYNC_INTERVAL = 1.0
+
+
+class SpoolPosition(NamedTuple):
+    """A place in a spool: a file name (``00000003.spool``) and a byte offset in it."""
+
+    file: str
+    offset: int
+
+
+class SpoolBatch(NamedTuple):
+    """Events read from a spool, and where the next read starts once they are consumed."""
+
+    events: list[Event]
+    end: SpoolPosition
+    corrupt: int
+    """How many bad regions (torn or corrupt records) were skipped to read them."""
+
+
+def _file_name(seq: int) -> str:
+    return f"{seq:08d}{_SUFFIX}"
+
+
+def _seq(name: str) -> int:
+    return int(name[: -len(_SUFFIX)])
+
+
+def _check_header(path: Path, head: bytes) -> bool:
+    """True for a good header, False for a file too short to have one (torn at birth)."""
+    if len(head) < len(_HEADER):
+        return False
+    if head[: len(MAGIC)] != MAGIC:
+        raise SpoolError(f"{path} is not an eventbus spool file (bad magic {head[:len(MAGIC)]!r})")
+    version = head[len(MAGIC)]
+    if version != FORMAT_VERSION:
+        raise SpoolError(
+            f"{path} is spool format version {version}; this eventbus reads version {FORMAT_VERSION}: "
+            "replay it with the eventbus version that wrote it"
+        )
+    return True
+
+
+def _frame_at(data: bytes, pos: int) -> int | None:
+    """End offset of a valid frame starting at ``pos`` in ``data``, else None."""
+    if pos + _FRAME.size > len(data):
+        return None
+    mark, length, crc = _FRAME.unpack_from(data, pos)
+    if mark != RECORD_MARK or length > _MAX_RECORD:
+        return None
+    end = pos + _FRAME.size + length
+    if end > len(data):
+        return None
+    payload = data[pos + _FRAME.size : end]
+    if zlib.crc32(payload, zlib.crc32(data[pos + 4 : pos + 8])) != crc:
+        return None
+    return end
+
+
+_CHUNK = 256 * 1024
+
+
+def _frames(path: Path, start: int, warn: bool = True) -> Generator[tuple[bytes | None, int], None, None]:
+    """Yield ``(payload, end_offset)`` for each record of ``path`` from ``start``;
+    ``(None, offset)`` after skipping a bad region (warned about when ``warn``).
+    Reads in chunks, lazily: a caller that stops early reads little."""
+    with open(path, "rb") as f:
+        if start == 0:
+            if not _check_header(path, f.read(len(_HEADER))):
+                size = f.seek(0, os.SEEK_END)
+                if size:
+                    if warn:
+                        logger.warning("eventbus: spool file %s has a torn header (%d bytes); skipped", path, size)
+                    yield None, size
+                return
+            start = len(_HEADER)
+        f.seek(start)
+        buf = b""
+        base = start  # file offset of buf[0]
+        pos = 0
+        eof = False
+        while True:
+            need = _FRAME.size
+            if len(buf) - pos >= _FRAME.size:
+                mark, length, _ = _FRAME.unpack_from(buf, pos)
+                if mark == RECORD_MARK and length <= _MAX_RECORD:
+                    need += length
+            if len(buf) - pos < need and not eof:
+                buf, base, pos = buf[pos:], base + pos, 0
+                chunk = f.read(max(_CHUNK, need - len(buf)))
+                if chunk:
+                    buf += chunk
+                else:
+                    eof = True
+                continue
+            if pos >= len(buf):
+                return
+            end = _frame_at(buf, pos)
+            if end is not None:
+                yield buf[pos + _FRAME.size : end], base + end
+                pos = end
+                continue
+            # A bad region (rare): take the rest of the file and look for the next
+            # record marker that starts a valid frame.
+            buf, base, pos, eof = buf[pos:] + f.read(), base + pos, 0, True
+            nxt = buf.find(RECORD_MARK, 1)
+            while nxt != -1 and _frame_at(buf, nxt) is None:
+                nxt = buf.find(RECORD_MARK, nxt + 1)
+            if nxt == -1:
+                if warn:
+                    logger.warning(
+                        "eventbus: torn final record in spool file %s at offset %d (%d bytes): skipped; "
+                        "everything before it was recovered",
+                        path,
+                        base,
+                        len(buf),
+                    )
+                yield None, base + len(buf)
+                return
+            if warn:
+                logger.warning(
+                    "eventbus: corrupt spool record(s) in %s at offsets %d..%d: skipped, resumed at the next valid record",
+                    path,
+                    base,
+                    base + nxt,
+                )
+            yield None, base + nxt
+            pos = nxt
+
+
+def _decode(payload: bytes, path: Path, offset: int, warn: bool) -> Event | None:
+    try:
+        return decode_msgpack(payload)
+    except Exception as exc:  # a valid frame from a newer eventbus, say: skip, never crash
+        if warn:
+            logger.warning("eventbus: spool record in %s before offset %d does not decode (%s); skipped", path, offset, exc)
+        return None
+
+
+def _spool_files(directory: Path) -> list[str]:
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        if name.endswith(_SUFFIX) and name[: -len(_SUFFIX)].isdigit():
+            out.append(name)
+    return sorted(out, key=_seq)
+
+
+def read_spool(path: str | os.PathLike[str], *, from_cursor: bool = True, warn: bool = True) -> Iterator[Event]:
+    """Every readable event of a spool directory (in order) or of one spool file.
+
+    For a directory, ``from_cursor`` starts where the run that wrote it stopped
+    delivering (its ``state.json`` cursor); ``False`` reads every file from the start.
+    Bad records are skipped with a warning (``warn``), as the module docstring says.
+    """
+    p = Path(path)
+    if p.is_dir():
+        files = _spool_files(p)
+        start = SpoolPosition(files[0], 0) if files else None
+        if from_cursor:
+            state = _load_state(p)
+            cur = state.get("cursor")
+            if cur and cur.get("file") in files:
+                start = SpoolPosition(cur["file"], int(cur.get("offset", 0)))
+        if start is None:
+            return
+        for name in files:
+            if _seq(name) < _seq(start.file):
+                continue
+            offset = start.offset if name == start.file else 0
+            yield from _events_of(p / name, offset, warn)
+    elif p.is_file():
+        yield from _events_of(p, 0, warn)
+    else:
+        raise SpoolError(f"no spool at {p}: give a spool directory or a .spool file")
+
+
+def _events_of(path: Path, offset: int, warn: bool = True) -> Iterator[Event]:
+    for payload, end in _frames(path, offset, warn):
+        if payload is None:
+            continue
+        ev = _decode(payload, path, end, warn)
+        if ev is not None:
+            yield ev
+
+
+def _load_state(directory: Path) -> dict[str, Any]:
+    try:
+        with open(directory / STATE_FILE, "rb") as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        logger.warning("eventbus: unreadable spool state %s (%s); starting from the first spool file", directory / STATE_FILE, exc)
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def write_json_atomic(path: Path, data: Any, *, fsync: bool = False) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (temp file + ``os.replace``),
+    owner-only. ``fsync`` also makes it durable against a machine crash."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(data, sort_keys=True).encode())
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class Spool:
+    """One sink's spool directory: append events, read them back in order, consume.
+
+    ``pending`` is the number of records appended (or found at open) and not yet
+    consumed; ``marks`` the per-sink high-water marks kept in ``state.json`` (the
+    highest step of a delivered ``Log``/``Evaluate``/``Predict`` event, per sink name).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        fsync_interval: float = DEFAULT_FSYNC_INTERVAL,
+    ) -> None:
+        if not isinstance(max_file_bytes, int) or isinstance(max_file_bytes, bool) or max_file_bytes < 1024:
+            raise SpoolError(f"spool max_file_bytes must be an int >= 1024, got {max_file_bytes!r}")
+        if isinstance(fsync_interval, bool) or not isinstance(fsync_interval, (int, float)) or fsync_interval < 0:
+            raise SpoolError(f"spool fsync_interval must be a number of seconds >= 0, got {fsync_interval!r}")
+        self.directory = Path(directory)
+        self.max_file_bytes = max_file_bytes
+        self.fsync_interval = float(fsync_interval)
+        self._fd: int | None = None
+        self._file: str | None = None
+        self._size = 0
+        self._last_sync = time.monotonic()
+        self._dirty = False
+        self._closed = False
+        state = _load_state(self.directory)
+        self.run_id: str | None = state.get("run_id")
+        self.marks: dict[str, int] = {
+            str(k): int(v) for k, v in (state.get("marks") or {}).items() if isinstance(v, int) and not isinstance(v, bool)
+        }
+        files = _spool_files(self.directory)
+        cur = state.get("cursor") or {}
+        if cur.get("file") in files:
+            self.cursor = SpoolPosition(cur["file"], int(cur.get("offset", 0)))
+        elif files:
+            self.cursor = SpoolPosition(files[0], 0)
+        else:
+            self.cursor = SpoolPosition(_file_name(1), 0)
+        # Count what an earlier process left here (quietly: the drain warns).
+        self.pending = 0
+        for name in files:
+            if _seq(name) < _seq(self.cursor.file):
+                continue
+            path = self.directory / name
+            try:
+                for payload, end in _frames(path, self.cursor.offset if name == self.cursor.file else 0, warn=False):
+                    if payload is not None and _decode(payload, path, end, False) is not None:
+                        self.pending += 1
+            except SpoolError as exc:
+                logger.warning("eventbus: %s; that file is left as it is and not replayed", exc)
+        self._next_seq = (_seq(files[-1]) + 1) if files else 1
+
+    @classmethod
+    def for_sink(cls, sink: Any, run: Any) -> Spool:
+        """The spool of ``sink`` in ``run``: ``sink.spool_dir`` if set, else
+        ``<run.output_dir>/spool/<sink.name>``, else ``./eventbus-spool/<run_id>/<sink.name>``
+        (on a rank other than 0, ``<sink.name>-rank<N>``, or ``<spool_dir>/rank<N>``).
+        ``sink.spool_max_file_bytes`` and ``sink.spool_fsync_interval`` override the
+        defaults when the sink sets them."""
+        rank = getattr(run, "rank", 0) or 0
+        # Ranks share the output_dir: a sink that runs on every rank gets one spool each.
+        leaf = sink.name if rank == 0 else f"{sink.name}-rank{rank}"
+        if getattr(sink, "spool_dir", None):
+            directory = Path(sink.spool_dir) if rank == 0 else Path(sink.spool_dir) / f"rank{rank}"
+        elif getattr(run, "output_dir", None):
+            directory = Path(run.output_dir) / "spool" / leaf
+        else:
+            directory = Path("eventbus-spool") / str(run.run_id) / leaf
+        return cls(
+            directory,
+            max_file_bytes=getattr(sink, "spool_max_file_bytes", DEFAULT_MAX_FILE_BYTES),
+            fsync_interval=getattr(sink, "spool_fsync_interval", DEFAULT_FSYNC_INTERVAL),
+        )
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _ensure_dir(self) -> None:
+        # Owner-only, also the parents we create (os.makedirs gives those the default
+        # mode): metrics and config are private. Existing parents are left alone.
+        missing = []
+        d = self.directory
+        while not d.exists():
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d, 0o700)
+            except FileExistsError:
+                pass
+        os.chmod(self.directory, 0o700)
+
+    def _open_file(self) -> None:
+        self._ensure_dir()
+        name = _file_name(self._next_seq)
+        self._next_seq += 1
+        path = self.directory / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                self._write_fd(fd, _HEADER)
+                size = len(_HEADER)
+        except BaseException:
+            os.close(fd)
+            _unlink(path)  # no empty or headless files left behind by a full disk
+            raise
+        self._fd, self._file, self._size = fd, name, size
+
+    def _write_fd(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = self._write(fd, view)
+            view = view[n:]
+
+    def _write(self, fd: int, data: memoryview) -> int:
+        """One ``os.write``; the seam tests replace to simulate a full disk."""
+        return os.write(fd, data)
+
+    def append(self, events: Sequence[BaseEvent]) -> None:
+        """Append ``events`` as records, in order. Raises ``OSError`` (e.g. ENOSPC)
+        and then holds none of them: a partly written batch is cut off again."""
+        if self._closed:
+            raise SpoolError(f"the spool at {self.directory} is closed")
+        if not events:
+            return
+        buf = bytearray()
+        for ev in events:
+            payload = _encoder.encode(ev)
+            length = struct.pack("<I", len(payload))
+            buf += RECORD_MARK + length + struct.pack("<I", zlib.crc32(payload, zlib.crc32(length))) + payload
+        if self._fd is None or self._size >= self.max_file_bytes:
+            self._rotate()
+        assert self._fd is not None
+        try:
+            self._write_fd(self._fd, bytes(buf))
+        except OSError:
+            # Leave no half record behind when we can (the reader would resync anyway).
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass
+            raise
+        self._size += len(buf)
+        self.pending += len(events)
+        self._dirty = True
+        if self.fsync_interval == 0 or time.monotonic() - self._last_sync >= self.fsync_interval:
+            self.sync()
+
+    def _rotate(self) -> None:
+        if self._fd is not None:
+            self.sync()
+            os.close(self._fd)
+            self._fd = None
+        self._open_file()
+
+    def sync(self) -> None:
+        """``fsync`` the current file (when anything was written since the last one)."""
+        if self._fd is not None and self._dirty:
+            os.fsync(self._fd)
+            self._dirty = False
+        self._last_sync = time.monotonic()
+
+    # -- reading and consuming -----------------------------------------------------------
+
+    def read(self, max_events: int) -> SpoolBatch:
+        """Up to ``max_events`` events from the cursor on, without consuming them."""
+        events: list[Event] = []
+        corrupt = 0
+        pos = self.cursor
+        for name in _spool_files(self.directory):
+            if _seq(name) < _seq(pos.file):
+                continue
+            start = pos.offset if name == pos.file else 0
+            path = self.directory / name
+            pos = SpoolPosition(name, start)
+            frames = _frames(path, start)
+            try:
+                for payload, end in frames:
+                    if len(events) >= max_events:
+                        return SpoolBatch(events, pos, corrupt)
+                    pos = SpoolPosition(name, end)
+                    if payload is None:
+                        corrupt += 1
+                        continue
+                    ev = _decode(payload, path, end, True)
+                    if ev is None:
+                        corrupt += 1
+                    else:
+                        events.append(ev)
+            except SpoolError as exc:  # another format version: leave the file, go on
+                logger.warning("eventbus: %s; skipped", exc)
+                pos = SpoolPosition(name, path.stat().st_size)
+                corrupt += 1
+            finally:
+                frames.close()
+        return SpoolBatch(events, pos, corrupt)
+
+    def consume(self, batch: SpoolBatch) -> int:
+        """Mark ``batch`` as delivered: move the cursor past it, delete files read to
+        the end, persist the cursor. Returns how many pending records turned out to be
+        unreadable (only known once the end of the spool is reached)."""
+        self.pending -= len(batch.events)
+        self.cursor = batch.end
+        lost = 0
+        files = _spool_files(self.directory)
+        at_end = self._at_end(files)
+        if at_end and self.pending > 0:
+            lost, self.pending = self.pending, 0
+        for name in files:
+            if _seq(name) < _seq(self.cursor.file) and name != self._file:
+                _unlink(self.directory / name)
+        if at_end and self._file is None:
+            # Everything is delivered and nothing is open for writing: start afresh.
+            for name in _spool_files(self.directory):
+                _unlink(self.directory / name)
+            self.cursor = SpoolPosition(_file_name(self._next_seq), 0)
+        try:
+            self.save_state()
+        except OSError as exc:  # e.g. a full disk: the cursor lives on in memory
+            logger.warning("eventbus: could not save the spool state in %s: %s", self.directory, exc)
+        return lost
+
+    def _at_end(self, files: list[str]) -> bool:
+        later = [n for n in files if _seq(n) > _seq(self.cursor.file)]
+        if later:
+            return False
+        try:
+            size = (self.directory / self.cursor.file).stat().st_size
+        except FileNotFoundError:
+            return True
+        return self.cursor.offset >= size
+
+    # -- state ----------------------------------------------------------------------------
+
+    def save_state(self, *, fsync: bool = False) -> None:
+        """Persist the cursor and the marks to ``state.json`` (atomically)."""
+        self._ensure_dir()
+        write_json_atomic(
+            self.directory / STATE_FILE,
+            {
+                "format": FORMAT_VERSION,
+                "run_id": self.run_id,
+                "cursor": {"file": self.cursor.file, "offset": self.cursor.offset},
+                "marks": self.marks,
+            },
+            fsync=fsync,
+        )
+
+    def close(self) -> None:
+        """fsync and close the current file and persist the state. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._fd is not None:
+            try:
+                self.sync()
+            finally:
+                os.close(self._fd)
+                self._fd = None
+                self._file = None
+        if self.directory.exists():
+            if self.pending == 0 and self._at_end(_spool_files(self.directory)):
+                for name in _spool_files(self.directory):
+                    _unlink(self.directory / name)
+                self.cursor = SpoolPosition(_file_name(self._next_seq), 0)
+            self.save_state(fsync=True)
+
+    def __repr__(self) -> str:
+        return f"<Spool {str(self.directory)!r} pending={self.pending}>"
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+

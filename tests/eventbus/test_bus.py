@@ -1,0 +1,290 @@
+"""The bus end to end: order per sink, fan-out, subscriptions, batching, urgency,
+lifecycle. Helpers here (Recorder, wait_for, assert_identity) are shared by the other
+bus tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import pytest
+
+from eventbus import (
+    BusStateError,
+    EventBus,
+    Evaluate,
+    Log,
+    RunInfo,
+    Save,
+    Sink,
+    SinkConfigError,
+    StepEnd,
+    ThreadedSink,
+    TrainEnd,
+)
+from eventbus.events import EVENT_TYPES, BaseEvent
+from eventbus.stats import BusStats
+
+
+class Recorder(Sink):
+    """An async sink that keeps every batch it is given."""
+
+    def __init__(self, name: str = "rec", events: Sequence[type[BaseEvent]] = EVENT_TYPES, **opts: Any) -> None:
+        self.name = name  # type: ignore[misc]
+        self.events = tuple(events)  # type: ignore[misc]
+        self.batches: list[list[BaseEvent]] = []
+        self.opened_with: RunInfo | None = None
+        self.closed = False
+        for k, v in opts.items():
+            setattr(self, k, v)
+
+    async def open(self, run: RunInfo) -> None:
+        self.opened_with = run
+
+    async def write(self, batch: Sequence[BaseEvent]) -> None:
+        self.batches.append(list(batch))
+
+    async def close(self) -> None:
+        self.closed = True
+
+    @property
+    def got(self) -> list[BaseEvent]:
+        return [e for b in self.batches for e in b]
+
+    @property
+    def steps(self) -> list[int]:
+        return [e.step for e in self.got]
+
+
+class GateSink(ThreadedSink):
+    """A blocking sink whose writes wait until the test releases them."""
+
+    def __init__(self, name: str = "gate", **opts: Any) -> None:
+        self.name = name  # type: ignore[misc]
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.batches: list[list[BaseEvent]] = []
+        for k, v in opts.items():
+            setattr(self, k, v)
+
+    def write_sync(self, batch: Sequence[BaseEvent]) -> None:
+        self.entered.set()
+        self.release.wait(30)
+        self.batches.append(list(batch))
+
+    @property
+    def steps(self) -> list[int]:
+        return [e.step for b in self.batches for e in b]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until true; fail after ``timeout`` seconds (a generous bound)."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.005)
+
+
+def assert_identity(stats: BusStats) -> None:
+    """received == delivered + dropped + spooled + queue_depth, for every sink."""
+    assert stats.sinks, "no sinks in stats"
+    for s in stats.sinks.values():
+        assert s.received == s.delivered + s.dropped + s.spooled + s.queue_depth, s
+        if not s.spooled:
+            # Without a spool, every drop has exactly one reason.
+            assert s.dropped == s.overflow + s.failed + s.abandoned + getattr(s, "skipped", 0), s
+        assert s.queue_depth <= s.queue_high_water or s.queue_high_water == 0, s
+    assert stats.ingress_dropped + stats.ingress_depth <= stats.published, stats
+
+
+def settled(bus: EventBus, name: str, received: int) -> bool:
+    """The pump has handed ``received`` events to sink ``name`` and finished offering them."""
+    s = bus.stats()
+    st = s.sinks[name]
+    return (
+        s.ingress_depth == 0
+        and st.received == received
+        and st.received == st.delivered + st.dropped + st.spooled + st.queue_depth
+    )
+
+
+def test_order_per_sink_is_publish_order_and_batches_respect_max_batch_size() -> None:
+    rec = Recorder(max_batch_size=7, max_delay=0.01)
+    with EventBus([rec], flush_interval=0.01) as bus:
+        for i in range(2000):
+            bus.publish(StepEnd(step=i))
+    assert rec.steps == list(range(2000))
+    assert max(len(b) for b in rec.batches) <= 7
+    stats = bus.stats()
+    assert stats.sinks["rec"].delivered == 2000
+    assert stats.sinks["rec"].dropped == 0
+    assert_identity(stats)
+
+
+def test_fan_out_every_sink_gets_every_event_in_order() -> None:
+    sinks = [Recorder(f"r{i}", max_delay=0.01) for i in range(3)]
+    with EventBus(sinks) as bus:
+        for i in range(500):
+            bus.publish(StepEnd(step=i) if i % 2 else Log(step=i, values={"loss": float(i)}))
+    for s in sinks:
+        assert s.steps == list(range(500))
+        assert s.opened_with is bus.run and s.closed
+    stats = bus.stats()
+    assert stats.delivered == 1500
+    assert_identity(stats)
+
+
+def test_subscription_filtering_and_wants() -> None:
+    logs = Recorder("logs", events=(Log,), max_delay=0.01)
+    steps = Recorder("steps", events=(StepEnd, Evaluate), max_delay=0.01)
+    bus = EventBus([logs, steps])
+    assert bus.wants(Log) and bus.wants(StepEnd) and bus.wants(Evaluate)
+    assert not bus.wants(Save) and not bus.wants(TrainEnd)
+    with bus:
+        for i in range(10):
+            bus.publish(Log(step=i, values={"x": i}))
+            bus.publish(StepEnd(step=i))
+            bus.publish(Save(step=i, checkpoint_dir="c"))  # nobody subscribes
+    assert [type(e) for e in logs.got] == [Log] * 10
+    assert [type(e) for e in steps.got] == [StepEnd] * 10
+    stats = bus.stats()
+    assert stats.sinks["logs"].received == 10 and stats.sinks["steps"].received == 10
+    assert stats.published == 30
+    assert_identity(stats)
+    assert not EventBus().wants(StepEnd)
+
+
+def test_max_delay_holds_a_partial_batch_until_it_fills() -> None:
+    rec = Recorder(max_batch_size=4, max_delay=60.0)
+    with EventBus([rec], flush_interval=0.01) as bus:
+        for i in range(3):
+            bus.publish(StepEnd(step=i))
+        wait_for(lambda: settled(bus, "rec", 3), what="3 events queued")
+        time.sleep(0.2)
+        assert rec.batches == []  # the batch is not full and max_delay is far away
+        bus.publish(StepEnd(step=3))
+        wait_for(lambda: len(rec.got) == 4, what="the full batch")
+        assert [len(b) for b in rec.batches] == [4]
+        bus.close(timeout=5)
+
+
+def test_short_max_delay_writes_a_partial_batch() -> None:
+    rec = Recorder(max_batch_size=1000, max_delay=0.05)
+    with EventBus([rec], flush_interval=0.01) as bus:
+        for i in range(3):
+            bus.publish(StepEnd(step=i))
+        wait_for(lambda: rec.steps == [0, 1, 2], what="a partial batch after max_delay")
+
+
+@pytest.mark.parametrize("urgent_event", [Save(checkpoint_dir="ck"), Evaluate(metrics={"eval_loss": 1.0}), TrainEnd()])
+def test_urgent_events_flush_at_once(urgent_event: BaseEvent) -> None:
+    # Both the pump's flush interval and the sink's max_delay are far away: only the
+    # urgent event can get these written before the bus closes.
+    rec = Recorder(max_batch_size=1000, max_delay=60.0)
+    with EventBus([rec], flush_interval=60.0) as bus:
+        bus.publish(StepEnd(step=1))
+        bus.publish(StepEnd(step=2))
+        bus.publish(urgent_event)
+        wait_for(lambda: len(rec.got) == 3, what="urgent flush")
+        assert [type(e) for e in rec.got] == [StepEnd, StepEnd, type(urgent_event)]
+        bus.close(timeout=5)
+
+
+def test_urgent_set_is_configurable() -> None:
+    rec = Recorder(max_batch_size=1000, max_delay=60.0)
+    with EventBus([rec], flush_interval=60.0, urgent=(StepEnd,)) as bus:
+        bus.publish(StepEnd(step=1))
+        wait_for(lambda: rec.steps == [1], what="custom urgent type")
+
+
+def test_close_delivers_everything_queued_and_closes_sinks() -> None:
+    rec = Recorder(max_batch_size=1000, max_delay=60.0)
+    bus = EventBus([rec], flush_interval=60.0).start()
+    for i in range(100):
+        bus.publish(StepEnd(step=i))
+    stats = bus.close(timeout=5)
+    assert rec.steps == list(range(100)) and rec.closed
+    assert stats.sinks["rec"].delivered == 100 and not stats.running
+    assert_identity(stats)
+
+
+def test_events_published_before_start_are_delivered() -> None:
+    rec = Recorder(max_delay=0.01)
+    bus = EventBus([rec])
+    bus.publish(StepEnd(step=7))
+    with bus:
+        pass
+    assert rec.steps == [7]
+
+
+def test_publish_after_close_is_counted_not_raised() -> None:
+    rec = Recorder()
+    bus = EventBus([rec]).start()
+    bus.publish(StepEnd(step=1))
+    bus.close(timeout=5)
+    bus.publish(StepEnd(step=2))  # must not raise
+    bus.publish(StepEnd(step=3))
+    stats = bus.stats()
+    assert stats.ingress_dropped == 2
+    assert stats.published == 3
+    assert rec.steps == [1]
+    assert_identity(stats)
+    assert bus.close() is not None  # closing twice is harmless
+
+
+def test_close_without_start_counts_what_was_published() -> None:
+    bus = EventBus([Recorder()])
+    bus.publish(StepEnd())
+    stats = bus.close()
+    assert stats.ingress_dropped == 1 and stats.published == 1
+    with pytest.raises(BusStateError):
+        bus.start()
+
+
+def test_lifecycle_state_and_configuration_errors() -> None:
+    bus = EventBus([Recorder("a")])
+    assert not bus.running and "new" in repr(bus)
+    with pytest.raises(SinkConfigError, match="already attached"):
+        bus.add_sink(Recorder("a"))
+    with pytest.raises(SinkConfigError, match="capacity"):
+        bus.add_sink(Recorder("b", capacity=0))
+    with pytest.raises(SinkConfigError, match="overflow"):
+        bus.add_sink(Recorder("c", overflow="drop_oldest"))
+    with pytest.raises(SinkConfigError, match="events"):
+        bus.add_sink(Recorder("d", events=(int,)))
+    with pytest.raises(SinkConfigError, match="Sink instance"):
+        bus.add_sink(object())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ingress_capacity"):
+        EventBus(ingress_capacity=0)
+    with pytest.raises(ValueError, match="flush_interval"):
+        EventBus(flush_interval=0)
+    assert bus.start() is bus.start()  # idempotent
+    assert bus.running
+    with pytest.raises(BusStateError):
+        bus.add_sink(Recorder("e"))
+    bus.close(timeout=5)
+    assert not bus.running and "closed" in repr(bus)
+
+
+def test_sinks_run_on_rank_zero_unless_all_ranks() -> None:
+    only0 = Recorder("only0")
+    every = Recorder("every", all_ranks=True)
+    bus = EventBus([only0, every], run=RunInfo(rank=1, world_size=2))
+    assert bus.sinks == [every]
+    assert not EventBus([Recorder("rank0_only")], run=RunInfo(rank=1, world_size=2)).wants(StepEnd)
+    with bus:
+        bus.publish(StepEnd(step=1, rank=1))
+    assert every.steps == [1] and only0.got == []
+
+
+def test_urgent_event_behind_more_than_one_batch_is_still_flushed_at_once() -> None:
+    rec = Recorder(max_batch_size=4, max_delay=60.0)
+    with EventBus([rec], flush_interval=60.0) as bus:
+        for i in range(5):
+            bus.publish(StepEnd(step=i))
+        bus.publish(Save(step=5, checkpoint_dir="ck"))  # 6 queued: one full batch, then 2
+        wait_for(lambda: len(rec.got) == 6, what="the whole backlog up to the urgent event")
+        assert [len(b) for b in rec.batches] == [4, 2]
+        bus.close(timeout=5)

@@ -1,0 +1,187 @@
+"""No duplicates: a resumed run, or a replay of events a sink already has, never logs a
+step twice to that sink (per-sink high-water marks of Log/Evaluate/Predict steps)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Sequence
+
+from eventbus import EventBus, Evaluate, Log, Predict, RunInfo, Sink, StepEnd
+from eventbus.events import BaseEvent
+from eventbus.replay import replay
+from eventbus.spool import STATE_FILE
+
+
+class Recorder(Sink):
+    name = "rec"
+    max_delay = 0.01
+
+    def __init__(self, name: str = "rec", spool: bool = False) -> None:
+        self.name = name  # type: ignore[misc]
+        self.spool = spool
+        self.down = False
+        self.got: list[BaseEvent] = []
+        self.max_retries = 0
+        self.circuit_threshold = 1
+        self.circuit_cooldown = 0.05
+
+    async def write(self, batch: Sequence[BaseEvent]) -> None:
+        if self.down:
+            raise ConnectionError("down")
+        self.got.extend(batch)
+
+
+def wait_for(pred, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def metric_steps(events: Sequence[BaseEvent]) -> list[int]:
+    return [e.step for e in events if isinstance(e, (Log, Evaluate, Predict))]
+
+
+def test_resume_marks_skip_metric_events_at_or_below_the_mark_only(tmp_path):
+    rec, other = Recorder(), Recorder("other")
+    bus = EventBus([rec, other], resume_marks={"rec": 5}, flush_interval=0.01)
+    with bus:
+        for i in range(11):
+            bus.publish(Log(step=i, values={"loss": 1.0}))
+            bus.publish(StepEnd(step=i))
+        bus.publish(Evaluate(step=3, metrics={"eval_loss": 1.0}))
+        bus.publish(Predict(step=5, metrics={"test_loss": 1.0}))
+        bus.publish(Evaluate(step=10, metrics={"eval_loss": 1.0}))
+    st = bus.stats().sinks["rec"]
+    assert metric_steps(rec.got) == [6, 7, 8, 9, 10, 10]
+    assert [e.step for e in rec.got if isinstance(e, StepEnd)] == list(range(11))  # not step-keyed metrics
+    assert (st.received, st.delivered, st.skipped, st.dropped) == (25, 17, 8, 8)
+    assert st.received == st.delivered + st.dropped + st.spooled + st.queue_depth
+    assert len(other.got) == 25  # the mark is per sink
+    assert bus.high_water_marks() == {"rec": 10, "other": 10}
+
+
+def test_several_metric_events_at_the_same_step_in_one_run_are_all_delivered():
+    rec = Recorder()
+    bus = EventBus([rec], flush_interval=0.01)
+    with bus:
+        bus.publish(Log(step=3, values={"loss": 1.0}))
+        bus.publish(Evaluate(step=3, metrics={"eval_loss": 1.0}))
+        bus.publish(Log(step=3, values={"eval_loss": 1.0}))
+        bus.publish(Log(step=2, values={"late": 1.0}))  # out of order within a run: kept
+    assert metric_steps(rec.got) == [3, 3, 3, 2]
+    assert bus.stats().sinks["rec"].skipped == 0
+    assert bus.high_water_marks() == {"rec": 3}
+
+
+def test_mark_is_persisted_next_to_the_spool_and_used_on_resume(tmp_path):
+    out = str(tmp_path)
+    first = Recorder(spool=True)
+    bus = EventBus([first], run=RunInfo(run_id="run1", output_dir=out), flush_interval=0.01)
+    with bus:
+        for i in range(11):
+            bus.publish(Log(step=i))
+    state = json.loads((tmp_path / "spool" / "rec" / STATE_FILE).read_text())
+    assert state["marks"] == {"rec": 10} and state["run_id"] == "run1"
+
+    # The checkpoint was at step 7 (mark 7 stored with it), but the sink had step 10
+    # before the crash: the mark next to the spool wins, and 8..10 are not sent twice.
+    second = Recorder(spool=True)
+    bus2 = EventBus(
+        [second], run=RunInfo(run_id="run1", output_dir=out, resumed=True), resume_marks={"rec": 7}, flush_interval=0.01
+    )
+    with bus2:
+        for i in range(8, 16):
+            bus2.publish(Log(step=i))
+    assert metric_steps(second.got) == [11, 12, 13, 14, 15]
+    assert bus2.stats().sinks["rec"].skipped == 3
+    assert bus2.high_water_marks() == {"rec": 15}
+
+
+def test_a_new_run_in_the_same_directory_is_not_muted_by_an_old_mark(tmp_path):
+    out = str(tmp_path)
+    bus = EventBus([Recorder(spool=True)], run=RunInfo(run_id="old", output_dir=out), flush_interval=0.01)
+    with bus:
+        for i in range(20):
+            bus.publish(Log(step=i))
+    fresh = Recorder(spool=True)
+    bus2 = EventBus([fresh], run=RunInfo(run_id="new", output_dir=out), flush_interval=0.01)
+    with bus2:
+        for i in range(5):
+            bus2.publish(Log(step=i))
+    assert metric_steps(fresh.got) == [0, 1, 2, 3, 4]
+
+
+def test_resume_after_a_crash_with_a_spool_left_behind_logs_each_step_once(tmp_path):
+    """Run 1 delivers steps 0..4, then the backend goes down: 5..9 are spooled when
+    the process dies. The checkpoint (step 7) stored mark 4. Run 2 resumes at step 8:
+    the leftover 5..9 is delivered first, then 8 and 9 from run 2 are duplicates."""
+    out = str(tmp_path)
+    first = Recorder(spool=True)
+    first.circuit_cooldown = 3600
+    bus = EventBus([first], run=RunInfo(run_id="r", output_dir=out), flush_interval=0.01)
+    with bus:
+        for i in range(5):
+            bus.publish(Log(step=i))
+        wait_for(lambda: bus.stats().sinks["rec"].delivered == 5)
+        first.down = True
+        for i in range(5, 10):
+            bus.publish(Log(step=i))
+        wait_for(lambda: bus.stats().sinks["rec"].spooled == 5)
+    checkpoint_marks = {"rec": 4}
+
+    second = Recorder(spool=True)
+    run2 = RunInfo(run_id="r", output_dir=out, resumed=True)
+    bus2 = EventBus([second], run=run2, resume_marks=checkpoint_marks, flush_interval=0.01)
+    with bus2:
+        for i in range(8, 13):
+            bus2.publish(Log(step=i))
+    assert metric_steps(first.got) + metric_steps(second.got) == list(range(13))
+    st = bus2.stats().sinks["rec"]
+    assert (st.received, st.delivered, st.skipped, st.spooled) == (10, 8, 2, 0)
+
+
+def test_replaying_twice_sends_each_step_once(tmp_path):
+    out = str(tmp_path)
+    down = Recorder(spool=True)
+    down.down = True
+    down.circuit_cooldown = 3600
+    bus = EventBus([down], run=RunInfo(output_dir=out), flush_interval=0.01)
+    with bus:
+        for i in range(10):
+            bus.publish(Log(step=i))
+        wait_for(lambda: bus.stats().sinks["rec"].spooled == 10)
+    spool_dir = tmp_path / "spool" / "rec"
+
+    target = Recorder("backfill")
+    r1 = replay(spool_dir, target)
+    assert (r1.read, r1.sent, r1.skipped, r1.mark) == (10, 10, 0, 9)
+    again = Recorder("backfill")
+    r2 = replay(spool_dir, again)
+    assert (r2.read, r2.sent, r2.skipped) == (10, 0, 10)
+    assert again.got == []
+    assert json.loads((spool_dir / STATE_FILE).read_text())["marks"]["backfill"] == 9
+
+
+def test_replay_with_an_explicit_mark(tmp_path):
+    path = tmp_path / "events.jsonl"
+    from eventbus.events import encode_json
+
+    path.write_bytes(b"\n".join(encode_json(Log(step=i)) for i in range(6)) + b"\n")
+    rec = Recorder()
+    res = replay(path, rec, resume_mark=3, save_mark=False)
+    assert metric_steps(rec.got) == [4, 5]
+    assert (res.sent, res.skipped) == (2, 4)
+    assert not (tmp_path / "events.jsonl.marks.json").exists()
+
+
+def test_bad_resume_marks_are_a_clear_error():
+    import pytest
+
+    from eventbus.errors import SinkConfigError
+
+    with pytest.raises(SinkConfigError, match=r"resume_marks must map sink names to steps"):
+        EventBus([Recorder()], resume_marks={"rec": "12"})  # type: ignore[dict-item]
+    with pytest.raises(SinkConfigError, match=r"dict\[str, int\]"):
+        EventBus([Recorder()], resume_marks=[("rec", 1)])  # type: ignore[arg-type]

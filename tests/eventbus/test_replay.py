@@ -1,0 +1,231 @@
+"""``eventbus replay`` and ``eventbus.replay.replay``: a past run's spool or JSONL file
+sent to a sink later."""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+import time
+from typing import Sequence
+
+import anyio
+import pytest
+
+from eventbus import EventBus, Log, RunInfo, Sink, StepEnd, TrainBegin
+from eventbus.cli import main
+from eventbus.errors import SinkConfigError, SpoolError
+from eventbus.events import BaseEvent, encode_json
+from eventbus.registry import register_sink, unregister_sink
+from eventbus.replay import read_events, replay
+from eventbus.spool import Spool
+from tests.conftest import require_module
+
+
+class Target(Sink):
+    """A sink the CLI builds by name; remembers its instances."""
+
+    name = "replay-target"
+    max_delay = 0.01
+    instances: list["Target"] = []
+
+    def __init__(self, label: str = "", delay: float = 0.0) -> None:
+        self.label = label
+        self.delay = delay
+        self.got: list[BaseEvent] = []
+        Target.instances.append(self)
+
+    async def write(self, batch: Sequence[BaseEvent]) -> None:
+        if self.delay:
+            await anyio.sleep(self.delay)
+        self.got.extend(batch)
+
+
+class Down(Sink):
+    name = "replay-down"
+    max_retries = 0
+
+    async def write(self, batch: Sequence[BaseEvent]) -> None:
+        raise ConnectionError("still down")
+
+
+@pytest.fixture
+def registered():
+    Target.instances = []
+    register_sink("replay-target", Target)
+    register_sink("replay-down", Down)
+    yield
+    unregister_sink("replay-target")
+    unregister_sink("replay-down")
+
+
+def spool_of(tmp_path, n: int):
+    """A spool directory as a run whose backend was down leaves it."""
+
+    class Gone(Sink):
+        name = "mlflow"
+        spool = True
+        max_retries = 0
+        circuit_threshold = 1
+        circuit_cooldown = 3600
+
+        async def write(self, batch):
+            raise ConnectionError("down")
+
+    bus = EventBus([Gone()], run=RunInfo(output_dir=str(tmp_path)), flush_interval=0.01)
+    with bus:
+        bus.publish(TrainBegin(step=0, config={"lr": 0.1}))
+        for i in range(n):
+            bus.publish(Log(step=i, values={"loss": 1.0 / (i + 1)}))
+        deadline = time.monotonic() + 20
+        while bus.stats().sinks["mlflow"].spooled < n + 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    return tmp_path / "spool" / "mlflow"
+
+
+def test_replay_a_spool_directory_in_order(tmp_path):
+    d = spool_of(tmp_path, 25)
+    t = Target()
+    res = replay(d, t)
+    assert isinstance(t.got[0], TrainBegin) and t.got[0].config == {"lr": 0.1}
+    assert [e.step for e in t.got[1:]] == list(range(25))
+    assert t.got[3].values == {"loss": 1.0 / 3}
+    assert (res.read, res.sent, res.skipped, res.failed, res.unreadable, res.mark) == (26, 26, 0, 0, 0, 24)
+    # Replay does not consume the spool: a resumed run still finds it.
+    assert Spool(d).pending == 26
+
+
+def test_replay_one_spool_file(tmp_path):
+    d = spool_of(tmp_path, 5)
+    (f,) = sorted(d.glob("*.spool"))
+    t = Target()
+    res = replay(f, t)
+    assert res.sent == 6 and [e.step for e in t.got[1:]] == list(range(5))
+
+
+def test_replay_a_jsonl_file_skipping_a_bad_line_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "events.jsonl"
+    lines = [encode_json(Log(step=i, values={"loss": float(i)})) for i in range(4)]
+    lines.insert(2, b'{"type": "Log", "step": "not a number"}')
+    path.write_bytes(b"\n".join(lines) + b"\n\n")
+    t = Target()
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        res = replay(path, t)
+    assert [e.step for e in t.got] == [0, 1, 2, 3]
+    assert (res.read, res.sent, res.unreadable) == (4, 4, 1)
+    assert "line 3" in caplog.text
+
+
+def test_replay_applies_backpressure_instead_of_dropping(tmp_path):
+    path = tmp_path / "many.jsonl"
+    n = 3000
+    path.write_bytes(b"\n".join(encode_json(StepEnd(step=i)) for i in range(n)))
+    t = Target(delay=0.001)
+    t.capacity = 64
+    t.max_batch_size = 16
+    res = replay(path, t)
+    assert (res.sent, res.failed) == (n, 0)
+    assert [e.step for e in t.got] == list(range(n))
+
+
+def test_replay_counts_what_a_sink_still_down_did_not_take(tmp_path):
+    d = spool_of(tmp_path, 3)
+    res = replay(d, Down(), timeout=30)
+    assert (res.read, res.sent, res.failed) == (4, 0, 4)
+
+
+def test_read_events_rejects_a_missing_path(tmp_path):
+    with pytest.raises(SpoolError, match="nothing to replay"):
+        list(read_events(tmp_path / "nope"))
+
+
+def test_replay_needs_a_sink_instance(tmp_path):
+    with pytest.raises(SinkConfigError, match="Sink instance"):
+        replay(tmp_path, "mlflow")  # type: ignore[arg-type]
+
+
+def test_cli_replays_to_a_named_sink_with_options(tmp_path, registered, capsys):
+    d = spool_of(tmp_path, 7)
+    rc = main(["replay", str(d), "--to", "replay-target", "--option", "label=backfill", "--option", "delay=0"])
+    assert rc == 0
+    (t,) = Target.instances
+    assert t.label == "backfill" and t.delay == 0
+    assert [e.step for e in t.got[1:]] == list(range(7))
+    out = capsys.readouterr().out
+    assert "read 8, sent 8, skipped 0" in out and "replay-target" in out
+
+
+def test_cli_exit_status_is_non_zero_when_events_failed(tmp_path, registered, capsys):
+    d = spool_of(tmp_path, 2)
+    assert main(["replay", str(d), "--to", "replay-down", "--timeout", "20"]) == 1
+    assert "failed 3" in capsys.readouterr().out
+
+
+def test_cli_clear_errors(tmp_path, registered, capsys):
+    assert main(["replay", str(tmp_path / "missing"), "--to", "replay-target"]) == 2
+    assert "nothing to replay" in capsys.readouterr().err
+    assert main(["replay", str(tmp_path), "--to", "no-such-sink"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown sink 'no-such-sink'" in err and "replay-target" in err
+    assert main(["replay", str(tmp_path), "--to", "replay-target", "--option", "api_key=sk-SECRET-123"]) == 2
+    err = capsys.readouterr().err
+    assert "api_key" in err and "sk-SECRET-123" not in err
+    with pytest.raises(SystemExit):
+        main(["replay", str(tmp_path), "--to", "replay-target", "--option", "novalue"])
+    assert "key=value" in capsys.readouterr().err
+
+
+def test_replay_the_jsonl_sinks_own_file_with_nan_and_a_resumed_run(tmp_path):
+    """A file written by the real jsonl sink: an interrupted run (steps 0..5), then a
+    resumed run from the checkpoint at step 3 that redid 4..5 and went on to 7."""
+    jsonl = require_module("sinks.jsonl")
+    out = tmp_path / "run"
+
+    def run(events):
+        sink = jsonl.JSONLSink(path=str(out / "events.jsonl"))
+        with EventBus([sink], run=RunInfo(output_dir=str(out)), flush_interval=0.01) as bus:
+            for ev in events:
+                bus.publish(ev)
+
+    run([TrainBegin(step=0)] + [Log(step=i, values={"loss": float(i), "gn": math.nan}) for i in range(6)])
+    run(
+        [TrainBegin(step=3, resumed_from=str(out / "checkpoint-3"))]
+        + [Log(step=i, values={"loss": 10.0 + i, "gn": math.inf}) for i in range(4, 8)]
+    )
+    t = Target()
+    res = replay(out / "events.jsonl", t)
+    logs = [e for e in t.got if isinstance(e, Log)]
+    assert [e.step for e in logs] == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert [e.values["loss"] for e in logs] == [0.0, 1.0, 2.0, 3.0, 14.0, 15.0, 16.0, 17.0]
+    assert math.isnan(logs[0].values["gn"]) and logs[-1].values["gn"] == math.inf
+    assert (res.read, res.superseded, res.sent) == (12, 2, 10)
+
+
+def test_console_script_replays_a_spool_into_the_real_jsonl_sink(tmp_path):
+    """``eventbus replay DIR --to jsonl --option path=...`` as a user types it."""
+    jsonl = require_module("sinks.jsonl")
+    d = spool_of(tmp_path, 12)
+    dest = tmp_path / "backfill.jsonl"
+    exe = Path(sys.executable).with_name("eventbus")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "eventbus"]
+    proc = subprocess.run(
+        cmd + ["replay", str(d), "--to", "jsonl", "--option", f"path={dest}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "sent 13" in proc.stdout
+    events = jsonl.read_jsonl(dest)
+    assert [type(e).__name__ for e in events] == ["TrainBegin"] + ["Log"] * 12
+    assert [e.step for e in events[1:]] == list(range(12))
+    # A second replay sends no step twice: the mark kept in the spool's state.json.
+    again = subprocess.run(
+        cmd + ["replay", str(d), "--to", "jsonl", "--option", f"path={dest}"], capture_output=True, text=True, timeout=120
+    )
+    assert again.returncode == 0, again.stderr
+    assert "skipped 12" in again.stdout
+    assert [e.step for e in jsonl.read_jsonl(dest) if isinstance(e, Log)] == list(range(12))

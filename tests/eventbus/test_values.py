@@ -1,0 +1,143 @@
+"""Tensor values: snapshotted without a device sync on the publishing thread, resolved
+to Python numbers on the bus thread, immune to later in-place changes."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from eventbus import EventBus, Evaluate, Log, Predict
+from eventbus import values as V
+from tests.eventbus.test_bus import Recorder
+
+
+@pytest.mark.parametrize(
+    "tensor, expected, kind",
+    [
+        (torch.tensor(1.5), 1.5, float),  # 0-d
+        (torch.tensor([2.5]), 2.5, float),  # one element: a number, not a list
+        (torch.tensor([[3.0]]), 3.0, float),
+        (torch.tensor([1.0, 2.0, 3.0]), [1.0, 2.0, 3.0], list),
+        (torch.tensor([[1, 2], [3, 4]]), [[1, 2], [3, 4]], list),
+        (torch.tensor(7, dtype=torch.int64), 7, int),
+        (torch.tensor(3, dtype=torch.int32), 3, int),
+        (torch.tensor(True), True, bool),
+        (torch.tensor([False]), False, bool),
+        (torch.tensor(0.25, dtype=torch.bfloat16), 0.25, float),
+        (torch.tensor(2.0, requires_grad=True) * 2, 4.0, float),
+    ],
+)
+def test_snapshot_then_resolve(tensor: torch.Tensor, expected: Any, kind: type) -> None:
+    snap = V.snapshot(tensor)
+    assert isinstance(snap, V.Deferred)
+    out = V.resolve(snap)
+    assert out == expected and type(out) is kind
+    assert V.resolve(tensor) == expected  # a live tensor resolves the same way
+
+
+def test_non_tensors_pass_through() -> None:
+    for v in (1, 2.5, "x", None, True, [1, 2]):
+        assert V.snapshot(v) is v and V.resolve(v) is v
+    assert V.resolve_mapping({"a": 1, "b": "x"}) is None
+    assert not V.has_tensor({"a": 1.0}) and V.has_tensor({"a": torch.zeros(())})
+    assert V.is_tensor(torch.zeros(1)) and not V.is_tensor(0.0)
+    assert V.is_finite_number(3) and V.is_finite_number(1.5)
+    assert not V.is_finite_number(True) and not V.is_finite_number(float("nan")) and not V.is_finite_number("1")
+
+
+def test_snapshot_is_immune_to_later_in_place_changes() -> None:
+    t = torch.tensor(1.0)
+    vec = torch.tensor([1.0, 2.0])
+    given = {"loss": t, "vec": vec, "lr": 0.1}
+    ev = Log(step=1, values=given)
+    t.add_(100.0)
+    vec.zero_()
+    assert given["loss"] is t  # the caller's dict is not rewritten
+    assert V.resolve_mapping(ev.values) == {"loss": 1.0, "vec": [1.0, 2.0], "lr": 0.1}
+
+
+def test_bus_resolves_tensors_published_then_modified_in_place() -> None:
+    rec = Recorder(max_delay=0.0)
+    loss = torch.tensor(0.5)
+    acc = torch.tensor([0.9])
+    with EventBus([rec], flush_interval=0.01) as bus:
+        for step in range(5):
+            bus.publish(Log(step=step, values={"loss": loss, "step_t": torch.tensor(step)}))
+            loss.add_(1.0)  # the loop keeps training: in place
+        bus.publish(Evaluate(step=5, metrics={"eval_acc": acc, "eval_n": torch.tensor(10)}))
+        bus.publish(Predict(step=5, metrics={"test_loss": torch.tensor(0.125)}))
+        acc.fill_(0.0)
+    logs = [e for e in rec.got if isinstance(e, Log)]
+    assert [e.values["loss"] for e in logs] == [0.5, 1.5, 2.5, 3.5, 4.5]
+    assert [e.values["step_t"] for e in logs] == list(range(5))
+    assert all(type(e.values["step_t"]) is int for e in logs)
+    ev = next(e for e in rec.got if isinstance(e, Evaluate))
+    assert ev.metrics == {"eval_acc": pytest.approx(0.9), "eval_n": 10}
+    pred = next(e for e in rec.got if isinstance(e, Predict))
+    assert pred.metrics == {"test_loss": 0.125}
+
+
+def test_publishing_never_synchronises_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conversions that would sync a GPU may only run on the bus thread."""
+    publisher = threading.current_thread()
+    calls: list[str] = []
+
+    def guard(name: str) -> Any:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self: torch.Tensor, *a: Any, **k: Any) -> Any:
+            if threading.current_thread() is publisher:
+                calls.append(name)
+            return original(self, *a, **k)
+
+        return wrapper
+
+    for name in ("item", "cpu", "tolist", "__float__", "__bool__", "__int__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, guard(name))
+    rec = Recorder(max_delay=0.0)
+    bus = EventBus([rec], flush_interval=0.01).start()
+    t = torch.tensor(2.0)
+    bus.publish(Log(step=1, values={"loss": t, "v": torch.tensor([1.0, 2.0])}))
+    bus.publish(Evaluate(step=1, metrics={"eval_loss": t * 2}))
+    assert calls == []
+    bus.close(timeout=5)
+    monkeypatch.undo()
+    assert rec.got[0].values == {"loss": 2.0, "v": [1.0, 2.0]}
+    assert rec.got[1].metrics == {"eval_loss": 4.0}
+
+
+def test_an_unresolvable_value_becomes_nan_and_the_event_still_arrives(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Broken(V.Deferred):
+        def resolve(self) -> Any:
+            raise RuntimeError("device lost")
+
+    rec = Recorder(max_delay=0.0)
+    with EventBus([rec], flush_interval=0.01) as bus:
+        ev = Log(step=1, values={"ok": torch.tensor(1.0)})
+        values = dict(ev.values)
+        values["bad"] = Broken(torch.tensor(0.0))
+        import msgspec
+
+        msgspec.structs.force_setattr(ev, "values", values)
+        bus.publish(ev)
+    got = rec.got[0].values
+    assert got["ok"] == 1.0 and got["bad"] != got["bad"]  # NaN
+
+
+def test_deferred_waits_for_its_copy_before_reading() -> None:
+    """The CUDA path records an event after a non-blocking copy: resolve() must wait on
+    it (on the bus thread) before reading the host buffer."""
+    order: list[str] = []
+    host = torch.tensor(3.0)
+
+    class FakeCudaEvent:
+        def synchronize(self) -> None:
+            order.append("synchronize")
+            host.fill_(4.0)  # the copy "lands" only now
+
+    d = V.Deferred(host, FakeCudaEvent())
+    assert V.resolve(d) == 4.0 and order == ["synchronize"]
+    assert "Deferred(Tensor()" in repr(d)
