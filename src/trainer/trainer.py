@@ -1,0 +1,1297 @@
+"""The training loop: transformers' ``Trainer`` semantics, with every hook published to
+an event bus and nothing on the step path that waits for the device.
+
+The loop mirrors transformers' ``_inner_training_loop``/``_run_epoch``/
+``_maybe_log_save_evaluate`` hook for hook, so that callbacks written for transformers
+see the same sequence of calls. What differs is what happens to values: the running
+loss, the logged loss and the gradient norm stay tensors, and reach ``on_log`` and the
+``Log`` event as tensors; the bus turns them into numbers on its own thread. The
+NaN/inf filter is a ``torch.where`` on the device. Evaluation is the one place where
+values come to the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from eventbus import EventBus, InitEnd, RunInfo, Sink, TrainEnd, sinks_from_report_to
+from trainer import checkpoint as ckpt
+from trainer import distributed
+from trainer.arguments import TrainingArguments
+from trainer.callbacks import CallbackHandler, TrainerCallback
+from trainer.flow import DefaultFlowCallback
+from trainer.progress import PrinterCallback, ProgressCallback
+from trainer.state import TrainerControl, TrainerState
+
+__all__ = [
+    "Trainer",
+    "EvalPrediction",
+    "PredictionOutput",
+    "TrainOutput",
+    "TrainingInterrupted",
+    "default_data_collator",
+    "set_seed",
+    "get_scheduler",
+    "get_decay_parameter_names",
+]
+
+logger = logging.getLogger("trainer")
+
+_DECAY_EXCLUDED_NAMES = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+class EvalPrediction(NamedTuple):
+    """What ``compute_metrics`` receives: numpy arrays of the model's predictions
+    (logits) and of the labels, concatenated over the evaluation set."""
+
+    predictions: Any
+    label_ids: Any
+
+
+class PredictionOutput(NamedTuple):
+    """What :meth:`Trainer.predict` returns (transformers' namedtuple of that name)."""
+
+    predictions: Any
+    label_ids: Any
+    metrics: dict[str, float] | None
+
+
+class TrainOutput(NamedTuple):
+    """What :meth:`Trainer.train` returns: the last global step, the mean training loss
+    of this call and the final metrics."""
+
+    global_step: int
+    training_loss: float
+    metrics: dict[str, float]
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on SIGTERM or SIGINT after finishing the current step and
+    saving a checkpoint. ``checkpoint`` is where to resume from (``None`` when no step
+    had been taken), ``signum`` the signal received."""
+
+    def __init__(self, message: str, *, signum: int, checkpoint: str | None, global_step: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.checkpoint = checkpoint
+        self.global_step = global_step
+
+
+class _Interrupt(Exception):
+    """Internal: unwinds the loop after an interruption checkpoint was written."""
+
+
+def set_seed(seed: int) -> None:
+    """Seed python's ``random``, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def default_data_collator(features: Sequence[Any]) -> dict[str, Any]:
+    """Stack a list of dict-like examples into a batch of tensors.
+
+    As transformers' ``default_data_collator``: tensors are stacked, numbers become a
+    tensor, a ``label``/``label_ids`` key becomes ``labels``; other values (strings)
+    are kept as lists.
+    """
+    if not features:
+        raise ValueError("cannot collate an empty list of examples")
+    first = features[0]
+    if not isinstance(first, Mapping):
+        raise TypeError(
+            f"the default data collator needs examples that are mappings (e.g. {{'x': ..., 'labels': ...}}), "
+            f"got {type(first).__name__}; return dicts from your dataset or pass data_collator=..."
+        )
+    batch: dict[str, Any] = {}
+    for key in first:
+        values = [f[key] for f in features]
+        name = "labels" if key in ("label", "label_ids") else key
+        v0 = values[0]
+        if v0 is None:
+            continue
+        if isinstance(v0, torch.Tensor):
+            batch[name] = torch.stack(values)
+        elif isinstance(v0, np.ndarray):
+            batch[name] = torch.from_numpy(np.stack(values))
+        elif isinstance(v0, bool) or isinstance(v0, (int, np.integer)):
+            batch[name] = torch.tensor(values, dtype=torch.long)
+        elif isinstance(v0, (float, np.floating)):
+            batch[name] = torch.tensor(values, dtype=torch.float)
+        elif isinstance(v0, (list, tuple)) and v0 and isinstance(v0[0], (int, float)):
+            batch[name] = torch.tensor(values)
+        else:
+            batch[name] = values
+    return batch
+
+
+def get_decay_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters weight decay applies to: all but biases and the
+    parameters of normalisation layers (transformers' rule)."""
+    import re
+
+    patterns = [re.compile(p) for p in _DECAY_EXCLUDED_NAMES]
+    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    if hasattr(nn, "RMSNorm"):
+        norm_types = norm_types + (nn.RMSNorm,)
+
+    def walk(module: nn.Module) -> list[str]:
+        result: list[str] = []
+        for name, child in module.named_children():
+            for n in walk(child):
+                full = f"{name}.{n}"
+                if not isinstance(child, norm_types) and not any(p.search(full.lower()) for p in patterns):
+                    result.append(full)
+        result += [k for k in module._parameters if not any(p.search(k.lower()) for p in patterns)]
+        return result
+
+    return walk(model)
+
+
+def get_warmup_steps(args: Any, num_training_steps: int) -> int:
+    """``warmup_steps`` when positive (a value below 1 is a fraction of the training
+    steps, as in transformers 5), else ``ceil(warmup_ratio * num_training_steps)``."""
+    warmup_steps = getattr(args, "warmup_steps", 0) or 0
+    if warmup_steps > 0:
+        if warmup_steps < 1:
+            return math.ceil(num_training_steps * warmup_steps)
+        return int(warmup_steps)
+    ratio = getattr(args, "warmup_ratio", 0.0) or 0.0
+    return math.ceil(num_training_steps * ratio)
+
+
+def get_scheduler(
+    name: str, optimizer: torch.optim.Optimizer, num_warmup_steps: int, num_training_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' learning-rate schedules as ``LambdaLR``: ``linear``, ``cosine``,
+    ``constant`` and ``constant_with_warmup``."""
+    name = str(getattr(name, "value", name))
+    warmup = max(0, int(num_warmup_steps))
+    total = max(1, int(num_training_steps))
+
+    def warm(step: int) -> float | None:
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        return None
+
+    if name == "constant":
+        fn: Callable[[int], float] = lambda step: 1.0  # noqa: E731
+    elif name == "constant_with_warmup":
+
+        def fn(step: int) -> float:
+            w = warm(step)
+            return 1.0 if w is None else w
+
+    elif name == "linear":
+
+        def fn(step: int) -> float:
+            w = warm(step)
+            if w is not None:
+                return w
+            return max(0.0, float(total - step) / float(max(1, total - warmup)))
+
+    elif name == "cosine":
+
+        def fn(step: int) -> float:
+            w = warm(step)
+            if w is not None:
+                return w
+            progress = float(step - warmup) / float(max(1, total - warmup))
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+    else:
+        raise ValueError(
+            f"lr_scheduler_type={name!r} is not supported; use one of: linear, cosine, constant, constant_with_warmup"
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def _speed_metrics(prefix: str, start: float, num_samples: int | None = None, num_steps: int | None = None) -> dict:
+    runtime = time.time() - start
+    out: dict[str, float] = {f"{prefix}_runtime": round(runtime, 4)}
+    if runtime > 0:
+        if num_samples is not None:
+            out[f"{prefix}_samples_per_second"] = round(num_samples / runtime, 3)
+        if num_steps is not None:
+            out[f"{prefix}_steps_per_second"] = round(num_steps / runtime, 3)
+    return out
+
+
+class _EpochBatches:
+    """The batch indices of one epoch: a permutation drawn from a generator seeded
+    with ``seed + epoch`` (so every epoch's order is a function of the seed alone, and
+    a resumed run sees the same order), cut into batches; the first ``skip`` batches
+    (already consumed before the checkpoint) are dropped without loading them."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, shuffle: bool, drop_last: bool, skip: int = 0):
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
+        self.shuffle, self.drop_last, self.skip = shuffle, drop_last, skip
+
+    def _all(self) -> list[list[int]]:
+        order = list(range(self.n))
+        if self.shuffle:
+            # A private generator on the host: the global RNGs are left alone (they
+            # drive dropout) and no tensor is involved.
+            random.Random(self.seed + self.epoch).shuffle(order)
+        bs = self.batch_size
+        batches = [order[i : i + bs] for i in range(0, self.n, bs)]
+        if self.drop_last and batches and len(batches[-1]) < bs:
+            batches.pop()
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._all()[self.skip :])
+
+    def __len__(self) -> int:
+        full = self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+        return max(0, full - self.skip)
+
+
+def _has_length(dataset: Any) -> bool:
+    try:
+        return len(dataset) is not None
+    except (TypeError, NotImplementedError):
+        return False
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True) if value.device != device else value
+    if isinstance(value, Mapping):
+        return type(value)({k: _to_device(v, device) for k, v in value.items()}) if not isinstance(value, dict) else {
+            k: _to_device(v, device) for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def _loss_of(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, Mapping):
+        loss = outputs.get("loss")
+    elif isinstance(outputs, (tuple, list)) and outputs:
+        loss = outputs[0]
+    else:
+        loss = getattr(outputs, "loss", None)
+    if not isinstance(loss, torch.Tensor):
+        keys = list(outputs.keys()) if isinstance(outputs, Mapping) else type(outputs).__name__
+        raise ValueError(
+            f"the model did not return a loss (got {keys}); the model must return a mapping with a 'loss' entry "
+            "(or a tuple whose first element is the loss) when the batch holds 'labels'"
+        )
+    return loss
+
+
+def _pad_and_concat(arrays: list[torch.Tensor], padding_index: int = -100) -> torch.Tensor:
+    if len(arrays) == 1:
+        return arrays[0]
+    if all(a.dim() <= 1 or a.shape[1:] == arrays[0].shape[1:] for a in arrays):
+        return torch.cat([a.reshape(-1) if a.dim() == 0 else a for a in arrays], dim=0)
+    # Different sequence lengths: pad dimension 1 on the right, as transformers does.
+    width = max(a.shape[1] for a in arrays)
+    out = []
+    for a in arrays:
+        if a.shape[1] < width:
+            pad_shape = (a.shape[0], width - a.shape[1]) + tuple(a.shape[2:])
+            a = torch.cat([a, a.new_full(pad_shape, padding_index)], dim=1)
+        out.append(a)
+    return torch.cat(out, dim=0)
+
+
+def _nested_concat(chunks: list[Any]) -> Any:
+    if not chunks:
+        return None
+    first = chunks[0]
+    if isinstance(first, (tuple, list)):
+        return type(first)(_nested_concat([c[i] for c in chunks]) for i in range(len(first)))
+    if isinstance(first, Mapping):
+        return {k: _nested_concat([c[k] for c in chunks]) for k in first}
+    return _pad_and_concat(chunks)
+
+
+def _nested_numpy(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)):
+        return type(value)(_nested_numpy(v) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _nested_numpy(v) for k, v in value.items()}
+    t = value
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.numpy()
+
+
+def _nested_cpu(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return type(value)(_nested_cpu(v) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _nested_cpu(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    return value
+
+
+def _denumpify(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        elif isinstance(v, np.ndarray) and v.size == 1:
+            v = v.item()
+        elif isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()  # evaluation: values come to the host here, and only here
+        out[k] = v
+    return out
+
+
+class Trainer:
+    """A training loop with transformers' ``Trainer`` API and an event bus.
+
+    ``model(**batch)`` must return a mapping (or tuple) whose ``"loss"`` entry (or
+    first element) is the loss when the batch holds labels. Control callbacks run
+    inline on the training thread with transformers' semantics; every hook is also
+    published to ``trainer.bus``, whose sinks (from ``args.report_to`` and ``sinks``)
+    consume events on a thread of their own.
+
+    Example::
+
+        trainer = Trainer(model, TrainingArguments(output_dir="runs/x", report_to="jsonl"),
+                          train_dataset=train, eval_dataset=val, compute_metrics=accuracy)
+        trainer.train()
+        print(trainer.bus.stats().format_table())
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: TrainingArguments | None = None,
+        data_collator: Callable[[list[Any]], Any] | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_metrics: Callable[[EvalPrediction], Mapping[str, Any]] | None = None,
+        callbacks: Sequence[TrainerCallback | type[TrainerCallback]] | None = None,
+        sinks: Sequence[Sink] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, Any] = (None, None),
+    ) -> None:
+        if model is None:
+            raise ValueError("Trainer needs a model (an nn.Module whose forward returns a loss when given labels)")
+        if args is None:
+            args = TrainingArguments(output_dir="trainer_output")
+        if not isinstance(optimizers, (tuple, list)) or len(optimizers) != 2:
+            raise TypeError("optimizers must be a pair (optimizer, lr_scheduler); use (None, None) for the defaults")
+        self.args = args
+        # Seed before anything random happens, as transformers does in its __init__.
+        set_seed(args.seed)
+        self.model = model
+        self.data_collator = data_collator if data_collator is not None else default_data_collator
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.processing_class = processing_class
+        self.compute_metrics = compute_metrics
+        self.optimizer, self.lr_scheduler = optimizers
+        self._created_lr_scheduler = False
+        self.label_names: list[str] = list(getattr(args, "label_names", None) or ["labels"])
+        self.dist = distributed.get_info()
+        self._user_sinks: list[Sink] = list(sinks or [])
+        for s in self._user_sinks:
+            if not isinstance(s, Sink):
+                raise TypeError(f"sinks must be eventbus.Sink instances, got {type(s).__name__}: {s!r}")
+        self.run_id = uuid.uuid4().hex[:12]
+        self._resumed = False
+        self._bus_started = False
+        self._last_checkpoint_dir: str | None = None
+        self._initial_global_step = 0
+        self.bus: EventBus = self._new_bus()
+
+        default_callbacks: list[Any] = [DefaultFlowCallback]
+        all_callbacks = default_callbacks if callbacks is None else default_callbacks + list(callbacks)
+        # The bus is attached when it opens (train/evaluate/predict): only then is the
+        # run id final (a resume continues the checkpoint's run).
+        self.callback_handler = CallbackHandler(
+            all_callbacks, self.model, self.processing_class, self.optimizer, self.lr_scheduler, bus=None
+        )
+        self._init_end_pending = True
+        self.add_callback(PrinterCallback if getattr(args, "disable_tqdm", False) else ProgressCallback)
+
+        self.state = TrainerState(
+            is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero()
+        )
+        self.control = TrainerControl()
+        self.is_in_train = False
+        self._signal_received: int | None = None
+        self._last_saved_step: int | None = None
+        self._tr_loss: torch.Tensor | None = None
+        self._total_loss: torch.Tensor | None = None
+        self._globalstep_last_logged = 0
+        self.current_gradient_accumulation_steps = 1
+        self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    # -- process identity -------------------------------------------------------------
+
+    def is_world_process_zero(self) -> bool:
+        """True on the process that saves checkpoints and runs the sinks."""
+        return self.dist.is_world_process_zero
+
+    def is_local_process_zero(self) -> bool:
+        """True on the first process of this machine."""
+        return self.dist.is_local_process_zero
+
+    # -- callbacks ------------------------------------------------------------------
+
+    def add_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
+        """Add a callback (a class or an instance) to the list."""
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> TrainerCallback | None:
+        """Remove a callback (by class or instance) and return it, or ``None``."""
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
+        """Remove a callback (by class or instance)."""
+        self.callback_handler.remove_callback(callback)
+
+    # -- the bus --------------------------------------------------------------------
+
+    def _new_bus(self) -> EventBus:
+        args = self.args
+        sinks = list(sinks_from_report_to(getattr(args, "report_to", None))) + self._user_sinks
+        run = RunInfo(
+            run_id=self.run_id,
+            run_name=getattr(args, "run_name", None),
+            output_dir=getattr(args, "output_dir", None),
+            logging_dir=getattr(args, "logging_dir", None),
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            resumed=self._resumed,
+        )
+        return EventBus(sinks, run=run, close_timeout=self._close_timeout())
+
+    def _close_timeout(self) -> float:
+        return float(getattr(self.args, "bus_close_timeout", 30.0))
+
+    def _open_bus(self) -> bool:
+        """Start the bus for a train/evaluate/predict call; returns whether this call
+        owns it (and so must close it)."""
+        if self.bus.running:
+            return False
+        if self._bus_started:  # a bus is started once: the next call gets a fresh one
+            self.bus = self._new_bus()
+        self.bus.run.resumed = self._resumed
+        self.bus.run.run_id = self.run_id
+        # Re-attach: the handler reads the run id and the subscriptions at set_bus.
+        self.callback_handler.set_bus(self.bus)
+        self._bus_started = True
+        self.bus.start()
+        if self._init_end_pending:
+            # on_init_end ran in __init__; its event goes first into the first bus.
+            self._init_end_pending = False
+            if self.bus.wants(InitEnd):
+                self.bus.publish(
+                    InitEnd(run_id=self.run_id, step=self.state.global_step, epoch=self.state.epoch, rank=self.dist.rank)
+                )
+        return True
+
+    def _close_bus(self) -> None:
+        self.bus.close(timeout=self._close_timeout())
+
+    def _publish_train_end(self, status: str, error: str | None = None) -> None:
+        if not self.bus.wants(TrainEnd):
+            return
+        self.bus.publish(
+            TrainEnd(
+                run_id=self.run_id,
+                step=self.state.global_step,
+                epoch=self.state.epoch,
+                rank=self.dist.rank,
+                status=status,
+                error=error,
+                best_metric=self.state.best_metric,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+            )
+        )
+
+    # -- signals --------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signal.signal only works in the main thread; leave others alone
+        previous: dict[int, Any] = {}
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._signal_received is not None and signum == signal.SIGINT:
+                # A second Ctrl-C: the user does not want to wait for the step.
+                raise KeyboardInterrupt
+            self._signal_received = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, handler)
+            except (ValueError, OSError):  # pragma: no cover - platform without that signal
+                previous.pop(sig, None)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for sig, old in previous.items():
+            try:
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
+            except (ValueError, OSError):  # pragma: no cover
+                pass
+
+    # -- data -----------------------------------------------------------------------
+
+    @property
+    def _device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def _train_loader(self, epoch: int, skip_batches: int = 0) -> torch.utils.data.DataLoader:
+        args = self.args
+        ds = self.train_dataset
+        bs = args.per_device_train_batch_size
+        common: dict[str, Any] = {
+            "collate_fn": self.data_collator,
+            "num_workers": getattr(args, "dataloader_num_workers", 0),
+            "pin_memory": self._pin_memory(),
+        }
+        if isinstance(ds, torch.utils.data.IterableDataset) or not _has_length(ds):
+            loader = torch.utils.data.DataLoader(ds, batch_size=bs, **common)
+            return loader
+        data_seed = getattr(args, "data_seed", None)
+        batches = _EpochBatches(
+            len(ds),
+            bs,
+            seed=args.seed if data_seed is None else data_seed,
+            epoch=epoch,
+            shuffle=True,
+            drop_last=bool(getattr(args, "dataloader_drop_last", False)),
+            skip=skip_batches,
+        )
+        # A generator of its own: iterating must not draw from the global torch RNG,
+        # or a resumed run's dropout masks would drift from the uninterrupted run's.
+        gen = torch.Generator()
+        gen.manual_seed(batches.seed + epoch)
+        return torch.utils.data.DataLoader(ds, batch_sampler=batches, generator=gen, **common)
+
+    def _pin_memory(self) -> bool:
+        # Pinned batches make the host-to-device copy (non_blocking) truly asynchronous.
+        return bool(getattr(self.args, "dataloader_pin_memory", True)) and self._device.type == "cuda"
+
+    def _eval_loader(self, dataset: Any) -> torch.utils.data.DataLoader:
+        args = self.args
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=args.per_device_eval_batch_size,
+            shuffle=False,
+            collate_fn=self.data_collator,
+            num_workers=getattr(args, "dataloader_num_workers", 0),
+            pin_memory=self._pin_memory(),
+        )
+
+    # -- optimizer and schedule -------------------------------------------------------
+
+    def create_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW with weight decay on every parameter except biases and norms."""
+        if self.optimizer is None:
+            args = self.args
+            decay = set(get_decay_parameter_names(self.model))
+            params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for n, p in params if n in decay], "weight_decay": args.weight_decay},
+                {"params": [p for n, p in params if n not in decay], "weight_decay": 0.0},
+            ]
+            groups = [g for g in groups if g["params"]]
+            if not groups:
+                raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to train")
+            self.optimizer = torch.optim.AdamW(
+                groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+            )
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int) -> Any:
+        """The learning-rate schedule named by ``lr_scheduler_type``, with warmup."""
+        if self.lr_scheduler is None:
+            warmup = (
+                self.args.get_warmup_steps(num_training_steps)
+                if hasattr(self.args, "get_warmup_steps")
+                else get_warmup_steps(self.args, num_training_steps)
+            )
+            self.lr_scheduler = get_scheduler(
+                self.args.lr_scheduler_type,
+                self.optimizer,
+                warmup,
+                num_training_steps,
+            )
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _get_learning_rate(self) -> float:
+        lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else self.optimizer.param_groups[0]["lr"]
+        if isinstance(lr, torch.Tensor):  # a tensor lr (capturable optimizers): keep it lazy
+            return lr.detach().clone()  # type: ignore[return-value]
+        return float(lr)
+
+    # -- train ----------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | os.PathLike[str] | bool | None = None) -> TrainOutput:
+        """Train, or resume from ``resume_from_checkpoint`` (a ``checkpoint-<step>``
+        directory, or ``True`` for the latest one in ``output_dir``).
+
+        On SIGTERM or SIGINT the current step finishes, a checkpoint is saved, the bus
+        is closed within ``bus_close_timeout`` and :class:`TrainingInterrupted` is
+        raised. An exception in the loop publishes ``TrainEnd(status="failed")``, closes
+        the bus and propagates.
+        """
+        if self.train_dataset is None:
+            raise ValueError("Trainer.train() needs a train_dataset; pass Trainer(..., train_dataset=...)")
+        args = self.args
+        if str(getattr(args, "eval_strategy", "no")) != "no" and self.eval_dataset is None:
+            raise ValueError(
+                f'eval_strategy="{args.eval_strategy}" evaluates during training, but the Trainer has no eval_dataset; '
+                'pass Trainer(..., eval_dataset=...) or set eval_strategy="no"'
+            )
+        if resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = ckpt.get_last_checkpoint(args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ckpt.CheckpointError(
+                    f"resume_from_checkpoint=True but there is no checkpoint-<step> directory in "
+                    f"output_dir={args.output_dir!r}; train without resuming or pass the checkpoint's path"
+                )
+        if resume_from_checkpoint is not None:
+            resume_from_checkpoint = ckpt.check_checkpoint(
+                resume_from_checkpoint, ckpt.required_files(self.dist.rank, self.dist.world_size)
+            )
+            info = ckpt.read_run_info(resume_from_checkpoint)
+            if isinstance(info.get("run_id"), str) and info["run_id"]:
+                self.run_id = info["run_id"]  # sinks continue the same run
+            self._resumed = True
+        else:
+            self._resumed = False
+
+        self._signal_received = None
+        previous_handlers = self._install_signal_handlers()
+        owns_bus = self._open_bus()
+        self.is_in_train = True
+        try:
+            try:
+                return self._inner_training_loop(resume_from_checkpoint)
+            except _Interrupt:
+                signum = self._signal_received or signal.SIGTERM
+                name = signal.Signals(signum).name
+                where = self._last_checkpoint_dir
+                # A graceful stop: callbacks see the end of training (bars close), and
+                # sinks get TrainEnd(status="interrupted").
+                self.control = self.callback_handler.on_train_end(
+                    args, self.state, self.control, status="interrupted", error=f"{name} received"
+                )
+                if owns_bus:
+                    self._close_bus()
+                    owns_bus = False
+                resume_hint = (
+                    f"checkpoint saved to {where}; resume with train(resume_from_checkpoint={where!r})"
+                    if where
+                    else "no step had completed, so no checkpoint was saved"
+                )
+                raise TrainingInterrupted(
+                    f"training interrupted by {name} at step {self.state.global_step}: {resume_hint}",
+                    signum=signum,
+                    checkpoint=where,
+                    global_step=self.state.global_step,
+                ) from None
+            except BaseException as exc:
+                self._publish_train_end("failed", f"{type(exc).__name__}: {exc}")
+                raise
+        finally:
+            self.is_in_train = False
+            if owns_bus:
+                self._close_bus()
+            self._restore_signal_handlers(previous_handlers)
+
+    def _set_initial_training_values(self) -> tuple[int, int, int, int, int]:
+        """(num_train_epochs, num_update_steps_per_epoch, steps_in_epoch, max_steps,
+        num_examples), with transformers' arithmetic."""
+        args = self.args
+        ga = args.gradient_accumulation_steps
+        ds = self.train_dataset
+        if _has_length(ds) and not isinstance(ds, torch.utils.data.IterableDataset):
+            len_loader = len(self._train_loader(0))
+            if len_loader == 0:
+                raise ValueError(
+                    "the training set yields no batch (empty dataset, or fewer examples than one batch with "
+                    "dataloader_drop_last); add data or lower per_device_train_batch_size"
+                )
+            nuspe = max(len_loader // ga + int(len_loader % ga > 0), 1)
+            if args.max_steps > 0:
+                max_steps = args.max_steps
+                num_train_epochs = max_steps // nuspe + int(max_steps % nuspe > 0)
+            else:
+                max_steps = math.ceil(args.num_train_epochs * nuspe)
+                num_train_epochs = math.ceil(args.num_train_epochs)
+            return num_train_epochs, nuspe, len_loader, max_steps, len(ds)
+        if args.max_steps <= 0:
+            raise ValueError(
+                "max_steps must be set to a positive value when the training dataset has no length "
+                f"(an IterableDataset), got max_steps={args.max_steps}"
+            )
+        import sys
+
+        max_steps = args.max_steps
+        return sys.maxsize, max_steps, max_steps * ga, max_steps, max_steps * args.per_device_train_batch_size * ga
+
+    def _inner_training_loop(self, resume_from_checkpoint: str | None) -> TrainOutput:
+        args = self.args
+        handler = self.callback_handler
+        num_train_epochs, nuspe, steps_in_epoch, max_steps, num_examples = self._set_initial_training_values()
+
+        # -- state, fresh or resumed --
+        self.state = TrainerState(stateful_callbacks=self._stateful_callbacks())
+        self.state.train_batch_size = args.per_device_train_batch_size
+        self.state.compute_steps(args, max_steps)
+        epochs_trained = 0
+        steps_trained_in_current_epoch = 0
+        if resume_from_checkpoint is not None:
+            ckpt.load_model_weights(self.model, resume_from_checkpoint)
+            self.state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, ckpt.TRAINER_STATE_NAME))
+            if self.state.best_model_checkpoint is not None and not os.path.isdir(self.state.best_model_checkpoint):
+                logger.warning(
+                    "the best checkpoint %s recorded in the resumed state does not exist anymore; ignoring it",
+                    self.state.best_model_checkpoint,
+                )
+                self.state.best_model_checkpoint = None
+            if getattr(args, "restore_callback_states_from_checkpoint", True):
+                handler.restore_callback_states(self.state.stateful_callbacks, control=self.control)
+            epochs_trained = self.state.global_step // nuspe
+            if not getattr(args, "ignore_data_skip", False):
+                steps_trained_in_current_epoch = (self.state.global_step % nuspe) * args.gradient_accumulation_steps
+        self.state.init_training_references(self, max_steps, num_train_epochs)
+
+        # -- optimizer, schedule, their state --
+        if self._created_lr_scheduler:
+            self.lr_scheduler = None
+            self._created_lr_scheduler = False
+        self.create_optimizer()
+        self.create_scheduler(max_steps)
+        if resume_from_checkpoint is not None:
+            self.optimizer.load_state_dict(ckpt.load_torch(os.path.join(resume_from_checkpoint, ckpt.OPTIMIZER_NAME)))
+            self.lr_scheduler.load_state_dict(ckpt.load_torch(os.path.join(resume_from_checkpoint, ckpt.SCHEDULER_NAME)))
+        handler.model = self.model
+        handler.optimizer = self.optimizer
+        handler.lr_scheduler = self.lr_scheduler
+
+        logger.info(
+            "***** Running training ***** examples=%s epochs=%s steps/epoch=%s batch=%s accumulation=%s steps=%s",
+            num_examples,
+            num_train_epochs,
+            nuspe,
+            args.per_device_train_batch_size,
+            args.gradient_accumulation_steps,
+            max_steps,
+        )
+        start_time = time.time()
+        device = self._device
+        self._initial_global_step = self.state.global_step
+        self._tr_loss = torch.tensor(0.0, device=device)
+        self._total_loss = torch.tensor(0.0, device=device)
+        self._globalstep_last_logged = self.state.global_step
+        self._last_saved_step = self.state.global_step if resume_from_checkpoint is not None else None
+        self._last_checkpoint_dir = resume_from_checkpoint
+        self.model.zero_grad(set_to_none=True)
+
+        self.control = handler.on_train_begin(args, self.state, self.control, resumed_from=resume_from_checkpoint)
+        if getattr(args, "eval_on_start", False):
+            self._evaluate()
+
+        for epoch in range(epochs_trained, num_train_epochs):
+            skip = steps_trained_in_current_epoch if epoch == epochs_trained else 0
+            self.control = handler.on_epoch_begin(args, self.state, self.control)
+            self._run_epoch(epoch, skip, steps_in_epoch, nuspe, resume_from_checkpoint, epochs_trained)
+            if self.control.should_training_stop:
+                break
+            self._check_interrupt()
+
+        return self._finalize_training(start_time, max_steps, num_examples)
+
+    def _run_epoch(
+        self,
+        epoch: int,
+        skip_batches: int,
+        steps_in_epoch: int,
+        nuspe: int,
+        resume_from_checkpoint: str | None,
+        epochs_trained: int,
+    ) -> None:
+        args = self.args
+        handler = self.callback_handler
+        ga = args.gradient_accumulation_steps
+        state = self.state
+        model = self.model
+        device = self._device
+        step = -1
+        grad_norm: torch.Tensor | None = None
+        learning_rate: float | None = None
+        num_update_steps_trained = 0
+        resuming_this_epoch = epoch == epochs_trained and resume_from_checkpoint is not None
+        if resuming_this_epoch and skip_batches > 0:
+            step = skip_batches - 1
+            num_update_steps_trained = skip_batches // ga
+        loader = self._train_loader(epoch, skip_batches if resuming_this_epoch else 0)
+        if resuming_this_epoch:
+            # The generators continue exactly where the checkpoint left them (dropout
+            # masks and any other randomness in the step).
+            ckpt.load_rng_state(resume_from_checkpoint, self.dist.rank, self.dist.world_size)
+        epoch_iterator = iter(loader)
+        if resuming_this_epoch and skip_batches > 0 and not isinstance(loader.batch_sampler, _EpochBatches):
+            # An iterable dataset cannot skip by index: consume what was already trained on.
+            for _ in range(skip_batches):
+                if next(epoch_iterator, None) is None:
+                    break
+        remainder = steps_in_epoch % ga or ga
+        nan_filter = bool(getattr(args, "logging_nan_inf_filter", True))
+
+        for update_step in range(num_update_steps_trained, nuspe):
+            num_batches = ga if update_step != nuspe - 1 else remainder
+            batch_samples = []
+            for _ in range(num_batches):
+                try:
+                    batch_samples.append(next(epoch_iterator))
+                except StopIteration:
+                    break
+            if not batch_samples:
+                break
+            self.current_gradient_accumulation_steps = len(batch_samples)
+            for inputs in batch_samples:
+                step += 1
+                do_sync_step = (step + 1) % ga == 0 or (step + 1) == steps_in_epoch
+                if step % ga == 0:
+                    self.control = handler.on_step_begin(args, state, self.control)
+
+                loss_step = self.training_step(model, _to_device(inputs, device))
+                if nan_filter:
+                    # transformers' filter, on the device: a NaN/inf loss is replaced by
+                    # the mean of the losses since the last log (no host `if`).
+                    since = 1 + state.global_step - self._globalstep_last_logged
+                    self._tr_loss += torch.where(torch.isfinite(loss_step), loss_step, self._tr_loss / since)
+                else:
+                    self._tr_loss += loss_step
+
+                if do_sync_step:
+                    max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else float("inf")
+                    # Returns the total norm as a tensor; clipping scales on the device.
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                    self.control = handler.on_pre_optimizer_step(args, state, self.control)
+                    self.optimizer.step()
+                    self.control = handler.on_optimizer_step(args, state, self.control)
+                    learning_rate = self._get_learning_rate()
+                    self.lr_scheduler.step()
+                    model.zero_grad(set_to_none=True)
+                    state.global_step += 1
+                    state.epoch = epoch + (step + 1) / steps_in_epoch
+                    self.control = handler.on_step_end(args, state, self.control)
+                    self._maybe_log_save_evaluate(grad_norm, learning_rate)
+                    self._check_interrupt()
+                else:
+                    self.control = handler.on_substep_end(args, state, self.control)
+
+                if self.control.should_epoch_stop or self.control.should_training_stop:
+                    break
+            if self.control.should_epoch_stop or self.control.should_training_stop:
+                break
+
+        if step < 0:
+            logger.warning(
+                "the training set yielded no batch in epoch %d; stopping training at step %d", epoch, state.global_step
+            )
+            self.control.should_training_stop = True
+
+        self.control = handler.on_epoch_end(args, state, self.control)
+        self._maybe_log_save_evaluate(grad_norm, learning_rate)
+
+    def training_step(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """Forward and backward on one micro-batch; returns the detached loss, scaled
+        by the number of micro-batches in this optimizer step (so the accumulated
+        gradient is that of the mean loss)."""
+        model.train()
+        loss = self.compute_loss(model, inputs)
+        loss = loss / self.current_gradient_accumulation_steps
+        loss.backward()
+        return loss.detach()
+
+    def compute_loss(self, model: nn.Module, inputs: Mapping[str, Any], return_outputs: bool = False) -> Any:
+        """The loss ``model(**inputs)`` returns (``outputs["loss"]`` or ``outputs[0]``)."""
+        outputs = model(**inputs)
+        loss = _loss_of(outputs)
+        if loss.dim() > 0:
+            loss = loss.mean()
+        return (loss, outputs) if return_outputs else loss
+
+    def _check_interrupt(self) -> None:
+        if self._signal_received is None:
+            return
+        # The step that was running when the signal came has finished: checkpoint it.
+        if self.state.global_step > 0 and self._last_saved_step != self.state.global_step:
+            self._save_and_notify()
+        raise _Interrupt
+
+    def _maybe_log_save_evaluate(self, grad_norm: torch.Tensor | None, learning_rate: float | None) -> None:
+        args = self.args
+        state = self.state
+        if self.control.should_log and state.global_step > self._globalstep_last_logged:
+            assert self._tr_loss is not None and self._total_loss is not None
+            steps = state.global_step - self._globalstep_last_logged
+            logs: dict[str, Any] = {}
+            # A tensor, on the device: the bus resolves it off the training thread.
+            logs["loss"] = self._tr_loss / steps
+            self._total_loss += self._tr_loss
+            self._tr_loss.zero_()
+            if grad_norm is not None:
+                logs["grad_norm"] = grad_norm
+            logs["learning_rate"] = learning_rate if learning_rate is not None else self._get_learning_rate()
+            self._globalstep_last_logged = state.global_step
+            self.log(logs)
+
+        if self.control.should_evaluate:
+            metrics = self._evaluate()
+            is_new_best = self._determine_best_metric(metrics)
+            if _save_strategy(args) == "best":
+                self.control.should_save = is_new_best
+
+        if self.control.should_save:
+            self._save_and_notify()
+
+    def _save_and_notify(self) -> None:
+        path = self._save_checkpoint()
+        is_best = self.state.best_global_step == self.state.global_step and self.state.best_global_step is not None
+        self.control = self.callback_handler.on_save(
+            self.args, self.state, self.control, checkpoint_dir=path, is_best=is_best
+        )
+
+    def _evaluate(self) -> dict[str, float]:
+        return self.evaluate()
+
+    def _determine_best_metric(self, metrics: Mapping[str, Any]) -> bool:
+        args = self.args
+        metric = getattr(args, "metric_for_best_model", None)
+        if metric is None:
+            return False
+        key = metric if metric.startswith("eval_") else f"eval_{metric}"
+        if key not in metrics:
+            raise KeyError(
+                f"metric_for_best_model={metric!r} looks for {key!r}, which is not among the evaluation metrics "
+                f"{sorted(metrics)}; make compute_metrics return it or change metric_for_best_model"
+            )
+        value = float(metrics[key])
+        greater = getattr(args, "greater_is_better", None)
+        if greater is None:
+            greater = not key.endswith("loss")
+        if self.state.best_metric is None:
+            self.state.best_metric = float("-inf") if greater else float("inf")
+        better = value > self.state.best_metric if greater else value < self.state.best_metric
+        if better:
+            self.state.best_metric = value
+            if _save_strategy(args) in ("steps", "epoch", "best"):
+                self.state.best_global_step = self.state.global_step
+        return better
+
+    def log(self, logs: dict[str, Any], start_time: float | None = None) -> None:
+        """Record ``logs`` in ``state.log_history`` (with the epoch and step) and call
+        ``on_log`` (which publishes the ``Log`` event). Values may be tensors."""
+        if self.state.epoch is not None:
+            logs["epoch"] = self.state.epoch
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+
+    def _finalize_training(self, start_time: float, max_steps: int, num_examples: int) -> TrainOutput:
+        args = self.args
+        assert self._tr_loss is not None and self._total_loss is not None
+        # The one host sync of the whole run: the mean training loss of this call.
+        total = (self._total_loss + self._tr_loss).item()
+        steps_trained = self.state.global_step - self._initial_global_step
+        train_loss = total / max(steps_trained, 0.001)
+        metrics = _speed_metrics(
+            "train",
+            start_time,
+            num_samples=int(args.per_device_train_batch_size * args.gradient_accumulation_steps * steps_trained),
+            num_steps=steps_trained,
+        )
+        metrics["total_flos"] = float(self.state.total_flos)
+        metrics["train_loss"] = train_loss
+        self.log(metrics)
+
+        if getattr(args, "load_best_model_at_end", False) and self.state.best_model_checkpoint is not None:
+            self._load_best_model()
+
+        if (
+            self.is_world_process_zero()
+            and self.state.best_model_checkpoint is not None
+            and getattr(args, "save_total_limit", None) == 1
+        ):
+            best = os.path.realpath(self.state.best_model_checkpoint)
+            for path in ckpt.sorted_checkpoints(args.output_dir):
+                if os.path.realpath(path) != best:
+                    import shutil
+
+                    shutil.rmtree(path, ignore_errors=True)
+
+        status = "completed" if self.state.global_step >= self.state.max_steps else "stopped"
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control, status=status)
+        return TrainOutput(self.state.global_step, train_loss, metrics)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        assert best is not None
+        logger.info("loading the best model from %s (score %s)", best, self.state.best_metric)
+        ckpt.load_model_weights(self.model, best)
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    def _stateful_callbacks(self) -> list[Any]:
+        from trainer.state import is_exportable
+
+        return [cb for cb in self.callback_handler.callbacks + [self.control] if is_exportable(cb)]
+
+    def _save_checkpoint(self) -> str:
+        """Write ``checkpoint-<global_step>`` (atomically) and rotate old ones."""
+        args = self.args
+        state = self.state
+        final = ckpt.checkpoint_path(args.output_dir, state.global_step)
+        if _save_strategy(args) in ("steps", "epoch", "best") and state.best_global_step:
+            best_dir = ckpt.checkpoint_path(args.output_dir, state.best_global_step)
+            if state.best_global_step == state.global_step or os.path.isdir(best_dir):
+                state.best_model_checkpoint = best_dir
+        if self.is_world_process_zero():
+            os.makedirs(args.output_dir, exist_ok=True)
+            tmp = ckpt.staging_dir(final)
+            ckpt.save_model_weights(self.model, tmp)
+            if self.optimizer is not None:
+                ckpt.save_torch(self.optimizer.state_dict(), os.path.join(tmp, ckpt.OPTIMIZER_NAME))
+            if self.lr_scheduler is not None:
+                ckpt.save_torch(self.lr_scheduler.state_dict(), os.path.join(tmp, ckpt.SCHEDULER_NAME))
+            ckpt.save_rng_state(tmp, self.dist.rank, self.dist.world_size)
+            state.stateful_callbacks = self.callback_handler.export_callback_states(control=self.control)
+            state.save_to_json(os.path.join(tmp, ckpt.TRAINER_STATE_NAME))
+            ckpt.write_run_info(tmp, {"run_id": self.run_id, "global_step": state.global_step})
+            ckpt.commit_staging_dir(tmp, final)
+        # The seam for distributed runs: the other ranks add their RNG files once rank 0
+        # has put the directory in place, and rotation waits for all of them.
+        distributed.barrier()
+        if not self.is_world_process_zero():
+            ckpt.save_rng_state(final, self.dist.rank, self.dist.world_size)
+        distributed.barrier()
+        if self.is_world_process_zero():
+            ckpt.rotate_checkpoints(args.output_dir, getattr(args, "save_total_limit", None), state.best_model_checkpoint)
+        self._last_saved_step = state.global_step
+        self._last_checkpoint_dir = final
+        return final
+
+    def save_model(self, output_dir: str | os.PathLike[str] | None = None) -> str | None:
+        """Save the model's weights (``pytorch_model.bin``) to ``output_dir`` (default
+        ``args.output_dir``) on the main process; returns the file written."""
+        if not self.is_world_process_zero():
+            return None
+        directory = os.fspath(output_dir) if output_dir is not None else self.args.output_dir
+        return ckpt.save_model_weights(self.model, directory)
+
+    # -- evaluation and prediction ---------------------------------------------------
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """Run the evaluation set through the model; returns the metrics (prefixed with
+        ``metric_key_prefix``), logs them and calls ``on_evaluate``."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("Trainer.evaluate() needs an eval_dataset; pass Trainer(..., eval_dataset=...)")
+        owns_bus = self._open_bus()
+        try:
+            start = time.time()
+            loader = self._eval_loader(dataset)
+            output = self.evaluation_loop(
+                loader,
+                description="Evaluation",
+                prediction_loss_only=True if self.compute_metrics is None else None,
+                ignore_keys=ignore_keys,
+                metric_key_prefix=metric_key_prefix,
+            )
+            n = output.num_samples
+            output.metrics.update(
+                _speed_metrics(
+                    metric_key_prefix, start, num_samples=n, num_steps=math.ceil(n / self.args.per_device_eval_batch_size)
+                )
+            )
+            self.log(output.metrics)
+            self.control = self.callback_handler.on_evaluate(
+                self.args, self.state, self.control, metrics=output.metrics, metric_key_prefix=metric_key_prefix
+            )
+            return output.metrics
+        finally:
+            if owns_bus:
+                self._close_bus()
+
+    def predict(
+        self, test_dataset: Any, ignore_keys: list[str] | None = None, metric_key_prefix: str = "test"
+    ) -> PredictionOutput:
+        """Run ``test_dataset`` through the model; returns predictions, labels (when the
+        data has them) and metrics, and calls ``on_predict``."""
+        owns_bus = self._open_bus()
+        try:
+            start = time.time()
+            loader = self._eval_loader(test_dataset)
+            output = self.evaluation_loop(
+                loader, description="Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+            )
+            n = output.num_samples
+            output.metrics.update(
+                _speed_metrics(
+                    metric_key_prefix, start, num_samples=n, num_steps=math.ceil(n / self.args.per_device_eval_batch_size)
+                )
+            )
+            self.control = self.callback_handler.on_predict(
+                self.args, self.state, self.control, metrics=output.metrics, metric_key_prefix=metric_key_prefix
+            )
+            return PredictionOutput(output.predictions, output.label_ids, output.metrics)
+        finally:
+            if owns_bus:
+                self._close_bus()
+
+    class _LoopOutput(NamedTuple):
+        predictions: Any
+        label_ids: Any
+        metrics: dict[str, Any]
+        num_samples: int
+
+    def evaluation_loop(
+        self,
+        dataloader: torch.utils.data.DataLoader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Trainer._LoopOutput:
+        """Shared by :meth:`evaluate` and :meth:`predict`: run every batch, gather
+        losses, predictions and labels on the host, compute metrics."""
+        args = self.args
+        if prediction_loss_only is None:
+            prediction_loss_only = bool(getattr(args, "prediction_loss_only", False))
+        model = self.model
+        model.eval()
+        self.callback_handler.eval_dataloader = dataloader
+        device = self._device
+        losses: list[torch.Tensor] = []
+        preds: list[Any] = []
+        labels: list[Any] = []
+        observed = 0
+        phase = "predict" if description == "Prediction" else "eval"
+        try:
+            num_batches: int | None = len(dataloader)
+        except TypeError:
+            num_batches = None
+        for batch_index, inputs in enumerate(dataloader):
+            inputs = _to_device(inputs, device)
+            bs = _find_batch_size(inputs)
+            if bs is not None:
+                observed += bs
+            loss, logits, label = self.prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            if loss is not None:
+                losses.append(loss.detach().reshape(1).cpu())
+            if logits is not None:
+                preds.append(_nested_cpu(logits))
+            if label is not None:
+                labels.append(_nested_cpu(label))
+            self.control = self.callback_handler.on_prediction_step(
+                args, self.state, self.control, batch_index=batch_index, num_batches=num_batches, phase=phase
+            )
+        dataset = getattr(dataloader, "dataset", None)
+        num_samples = len(dataset) if dataset is not None and _has_length(dataset) else observed
+
+        all_preds = _nested_numpy(_nested_concat(preds)) if preds else None
+        all_labels = _nested_numpy(_nested_concat(labels)) if labels else None
+        metrics: dict[str, Any] = {}
+        if self.compute_metrics is not None and all_preds is not None and all_labels is not None:
+            metrics = _denumpify(dict(self.compute_metrics(EvalPrediction(all_preds, all_labels))))
+        if losses:
+            all_losses = torch.cat(losses).double()
+            finite = torch.isfinite(all_losses)
+            if getattr(args, "logging_nan_inf_filter", True) and bool(finite.any()):
+                all_losses = all_losses[finite]
+            metrics[f"{metric_key_prefix}_loss"] = all_losses.mean().item()
+        for key in list(metrics):
+            if not key.startswith(f"{metric_key_prefix}_"):
+                metrics[f"{metric_key_prefix}_{key}"] = metrics.pop(key)
+        return Trainer._LoopOutput(all_preds, all_labels, metrics, num_samples)
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: Mapping[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, Any, Any]:
+        """One evaluation batch: (loss, logits, labels), each ``None`` when absent."""
+        has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
+        ignore = list(ignore_keys or [])
+        label: Any = None
+        if has_labels:
+            found = tuple(inputs[k].detach() if isinstance(inputs[k], torch.Tensor) else inputs[k] for k in self.label_names)
+            label = found[0] if len(found) == 1 else found
+        with torch.no_grad():
+            outputs = model(**inputs)
+            loss = None
+            if has_labels:
+                loss = _loss_of(outputs).detach().mean()
+                if isinstance(outputs, Mapping):
+                    logits = tuple(v for k, v in outputs.items() if k not in ignore + ["loss"])
+                else:
+                    logits = tuple(outputs[1:])
+            else:
+                if isinstance(outputs, Mapping):
+                    logits = tuple(v for k, v in outputs.items() if k not in ignore)
+                else:
+                    logits = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+        if prediction_loss_only:
+            return loss, None, None
+        logits = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in logits if v is not None)
+        if not logits:
+            return loss, None, label
+        return loss, (logits[0] if len(logits) == 1 else logits), label
+
+
+def _find_batch_size(inputs: Any) -> int | None:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0] if inputs.dim() > 0 else None
+    if isinstance(inputs, Mapping):
+        for v in inputs.values():
+            n = _find_batch_size(v)
+            if n is not None:
+                return n
+    if isinstance(inputs, (list, tuple)):
+        for v in inputs:
+            n = _find_batch_size(v)
+            if n is not None:
+                return n
+    return None
+
+
+def _save_strategy(args: Any) -> str:
+    s = getattr(args, "save_strategy", "no")
+    return str(getattr(s, "value", s))

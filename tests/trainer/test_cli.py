@@ -1,0 +1,115 @@
+"""``eventbus train``: the main job runs to the end and prints its summary; bad options
+and interruptions give clear messages and non-zero exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from eventbus.cli import main
+from tests.trainer._loop_helpers import checkpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_train_with_report_to_none_finishes_and_prints_the_summary(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["train", "--output-dir", str(out), "--max-steps", "40", "--eval-steps", "10", "--report-to", "none", "--no-progress"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "eventbus train: summary" in text
+    assert "best accuracy" in text and "at step" in text
+    assert f"output dir    : {out}" in text
+    assert "events published" in text
+    state = json.loads((out / checkpoints(str(out))[-1] / "trainer_state.json").read_text())
+    assert state["global_step"] == 40
+    evals = [h for h in state["log_history"] if "eval_accuracy" in h]
+    assert [h["step"] for h in evals] == [10, 20, 30, 40]
+    assert state["best_metric"] == max(h["eval_accuracy"] for h in evals)
+
+
+def test_train_with_sinks_reports_where_the_logs_are(tmp_path, capsys):
+    from eventbus.registry import available_sinks
+
+    if not {"tensorboard", "jsonl"} <= set(available_sinks()):
+        pytest.fail("the tensorboard and jsonl sinks must be registered (pip install -e '.[tensorboard]')")
+    out = tmp_path / "demo"
+    code = main(["train", "--output-dir", str(out), "--max-steps", "20", "--eval-steps", "10", "--no-progress"])
+    assert code == 0
+    text = capsys.readouterr().out
+    logdir = str(out / "logs")
+    assert f"tensorboard --logdir {logdir}" in text
+    assert "json lines" in text
+    # The per-sink stats table.
+    assert "tensorboard" in text.split("event bus")[-1] and "jsonl" in text.split("event bus")[-1]
+    (run_dir,) = os.listdir(logdir)  # one directory per fresh run
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(logdir, run_dir)))
+    jsonl = [p for p in os.listdir(out) if p.endswith(".jsonl")]
+    assert jsonl and '"Log"' in (out / jsonl[0]).read_text()
+
+
+def test_resume_continues_the_latest_run(tmp_path, capsys):
+    out = tmp_path / "demo"
+    base = ["train", "--output-dir", str(out), "--eval-steps", "10", "--report-to", "none", "--no-progress"]
+    assert main(base + ["--max-steps", "20"]) == 0
+    assert main(base + ["--max-steps", "30", "--resume"]) == 0
+    state = json.loads((out / "checkpoint-30" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "eval_accuracy" in h] == [10, 20, 30]
+    # A fresh run in the same directory starts over and says so.
+    capsys.readouterr()
+    assert main(base + ["--max-steps", "10"]) == 0
+    assert "starting fresh" in capsys.readouterr().err
+    assert checkpoints(str(out)) == ["checkpoint-10"]
+
+
+def test_bad_option_is_a_clear_error(capsys):
+    assert main(["train", "--max-steps", "0", "--report-to", "none"]) == 2
+    assert "--max-steps must be >= 1" in capsys.readouterr().err
+
+
+def test_unknown_sink_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--output-dir", str(tmp_path), "--report-to", "no-such-sink"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-sink" in err and "known" in err
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path):
+    out = tmp_path / "demo"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eventbus", "train", "--output-dir", str(out), "--max-steps", "100000",
+         "--report-to", "none", "--no-progress", "--eval-steps", "1000", "--logging-steps", "5"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Wait for the first logged loss: training is running.
+        deadline = time.monotonic() + 120
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if "'loss'" in line:
+                break
+        else:  # pragma: no cover
+            pytest.fail("training did not start logging in time")
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM" in stderr and "resume" in stderr
+    assert "eventbus train: summary" in stdout
+    saved = checkpoints(str(out))
+    assert saved, "a checkpoint must be saved on SIGTERM"
+    step = int(saved[-1].split("-")[1])
+    assert f"checkpoint-{step}" in stderr

@@ -1,0 +1,165 @@
+"""Shutdown: SIGTERM/SIGINT finish the current step, save a checkpoint, close the bus
+and raise a clear error; an exception in the loop still closes the bus after
+publishing TrainEnd(status="failed"); signal handlers are restored."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from eventbus import Save, TrainEnd
+from tests.trainer._loop_helpers import RecordingSink, TinyClassifier, checkpoints, make_dataset
+from trainer import Trainer, TrainerCallback, TrainingArguments
+from trainer.trainer import TrainingInterrupted
+
+TRAIN = make_dataset(20)
+
+
+def _args(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=10,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        learning_rate=1e-2,
+        bus_close_timeout=5.0,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+class SendOnStepEnd(TrainerCallback):
+    def __init__(self, signum: int, at_step: int) -> None:
+        self.signum, self.at_step = signum, at_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            os.kill(os.getpid(), self.signum)
+
+
+class SendOnSubstep(TrainerCallback):
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.sent_at: int | None = None
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if self.sent_at is None and state.global_step == 1:
+            self.sent_at = state.global_step
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_finishes_the_step_saves_and_raises(tmp_path, signum):
+    before = signal.getsignal(signum)
+    sink = RecordingSink()
+    t = Trainer(TinyClassifier(), _args(tmp_path), train_dataset=TRAIN, callbacks=[SendOnStepEnd(signum, 3)], sinks=[sink])
+    with pytest.raises(TrainingInterrupted) as info:
+        t.train()
+    err = info.value
+    name = signal.Signals(signum).name
+    assert name in str(err) and "checkpoint-3" in str(err) and "resume" in str(err)
+    assert err.signum == signum and err.global_step == 3
+    assert err.checkpoint == os.path.join(t.args.output_dir, "checkpoint-3")
+    assert checkpoints(t.args.output_dir) == ["checkpoint-3"]
+    # The bus was closed within its deadline, after Save and TrainEnd(interrupted).
+    assert not t.bus.running and sink.closed
+    assert sink.of(Save)[-1].checkpoint_dir == err.checkpoint
+    end = sink.of(TrainEnd)
+    assert len(end) == 1 and end[0].status == "interrupted" and name in end[0].error
+    assert signal.getsignal(signum) is before
+
+    # And the checkpoint resumes.
+    t2 = Trainer(TinyClassifier(), _args(tmp_path), train_dataset=TRAIN)
+    t2.train(resume_from_checkpoint=True)
+    assert t2.state.global_step == 10
+
+
+def test_signal_during_accumulation_finishes_the_whole_step(tmp_path):
+    cb = SendOnSubstep(signal.SIGTERM)
+    t = Trainer(TinyClassifier(), _args(tmp_path, gradient_accumulation_steps=3), train_dataset=TRAIN, callbacks=[cb])
+    with pytest.raises(TrainingInterrupted) as info:
+        t.train()
+    # Sent in the middle of step 2's micro-batches: step 2 completes, then the save.
+    assert cb.sent_at == 1
+    assert info.value.global_step == 2
+    assert checkpoints(t.args.output_dir) == ["checkpoint-2"]
+
+
+def test_no_second_checkpoint_when_the_step_was_just_saved(tmp_path):
+    sink = RecordingSink()
+    t = Trainer(
+        TinyClassifier(),
+        _args(tmp_path, save_strategy="steps", save_steps=2),
+        train_dataset=TRAIN,
+        callbacks=[SendOnStepEnd(signal.SIGTERM, 4)],
+        sinks=[sink],
+    )
+    with pytest.raises(TrainingInterrupted):
+        t.train()
+    assert checkpoints(t.args.output_dir) == ["checkpoint-2", "checkpoint-4"]
+    assert [s.step for s in sink.of(Save)] == [2, 4]
+
+
+class Boom(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            raise RuntimeError("boom at step 2")
+
+
+def test_exception_publishes_failed_train_end_then_closes_and_reraises(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    sink = RecordingSink()
+    t = Trainer(TinyClassifier(), _args(tmp_path), train_dataset=TRAIN, callbacks=[Boom()], sinks=[sink])
+    with pytest.raises(RuntimeError, match="boom at step 2"):
+        t.train()
+    end = sink.of(TrainEnd)
+    assert len(end) == 1
+    assert end[0].status == "failed" and "boom at step 2" in end[0].error and end[0].step == 2
+    assert sink.received[-1] is end[0]  # last thing the sink saw
+    assert not t.bus.running and sink.closed
+    assert t.bus.stats().sinks["recording"].delivered == len(sink.received)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_train_in_a_worker_thread_installs_no_handlers(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    seen = {}
+
+    class Look(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen["handler"] = signal.getsignal(signal.SIGTERM)
+
+    t = Trainer(TinyClassifier(), _args(tmp_path, max_steps=2), train_dataset=TRAIN, callbacks=[Look()])
+    errors = []
+
+    def run():
+        try:
+            t.train()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    th = threading.Thread(target=run)
+    th.start()
+    th.join(60)
+    assert not errors and t.state.global_step == 2
+    assert seen["handler"] is before
+
+
+def test_handlers_are_installed_during_training_and_restored_after(tmp_path):
+    before = signal.getsignal(signal.SIGINT)
+    seen = {}
+
+    class Look(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen["handler"] = signal.getsignal(signal.SIGINT)
+
+    t = Trainer(TinyClassifier(), _args(tmp_path, max_steps=2), train_dataset=TRAIN, callbacks=[Look()])
+    t.train()
+    assert seen["handler"] is not before and callable(seen["handler"])
+    assert signal.getsignal(signal.SIGINT) is before
