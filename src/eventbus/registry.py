@@ -64,7 +64,7 @@ def load_sink_factory(name: str) -> SinkFactory:
         ) from exc
 
 
-def create_sink(name: str, **options: Any) -> Sink:
+def create_sink(name: str, /, **options: Any) -> Sink:
     """Build the sink registered under ``name`` with ``options``.
 
     A wrong option is a :class:`SinkConfigError` that names the sink and the option.

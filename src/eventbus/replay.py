@@ -120,11 +120,18 @@ def read_events(
 def _superseded(path: Path) -> Callable[[int, Event], bool]:
     """Whether the i-th event was superseded by a resumed run: a later ``TrainBegin``
     with ``resumed_from`` at step S restarts from S, so what came before it with a step
-    above S was redone (as TensorBoard purges orphaned steps)."""
+    above S and was written again after it (the same event type and step) was redone,
+    as TensorBoard purges orphaned steps. What the resumed run did not write again is
+    kept: a Trainer resume skips the metric steps a sink already has (its high-water
+    mark), so those are the only copy."""
     points: list[tuple[int, int]] = []
+    # (type, step) -> the last index it occurs at, from the first resume point on.
+    last_at: dict[tuple[type, int], int] = {}
     for i, ev in enumerate(read_events(path, warn=False)):
         if isinstance(ev, TrainBegin) and ev.resumed_from:
             points.append((i, ev.step))
+        if points:
+            last_at[(type(ev), ev.step)] = i
     if not points:
         return lambda i, ev: False
     suffix_min = [s for _, s in points]
@@ -137,7 +144,7 @@ def _superseded(path: Path) -> Callable[[int, Event], bool]:
         while k < len(points) and points[k][0] <= i:
             k += 1
         state["k"] = k
-        return k < len(points) and ev.step > suffix_min[k]
+        return k < len(points) and ev.step > suffix_min[k] and last_at.get((type(ev), ev.step), -1) >= points[k][0]
 
     return check
 

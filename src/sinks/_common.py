@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import logging
 import math
-from typing import Any, Iterator, Mapping
+import os
+import types
+import typing
+from typing import Any, Callable, Iterator, Mapping
 
-from eventbus.errors import MissingDependencyError
+from eventbus.errors import MissingDependencyError, SinkConfigError
+from eventbus.redact import is_secret_key
 
-__all__ = ["import_sdk", "rewrite_logs", "ScalarFilter", "flatten", "is_number"]
+__all__ = ["import_sdk", "rewrite_logs", "ScalarFilter", "flatten", "is_number", "check_option_types"]
 
 logger = logging.getLogger("sinks")
 
@@ -83,3 +88,78 @@ def flatten(d: Mapping[str, Any], sep: str = "/", prefix: str = "") -> dict[str,
 def finite_or_none(value: float) -> float | None:
     """``value`` if finite, else ``None`` (for backends that reject NaN/inf)."""
     return value if math.isfinite(value) else None
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether ``value`` fits the annotation ``tp``, for the shapes sink options use;
+    what cannot be checked at run time (protocols, type variables) passes."""
+    if tp is Any or tp is object:
+        return True
+    if tp is None or tp is type(None):
+        return value is None
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:  # an int is a fine float (``flush_secs=5``)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is os.PathLike or tp is os.PathLike:
+        return isinstance(value, os.PathLike)
+    if origin in (collections.abc.Sequence, list, tuple, collections.abc.Iterable):
+        if isinstance(value, (str, bytes)) or not isinstance(value, origin):
+            return False
+        item = args[0] if args else Any
+        return all(_matches(v, item) for v in value)
+    if origin in (collections.abc.Mapping, dict):
+        return isinstance(value, collections.abc.Mapping)
+    if origin is collections.abc.Callable or tp is collections.abc.Callable:
+        return callable(value)
+    if isinstance(tp, type) and tp.__module__ != "typing":
+        return isinstance(value, tp)
+    return True
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is None or tp is type(None):
+        return "None"
+    if origin is os.PathLike:
+        return "a path"
+    if tp is float:
+        return "a number"
+    if origin is collections.abc.Callable:
+        return "a callable"
+    if origin is not None:
+        return f"a {getattr(origin, '__name__', str(origin))}"
+    return f"a {getattr(tp, '__name__', str(tp))}"
+
+
+def check_option_types(sink: str, func: Callable[..., Any], values: Mapping[str, Any]) -> None:
+    """Check each of ``values`` (a constructor's ``locals()``) against the annotation
+    of that parameter of ``func``; a mismatch is a :class:`SinkConfigError` naming the
+    sink, the option, what it must be and what it got (never the value of a secret)."""
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:  # an annotation that does not resolve here: nothing to check
+        return
+    for name, value in values.items():
+        tp = hints.get(name)
+        if tp is None or name == "self":
+            continue
+        if not _matches(value, tp):
+            shown = "***" if is_secret_key(name) else repr(value)
+            if len(shown) > 80:
+                shown = shown[:77] + "..."
+            raise SinkConfigError(
+                f"{sink} sink: option {name!r} must be {_describe(tp)}, got {type(value).__name__} {shown}"
+            )

@@ -36,6 +36,7 @@ credential never appears in a repr, a log line or an exception message.
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import inspect
 import ipaddress
@@ -227,7 +228,12 @@ class HttpClient:
     # -- credentials -----------------------------------------------------------------
 
     def _secrets(self) -> tuple[str | None, ...]:
-        return (self._token, self._basic[1] if self._basic else None)
+        if not self._basic:
+            return (self._token,)
+        # A server may echo the Authorization header: basic auth is there in base64.
+        user, password = self._basic
+        encoded = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return (self._token, password, encoded)
 
     def scrub(self, text: str) -> str:
         """``text`` with this client's credentials replaced by ``***``."""

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from eventbus.errors import SinkConfigError
+from sinks._common import check_option_types
 from sinks._http import TokenProvider
 from sinks.mlflow import MLflowSink
 
@@ -104,6 +105,7 @@ class AzureMLSink(MLflowSink):
         token_provider: TokenProvider | None = None,
         **options: Any,
     ) -> None:
+        check_option_types(self.name, AzureMLSink.__init__, locals())
         self.api_version = api_version
         if token is None and token_provider is None:
             token = os.environ.get("MLFLOW_TRACKING_TOKEN") or os.environ.get("AZUREML_RUN_TOKEN") or None

@@ -47,7 +47,7 @@ from eventbus.errors import SinkConfigError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, TrainBegin, TrainEnd
 from eventbus.redact import Secret, redact, redact_text
 from eventbus.sink import RunInfo, ThreadedSink
-from sinks._common import ScalarFilter, import_sdk, rewrite_logs
+from sinks._common import ScalarFilter, check_option_types, import_sdk, rewrite_logs
 
 __all__ = ["CometSink"]
 
@@ -127,12 +127,13 @@ class CometSink(ThreadedSink):
         online: bool | None = None,
         offline_directory: str | os.PathLike[str] | None = None,
         log_assets: bool | None = None,
-        tags: Sequence[str] | None = None,
+        tags: Sequence[str] | str | None = None,
         log_code: bool = False,
         parse_args: bool = False,
         log_env_details: bool = False,
         display_summary_level: int = 0,
     ) -> None:
+        check_option_types(self.name, CometSink.__init__, locals())
         for opt, value in (
             ("api_key", api_key),
             ("project_name", project_name),

@@ -16,6 +16,8 @@ from eventbus.errors import SinkConfigError
 from eventbus.events import BaseEvent, Evaluate, Log, StepEnd, TrainBegin, TrainEnd
 from eventbus.sink import RunInfo, ThreadedSink
 
+from sinks._common import check_option_types
+
 __all__ = ["ConsoleSink", "ProgressSink", "format_logs"]
 
 
@@ -55,6 +57,7 @@ class ConsoleSink(ThreadedSink):
     events = (Log, Evaluate)
 
     def __init__(self, *, file: TextIO | None = None, max_str_len: int = 100) -> None:
+        check_option_types(self.name, ConsoleSink.__init__, locals())
         if file is not None and not hasattr(file, "write"):
             raise SinkConfigError(f"console sink: file must be a writable text stream, got {type(file).__name__}")
         self.file = file
@@ -108,6 +111,7 @@ class ProgressSink(ThreadedSink):
     events = (TrainBegin, StepEnd, Log, TrainEnd)
 
     def __init__(self, *, file: TextIO | None = None, disable: bool | None = False, desc: str | None = None, leave: bool = True) -> None:
+        check_option_types(self.name, ProgressSink.__init__, locals())
         if file is not None and not hasattr(file, "write"):
             raise SinkConfigError(f"progress sink: file must be a writable text stream, got {type(file).__name__}")
         self.file = file

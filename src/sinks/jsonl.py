@@ -29,6 +29,8 @@ from eventbus.errors import SinkConfigError
 from eventbus.events import EVENT_BY_NAME, EVENT_TYPES, BaseEvent, Event, Evaluate, Save, TrainBegin, TrainEnd, encode_json
 from eventbus.sink import RunInfo, ThreadedSink
 
+from sinks._common import check_option_types
+
 __all__ = ["JSONLSink", "read_jsonl", "iter_jsonl", "encode_line", "decode_line", "NONFINITE_KEY"]
 
 logger = logging.getLogger("sinks.jsonl")
@@ -114,7 +116,10 @@ def read_jsonl(path: str | os.PathLike[str], *, purge_orphans: bool = True, stri
 
     With ``purge_orphans`` (the default), a resumed run's ``TrainBegin`` (its
     ``resumed_from`` set, at step ``S``) drops what the interrupted run wrote after
-    step ``S``, as TensorBoard does with its event files: each step appears once.
+    step ``S`` and the resumed run wrote again (same event type and step), as
+    TensorBoard does with its event files: each step appears once. What the resumed
+    run did not write again is kept: a Trainer resume skips the metric steps a sink
+    already has (its high-water mark), so those lines are the only copy.
     A line that does not decode (torn when a process died mid-write) is skipped with
     a warning, or raises with ``strict=True``.
     """
@@ -131,10 +136,24 @@ def read_jsonl(path: str | os.PathLike[str], *, purge_orphans: bool = True, stri
                 raise ValueError(f"{os.fspath(path)}:{lineno}: {exc}") from exc
             logger.warning("jsonl: skipping line %d of %s that does not decode (%s)", lineno, os.fspath(path), exc)
             continue
-        if purge_orphans and isinstance(ev, TrainBegin) and ev.resumed_from:
-            events = [e for e in events if e.step <= ev.step]
         events.append(ev)
-    return events
+    if not purge_orphans:
+        return events
+    # Backwards: an event is dropped when it is an orphan of a later resume (after that
+    # resume's step) and a line at or after that resume holds the same (type, step).
+    kept: list[Event] = []
+    later: set[tuple[type, int]] = set()  # (type, step) written at or after the resume
+    resume_step: int | None = None  # the lowest step of a resume met so far (backwards)
+    for ev in reversed(events):
+        key = (type(ev), ev.step)
+        if resume_step is not None and ev.step > resume_step and key in later:
+            continue
+        kept.append(ev)
+        if isinstance(ev, TrainBegin) and ev.resumed_from:
+            resume_step = ev.step if resume_step is None else min(resume_step, ev.step)
+        later.add(key)
+    kept.reverse()
+    return kept
 
 
 def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[Event]:
@@ -172,9 +191,10 @@ class JSONLSink(ThreadedSink):
         path: str | os.PathLike[str] | None = None,
         dir: str | os.PathLike[str] | None = None,  # noqa: A002 - the option's natural name
         flush_secs: float = 1.0,
-        events: Sequence[str] | None = None,
+        events: Sequence[str] | str | None = None,
         buffer_size: int = 1 << 20,
     ) -> None:
+        check_option_types(self.name, JSONLSink.__init__, locals())
         if path is not None and dir is not None:
             raise SinkConfigError("jsonl sink: pass either path= (the file) or dir= (its directory), not both")
         if isinstance(flush_secs, bool) or not isinstance(flush_secs, (int, float)) or flush_secs < 0:

@@ -44,7 +44,7 @@ from eventbus.errors import SinkConfigError, SinkError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
 from eventbus.redact import redact
 from eventbus.sink import RunInfo, Sink
-from sinks._common import ScalarFilter, flatten
+from sinks._common import ScalarFilter, check_option_types, flatten
 from sinks._http import HttpClient, TokenProvider
 
 __all__ = [
@@ -154,6 +154,7 @@ class MLflowSink(Sink):
         max_attempts: int = 3,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        check_option_types(self.name, MLflowSink.__init__, locals())
         env = os.environ
         self.tracking_uri = tracking_uri or env.get("MLFLOW_TRACKING_URI") or None
         if not self.tracking_uri:
@@ -182,10 +183,14 @@ class MLflowSink(Sink):
             raise SinkConfigError(f"{self.name} sink: max_param_length must be a positive int, got {max_param_length!r}")
         self.max_param_length = max_param_length
         token = token or None
-        if token is None and token_provider is None:
+        # A credential given as an argument wins over the environment's (whose basic
+        # auth would otherwise take precedence over it, as in MLflow's own client).
+        explicit = token is not None or token_provider is not None
+        if not explicit:
             token = env.get("MLFLOW_TRACKING_TOKEN") or None
-        username = username or env.get("MLFLOW_TRACKING_USERNAME") or (url_auth[0] if url_auth else None)
-        password = password or env.get("MLFLOW_TRACKING_PASSWORD") or (url_auth[1] if url_auth else None)
+        if not explicit or username or password:
+            username = username or env.get("MLFLOW_TRACKING_USERNAME") or (url_auth[0] if url_auth else None)
+            password = password or env.get("MLFLOW_TRACKING_PASSWORD") or (url_auth[1] if url_auth else None)
         if (username is None) != (password is None):
             raise SinkConfigError(
                 f"{self.name} sink: basic auth needs both a username and a password "

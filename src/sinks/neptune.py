@@ -46,9 +46,9 @@ from eventbus.errors import SinkConfigError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
 from eventbus.redact import Secret, redact, redact_text
 from eventbus.sink import RunInfo, ThreadedSink
-from sinks._common import import_sdk, is_number, rewrite_logs
+from sinks._common import check_option_types, import_sdk, is_number, rewrite_logs
 
-__all__ = ["NeptuneSink"]
+__all__ = ["NeptuneSink", "clean_path"]
 
 logger = logging.getLogger("sinks.neptune")
 
@@ -136,9 +136,10 @@ class NeptuneSink(ThreadedSink):
         log_parameters: bool = True,
         log_checkpoints: str | None = None,
         mode: str | None = None,
-        tags: Sequence[str] | None = None,
+        tags: Sequence[str] | str | None = None,
         **neptune_run_kwargs: Any,
     ) -> None:
+        check_option_types(self.name, NeptuneSink.__init__, locals())
         for opt, value in (("api_token", api_token), ("project", project), ("name", name), ("mode", mode)):
             if value is not None and not isinstance(value, str):
                 raise SinkConfigError(f"neptune sink: {opt} must be a string, got {type(value).__name__}")
@@ -286,7 +287,7 @@ class NeptuneSink(ThreadedSink):
     # -- events --------------------------------------------------------------------
 
     def _ns(self, path: str) -> Any:
-        return self._run[f"{self.base_namespace}/{path}"]
+        return self._run[f"{self.base_namespace}/{clean_path(path)}"]
 
     def _train_begin(self, event: TrainBegin) -> None:
         from neptune.utils import stringify_unsupported
@@ -378,6 +379,15 @@ def _prefixed(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
         rest = k[len(prefix) + 1 :] if k.startswith(prefix + "_") else k
         out[f"{prefix}/{rest}"] = v
     return out
+
+
+def clean_path(name: str) -> str:
+    """A field path Neptune takes as meant: the client silently drops empty segments
+    (``a//b`` would land on ``a/b``) and ``.``/``..`` read as relative paths, so those
+    segments become ``_``/``__``. The JSONL sink keeps the original name."""
+    parts = str(name).split("/")
+    parts = [("_" * len(p)) if p in (".", "..") else p for p in parts if p]
+    return "/".join(parts) or "_"
 
 
 def _clean(value: Any) -> Any:

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import time
 from types import SimpleNamespace
@@ -38,14 +39,23 @@ from eventbus.errors import SinkConfigError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
 from eventbus.redact import redact
 from eventbus.sink import RunInfo, ThreadedSink
-from sinks._common import ScalarFilter, import_sdk, is_number, rewrite_logs
+from sinks._common import ScalarFilter, check_option_types, import_sdk, is_number, rewrite_logs
 
-__all__ = ["TensorBoardSink"]
+__all__ = ["TensorBoardSink", "clean_tag"]
 
 logger = logging.getLogger("sinks.tensorboard")
 
 # Event files of one process get distinct names even when opened within one second.
 _file_counter = itertools.count()
+
+_INVALID_TAG_CHARACTERS = re.compile(r"[^-/\w.]")
+
+
+def clean_tag(name: str) -> str:
+    """A tag TensorBoard accepts, by TensorFlow's own rule (``summary_op_util.clean_tag``):
+    characters other than letters, digits, ``_-/.`` become ``_`` and leading slashes go.
+    The JSONL sink keeps the original name."""
+    return _INVALID_TAG_CHARACTERS.sub("_", str(name)).lstrip("/") or "_"
 
 _END_STATUS = {
     "completed": "STATUS_SUCCESS",
@@ -97,6 +107,7 @@ class TensorBoardSink(ThreadedSink):
     events = (TrainBegin, Log, Evaluate, Predict, Save, TrainEnd)
 
     def __init__(self, *, log_dir: str | os.PathLike[str] | None = None, flush_secs: float = 5.0, filename_suffix: str = "") -> None:
+        check_option_types(self.name, TensorBoardSink.__init__, locals())
         if isinstance(flush_secs, bool) or not isinstance(flush_secs, (int, float)) or flush_secs < 0:
             raise SinkConfigError(f"tensorboard sink: flush_secs must be a number of seconds >= 0, got {flush_secs!r}")
         if not isinstance(filename_suffix, str) or os.sep in filename_suffix:
@@ -114,6 +125,9 @@ class TensorBoardSink(ThreadedSink):
         self._last_written: dict[str, tuple[int, float]] = {}
         self._scalar_tags: set[str] = set()
         self._hparams: dict[str, Any] = {}
+        # A resumed run's SessionLog START, written just before its first point (see
+        # _train_begin); (checkpoint path, wall time ns).
+        self._pending_start: tuple[str, int] | None = None
 
     @classmethod
     def available(cls) -> bool:
@@ -212,6 +226,7 @@ class TensorBoardSink(ThreadedSink):
     def _write_values(self, values: Mapping[str, Any], ev: BaseEvent) -> None:
         summary_pb2 = self._tb.summary_pb2
         out = []
+        values = {clean_tag(k): v for k, v in values.items()}
         texts = {k: v for k, v in values.items() if isinstance(v, str)}
         scalar_items = {k: v for k, v in values.items() if not isinstance(v, str)}
         for tag, value in self._filter.scalars(scalar_items):
@@ -226,6 +241,8 @@ class TensorBoardSink(ThreadedSink):
         for tag, text in texts.items():
             out.append(self._text_value(tag, text))
         if out:
+            if self._pending_start is not None:
+                self._write_start(ev.step)
             self._write_event(self._summary_event(ev, out))
 
     def _text_value(self, tag: str, text: str) -> Any:
@@ -242,6 +259,14 @@ class TensorBoardSink(ThreadedSink):
         )
         return pb.Summary.Value(tag=f"{tag}/text_summary", metadata=meta, tensor=tensor)
 
+    def _write_start(self, step: int) -> None:
+        assert self._pending_start is not None
+        tb = self._tb
+        checkpoint, time_ns = self._pending_start
+        self._pending_start = None
+        start = tb.event_pb2.SessionLog(status=tb.event_pb2.SessionLog.START, checkpoint_path=checkpoint)
+        self._write_event(tb.event_pb2.Event(wall_time=time_ns / 1e9, step=step, session_log=start))
+
     def _hparams_value(self, tag: str, plugin_data: Any) -> Any:
         hp = self._tb.hp_metadata
         return self._tb.summary_pb2.Summary.Value(tag=tag, metadata=hp.create_summary_metadata(plugin_data), tensor=hp.NULL_TENSOR)
@@ -249,11 +274,12 @@ class TensorBoardSink(ThreadedSink):
     def _train_begin(self, ev: TrainBegin) -> None:
         tb = self._tb
         if ev.resumed_from:
-            # Readers purge every earlier point with step >= this one: what the
-            # interrupted run logged after its checkpoint. Points at the checkpoint's
-            # own step stay, since the resumed run does not log that step again.
-            start = tb.event_pb2.SessionLog(status=tb.event_pb2.SessionLog.START, checkpoint_path=ev.resumed_from)
-            self._write_event(tb.event_pb2.Event(wall_time=ev.time_ns / 1e9, step=ev.step + 1, session_log=start))
+            # Readers purge every earlier point with a step >= the START's: what the
+            # interrupted run logged after its checkpoint. Written just before this
+            # run's first point, at its step: a Trainer resume skips the steps this
+            # sink already has (its high-water mark), so those points are not redone
+            # and must stay.
+            self._pending_start = (ev.resumed_from, ev.time_ns)
         values = []
         if ev.config:
             values.append(self._text_value("args", json.dumps(redact(ev.config), indent=2, sort_keys=True, default=str)))

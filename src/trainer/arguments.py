@@ -193,6 +193,13 @@ class TrainingArguments:
     dataloader_pin_memory: bool = True
     """Pin host memory of batches (faster copies to the accelerator)."""
 
+    # -- distributed (torchrun) --
+    ddp_backend: str | None = None
+    """torch.distributed backend under torchrun: ``nccl`` or ``gloo``; ``None`` picks
+    NCCL when CUDA is available, gloo otherwise."""
+    ddp_timeout: float = 1800
+    """Seconds a rank waits for the others in a collective before failing (never forever)."""
+
     # -- event bus --
     bus_close_timeout: float = 30.0
     """Seconds the event bus gets to deliver what is queued when train/evaluate/predict
@@ -263,7 +270,7 @@ class TrainingArguments:
                 raise TrainingArgumentsError(f"{name} must be an integer or None, got {v!r} ({type(v).__name__})")
         numbers = ("num_train_epochs", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
                    "warmup_steps", "logging_steps", "save_steps", "eval_delay", "bus_close_timeout",
-                   "bus_flush_interval")
+                   "bus_flush_interval", "ddp_timeout")
         for name in numbers:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
@@ -321,7 +328,11 @@ class TrainingArguments:
             raise TrainingArgumentsError(
                 f"warmup_steps must be a whole number of steps or a fraction in (0, 1), got {self.warmup_steps!r}"
             )
-        for name in ("bus_close_timeout", "bus_flush_interval"):
+        if self.ddp_backend is not None and self.ddp_backend not in ("nccl", "gloo"):
+            raise TrainingArgumentsError(
+                f"ddp_backend must be 'nccl', 'gloo' or None (pick automatically), got {self.ddp_backend!r}"
+            )
+        for name in ("bus_close_timeout", "bus_flush_interval", "ddp_timeout"):
             v = getattr(self, name)
             if v <= 0:
                 raise TrainingArgumentsError(f"{name} must be > 0 seconds, got {v!r}")

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from eventbus import EventBus, InitEnd, RunInfo, Sink, TrainEnd, sinks_from_report_to
+from trainer import _marks
 from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer.arguments import TrainingArguments
@@ -236,11 +237,33 @@ class _EpochBatches:
     """The batch indices of one epoch: a permutation drawn from a generator seeded
     with ``seed + epoch`` (so every epoch's order is a function of the seed alone, and
     a resumed run sees the same order), cut into batches; the first ``skip`` batches
-    (already consumed before the checkpoint) are dropped without loading them."""
+    (already consumed before the checkpoint) are dropped without loading them.
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, shuffle: bool, drop_last: bool, skip: int = 0):
+    Distributed (``world_size`` > 1): every rank draws the same permutation and takes
+    its share as ``DistributedSampler`` does (padded to a multiple of the world size,
+    then every ``world_size``-th index from ``rank``), so every rank runs the same
+    number of steps, the ranks together see the single-process global batch, and the
+    epoch (``set_epoch``) and skip logic stay exact per rank on resume."""
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+        drop_last: bool,
+        skip: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
         self.shuffle, self.drop_last, self.skip = shuffle, drop_last, skip
+        self.rank, self.world_size = rank, world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the order of ``epoch`` next (``DistributedSampler.set_epoch``)."""
+        self.epoch = epoch
 
     def _all(self) -> list[list[int]]:
         order = list(range(self.n))
@@ -248,8 +271,10 @@ class _EpochBatches:
             # A private generator on the host: the global RNGs are left alone (they
             # drive dropout) and no tensor is involved.
             random.Random(self.seed + self.epoch).shuffle(order)
+        if self.world_size > 1:
+            order = distributed.shard_indices(order, self.rank, self.world_size, pad=True)
         bs = self.batch_size
-        batches = [order[i : i + bs] for i in range(0, self.n, bs)]
+        batches = [order[i : i + bs] for i in range(0, len(order), bs)]
         if self.drop_last and batches and len(batches[-1]) < bs:
             batches.pop()
         return batches
@@ -258,7 +283,8 @@ class _EpochBatches:
         return iter(self._all()[self.skip :])
 
     def __len__(self) -> int:
-        full = self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+        n = math.ceil(self.n / self.world_size) if self.world_size > 1 else self.n
+        full = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
         return max(0, full - self.skip)
 
 
@@ -408,13 +434,26 @@ class Trainer:
         self.optimizer, self.lr_scheduler = optimizers
         self._created_lr_scheduler = False
         self.label_names: list[str] = list(getattr(args, "label_names", None) or ["labels"])
+        # Under torchrun (WORLD_SIZE > 1) the process group starts here, as in
+        # transformers' TrainingArguments, so the rank is known from the start.
+        distributed.init_process_group(
+            timeout=args.ddp_timeout, backend=args.ddp_backend
+        )
         self.dist = distributed.get_info()
+        if distributed.is_initialized() and distributed.device_for_rank().type == "cuda":
+            # One GPU per rank: the user's script need not know its local rank.
+            self.model = model = model.to(distributed.device_for_rank())
+        # The DDP wrapper used for training steps (set when training starts);
+        # ``self.model`` stays the plain module (checkpoints, evaluation).
+        self.model_wrapped: nn.Module = model
         self._user_sinks: list[Sink] = list(sinks or [])
         for s in self._user_sinks:
             if not isinstance(s, Sink):
                 raise TypeError(f"sinks must be eventbus.Sink instances, got {type(s).__name__}: {s!r}")
-        self.run_id = uuid.uuid4().hex[:12]
+        # Every rank publishes under rank 0's run id.
+        self.run_id = distributed.broadcast_object(uuid.uuid4().hex[:12])
         self._resumed = False
+        self._resume_marks: dict[str, int] = {}
         self._bus_started = False
         self._last_checkpoint_dir: str | None = None
         self._initial_global_step = 0
@@ -436,6 +475,7 @@ class Trainer:
         self.control = TrainerControl()
         self.is_in_train = False
         self._signal_received: int | None = None
+        self._interrupt_agreed = False
         self._last_saved_step: int | None = None
         self._tr_loss: torch.Tensor | None = None
         self._total_loss: torch.Tensor | None = None
@@ -481,7 +521,8 @@ class Trainer:
             world_size=self.dist.world_size,
             resumed=self._resumed,
         )
-        return EventBus(sinks, run=run, close_timeout=self._close_timeout())
+        marks = self._resume_marks if self._resumed else None
+        return EventBus(sinks, run=run, close_timeout=self._close_timeout(), resume_marks=marks or None)
 
     def _close_timeout(self) -> float:
         return float(getattr(self.args, "bus_close_timeout", 30.0))
@@ -491,7 +532,9 @@ class Trainer:
         owns it (and so must close it)."""
         if self.bus.running:
             return False
-        if self._bus_started:  # a bus is started once: the next call gets a fresh one
+        # A bus is started once: the next call gets a fresh one. So does a resume: the
+        # run id, ``resumed`` and the sinks' high-water marks are read as sinks attach.
+        if self._bus_started or self._resumed:
             self.bus = self._new_bus()
         self.bus.run.resumed = self._resumed
         self.bus.run.run_id = self.run_id
@@ -510,6 +553,14 @@ class Trainer:
 
     def _close_bus(self) -> None:
         self.bus.close(timeout=self._close_timeout())
+        self._save_latest_marks()
+
+    def _save_latest_marks(self) -> None:
+        # What each sink has now (past the last checkpoint): a resume reads it back.
+        output_dir = getattr(self.args, "output_dir", None)
+        marks = self.bus.high_water_marks()
+        if output_dir and marks and self.is_world_process_zero():
+            _marks.write_latest(output_dir, self.run_id, marks)
 
     def _publish_train_end(self, status: str, error: str | None = None) -> None:
         if not self.bus.wants(TrainEnd):
@@ -574,6 +625,15 @@ class Trainer:
             "pin_memory": self._pin_memory(),
         }
         if isinstance(ds, torch.utils.data.IterableDataset) or not _has_length(ds):
+            if self.dist.is_distributed and epoch == 0 and skip_batches == 0 and not getattr(self, "_warned_iterable", False):
+                self._warned_iterable = True
+                logger.warning(
+                    "the training set has no length (an IterableDataset): every one of the %d ranks reads all of it, "
+                    "so each example is seen %d times per epoch; shard the stream by RANK/WORLD_SIZE in the dataset, "
+                    "or pass a dataset with __len__ to have the Trainer shard it",
+                    self.dist.world_size,
+                    self.dist.world_size,
+                )
             loader = torch.utils.data.DataLoader(ds, batch_size=bs, **common)
             return loader
         data_seed = getattr(args, "data_seed", None)
@@ -585,6 +645,8 @@ class Trainer:
             shuffle=True,
             drop_last=bool(getattr(args, "dataloader_drop_last", False)),
             skip=skip_batches,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
         # A generator of its own: iterating must not draw from the global torch RNG,
         # or a resumed run's dropout masks would drift from the uninterrupted run's.
@@ -598,14 +660,23 @@ class Trainer:
 
     def _eval_loader(self, dataset: Any) -> torch.utils.data.DataLoader:
         args = self.args
-        return torch.utils.data.DataLoader(
+        sampler: Any = None
+        sharded = self.dist.is_distributed and distributed.is_initialized()  # only when the shares can be gathered
+        if sharded and _has_length(dataset) and not isinstance(dataset, torch.utils.data.IterableDataset):
+            # Each rank evaluates every world_size-th example (no padding, so no example
+            # counts twice); evaluation_loop gathers the shares back into dataset order.
+            sampler = distributed.shard_indices(range(len(dataset)), self.dist.rank, self.dist.world_size, pad=False)
+        loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=args.per_device_eval_batch_size,
             shuffle=False,
+            sampler=sampler,
             collate_fn=self.data_collator,
             num_workers=getattr(args, "dataloader_num_workers", 0),
             pin_memory=self._pin_memory(),
         )
+        loader._trainer_sharded = sampler is not None  # type: ignore[attr-defined]  # evaluation_loop gathers then
+        return loader
 
     # -- optimizer and schedule -------------------------------------------------------
 
@@ -686,6 +757,9 @@ class Trainer:
             if isinstance(info.get("run_id"), str) and info["run_id"]:
                 self.run_id = info["run_id"]  # sinks continue the same run
             self._resumed = True
+            self._resume_marks = _marks.merge(
+                _marks.clean_marks(info.get(_marks.RUN_INFO_KEY)), _marks.read_latest(args.output_dir, self.run_id)
+            )
         else:
             self._resumed = False
 
@@ -785,6 +859,8 @@ class Trainer:
             if not getattr(args, "ignore_data_skip", False):
                 steps_trained_in_current_epoch = (self.state.global_step % nuspe) * args.gradient_accumulation_steps
         self.state.init_training_references(self, max_steps, num_train_epochs)
+        self.model_wrapped = self._wrap_model()
+        self._interrupt_agreed = False
 
         # -- optimizer, schedule, their state --
         if self._created_lr_scheduler:
@@ -832,6 +908,43 @@ class Trainer:
 
         return self._finalize_training(start_time, max_steps, num_examples)
 
+    def _wrap_model(self) -> nn.Module:
+        """The module training steps run through: ``DistributedDataParallel`` around
+        ``self.model`` when distributed (its gradients are averaged across ranks in
+        backward), else the model itself. Wrapped after a resume loaded the weights:
+        DDP broadcasts rank 0's parameters when it is built."""
+        if not self.dist.is_distributed or not distributed.is_initialized():
+            return self.model
+        if isinstance(self.model_wrapped, nn.parallel.DistributedDataParallel):
+            return self.model_wrapped
+        device = self._device
+        device_ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def _agree_control(self) -> None:
+        """Make the control flags (and a pending SIGTERM/SIGINT) agree across ranks: a
+        flag set on any rank is set on every rank, at this same global step. One small
+        collective; a no-op in a single process."""
+        if not self.dist.is_distributed:
+            return
+        c = self.control
+        flags = distributed.broadcast_flags(
+            [
+                c.should_training_stop,
+                c.should_epoch_stop,
+                c.should_save,
+                c.should_evaluate,
+                c.should_log,
+                self._signal_received is not None,
+            ]
+        )
+        c.should_training_stop, c.should_epoch_stop, c.should_save, c.should_evaluate, c.should_log = flags[:5]
+        if flags[5]:
+            # Another rank was signalled: stop here too, as if this one had been.
+            if self._signal_received is None:
+                self._signal_received = signal.SIGTERM
+            self._interrupt_agreed = True
+
     def _run_epoch(
         self,
         epoch: int,
@@ -845,8 +958,9 @@ class Trainer:
         handler = self.callback_handler
         ga = args.gradient_accumulation_steps
         state = self.state
-        model = self.model
+        model = self.model_wrapped
         device = self._device
+        distributed_run = self.dist.is_distributed
         step = -1
         grad_norm: torch.Tensor | None = None
         learning_rate: float | None = None
@@ -886,7 +1000,12 @@ class Trainer:
                 if step % ga == 0:
                     self.control = handler.on_step_begin(args, state, self.control)
 
-                loss_step = self.training_step(model, _to_device(inputs, device))
+                if distributed_run and not do_sync_step and isinstance(model, nn.parallel.DistributedDataParallel):
+                    # Accumulate locally; the gradients are averaged once, on the sync step.
+                    with model.no_sync():
+                        loss_step = self.training_step(model, _to_device(inputs, device))
+                else:
+                    loss_step = self.training_step(model, _to_device(inputs, device))
                 if nan_filter:
                     # transformers' filter, on the device: a NaN/inf loss is replaced by
                     # the mean of the losses since the last log (no host `if`).
@@ -908,10 +1027,17 @@ class Trainer:
                     state.global_step += 1
                     state.epoch = epoch + (step + 1) / steps_in_epoch
                     self.control = handler.on_step_end(args, state, self.control)
+                    # Whatever any callback on any rank decided since the step began
+                    # (stop, save, evaluate, log) now holds on every rank.
+                    self._agree_control()
                     self._maybe_log_save_evaluate(grad_norm, learning_rate)
                     self._check_interrupt()
                 else:
                     self.control = handler.on_substep_end(args, state, self.control)
+                    if distributed_run:
+                        # A stop asked for mid-accumulation waits for the step's end,
+                        # where the ranks agree on it (no collective per micro-batch).
+                        continue
 
                 if self.control.should_epoch_stop or self.control.should_training_stop:
                     break
@@ -925,6 +1051,7 @@ class Trainer:
             self.control.should_training_stop = True
 
         self.control = handler.on_epoch_end(args, state, self.control)
+        self._agree_control()
         self._maybe_log_save_evaluate(grad_norm, learning_rate)
 
     def training_step(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
@@ -946,7 +1073,10 @@ class Trainer:
         return (loss, outputs) if return_outputs else loss
 
     def _check_interrupt(self) -> None:
-        if self._signal_received is None:
+        # Distributed: only a signal every rank knows of (see _agree_control) stops
+        # training, so all ranks checkpoint and stop at the same step.
+        pending = self._interrupt_agreed if self.dist.is_distributed else self._signal_received is not None
+        if not pending:
             return
         # The step that was running when the signal came has finished: checkpoint it.
         if self.state.global_step > 0 and self._last_saved_step != self.state.global_step:
@@ -956,28 +1086,44 @@ class Trainer:
     def _maybe_log_save_evaluate(self, grad_norm: torch.Tensor | None, learning_rate: float | None) -> None:
         args = self.args
         state = self.state
+        hooks_ran = False
         if self.control.should_log and state.global_step > self._globalstep_last_logged:
             assert self._tr_loss is not None and self._total_loss is not None
             steps = state.global_step - self._globalstep_last_logged
             logs: dict[str, Any] = {}
             # A tensor, on the device: the bus resolves it off the training thread.
-            logs["loss"] = self._tr_loss / steps
+            # Distributed, it is the mean over ranks, reduced on the device (NCCL:
+            # enqueued on the communication stream, the host does not wait).
+            loss = self._tr_loss / steps
+            pending = distributed.all_reduce_mean_(loss)
             self._total_loss += self._tr_loss
             self._tr_loss.zero_()
             if grad_norm is not None:
                 logs["grad_norm"] = grad_norm
             logs["learning_rate"] = learning_rate if learning_rate is not None else self._get_learning_rate()
             self._globalstep_last_logged = state.global_step
+            logs = {"loss": pending.wait(), **logs}
             self.log(logs)
+            hooks_ran = True
 
         if self.control.should_evaluate:
             metrics = self._evaluate()
             is_new_best = self._determine_best_metric(metrics)
             if _save_strategy(args) == "best":
                 self.control.should_save = is_new_best
+            # Evaluation already waited for the host: agreeing again is cheap, and
+            # on_evaluate callbacks (early stopping) may have set flags.
+            self._agree_control()
+            hooks_ran = True
 
         if self.control.should_save:
             self._save_and_notify()
+            hooks_ran = True
+
+        if hooks_ran:
+            # on_log/on_save callbacks may have asked to stop; the same hooks ran on
+            # every rank, so every rank takes part in this agreement.
+            self._agree_control()
 
     def _save_and_notify(self) -> None:
         path = self._save_checkpoint()
@@ -995,12 +1141,24 @@ class Trainer:
         if metric is None:
             return False
         key = metric if metric.startswith("eval_") else f"eval_{metric}"
-        if key not in metrics:
-            raise KeyError(
-                f"metric_for_best_model={metric!r} looks for {key!r}, which is not among the evaluation metrics "
-                f"{sorted(metrics)}; make compute_metrics return it or change metric_for_best_model"
-            )
-        value = float(metrics[key])
+        value = metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            # Hours into a run is no time to crash over a typo: warn once, keep training
+            # (every metric and checkpoint is still written), and track no best model.
+            if not getattr(self, "_best_metric_warned", False):
+                self._best_metric_warned = True
+                found = "is not among" if key not in metrics else f"is {value!r}, not a number, in"
+                logger.warning(
+                    "metric_for_best_model=%r looks for %r, which %s the evaluation metrics %s; no best model is "
+                    "tracked (this warning is shown once). Make compute_metrics return it or change "
+                    "metric_for_best_model",
+                    metric,
+                    key,
+                    found,
+                    sorted(metrics),
+                )
+            return False
+        value = float(value)
         greater = getattr(args, "greater_is_better", None)
         if greater is None:
             greater = not key.endswith("loss")
@@ -1025,13 +1183,17 @@ class Trainer:
         args = self.args
         assert self._tr_loss is not None and self._total_loss is not None
         # The one host sync of the whole run: the mean training loss of this call.
-        total = (self._total_loss + self._tr_loss).item()
+        total_t = self._total_loss + self._tr_loss
+        distributed.all_reduce_mean_(total_t).wait()  # the mean over ranks
+        total = total_t.item()
         steps_trained = self.state.global_step - self._initial_global_step
         train_loss = total / max(steps_trained, 0.001)
         metrics = _speed_metrics(
             "train",
             start_time,
-            num_samples=int(args.per_device_train_batch_size * args.gradient_accumulation_steps * steps_trained),
+            num_samples=int(
+                args.per_device_train_batch_size * args.gradient_accumulation_steps * self.dist.world_size * steps_trained
+            ),
             num_steps=steps_trained,
         )
         metrics["total_flos"] = float(self.state.total_flos)
@@ -1079,6 +1241,7 @@ class Trainer:
             best_dir = ckpt.checkpoint_path(args.output_dir, state.best_global_step)
             if state.best_global_step == state.global_step or os.path.isdir(best_dir):
                 state.best_model_checkpoint = best_dir
+        marks: dict[str, int] = {}
         if self.is_world_process_zero():
             os.makedirs(args.output_dir, exist_ok=True)
             tmp = ckpt.staging_dir(final)
@@ -1090,7 +1253,10 @@ class Trainer:
             ckpt.save_rng_state(tmp, self.dist.rank, self.dist.world_size)
             state.stateful_callbacks = self.callback_handler.export_callback_states(control=self.control)
             state.save_to_json(os.path.join(tmp, ckpt.TRAINER_STATE_NAME))
-            ckpt.write_run_info(tmp, {"run_id": self.run_id, "global_step": state.global_step})
+            marks = self.bus.high_water_marks()
+            ckpt.write_run_info(
+                tmp, {"run_id": self.run_id, "global_step": state.global_step, _marks.RUN_INFO_KEY: marks}
+            )
             ckpt.commit_staging_dir(tmp, final)
         # The seam for distributed runs: the other ranks add their RNG files once rank 0
         # has put the directory in place, and rotation waits for all of them.
@@ -1100,6 +1266,8 @@ class Trainer:
         distributed.barrier()
         if self.is_world_process_zero():
             ckpt.rotate_checkpoints(args.output_dir, getattr(args, "save_total_limit", None), state.best_model_checkpoint)
+        if self.is_world_process_zero() and marks:
+            _marks.write_latest(args.output_dir, self.run_id, marks)
         self._last_saved_step = state.global_step
         self._last_checkpoint_dir = final
         return final
@@ -1198,6 +1366,7 @@ class Trainer:
         self.callback_handler.eval_dataloader = dataloader
         device = self._device
         losses: list[torch.Tensor] = []
+        loss_weights: list[float] = []
         preds: list[Any] = []
         labels: list[Any] = []
         observed = 0
@@ -1214,6 +1383,7 @@ class Trainer:
             loss, logits, label = self.prediction_step(model, inputs, prediction_loss_only, ignore_keys)
             if loss is not None:
                 losses.append(loss.detach().reshape(1).cpu())
+                loss_weights.append(float(bs) if bs is not None else 1.0)
             if logits is not None:
                 preds.append(_nested_cpu(logits))
             if label is not None:
@@ -1226,15 +1396,30 @@ class Trainer:
 
         all_preds = _nested_numpy(_nested_concat(preds)) if preds else None
         all_labels = _nested_numpy(_nested_concat(labels)) if labels else None
+        if getattr(dataloader, "_trainer_sharded", False):
+            # Every rank ran its share: gather them so that compute_metrics (and so
+            # every control callback, early stopping included) sees the whole set, and
+            # decides the same on every rank.
+            all_preds, all_labels, losses, loss_weights, observed = _gather_eval(
+                all_preds, all_labels, losses, loss_weights, observed
+            )
+            if dataset is None or not _has_length(dataset):
+                num_samples = observed
         metrics: dict[str, Any] = {}
         if self.compute_metrics is not None and all_preds is not None and all_labels is not None:
             metrics = _denumpify(dict(self.compute_metrics(EvalPrediction(all_preds, all_labels))))
         if losses:
             all_losses = torch.cat(losses).double()
             finite = torch.isfinite(all_losses)
+            weights = torch.tensor(loss_weights, dtype=torch.float64)
             if getattr(args, "logging_nan_inf_filter", True) and bool(finite.any()):
                 all_losses = all_losses[finite]
-            metrics[f"{metric_key_prefix}_loss"] = all_losses.mean().item()
+                weights = weights[finite]
+            if getattr(dataloader, "_trainer_sharded", False):
+                # The ranks' batches differ in size: weight each batch mean by its size.
+                metrics[f"{metric_key_prefix}_loss"] = ((all_losses * weights).sum() / weights.sum()).item()
+            else:
+                metrics[f"{metric_key_prefix}_loss"] = all_losses.mean().item()
         for key in list(metrics):
             if not key.startswith(f"{metric_key_prefix}_"):
                 metrics[f"{metric_key_prefix}_{key}"] = metrics.pop(key)
@@ -1274,6 +1459,41 @@ class Trainer:
         if not logits:
             return loss, None, label
         return loss, (logits[0] if len(logits) == 1 else logits), label
+
+
+def _interleave(parts: list[Any]) -> Any:
+    """Undo ``shard_indices(pad=False)``: rank ``r`` holds rows ``r, r + W, ...``."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    first = parts[0]
+    if isinstance(first, (tuple, list)):
+        return type(first)(_interleave([p[i] for p in parts]) for i in range(len(first)))
+    if isinstance(first, Mapping):
+        return {k: _interleave([p[k] for p in parts]) for k in first}
+    if len(parts) == 1:
+        return first
+    if all(isinstance(p, np.ndarray) and p.ndim >= 1 and p.shape[1:] == first.shape[1:] for p in parts):
+        out = np.empty((sum(p.shape[0] for p in parts),) + first.shape[1:], dtype=np.result_type(*parts))
+        for r, p in enumerate(parts):
+            out[r :: len(parts)] = p
+        return out
+    # Rows of different widths (sequence lengths): concatenated in rank order instead.
+    return np.concatenate([np.asarray(p) for p in parts], axis=0)
+
+
+def _gather_eval(
+    preds: Any, labels: Any, losses: list[torch.Tensor], weights: list[float], observed: int
+) -> tuple[Any, Any, list[torch.Tensor], list[float], int]:
+    """Every rank's evaluation results, on every rank, in dataset order."""
+    loss_vec = torch.cat(losses) if losses else torch.zeros(0)
+    gathered = distributed.gather_objects((preds, labels, loss_vec, list(weights), observed))
+    # A rank whose share was empty (fewer examples than ranks) has None: skip it.
+    all_preds = _interleave([g[0] for g in gathered]) if any(g[0] is not None for g in gathered) else None
+    all_labels = _interleave([g[1] for g in gathered]) if any(g[1] is not None for g in gathered) else None
+    all_losses = [g[2] for g in gathered if g[2].numel()]
+    all_weights = [w for g in gathered for w in g[3]]
+    return all_preds, all_labels, all_losses, all_weights, sum(int(g[4]) for g in gathered)
 
 
 def _find_batch_size(inputs: Any) -> int | None:

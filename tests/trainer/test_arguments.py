@@ -205,3 +205,12 @@ def test_to_sanitized_dict_matches_transformers_shape():
     assert s["run_name"] == "None"  # transformers stringifies what TensorBoard's hparams cannot take
     assert s["report_to"] == "[]"
     assert s["hub_token"] == "***"
+
+
+def test_ddp_fields_are_validated(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), ddp_backend="gloo", ddp_timeout=60)
+    assert (args.ddp_backend, args.ddp_timeout) == ("gloo", 60)
+    with pytest.raises(TrainingArgumentsError, match="ddp_backend must be 'nccl', 'gloo' or None"):
+        TrainingArguments(output_dir=str(tmp_path), ddp_backend="mpi")
+    with pytest.raises(TrainingArgumentsError, match="ddp_timeout must be > 0"):
+        TrainingArguments(output_dir=str(tmp_path), ddp_timeout=0)

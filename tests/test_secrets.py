@@ -1,0 +1,325 @@
+"""Secrets never leak: API keys and tokens from arguments or the environment appear in
+no log line, repr, exception message, JSONL line, spool record, trainer_state.json, or
+config/hparams a sink logs.
+
+Proved the blunt way: a real training run with every sink that runs locally
+(TensorBoard, JSONL, Neptune offline, Comet offline, MLflow against a real ``mlflow
+server``, a spooling sink, and an MLflow sink whose server echoes the Authorization
+header back in its errors), distinctive fake secrets everywhere, and then a byte scan
+of every file the run left, the MLflow server's answers, every log record and all
+captured output. Plus: HTTP sinks verify TLS and refuse a credential over plain http
+to a non-loopback host, through ``create_sink`` and ``report_to``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import httpx
+import pytest
+
+from eventbus import EventBus, Log, RunInfo, Sink, TrainBegin, TrainEnd
+from eventbus.errors import SinkConfigError
+from eventbus.events import BaseEvent
+from eventbus.registry import create_sink, sinks_from_report_to
+from sinks.mlflow import MLflowSink
+from tests._faultserver import FaultServer
+from tests.conftest import require
+from tests.integration.conftest import mlflow_server  # noqa: F401 - the real mlflow server fixture
+from tests.trainer._loop_helpers import TinyClassifier, make_dataset
+from trainer import Trainer, TrainingArguments
+
+# Distinctive fake secrets: any of these bytes found anywhere is a leak.
+SECRETS = {
+    "NEPTUNE_API_TOKEN": "zzNEPenvTOKENq1w2e3r4",
+    "COMET_API_KEY": "zzCOMenvKEYt5y6u7i8",
+    "MLFLOW_TRACKING_TOKEN": "zzMLFenvTOKENo9p0a1s2",
+    "MLFLOW_TRACKING_PASSWORD": "zzMLFenvPASSd3f4g5h6",
+    "hub_token": "zzHUBargTOKENj7k8l9",
+    "wandb_api_key": "zzWANDBargKEYz1x2c3",
+    "neptune_arg": "zzNEParg_TOKENv4b5n6",
+    "comet_arg": "zzCOMargKEYm7n8b9",
+    "mlflow_arg": "zzMLFargTOKENa8s7d6",
+    "model_cfg": "zzMODELcfgSECRETf5g4",
+    "model_pw": "zzMODELnestedPWh3j2",
+}
+TRAIN = make_dataset(16)
+
+
+@dataclasses.dataclass
+class MyArguments(TrainingArguments):
+    """A user's arguments with credentials in them, as transformers' hub_token."""
+
+    hub_token: str | None = None
+    wandb_api_key: str | None = None
+
+
+class ModelWithConfig(TinyClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = {
+            "hidden_size": 16,
+            "api_key": SECRETS["model_cfg"],
+            "backend": {"password": SECRETS["model_pw"], "host": "db.local"},
+        }
+
+
+class Down(Sink):
+    """A backend that is down for the whole run: everything goes to its disk spool."""
+
+    name = "spooling"
+    spool = True
+    max_retries = 0
+    circuit_threshold = 1
+    circuit_cooldown = 3600.0
+
+    async def write(self, batch: Sequence[BaseEvent]) -> None:
+        raise ConnectionError("backend unreachable")
+
+
+def assert_no_secret(text: str | bytes, where: str) -> None:
+    data = text.encode("utf-8", "replace") if isinstance(text, str) else text
+    for name, secret in SECRETS.items():
+        assert secret.encode() not in data, f"the secret {name} leaked into {where}"
+
+
+@pytest.fixture
+def secret_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    require(importlib.util.find_spec("neptune") is not None, "neptune is not installed")
+    require(importlib.util.find_spec("comet_ml") is not None, "comet_ml is not installed")
+    from tests.integration.test_comet import _COMET_ENV
+
+    for var in _COMET_ENV:
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    for k in list(os.environ):
+        if k.startswith(("MLFLOW_", "AZUREML_", "NEPTUNE_")):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("COMET_CONFIG", str(tmp_path / "no-such.comet.config"))
+    monkeypatch.setenv("COMET_START_ONLINE", "false")
+    for var in ("NEPTUNE_API_TOKEN", "COMET_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(var, SECRETS[var])
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.chdir(tmp_path)  # neptune's .neptune/ and anything else relative lands here
+    yield tmp_path
+
+
+def test_a_full_run_leaves_no_secret_anywhere(secret_env, mlflow_server, caplog, capfd):
+    tmp = secret_env
+    caplog.set_level(logging.DEBUG)
+    echo = FaultServer()  # its error bodies echo the Authorization header back
+    try:
+        echo.fail("/experiments/get-by-name", *[500] * 100)
+        echoing = MLflowSink(echo.url, experiment_name="echo", token=SECRETS["mlflow_arg"], max_attempts=1)
+        echoing.name = "mlflow_echo"  # type: ignore[misc]
+        echoing.max_retries = 0
+        echoing.circuit_threshold = 1
+        echoing.circuit_cooldown = 3600.0
+        mlflow = MLflowSink(mlflow_server, experiment_name="secrets", token=SECRETS["mlflow_arg"])
+        sinks: list[Sink] = [
+            create_sink("neptune", mode="offline", api_token=SECRETS["neptune_arg"], capture_hardware_metrics=False),
+            create_sink("comet_ml", api_key=SECRETS["comet_arg"], offline_directory=str(tmp / "comet")),
+            mlflow,
+            echoing,
+            Down(),
+        ]
+        args = MyArguments(
+            output_dir=str(tmp / "out"),
+            per_device_train_batch_size=4,
+            max_steps=4,
+            logging_steps=1,
+            save_strategy="steps",
+            save_steps=2,
+            report_to=["tensorboard", "jsonl"],
+            disable_tqdm=False,
+            bus_close_timeout=30.0,
+            hub_token=SECRETS["hub_token"],
+            wandb_api_key=SECRETS["wandb_api_key"],
+        )
+        t = Trainer(ModelWithConfig(), args, train_dataset=TRAIN, sinks=sinks)
+        t.train()
+        stats = t.bus.stats()
+    finally:
+        echo.close()
+
+    # Every sink ran; the echoing one failed (that is the point) and the spooling one spooled.
+    for name in ("tensorboard", "jsonl", "neptune", "comet_ml", "mlflow"):
+        s = stats.sinks[name]
+        assert s.delivered == s.received and s.errors == 0, (name, s.last_error)
+    assert stats.sinks["mlflow_echo"].delivered == 0 and "500" in (stats.sinks["mlflow_echo"].last_error or "")
+    assert stats.sinks["spooling"].spooled == stats.sinks["spooling"].received > 0
+
+    # Every file the run produced (checkpoints, trainer_state.json, JSONL, TensorBoard
+    # event files, the spool, neptune's and comet's offline data).
+    files = [p for p in tmp.rglob("*") if p.is_file()]
+    kinds = {p.suffix for p in files} | {p.name for p in files}
+    assert {"trainer_state.json", ".jsonl", ".spool", ".zip"} <= kinds, sorted(kinds)
+    assert any(p.name.startswith("events.out.tfevents") for p in files)
+    assert any(".neptune" in p.parts for p in files)
+    for p in files:
+        assert_no_secret(p.read_bytes(), str(p.relative_to(tmp)))
+
+    # The MLflow server: the run's params and tags, as its REST API answers them.
+    run = httpx.get(f"{mlflow_server}/api/2.0/mlflow/runs/get", params={"run_id": mlflow.run_id}, timeout=30)
+    assert run.status_code == 200
+    assert_no_secret(run.text, "the MLflow run's params/tags")
+    params = {p["key"]: p["value"] for p in run.json()["run"]["data"].get("params", [])}
+    assert params["hub_token"] == "***" and params["wandb_api_key"] == "***"  # redacted, not dropped
+    assert params["learning_rate"] == str(args.learning_rate)
+
+    # Reprs, exception messages, every log record and all output.
+    for obj in [args, t.bus, *t.bus.sinks, stats, stats.to_dict()]:
+        assert_no_secret(repr(obj), f"repr({type(obj).__name__})")
+    assert_no_secret(str(args), "str(args)")
+    assert_no_secret(args.to_json_string(), "args.to_json_string()")
+    for s in stats.sinks.values():
+        assert_no_secret(s.last_error or "", f"{s.name}'s last error")
+    for r in caplog.records:
+        assert_no_secret(r.getMessage(), f"the log record {r.name}: {r.getMessage()[:80]!r}")
+        if r.exc_info:
+            assert_no_secret(logging.Formatter().formatException(r.exc_info), f"a logged traceback ({r.name})")
+    out, err = capfd.readouterr()
+    assert_no_secret(out, "stdout")
+    assert_no_secret(err, "stderr")
+    # The echoing server did receive the token: the scan above is what proves no leak.
+    assert any(r.authorization == f"Bearer {SECRETS['mlflow_arg']}" for r in echo.requests)
+
+
+def test_the_config_and_hparams_sinks_log_are_redacted(tmp_path):
+    """What TrainBegin carries (and so every sink gets) has secret-named keys redacted."""
+    got: list[BaseEvent] = []
+
+    class Keep(Sink):
+        name = "keep"
+
+        async def write(self, batch: Sequence[BaseEvent]) -> None:
+            got.extend(batch)
+
+    args = MyArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        hub_token=SECRETS["hub_token"],
+        wandb_api_key=SECRETS["wandb_api_key"],
+    )
+    Trainer(ModelWithConfig(), args, train_dataset=TRAIN, sinks=[Keep()]).train()
+    (begin,) = [e for e in got if isinstance(e, TrainBegin)]
+    assert begin.config["hub_token"] == "***" and begin.config["wandb_api_key"] == "***"
+    assert begin.hparams["hub_token"] == "***"
+    assert begin.model_config["api_key"] == "***" and begin.model_config["backend"]["password"] == "***"
+    assert begin.model_config["backend"]["host"] == "db.local"
+    assert args.hub_token == SECRETS["hub_token"]  # the user's object is untouched
+
+
+# -- TLS and plain http ------------------------------------------------------------------
+
+
+def test_a_token_over_plain_http_to_a_remote_host_is_refused_through_create_sink_and_report_to(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith(("MLFLOW_", "AZUREML_")):
+            monkeypatch.delenv(k)
+    secret = SECRETS["mlflow_arg"]
+    with pytest.raises(SinkConfigError, match="plain http") as info:
+        create_sink("mlflow", tracking_uri="http://tracking.example.com:5000", token=secret)
+    assert_no_secret(str(info.value), "the error")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.1.2.3:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", SECRETS["MLFLOW_TRACKING_TOKEN"])
+    with pytest.raises(SinkConfigError, match="allow_insecure_token") as info:
+        sinks_from_report_to(["mlflow"])
+    assert_no_secret(str(info.value), "the error")
+    with pytest.raises(SinkConfigError, match="plain http"):
+        # The Trainer builds its sinks the same way.
+        Trainer(TinyClassifier(), TrainingArguments(output_dir="unused", report_to=["mlflow"]), train_dataset=TRAIN)
+
+    # Explicitly allowed, a loopback host, or https: accepted.
+    (sink,) = sinks_from_report_to(["mlflow"], mlflow={"allow_insecure_token": True})
+    assert sink.name == "mlflow"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert sinks_from_report_to(["mlflow"])[0].name == "mlflow"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://tracking.example.com")
+    (https,) = sinks_from_report_to(["mlflow"])
+    assert https._client_options["verify"] is True
+
+
+@pytest.fixture
+def tls_cert(tmp_path: Path) -> tuple[str, str]:
+    require(shutil.which("openssl") is not None, "openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+def _send(sink: MLflowSink) -> Any:
+    bus = EventBus([sink], run=RunInfo(run_name="tls"))
+    bus.publish(TrainBegin(step=0, config={"lr": 0.1}))
+    bus.publish(Log(step=1, values={"loss": 0.5}))
+    bus.publish(TrainEnd(step=1))
+    bus.start()
+    return bus.close(timeout=30).sinks["mlflow"]
+
+
+def test_tls_is_verified(tls_cert, monkeypatch, caplog):
+    for k in list(os.environ):
+        if k.startswith(("MLFLOW_", "AZUREML_", "SSL_CERT")):
+            monkeypatch.delenv(k)
+    server = FaultServer(tls=tls_cert)
+    try:
+        assert server.url.startswith("https://")
+        secret = SECRETS["mlflow_arg"]
+        # A self-signed certificate the system does not trust: nothing is sent.
+        untrusted = MLflowSink(server.url, experiment_name="tls", token=secret, max_attempts=1)
+        untrusted.max_retries = 0
+        s = _send(untrusted)
+        assert s.delivered == 0 and "CERTIFICATE_VERIFY_FAILED" in (s.last_error or "")
+        assert server.requests == []  # the handshake failed: no request, no token on the wire
+        # Trusted through verify=<CA bundle> (or MLFLOW_TRACKING_SERVER_CERT_PATH): delivered.
+        monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", tls_cert[0])
+        trusted = MLflowSink(server.url, experiment_name="tls", token=secret)
+        s = _send(trusted)
+        assert s.delivered == s.received == 3 and s.errors == 0
+        assert all(r.authorization == f"Bearer {secret}" for r in server.requests)
+        assert_no_secret(caplog.text, "the logs")
+    finally:
+        server.close()
+
+
+def test_basic_auth_echoed_by_a_server_is_scrubbed_in_base64_too(monkeypatch, caplog):
+    import base64
+
+    for k in list(os.environ):
+        if k.startswith(("MLFLOW_", "AZUREML_")):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRETS["MLFLOW_TRACKING_PASSWORD"])
+    caplog.set_level(logging.DEBUG)
+    server = FaultServer()
+    try:
+        server.fail("/experiments/get-by-name", *[500] * 10)
+        sink = MLflowSink(server.url, experiment_name="basic", max_attempts=1)
+        sink.max_retries = 0
+        s = _send(sink)
+    finally:
+        server.close()
+    encoded = base64.b64encode(f"alice:{SECRETS['MLFLOW_TRACKING_PASSWORD']}".encode()).decode()
+    assert any(r.authorization == f"Basic {encoded}" for r in server.requests)  # it was sent, and echoed
+    assert s.delivered == 0 and "500" in (s.last_error or "")
+    for text in (s.last_error or "", caplog.text):
+        assert encoded not in text
+        assert_no_secret(text, "the error")
