@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Mapping
 from eventbus.errors import MissingDependencyError, SinkConfigError
 from eventbus.redact import is_secret_key
 
-__all__ = ["import_sdk", "rewrite_logs", "ScalarFilter", "flatten", "is_number", "check_option_types"]
+__all__ = ["import_sdk", "rewrite_logs", "prefixed", "ScalarFilter", "flatten", "is_number", "check_option_types"]
 
 logger = logging.getLogger("sinks")
 
@@ -41,6 +41,16 @@ def rewrite_logs(values: Mapping[str, Any]) -> dict[str, Any]:
             out["test/" + k[5:]] = v
         else:
             out["train/" + k] = v
+    return out
+
+
+def prefixed(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """An evaluation's metrics under its prefix: ``eval_loss`` -> ``eval/loss`` (a key
+    without the prefix -> ``eval/<key>``)."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        rest = k[len(prefix) + 1 :] if k.startswith(prefix + "_") else k
+        out[f"{prefix}/{rest}"] = v
     return out
 
 

@@ -47,7 +47,7 @@ from eventbus.errors import SinkConfigError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, TrainBegin, TrainEnd
 from eventbus.redact import Secret, redact, redact_text
 from eventbus.sink import RunInfo, ThreadedSink
-from sinks._common import ScalarFilter, check_option_types, import_sdk, rewrite_logs
+from sinks._common import ScalarFilter, check_option_types, import_sdk, prefixed, rewrite_logs
 
 __all__ = ["CometSink"]
 
@@ -295,7 +295,7 @@ class CometSink(ThreadedSink):
             if isinstance(event, Log):
                 self._log_metrics(rewrite_logs(event.values), event)
             elif isinstance(event, (Evaluate, Predict)):
-                self._log_metrics(_prefixed(event.metrics, event.prefix), event)
+                self._log_metrics(prefixed(event.metrics, event.prefix), event)
             elif isinstance(event, TrainBegin):
                 self._train_begin(event)
             elif isinstance(event, TrainEnd):
@@ -374,15 +374,6 @@ def _find_archive(experiment: Any) -> str | None:
         return None
     found = glob.glob(os.path.join(glob.escape(directory), f"{glob.escape(key)}*.zip"))
     return max(found, key=os.path.getmtime) if found else None
-
-
-def _prefixed(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """``eval_loss`` -> ``eval/loss`` (and a key without the prefix -> ``eval/<key>``)."""
-    out: dict[str, Any] = {}
-    for k, v in metrics.items():
-        rest = k[len(prefix) + 1 :] if k.startswith(prefix + "_") else k
-        out[f"{prefix}/{rest}"] = v
-    return out
 
 
 def _clean(value: Any) -> Any:

@@ -46,7 +46,7 @@ from eventbus.errors import SinkConfigError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
 from eventbus.redact import Secret, redact, redact_text
 from eventbus.sink import RunInfo, ThreadedSink
-from sinks._common import check_option_types, import_sdk, is_number, rewrite_logs
+from sinks._common import check_option_types, import_sdk, is_number, prefixed, rewrite_logs
 
 __all__ = ["NeptuneSink", "clean_path"]
 
@@ -266,7 +266,7 @@ class NeptuneSink(ThreadedSink):
             if isinstance(event, Log):
                 self._log_metrics(rewrite_logs(event.values), event.step)
             elif isinstance(event, (Evaluate, Predict)):
-                self._log_metrics(_prefixed(event.metrics, event.prefix), event.step)
+                self._log_metrics(prefixed(event.metrics, event.prefix), event.step)
             elif isinstance(event, TrainBegin):
                 self._train_begin(event)
             elif isinstance(event, Save):
@@ -370,15 +370,6 @@ class NeptuneSink(ThreadedSink):
             return
         self._warned.add(key)
         logger.warning("neptune sink: " + msg, *args)
-
-
-def _prefixed(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """``eval_loss`` -> ``eval/loss`` (and a key without the prefix -> ``eval/<key>``)."""
-    out: dict[str, Any] = {}
-    for k, v in metrics.items():
-        rest = k[len(prefix) + 1 :] if k.startswith(prefix + "_") else k
-        out[f"{prefix}/{rest}"] = v
-    return out
 
 
 def clean_path(name: str) -> str:
