@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -45,11 +46,14 @@ __all__ = [
     "Measure",
     "Row",
     "OverheadResult",
+    "ProfileResult",
     "SlowSink",
     "run_overhead",
     "profile_callbacks",
     "bench_sinks",
     "import_checks",
+    "trainer_backend_imports",
+    "format_targets",
     "load_callback",
 ]
 
@@ -73,6 +77,9 @@ class SlowSink(ThreadedSink):
     name = "slow20ms"  # type: ignore[assignment]
     events = (Log,)
     max_batch_size = 1
+    # A short queue (the oldest are dropped, and counted): closing the bus then
+    # waits at most about a second for this sink, not minutes.
+    capacity = 50
 
     def write_sync(self, batch: Sequence[Any]) -> None:
         """Sleep 20 ms per event."""
@@ -134,6 +141,8 @@ class OverheadResult:
     """transformers' version, or why its handler did not run."""
     mlflow: str = ""
     """Which MLflow endpoint the mlflow sink talked to."""
+    log_floats: bool = False
+    """Our side logged Python floats instead of tensors."""
     timer_overhead_us: tuple[float, float] = (0.0, 0.0)
     """(wall, CPU) µs per step the clocks cost, already subtracted from every figure."""
     notes: list[str] = field(default_factory=list)
@@ -197,6 +206,7 @@ class OverheadResult:
         """JSON-ready data (for plots and docs)."""
         return {
             "gap_s": self.gap_s,
+            "log_floats": self.log_floats,
             "transformers": self.transformers,
             "mlflow": self.mlflow,
             "timer_overhead_us": self.timer_overhead_us,
@@ -255,6 +265,13 @@ class H(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+def _exit_with_parent():
+    # stdin is a pipe from the benchmark: EOF means it is gone, however it ended.
+    sys.stdin.read()
+    os._exit(0)
+
+import os, threading
+threading.Thread(target=_exit_with_parent, daemon=True).start()
 server = ThreadingHTTPServer(("127.0.0.1", 0), H)
 print(server.server_address[1], flush=True)
 server.serve_forever()
@@ -310,7 +327,9 @@ def _mlflow_endpoint(workdir: str) -> Iterator[tuple[str, str]]:
                 proc.wait(15)
             log.close()
         return
-    proc = subprocess.Popen([sys.executable, "-c", _ACCEPT_ALL_SERVER], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ACCEPT_ALL_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline().strip())
@@ -319,17 +338,25 @@ def _mlflow_endpoint(workdir: str) -> Iterator[tuple[str, str]]:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(10)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 @contextlib.contextmanager
 def _offline_sdk_env(workdir: str) -> Iterator[None]:
     """Neptune and Comet offline, writing under ``workdir``, with no config file and
     no API key picked up from the user's environment; restored afterwards."""
-    saved = {k: os.environ.get(k) for k in ("NEPTUNE_MODE", "COMET_CONFIG", "COMET_API_KEY", "COMET_START_ONLINE", "COMET_MODE")}
+    names = ("NEPTUNE_MODE", "COMET_CONFIG", "COMET_API_KEY", "COMET_START_ONLINE", "COMET_MODE", "COMET_AUTO_LOG_OUTPUT_LOGGER")
+    saved = {k: os.environ.get(k) for k in names}
     cwd = os.getcwd()
     os.environ["NEPTUNE_MODE"] = "offline"
     os.environ["COMET_CONFIG"] = os.path.join(workdir, "no-such.comet.config")
     os.environ["COMET_START_ONLINE"] = "0"
+    # Comet's SDK otherwise swaps sys.stdout/sys.stderr for its own wrappers, process
+    # wide, from the sink's thread, for as long as the experiment runs; that races
+    # with anything else redirecting them (the benchmark quiets transformers' bars).
+    os.environ["COMET_AUTO_LOG_OUTPUT_LOGGER"] = ""
     for k in ("COMET_API_KEY", "COMET_MODE"):
         os.environ.pop(k, None)
     os.chdir(workdir)  # neptune's offline queue goes to ./.neptune
@@ -345,6 +372,27 @@ def _offline_sdk_env(workdir: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _quiet_sdks() -> Iterator[None]:
+    """Neptune and Comet configure their loggers (printing to stdout) when imported:
+    import them first, then keep them to errors for the benchmark's lifetime."""
+    saved = []
+    for name in ("neptune", "comet_ml"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+        lg = logging.getLogger(name)
+        saved.append((lg, lg.level))
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # Neptune's note that this machine has no GPU metrics (NVML).
+            warnings.filterwarnings("ignore", message=r".*NVML.*")
+            yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
 def bench_sinks(workdir: str, *, slow: bool = False, progress_file: Any = None) -> Iterator[tuple[list[Any], str]]:
     """The sinks of configuration (c): progress, tensorboard, jsonl, neptune (offline),
     comet (offline) and mlflow; with ``slow``, (d)'s 20 ms sink too. Yields (sinks,
@@ -357,9 +405,14 @@ def bench_sinks(workdir: str, *, slow: bool = False, progress_file: Any = None) 
     from sinks.tensorboard import TensorBoardSink
 
     os.makedirs(workdir, exist_ok=True)
-    with _mlflow_endpoint(workdir) as (uri, how), _offline_sdk_env(workdir):
+    with contextlib.ExitStack() as stack:
+        uri, how = stack.enter_context(_mlflow_endpoint(workdir))
+        stack.enter_context(_offline_sdk_env(workdir))
+        stack.enter_context(_quiet_sdks())
+        if progress_file is None:
+            progress_file = stack.enter_context(open(os.devnull, "w"))
         sinks: list[Any] = [
-            ProgressSink(file=progress_file if progress_file is not None else open(os.devnull, "w")),
+            ProgressSink(file=progress_file),
             TensorBoardSink(log_dir=os.path.join(workdir, "tb")),
             JSONLSink(dir=os.path.join(workdir, "jsonl")),
             NeptuneSink(mode="offline"),
@@ -482,23 +535,48 @@ class _Ours(_Side):
         self.notes = notes
         self.config = config
 
+    log_floats = False
+
     def make_logs(self, state: Any) -> dict[str, Any]:
+        if self.log_floats:
+            return {"loss": 0.5, "grad_norm": 1.0, "learning_rate": 1e-4, "epoch": state.global_step / 1e4}
         return {"loss": self._loss, "grad_norm": self._grad_norm, "learning_rate": 1e-4, "epoch": state.global_step / 1e4}
 
     def close(self) -> None:
         self.control = self.handler.on_train_end(self.args, self.state, self.control)
-        # A short deadline: the 20 ms sink is far behind by design; what it did not
-        # get is counted, not waited for.
-        stats = self.bus.close(timeout=5.0 if self.config == "d" else 30.0)
+        stats = self.bus.close(timeout=60.0)
         for s in stats.sinks.values():
             if s.failed or s.errors:
-                self.notes.append(f"({self.config}) sink {s.name}: {s.failed} failed, {s.errors} errors")
+                self.notes.append(
+                    f"({self.config}) sink {s.name}: {s.failed} events failed, {s.errors} errors (last: {s.last_error})"
+                )
         if self.config in ("c", "d"):
             lost = {s.name: s.dropped for s in stats.sinks.values() if s.dropped and s.name != SlowSink.name}
             if lost:
                 # Steps a few hundred µs apart are far faster than any real loop:
                 # sinks that cannot keep up drop (counted), never slow the steps.
                 self.notes.append(f"({self.config}) events dropped by sinks that fell behind: {lost}")
+
+
+def _their_args(output_dir: str) -> Any:
+    """transformers' own TrainingArguments, as ours; where they cannot be built (they
+    need accelerate), ours: its callbacks only read fields that ours has with the same
+    names and values."""
+    try:
+        from transformers import TrainingArguments
+
+        return TrainingArguments(
+            output_dir=output_dir,
+            logging_steps=1,
+            save_strategy="no",
+            eval_strategy="steps",
+            eval_steps=10**9,
+            metric_for_best_model="loss",
+            report_to="none",
+            use_cpu=True,
+        )
+    except ImportError:
+        return _our_args(output_dir)
 
 
 class _Theirs(_Side):
@@ -529,9 +607,7 @@ class _Theirs(_Side):
             callbacks += [ProgressCallback(), TensorBoardCallback()]
         if config == "d":
             callbacks.append(Sleep20msOnLog())
-        # transformers' TrainingArguments needs accelerate even to be built; its
-        # callbacks only read fields that ours has with the same names and values.
-        self.args = _our_args(os.path.join(workdir, "theirs", config))
+        self.args = _their_args(os.path.join(workdir, "theirs", config))
         self.handler = CallbackHandler(callbacks, None, None, None, None)
         self.state = TrainerState()
         self.state.max_steps = 10**9
@@ -568,7 +644,10 @@ def _quiet_loggers() -> Iterator[None]:
     for lg, _ in saved:
         lg.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            # Neptune's note that this machine has no GPU metrics (NVML).
+            warnings.filterwarnings("ignore", message=r".*NVML.*")
+            yield
     finally:
         for lg, level in saved:
             lg.setLevel(level)
@@ -602,6 +681,7 @@ def run_overhead(
     gap: float = 0.0002,
     max_block_s: float = 1.0,
     with_transformers: bool = True,
+    log_floats: bool = False,
     workdir: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> OverheadResult:
@@ -610,7 +690,10 @@ def run_overhead(
 
     ``steps`` is the block size (fewer when a block would take more than
     ``max_block_s``, e.g. transformers' handler with a 20 ms callback), ``repeats``
-    the number of blocks per side, ``gap`` the sleep between steps.
+    the number of blocks per side, ``gap`` the sleep between steps. ``log_floats``:
+    our side logs Python floats, as transformers' loop does (it calls ``.item()``
+    before ``on_log``), instead of the tensors our loop logs: what the Log event's
+    tensor snapshot costs is the difference.
     """
     for c in configs:
         if c not in CONFIGS:
@@ -624,7 +707,7 @@ def run_overhead(
     tf_note = tf_version if tf_version else ("not asked (--no-transformers)" if not with_transformers else None)
     if with_transformers and tf_version is None:
         tf_note = "not installed (pip install 'eventbus-telemetry[bench]')"
-    result = OverheadResult(rows=[], gap_s=gap, transformers=tf_note, timer_overhead_us=_timer_overhead_us())
+    result = OverheadResult(rows=[], gap_s=gap, transformers=tf_note, log_floats=log_floats, timer_overhead_us=_timer_overhead_us())
     own_dir = workdir is None
     root = tempfile.mkdtemp(prefix="eventbus-bench-") if own_dir else workdir
     assert root is not None
@@ -634,6 +717,7 @@ def run_overhead(
                 with contextlib.ExitStack() as stack:
                     say(f"({config}) setting up")
                     ours = _Ours(config, root, stack, result.notes)
+                    ours.log_floats = log_floats
                     if ours.mlflow:
                         result.mlflow = ours.mlflow
                     theirs = _Theirs(config, root) if tf_version else None
@@ -752,26 +836,32 @@ class ProfileResult:
 
 def profile_callbacks(callbacks: Sequence[Any], *, steps: int = 2000, logging_steps: int = 1, gap: float = 0.0) -> ProfileResult:
     """Run ``callbacks`` (after our DefaultFlowCallback, as the trainer does) through
-    the handler with its profiler on for ``steps`` steps; time per (callback, hook)."""
+    the handler with its profiler on for ``steps`` steps; time per (callback, hook).
+    What the callbacks print (progress bars, logs) goes to ``os.devnull``."""
+    import torch
+
     from trainer import CallbackHandler, DefaultFlowCallback, TrainerControl, TrainerState
 
-    with tempfile.TemporaryDirectory(prefix="eventbus-profile-") as tmp, _quiet_loggers():
+    loss, grad_norm = torch.tensor(0.5), torch.tensor(1.0)
+
+    def logs(state: Any) -> dict[str, Any]:
+        return {"loss": loss, "grad_norm": grad_norm, "learning_rate": 1e-4, "epoch": state.global_step / 1e4}
+
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="eventbus-profile-"))
+        stack.enter_context(_quiet_loggers())
+        devnull = stack.enter_context(open(os.devnull, "w"))
+        stack.enter_context(contextlib.redirect_stdout(devnull))
+        stack.enter_context(contextlib.redirect_stderr(devnull))
         args = _our_args(tmp)
         handler = CallbackHandler([DefaultFlowCallback(), *callbacks], None, None, None, None)
         handler.profile = True
         state = TrainerState()
-        state.max_steps = 10**9
+        state.max_steps = steps
         state.compute_steps(args, state.max_steps)
         state.logging_steps = logging_steps
         control = TrainerControl()
         control = handler.on_train_begin(args, state, control)
-        import torch
-
-        loss, grad_norm = torch.tensor(0.5), torch.tensor(1.0)
-
-        def logs(state: Any) -> dict[str, Any]:
-            return {"loss": loss, "grad_norm": grad_norm, "learning_rate": 1e-4, "epoch": state.global_step / 1e4}
-
         wall, _, control = _steps(handler, args, state, control, steps, logs, gap)
         handler.on_train_end(args, state, control)
         report = handler.profile_report()

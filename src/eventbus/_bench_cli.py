@@ -12,6 +12,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from typing import Any, Callable, Sequence
@@ -64,6 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="microseconds the training thread sleeps between steps, GIL released (default 200; --quick: 0)",
     )
     p.add_argument("--no-transformers", action="store_true", help="do not run transformers' handler beside ours")
+    p.add_argument(
+        "--log-floats",
+        action="store_true",
+        help="our side logs Python floats (as transformers' loop does after .item()) instead of the tensors our loop "
+        "logs; the difference is what snapshotting tensors in the Log event costs",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     p.add_argument("--no-imports", action="store_true", help="skip the import-time and import-hygiene checks")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
@@ -113,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
         print(result.format_table())
         return 0
 
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        # Said before minutes of measuring, not after.
+        print("eventbus bench: --plot needs matplotlib: pip install 'eventbus-telemetry[bench]'", file=sys.stderr)
+        return 2
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in configs if c not in _bench.CONFIGS]
     if unknown or not configs:
@@ -126,9 +137,11 @@ def run(args: argparse.Namespace) -> int:
         gap=sizes["gap"],
         max_block_s=sizes["max_block_s"],
         with_transformers=not args.no_transformers,
+        log_floats=args.log_floats,
         progress=_say,
     )
-    command = "eventbus bench " + " ".join(getattr(args, "_argv", []) or [])
+    argv = getattr(args, "_argv", None)
+    command = f"{args._prog} {' '.join(argv)}" if argv is not None else "eventbus " + " ".join(sys.argv[1:])
     print(f"# {command.strip()}")
     print(
         f"# microseconds per optimizer step spent in the callback handler (step_begin, pre_optimizer_step, "
@@ -138,6 +151,11 @@ def run(args: argparse.Namespace) -> int:
         "subtracted"
     )
     print(f"# transformers: {result.transformers}")
+    print(
+        "# ours logs "
+        + ("Python floats (--log-floats)" if result.log_floats else "loss and grad_norm as tensors, as our loop does")
+        + "; transformers' side logs floats, as its loop does"
+    )
     if result.mlflow:
         print(f"# mlflow sink -> {result.mlflow}")
     print(result.format_table())
@@ -192,13 +210,14 @@ def plot(result: Any, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m eventbus._bench_cli") -> int:
     """``python -m eventbus._bench_cli`` / ``benchmarks/overhead.py``."""
-    parser = argparse.ArgumentParser(prog="eventbus bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args._argv = argv
+    args._prog = prog
     return run(args)
 
 

@@ -120,7 +120,12 @@ class CallbackTimeWatch:
             handler._timings.update(self._saved)
             self._saved = None
 
+    def stop(self) -> None:
+        """Training ended: close a sample left open (the handler's profiler goes back
+        to how it was) and sample nothing until the next :meth:`start`."""
+        self._abort()
+        self.due = math.inf
+
     def _abort(self) -> None:
-        """Drop a sample left open (training ended inside a window)."""
         if self._t0 is not None:
             self._restore()

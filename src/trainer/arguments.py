@@ -89,6 +89,8 @@ class TrainingArguments:
     - ``warmup_ratio`` is kept (transformers 5 folded it into a fractional
       ``warmup_steps``, which works here too); setting both is an error.
     - ``bus_close_timeout`` and ``bus_flush_interval`` configure the event bus.
+    - ``callback_time_warning_share``: the trainer warns once when control callbacks
+      take more than this share of the step time.
 
     Steps (``logging_steps``, ``eval_steps``, ``save_steps``) may be a fraction in
     (0, 1) of the total number of training steps.
@@ -207,6 +209,11 @@ class TrainingArguments:
     bus_flush_interval: float = 0.05
     """Seconds between deliveries from the bus to the sinks' queues."""
 
+    # -- diagnostics --
+    callback_time_warning_share: float | None = 0.05
+    """Warn (once per trainer) when control callbacks take more than this share of
+    the step time, sampled over 10 steps every 1000; ``None`` or ``0`` turns it off."""
+
     def __post_init__(self) -> None:
         if self.output_dir is None:
             self.output_dir = "trainer_output"
@@ -237,6 +244,14 @@ class TrainingArguments:
 
         self._check_types()
         self._check_ranges()
+        share = self.callback_time_warning_share
+        if share is not None and (
+            isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1
+        ):
+            raise TrainingArgumentsError(
+                f"callback_time_warning_share must be a fraction of the step time in [0, 1] (e.g. 0.05), or None "
+                f"to turn the warning off; got {share!r}"
+            )
 
         # eval_steps falls back to logging_steps, as transformers.
         if self.eval_strategy == IntervalStrategy.STEPS and not self.eval_steps:

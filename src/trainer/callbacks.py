@@ -656,7 +656,10 @@ class CallbackHandler(TrainerCallback):
             # come before user and printing callbacks, and PrinterCallback pops
             # "total_flos" from the dict). Tensors are snapshotted by Log itself,
             # without a device sync.
-            self._bus.publish(Log(**self._header(state), values=_copy_values(logs)))
+            # The header written out, as in the per-step hooks: on_log can run every step.
+            self._bus.publish(
+                Log(run_id=self._run_id, rank=self._rank, step=state.global_step, epoch=state.epoch, values=_copy_values(logs))
+            )
         return self._call(self._d_on_log, args, state, control, {"logs": logs, **kwargs})
 
     def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:

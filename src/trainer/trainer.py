@@ -32,6 +32,7 @@ from trainer import _marks
 from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer.arguments import TrainingArguments
+from trainer._callback_watch import CallbackTimeWatch
 from trainer.callbacks import CallbackHandler, TrainerCallback
 from trainer.flow import DefaultFlowCallback
 from trainer.progress import PrinterCallback, ProgressCallback
@@ -468,6 +469,10 @@ class Trainer:
         )
         self._init_end_pending = True
         self.add_callback(PrinterCallback if getattr(args, "disable_tqdm", False) else ProgressCallback)
+        # Samples the control callbacks' share of the step time now and then; warns once.
+        self._callback_watch = CallbackTimeWatch(
+            self.callback_handler, getattr(args, "callback_time_warning_share", 0.05)
+        )
 
         self.state = TrainerState(
             is_local_process_zero=self.is_local_process_zero(), is_world_process_zero=self.is_world_process_zero()
@@ -798,6 +803,7 @@ class Trainer:
                 raise
         finally:
             self.is_in_train = False
+            self._callback_watch.stop()
             if owns_bus:
                 self._close_bus()
             self._restore_signal_handlers(previous_handlers)
@@ -895,6 +901,7 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
 
         self.control = handler.on_train_begin(args, self.state, self.control, resumed_from=resume_from_checkpoint)
+        self._callback_watch.start(self.state.global_step)
         if getattr(args, "eval_on_start", False):
             self._evaluate()
 
@@ -956,6 +963,7 @@ class Trainer:
     ) -> None:
         args = self.args
         handler = self.callback_handler
+        watch = self._callback_watch
         ga = args.gradient_accumulation_steps
         state = self.state
         model = self.model_wrapped
@@ -1031,6 +1039,8 @@ class Trainer:
                     # (stop, save, evaluate, log) now holds on every rank.
                     self._agree_control()
                     self._maybe_log_save_evaluate(grad_norm, learning_rate)
+                    if state.global_step >= watch.due:  # one comparison per step between samples
+                        watch.tick(state.global_step)
                     self._check_interrupt()
                 else:
                     self.control = handler.on_substep_end(args, state, self.control)

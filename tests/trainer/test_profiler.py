@@ -14,6 +14,7 @@ import pytest
 
 from tests.trainer._loop_helpers import TinyClassifier, make_dataset
 from trainer import CallbackHandler, DefaultFlowCallback, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from trainer.arguments import TrainingArgumentsError
 from trainer._callback_watch import CallbackTimeWatch
 
 
@@ -125,3 +126,62 @@ def test_watch_disabled_never_samples(share: Any, caplog: pytest.LogCaptureFixtu
 def test_watch_rejects_a_share_outside_0_1(share: Any) -> None:
     with pytest.raises(ValueError, match=r"callback_time_warning_share must be a fraction"):
         CallbackTimeWatch(_handler(), share)
+
+
+def test_watch_stop_closes_an_open_sample() -> None:
+    handler = _handler(Sleepy(0.0))
+    watch = CallbackTimeWatch(handler, 0.05, window=10, every=20)
+    _steps(handler, 3, watch)  # the sample began after step 1 and is still open
+    assert handler.profile is True
+    watch.stop()
+    assert handler.profile is False and handler.profile_report() == {}
+    assert watch.due == float("inf")
+
+
+# -- the trainer's warning --------------------------------------------------------------
+
+
+def _trainer(tmp_path: Any, callbacks: list[Any], **kwargs: Any) -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=15,
+        per_device_train_batch_size=4,
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        **kwargs,
+    )
+    return Trainer(TinyClassifier(), args, train_dataset=make_dataset(64), callbacks=callbacks)
+
+
+def _share_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "callback_time_warning_share" in r.getMessage()]
+
+
+def test_trainer_warns_once_when_a_callback_takes_20ms_per_step(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    trainer = _trainer(tmp_path, [Sleepy(0.02)])
+    assert trainer.args.callback_time_warning_share == 0.05
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        trainer.train()
+        trainer.train()  # a second run of the same trainer: still only once
+    warnings = _share_warnings(caplog)
+    assert len(warnings) == 1, warnings
+    assert "Sleepy.on_step_end" in warnings[0]
+    assert "eventbus bench --callbacks" in warnings[0]
+    # The sample's profiling is undone once it is over.
+    assert trainer.callback_handler.profile is False
+    assert trainer.callback_handler.profile_report() == {}
+
+
+def test_trainer_warning_can_be_turned_off(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    trainer = _trainer(tmp_path, [Sleepy(0.02)], callback_time_warning_share=None)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        trainer.train()
+    assert _share_warnings(caplog) == []
+
+
+@pytest.mark.parametrize("share", [-0.5, 1.01, "5%", True, float("nan")])
+def test_training_arguments_reject_a_bad_share(share: Any) -> None:
+    with pytest.raises(TrainingArgumentsError, match="callback_time_warning_share must be a fraction"):
+        TrainingArguments(output_dir="unused", callback_time_warning_share=share)

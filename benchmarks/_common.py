@@ -1,0 +1,116 @@
+"""Shared pieces of the training benchmarks: a small model, its data, a step timer and
+the sinks of the overhead benchmark's configuration (c).
+
+Imported by ``benchmarks/training.py`` and ``benchmarks/gpu_sync.py`` (run as
+scripts, so this directory is on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from eventbus._bench import bench_sinks
+
+__all__ = ["TinyModel", "make_dataset", "StepTimer", "as_transformers_callback", "all_sinks", "median_min_max", "quiet_stdout", "say"]
+
+
+class TinyModel(nn.Module):
+    """A two-layer MLP regressor; ``forward(x, labels)`` returns ``{"loss", "logits"}``
+    as both trainers expect. At ``dim=64, hidden=256`` and a batch of 32 a CPU step
+    (forward, backward, AdamW) takes a few hundred microseconds."""
+
+    def __init__(self, dim: int = 64, hidden: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Predict one value per row; the mean squared error when ``labels`` are given."""
+        out = self.net(x).squeeze(-1)
+        result = {"logits": out}
+        if labels is not None:
+            result["loss"] = nn.functional.mse_loss(out, labels)
+        return result
+
+
+def make_dataset(n: int, dim: int = 64, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n`` examples ``{"x", "labels"}`` of a noisy linear target."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    w = torch.randn(dim, generator=g)
+    y = x @ w + 0.1 * torch.randn(n, generator=g)
+    return [{"x": x[i], "labels": y[i]} for i in range(n)]
+
+
+class StepTimer:
+    """Records the time of every ``on_step_end``; :meth:`steps_per_second` over the
+    steps after a warm-up, so start-up (sinks opening, first allocations) and shutdown
+    are not counted. Works as a callback of both trainers (duck-typed hooks)."""
+
+    def __init__(self) -> None:
+        self.times: list[tuple[float, float, float]] = []
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Note the wall time, the process's CPU time and the training thread's."""
+        self.times.append((time.perf_counter(), time.process_time(), time.thread_time()))
+
+    def _window(self, warmup: float) -> tuple[int, tuple[float, float, float], tuple[float, float, float]]:
+        skip = max(1, int(len(self.times) * warmup))
+        t = self.times[skip - 1 :]
+        if len(t) < 2:
+            raise RuntimeError("too few steps to time; raise --steps")
+        return len(t) - 1, t[0], t[-1]
+
+    def steps_per_second(self, warmup: float = 0.1) -> float:
+        """Steps per second from the first step after ``warmup`` (a fraction) to the last."""
+        n, first, last = self._window(warmup)
+        return n / (last[0] - first[0])
+
+    def other_threads_cpu_us(self, warmup: float = 0.1) -> float:
+        """CPU µs per step used by the process's other threads (the bus, the sinks,
+        the SDKs' own threads) over the same steps."""
+        n, first, last = self._window(warmup)
+        return ((last[1] - first[1]) - (last[2] - first[2])) * 1e6 / n
+
+
+def as_transformers_callback(timer: StepTimer) -> Any:
+    """``timer`` wrapped in a transformers ``TrainerCallback`` subclass."""
+    from transformers import TrainerCallback
+
+    class _Timer(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            timer.on_step_end(args, state, control)
+
+    return _Timer()
+
+
+@contextlib.contextmanager
+def all_sinks(workdir: str) -> Iterator[tuple[list[Any], str]]:
+    """The overhead benchmark's (c) sinks: progress, tensorboard, jsonl, neptune
+    (offline), comet (offline), mlflow (loopback or EVENTBUS_MLFLOW_BIN)."""
+    with open(os.devnull, "w") as devnull, bench_sinks(workdir, progress_file=devnull) as (sinks, how):
+        yield sinks, how
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Silence what SDKs print (Comet's offline notes, progress bars)."""
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
+
+
+def median_min_max(values: list[float]) -> str:
+    """``median [min-max]``."""
+    return f"{statistics.median(values):,.0f} [{min(values):,.0f}-{max(values):,.0f}]"
+
+
+def say(msg: str) -> None:
+    """Progress on stderr, so stdout holds only the results."""
+    print(f"  .. {msg}", file=sys.stderr, flush=True)

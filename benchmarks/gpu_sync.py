@@ -1,0 +1,179 @@
+"""Proof that the step path never synchronises the GPU, and steps/s beside
+transformers' Trainer.
+
+On a CUDA machine: trains a small MLP through our Trainer, logging every step to the
+jsonl and (when installed) tensorboard sinks, with
+``torch.cuda.set_sync_debug_mode("error")`` on from the first step to the last logged
+step: any ``.item()``, ``.cpu()``, ``float(tensor)`` or blocking copy there raises.
+Logged losses and gradient norms stay on the device; the bus resolves them on its own
+thread through pinned-memory copies and CUDA events (an event wait is not a stream
+or device synchronisation, so the debug mode allows it). Then it times steps/s with
+the debug mode off, ours and (when transformers and accelerate are installed)
+transformers' Trainer with ``report_to="tensorboard"``.
+
+Without a GPU it says so and exits 0. Run: ``python benchmarks/gpu_sync.py``
+(``--quick`` for fewer steps). Exit status 1 when a sync was caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import StepTimer, TinyModel, as_transformers_callback, make_dataset, quiet_stdout, say  # noqa: E402
+
+BATCH = 256
+DIM = 256
+HIDDEN = 2048
+
+
+class SyncGuard:
+    """Turns CUDA's sync debug mode to "error" when the first step begins and back off
+    after the last step's logs were handed to the bus (before the loop's one
+    intended sync, the final mean loss)."""
+
+    def __init__(self, max_steps: int) -> None:
+        self.max_steps = max_steps
+        self.armed_steps = 0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Arm (once)."""
+        if state.global_step == 0:
+            torch.cuda.set_sync_debug_mode("error")
+        self.armed_steps += 1
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        """Disarm after the last step's log (the handler published it already)."""
+        if state.global_step >= self.max_steps:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+def _sinks(workdir: str) -> list[Any]:
+    from sinks.jsonl import JSONLSink
+
+    out: list[Any] = [JSONLSink(dir=os.path.join(workdir, "jsonl"))]
+    if importlib.util.find_spec("tensorboard") is not None:
+        from sinks.tensorboard import TensorBoardSink
+
+        out.append(TensorBoardSink(log_dir=os.path.join(workdir, "tb")))
+    return out
+
+
+def run_ours(workdir: str, steps: int, guard: bool) -> tuple[float, Any]:
+    """Train on CUDA through our Trainer; (steps/s, bus stats)."""
+    from trainer import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    data = make_dataset(steps * BATCH, dim=DIM)
+    args = TrainingArguments(
+        output_dir=workdir,
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    timer = StepTimer()
+    callbacks: list[Any] = [timer]
+    if guard:
+        callbacks.append(SyncGuard(steps))
+    trainer = Trainer(TinyModel(DIM, HIDDEN).cuda(), args, train_dataset=data, callbacks=callbacks, sinks=_sinks(workdir))
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    try:
+        with quiet_stdout():
+            trainer.train()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return timer.steps_per_second(), trainer.bus.stats()
+
+
+def run_transformers(workdir: str, steps: int) -> float:
+    """The same model and data through transformers' Trainer on CUDA; steps/s."""
+    import transformers
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    torch.manual_seed(0)
+    data = make_dataset(steps * BATCH, dim=DIM)
+    args = transformers.TrainingArguments(
+        output_dir=workdir,
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="tensorboard",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+    )
+    timer = StepTimer()
+    trainer = transformers.Trainer(model=TinyModel(DIM, HIDDEN), args=args, train_dataset=data, callbacks=[as_transformers_callback(timer)])
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    with quiet_stdout():
+        trainer.train()
+    return timer.steps_per_second()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default 2000; --quick: 200)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps")
+    opts = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_sync.py: no CUDA device here (torch.cuda.is_available() is False); this check needs one. Nothing to do.")
+        return 0
+    steps = opts.steps or (200 if opts.quick else 2000)
+    for name in ("trainer", "eventbus", "sinks", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    root = tempfile.mkdtemp(prefix="eventbus-gpu-sync-")
+    try:
+        say(f"training {steps} steps on {torch.cuda.get_device_name()} with torch.cuda.set_sync_debug_mode('error')")
+        try:
+            _, stats = run_ours(os.path.join(root, "guarded"), steps, guard=True)
+        except RuntimeError as exc:
+            print(f"FAILED: the step path synchronised the GPU: {exc}")
+            return 1
+        problems = {n: (s.failed, s.errors) for n, s in stats.sinks.items() if s.failed or s.errors}
+        delivered = {n: s.delivered for n, s in stats.sinks.items()}
+        print(f"no GPU sync on the step path over {steps} steps, logging every step (sync debug mode 'error')")
+        print(f"events delivered per sink: {delivered}")
+        if problems:
+            print(f"FAILED: sinks reported (failed, errors): {problems}")
+            return 1
+        say("timing (debug mode off)")
+        ours, _ = run_ours(os.path.join(root, "timed"), steps, guard=False)
+        print(f"{'ours, jsonl + tensorboard sinks, logging every step':<58} {ours:>10,.0f} steps/s")
+        status = None
+        if importlib.util.find_spec("transformers") is None:
+            status = "transformers is not installed"
+        elif importlib.util.find_spec("accelerate") is None:
+            status = "transformers' Trainer needs accelerate, which is not installed"
+        if status is None:
+            theirs = run_transformers(os.path.join(root, "transformers"), steps)
+            print(f"{'transformers Trainer, report_to=tensorboard, logging every step':<58} {theirs:>10,.0f} steps/s")
+            print(f"ratio: {ours / theirs:.2f}x")
+        else:
+            print(f"transformers' Trainer: skipped: {status}")
+    finally:
+        with contextlib.suppress(Exception):
+            torch.cuda.set_sync_debug_mode(0)
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

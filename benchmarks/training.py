@@ -1,0 +1,210 @@
+"""A real CPU training loop with no sinks and with every sink, logging every step:
+steps per second and their ratio.
+
+Unlike ``overhead.py``, which counts only the time the training thread spends in the
+callback handler, this counts everything the sinks cost the loop: publishing, and
+the share of the GIL and of the CPU that the bus thread, the sinks' threads and the
+SDKs' own threads take while the model trains. Runs alternate (none, all, none, ...)
+in one process; the model is a small MLP at a few hundred microseconds per step.
+
+When transformers and accelerate are installed, the same model trains through
+transformers' ``Trainer`` with ``report_to="none"`` and ``report_to="tensorboard"``.
+
+Run: ``python benchmarks/training.py`` (about a minute and a half on 2 cores);
+``--quick`` for a smoke run. Targets are printed, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import StepTimer, TinyModel, all_sinks, as_transformers_callback, make_dataset, median_min_max, quiet_stdout, say  # noqa: E402
+
+BATCH = 32
+
+
+def run_ours(workdir: str, steps: int, with_sinks: bool, only: str | None = None) -> tuple[float, str, dict[str, Any], float]:
+    """Train ``steps`` steps through our Trainer; (steps/s, mlflow endpoint, sink
+    stats, CPU µs per step of the other threads). ``only``: keep just that sink."""
+    from trainer import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    data = make_dataset(steps * BATCH)
+    args = TrainingArguments(
+        output_dir=workdir,
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    timer = StepTimer()
+    how = ""
+    with contextlib.ExitStack() as stack:
+        sinks: list[Any] = []
+        if with_sinks:
+            sinks, how = stack.enter_context(all_sinks(os.path.join(workdir, "sinks")))
+            if only is not None:
+                sinks = [s for s in sinks if s.name == only]
+        trainer = Trainer(TinyModel(), args, train_dataset=data, callbacks=[timer], sinks=sinks)
+        # Printing every log is an observer's job (the console sink), not the loop's.
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        with quiet_stdout():
+            trainer.train()
+        stats = {s.name: s for s in trainer.bus.stats().sinks.values()}
+    return timer.steps_per_second(), how, stats, timer.other_threads_cpu_us()
+
+
+def run_transformers(workdir: str, steps: int, report_to: str) -> float:
+    """The same model and data through transformers' Trainer; steps/s."""
+    import transformers
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    torch.manual_seed(0)
+    data = make_dataset(steps * BATCH)
+    args = transformers.TrainingArguments(
+        output_dir=workdir,
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=report_to,
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_pin_memory=False,
+    )
+    timer = StepTimer()
+    trainer = transformers.Trainer(
+        model=TinyModel(), args=args, train_dataset=data, callbacks=[as_transformers_callback(timer)]
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    with quiet_stdout():
+        trainer.train()
+    return timer.steps_per_second()
+
+
+def transformers_trainer_status() -> str | None:
+    """None when transformers' Trainer can run here, else why not."""
+    if importlib.util.find_spec("transformers") is None:
+        return "transformers is not installed (pip install 'eventbus-telemetry[bench]')"
+    if importlib.util.find_spec("accelerate") is None:
+        return "transformers' Trainer needs accelerate, which is not installed (pip install accelerate)"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default 3000; --quick: 150)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per configuration (default 3; --quick: 1)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run in seconds")
+    parser.add_argument("--no-transformers", action="store_true", help="skip transformers' Trainer")
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="sys.setswitchinterval for the run (default: Python's 0.005): how long a thread that wants the GIL "
+        "waits before the holder is asked to drop it",
+    )
+    parser.add_argument(
+        "--each", action="store_true", help="also train with each sink alone (where does the cost go?)"
+    )
+    opts = parser.parse_args(argv)
+    steps = opts.steps or (150 if opts.quick else 3000)
+    repeats = opts.repeats or (1 if opts.quick else 3)
+    if steps < 20:
+        parser.error("--steps must be at least 20")
+    torch.set_num_threads(1)  # steadier on a shared 2-core machine; the same for every run
+    if opts.switch_interval is not None:
+        sys.setswitchinterval(opts.switch_interval)
+    for name in ("trainer", "eventbus", "sinks", "neptune", "comet_ml", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    root = tempfile.mkdtemp(prefix="eventbus-training-")
+    none: list[float] = []
+    every: list[float] = []
+    side_cpu: dict[bool, list[float]] = {False: [], True: []}
+    how = ""
+    drops: dict[str, int] = {}
+    try:
+        for r in range(repeats):
+            order = [False, True] if r % 2 == 0 else [True, False]
+            for with_sinks in order:
+                say(f"run {r + 1}/{repeats}: {'all sinks' if with_sinks else 'no sinks'}")
+                sps, h, stats, other = run_ours(os.path.join(root, f"ours-{r}-{int(with_sinks)}"), steps, with_sinks)
+                (every if with_sinks else none).append(sps)
+                side_cpu[with_sinks].append(other)
+                how = how or h
+                for name, s in stats.items():
+                    if s.dropped:
+                        drops[name] = drops.get(name, 0) + s.dropped
+        each: list[tuple[str, float, float]] = []
+        if opts.each:
+            for name in ("progress", "tensorboard", "jsonl", "neptune", "comet_ml", "mlflow"):
+                say(f"only {name}")
+                sps, _, _, other = run_ours(os.path.join(root, f"only-{name}"), steps, True, only=name)
+                each.append((f"ours, only the {name} sink", sps, other))
+        tf_rows: list[tuple[str, list[float]]] = []
+        tf_status = "not asked (--no-transformers)" if opts.no_transformers else transformers_trainer_status()
+        if tf_status is None:
+            tf_none: list[float] = []
+            tf_tb: list[float] = []
+            for r in range(repeats):
+                for report_to in ("none", "tensorboard") if r % 2 == 0 else ("tensorboard", "none"):
+                    say(f"transformers run {r + 1}/{repeats}: report_to={report_to}")
+                    sps = run_transformers(os.path.join(root, f"tf-{r}-{report_to}"), steps, report_to)
+                    (tf_none if report_to == "none" else tf_tb).append(sps)
+            tf_rows = [("transformers Trainer, report_to=none", tf_none), ("transformers Trainer, report_to=tensorboard", tf_tb)]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(f"# python benchmarks/training.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    print(
+        f"# {steps} steps per run, batch {BATCH}, logging every step, {repeats} run(s) per configuration, "
+        f"steps/s from the 10th percentile step to the last; torch threads: 1; GIL switch interval "
+        f"{sys.getswitchinterval() * 1000:g} ms"
+    )
+    print(f"# all sinks: progress, tensorboard, jsonl, neptune (offline), comet (offline), mlflow -> {how}")
+    w = 46
+    print(f"{'configuration':<{w}}  {'steps/s median [min-max]':>26}  {'other threads, CPU us/step':>27}")
+    print("-" * (w + 57))
+    print(f"{'ours, no sinks':<{w}}  {median_min_max(none):>26}  {statistics.median(side_cpu[False]):>27,.0f}")
+    print(f"{'ours, all sinks':<{w}}  {median_min_max(every):>26}  {statistics.median(side_cpu[True]):>27,.0f}")
+    ratio = statistics.median(every) / statistics.median(none)
+    for name, sps, other in each:
+        print(f"{name:<{w}}  {sps:>26,.0f}  {other:>27,.0f}")
+    for name, values in tf_rows:
+        print(f"{name:<{w}}  {median_min_max(values):>26}  {'-':>27}")
+    print()
+    ok = ratio >= 0.95
+    print(f"target: all sinks within 5% of no sinks at logging_steps=1: {ratio:.3f}x ({'ok' if ok else 'MISSED'})")
+    if tf_rows:
+        tf_ratio = statistics.median(tf_rows[1][1]) / statistics.median(tf_rows[0][1])
+        print(f"transformers: tensorboard / none = {tf_ratio:.3f}x")
+    else:
+        print(f"transformers' Trainer: skipped: {tf_status}")
+    if drops:
+        print(f"note: events dropped by sinks that could not keep up (counted, never waited for): {drops}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
