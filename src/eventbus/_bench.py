@@ -347,16 +347,12 @@ def _mlflow_endpoint(workdir: str) -> Iterator[tuple[str, str]]:
 def _offline_sdk_env(workdir: str) -> Iterator[None]:
     """Neptune and Comet offline, writing under ``workdir``, with no config file and
     no API key picked up from the user's environment; restored afterwards."""
-    names = ("NEPTUNE_MODE", "COMET_CONFIG", "COMET_API_KEY", "COMET_START_ONLINE", "COMET_MODE", "COMET_AUTO_LOG_OUTPUT_LOGGER")
+    names = ("NEPTUNE_MODE", "COMET_CONFIG", "COMET_API_KEY", "COMET_START_ONLINE", "COMET_MODE")
     saved = {k: os.environ.get(k) for k in names}
     cwd = os.getcwd()
     os.environ["NEPTUNE_MODE"] = "offline"
     os.environ["COMET_CONFIG"] = os.path.join(workdir, "no-such.comet.config")
     os.environ["COMET_START_ONLINE"] = "0"
-    # Comet's SDK otherwise swaps sys.stdout/sys.stderr for its own wrappers, process
-    # wide, from the sink's thread, for as long as the experiment runs; that races
-    # with anything else redirecting them (the benchmark quiets transformers' bars).
-    os.environ["COMET_AUTO_LOG_OUTPUT_LOGGER"] = ""
     for k in ("COMET_API_KEY", "COMET_MODE"):
         os.environ.pop(k, None)
     os.chdir(workdir)  # neptune's offline queue goes to ./.neptune

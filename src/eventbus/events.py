@@ -16,7 +16,7 @@ was published.
 from __future__ import annotations
 
 import time
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import msgspec
 
@@ -74,17 +74,16 @@ class BaseEvent(msgspec.Struct, frozen=True, kw_only=True, tag=True, omit_defaul
 class _ValuesEvent(BaseEvent, frozen=True, kw_only=True):
     """Events whose payload mapping may hold tensors: snapshot them at construction."""
 
+    _value_field: ClassVar[str]
+
     def __post_init__(self) -> None:
-        for field in self.__struct_fields__:
-            if field in _VALUE_FIELDS:
-                mapping = getattr(self, field)
-                if mapping and _values.has_tensor(mapping):
-                    # A copy of the mapping, tensors replaced by asynchronous snapshots:
-                    # the caller's dict and tensors are left as they were.
-                    msgspec.structs.force_setattr(self, field, _values.snapshot_mapping(mapping))
-
-
-_VALUE_FIELDS = frozenset({"values", "metrics"})
+        mapping = getattr(self, self._value_field)
+        if mapping:
+            snap = _values.snapshot_if_tensors(mapping)
+            if snap is not None:
+                # A copy of the mapping, tensors replaced by asynchronous snapshots:
+                # the caller's dict and tensors are left as they were.
+                msgspec.structs.force_setattr(self, self._value_field, snap)
 
 
 class InitEnd(BaseEvent, frozen=True, kw_only=True):
@@ -149,6 +148,8 @@ class Evaluate(_ValuesEvent, frozen=True, kw_only=True):
     """An evaluation finished (``on_evaluate``); ``metrics`` keys carry their prefix
     (``eval_loss``)."""
 
+    _value_field: ClassVar[str] = "metrics"
+
     metrics: dict[str, Any] = msgspec.field(default_factory=dict)
     prefix: str = "eval"
 
@@ -156,6 +157,8 @@ class Evaluate(_ValuesEvent, frozen=True, kw_only=True):
 class Predict(_ValuesEvent, frozen=True, kw_only=True):
     """A prediction run finished (``on_predict``); ``metrics`` keys carry their prefix
     (``test_loss``)."""
+
+    _value_field: ClassVar[str] = "metrics"
 
     metrics: dict[str, Any] = msgspec.field(default_factory=dict)
     prefix: str = "test"
@@ -178,6 +181,8 @@ class Save(BaseEvent, frozen=True, kw_only=True):
 
 class Log(_ValuesEvent, frozen=True, kw_only=True):
     """Values were logged (``on_log``), e.g. ``{"loss": ..., "learning_rate": ...}``."""
+
+    _value_field: ClassVar[str] = "values"
 
     values: dict[str, Any] = msgspec.field(default_factory=dict)
 

@@ -16,7 +16,7 @@ import math
 import sys
 from typing import Any, Mapping
 
-__all__ = ["Deferred", "has_tensor", "is_tensor", "snapshot", "snapshot_mapping", "resolve", "resolve_mapping"]
+__all__ = ["Deferred", "has_tensor", "is_tensor", "snapshot", "snapshot_mapping", "snapshot_if_tensors", "resolve", "resolve_mapping"]
 
 
 def _torch() -> Any:
@@ -35,7 +35,23 @@ def has_tensor(mapping: Mapping[str, Any]) -> bool:
     if torch is None:
         return False
     tensor = torch.Tensor
-    return any(isinstance(v, tensor) for v in mapping.values())
+    for v in mapping.values():
+        if isinstance(v, tensor):
+            return True
+    return False
+
+
+def snapshot_if_tensors(mapping: Mapping[str, Any]) -> dict[str, Any] | None:
+    """:func:`snapshot_mapping` of ``mapping`` if it holds a tensor, else ``None``
+    (one pass, no copy, for the common case of plain numbers)."""
+    torch = _torch()
+    if torch is None:
+        return None
+    tensor = torch.Tensor
+    for v in mapping.values():
+        if isinstance(v, tensor):
+            return snapshot_mapping(mapping)
+    return None
 
 
 class Deferred:
@@ -58,20 +74,24 @@ class Deferred:
 
 
 def snapshot(value: Any) -> Any:
-    """Capture ``value`` as published. Non-tensors are returned unchanged."""
+    """Capture ``value`` as published. Non-tensors are returned unchanged.
+
+    Each torch call from Python releases the GIL and must take it back, which waits
+    while sink threads run: the CPU path makes one call (``clone``), two only for a
+    tensor that requires grad.
+    """
     if not is_tensor(value):
         return value
-    t = value.detach()
-    if t.device.type == "cuda":
+    t = value.detach() if value.requires_grad else value
+    if t.is_cuda:
         torch = _torch()
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         host.copy_(t, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
         return Deferred(host, ready)
-    if t.device.type == "cpu":
-        return Deferred(t.clone())
-    # Other devices (mps, xla, ...): an on-device clone is asynchronous there too.
+    # CPU: a copy the loop cannot modify. Other devices (mps, xla, ...): an
+    # on-device clone is asynchronous there too, and resolve() moves it to the host.
     return Deferred(t.clone())
 
 

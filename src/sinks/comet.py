@@ -257,6 +257,18 @@ class CometSink(ThreadedSink):
             log_graph=False,
             parse_args=self.parse_args,
             log_env_details=self.log_env_details,
+            # System-metric samplers (cpu, gpu, network, disk) are threads in the
+            # training process that take the GIL every few seconds; they stay off
+            # unless log_env_details asks for them.
+            log_env_cpu=self.log_env_details,
+            log_env_gpu=self.log_env_details,
+            log_env_network=self.log_env_details,
+            log_env_disk=self.log_env_details,
+            log_env_host=self.log_env_details,
+            auto_log_co2=False,
+            # Comet would otherwise swap sys.stdout/sys.stderr process-wide, from this
+            # sink's thread, for the experiment's lifetime.
+            auto_output_logging=None,
             log_git_metadata=self.log_code,
             log_git_patch=self.log_code,
             auto_param_logging=False,
