@@ -31,6 +31,7 @@ import math
 import os
 import re
 import socket
+import struct
 import time
 from types import SimpleNamespace
 from typing import Any, BinaryIO, Mapping, Sequence
@@ -65,6 +66,45 @@ _END_STATUS = {
 }
 
 
+def _record_writer_class(fallback: Any) -> Any:
+    """tensorboard's ``RecordWriter`` computes its CRC-32C in pure Python (~25 µs
+    per 100-byte record, holding the GIL the training thread needs). With
+    ``google-crc32c`` installed (the ``tensorboard`` extra brings it), records are
+    framed the same way by :class:`_FastRecordWriter` with the C implementation."""
+    try:
+        import google_crc32c
+    except ImportError:
+        return fallback
+    if google_crc32c.implementation != "c":
+        return fallback
+    return _FastRecordWriter
+
+
+class _FastRecordWriter:
+    """TFRecord framing, byte for byte as tensorboard's ``RecordWriter``: uint64
+    length, masked CRC of the length, data, masked CRC of the data."""
+
+    def __init__(self, writer: BinaryIO) -> None:
+        import google_crc32c
+
+        self._crc = google_crc32c.value
+        self._writer = writer
+
+    def _masked(self, data: bytes) -> bytes:
+        x = self._crc(data)
+        return struct.pack("<I", (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+    def write(self, data: bytes) -> None:
+        header = struct.pack("<Q", len(data))
+        self._writer.write(header + self._masked(header) + data + self._masked(data))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 def _tb() -> SimpleNamespace:
     """Import what the sink needs from tensorboard, or fail naming the extra."""
     import_sdk("tensorboard", "tensorboard", "tensorboard")
@@ -83,7 +123,7 @@ def _tb() -> SimpleNamespace:
         plugin_data_pb2=plugin_data_pb2,
         hp_metadata=hp_metadata,
         text_pb2=text_pb2,
-        RecordWriter=RecordWriter,
+        RecordWriter=_record_writer_class(RecordWriter),
     )
 
 

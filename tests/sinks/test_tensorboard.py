@@ -237,3 +237,20 @@ def test_missing_tensorboard_names_the_extra(monkeypatch):
 
 def test_subscribes_only_to_what_it_writes():
     assert set(TensorBoardSink.events) == {TrainBegin, Log, Evaluate, Predict, Save, TrainEnd}
+
+
+def test_fast_record_framing_is_byte_for_byte_tensorboards(tmp_path):
+    """The C CRC-32C writer frames records exactly as tensorboard's own RecordWriter."""
+    import io
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    from sinks.tensorboard import _FastRecordWriter, _record_writer_class
+
+    assert _record_writer_class(RecordWriter) is _FastRecordWriter  # google-crc32c is in the extra
+    payloads = [b"", b"x", bytes(range(256)) * 3]
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    for p in payloads:
+        _FastRecordWriter(ours).write(p)
+        RecordWriter(theirs).write(p)
+    assert ours.getvalue() == theirs.getvalue()
