@@ -611,6 +611,9 @@ class EventBus:
             # thread is a daemon: abandon it and account for what it held.
             logger.error("eventbus: the bus thread did not stop by the close deadline; a sink is blocking its loop")
             self._abandon_all()
+        # Published from another thread after the final drain: no sink will get
+        # these any more, so they are counted as refused rather than left "queued".
+        self._drop_ingress()
         stats = self.stats()
         stats.running = False
         lost = {n: s.abandoned for n, s in stats.sinks.items() if s.abandoned}
@@ -621,11 +624,14 @@ class EventBus:
 
     def _finish_without_thread(self) -> BusStats:
         # Never started: what was published can go nowhere.
+        self._drop_ingress()
+        return self.stats()
+
+    def _drop_ingress(self) -> None:
         n = len(self._ingress)
         self._ingress.clear()
         with self._drop_lock:
             self._ingress_dropped += n
-        return self.stats()
 
     def _abandon_all(self) -> None:
         for w in self._workers:

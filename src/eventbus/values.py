@@ -119,9 +119,12 @@ def resolve(value: Any) -> Any:
 
 def resolve_mapping(mapping: Mapping[str, Any]) -> dict[str, Any] | None:
     """A resolved copy of ``mapping``, or ``None`` when nothing in it needed resolving."""
-    if not any(isinstance(v, Deferred) or is_tensor(v) for v in mapping.values()):
-        return None
-    return {k: resolve(v) for k, v in mapping.items()}
+    torch = _torch()
+    kinds = Deferred if torch is None else (Deferred, torch.Tensor)
+    for v in mapping.values():
+        if isinstance(v, kinds):
+            return {k: resolve(v) for k, v in mapping.items()}
+    return None
 
 
 def is_finite_number(value: Any) -> bool:

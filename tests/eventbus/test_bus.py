@@ -288,3 +288,40 @@ def test_urgent_event_behind_more_than_one_batch_is_still_flushed_at_once() -> N
         wait_for(lambda: len(rec.got) == 6, what="the whole backlog up to the urgent event")
         assert [len(b) for b in rec.batches] == [4, 2]
         bus.close(timeout=5)
+
+
+def test_events_published_during_close_are_counted_not_left_queued():
+    """A thread that keeps publishing while close() runs: after close, nothing is
+    left in the ingress and every publish is accounted for."""
+    import threading
+
+    from eventbus import EventBus, Sink, StepEnd
+
+    class Quiet(Sink):
+        name = "quiet"
+
+        async def write(self, batch):
+            pass
+
+    bus = EventBus([Quiet()]).start()
+    stop = threading.Event()
+    calls = 0
+
+    def produce() -> None:
+        nonlocal calls
+        while not stop.is_set():
+            bus.publish(StepEnd(step=calls))
+            calls += 1
+
+    t = threading.Thread(target=produce)
+    t.start()
+    stats = bus.close(timeout=5)
+    stop.set()
+    t.join()
+    final = bus.stats()
+    assert final.ingress_depth == 0
+    assert final.published == calls
+    sink = final.sinks["quiet"]
+    assert sink.received == sink.delivered + sink.dropped + sink.spooled + sink.queue_depth
+    assert final.published == sink.received + final.ingress_dropped
+    assert stats.ingress_depth == 0
