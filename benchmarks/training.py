@@ -5,7 +5,9 @@ Unlike ``overhead.py``, which counts only the time the training thread spends in
 callback handler, this counts everything the sinks cost the loop: publishing, and
 the share of the GIL and of the CPU that the bus thread, the sinks' threads and the
 SDKs' own threads take while the model trains. Runs alternate (none, all, none, ...)
-in one process; the model is a small MLP at a few hundred microseconds per step.
+in one process; the model is a small MLP at a few hundred microseconds per step. A
+third configuration runs every sink with the SDK sinks (Neptune, Comet) isolated in
+child processes (``Sink.isolate``); its training starts once those children are up.
 
 When transformers and accelerate are installed, the same model trains through
 transformers' ``Trainer`` with ``report_to="none"`` and ``report_to="tensorboard"``.
@@ -25,6 +27,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -36,9 +39,34 @@ from _common import StepTimer, TinyModel, all_sinks, as_transformers_callback, m
 BATCH = 32
 
 
-def run_ours(workdir: str, steps: int, with_sinks: bool, only: str | None = None) -> tuple[float, str, dict[str, Any], float]:
+ISOLATED = ("neptune", "comet_ml")
+"""The SDK sinks the "isolated" configuration runs in child processes (Sink.isolate)."""
+
+
+class _WaitForChildren:
+    """Starts training once the isolated sinks' child processes have opened: their
+    start-up (importing the SDK, ~1-2 s of CPU) is paid once per run, not per step,
+    and would otherwise fall into a short benchmark's timed window."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Wait (at most a minute) for every isolated sink to be open in its child."""
+        from eventbus.isolation import ProcessSink
+
+        deadline = time.monotonic() + 60
+        proxies = [s for s in self.trainer.bus.sinks if isinstance(s, ProcessSink)]
+        while not all(p.opened for p in proxies) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def run_ours(
+    workdir: str, steps: int, with_sinks: bool, only: str | None = None, isolate: tuple[str, ...] = ()
+) -> tuple[float, str, dict[str, Any], float]:
     """Train ``steps`` steps through our Trainer; (steps/s, mlflow endpoint, sink
-    stats, CPU µs per step of the other threads). ``only``: keep just that sink."""
+    stats, CPU µs per step of the other threads). ``only``: keep just that sink;
+    ``isolate``: run these sinks in a child process each."""
     from trainer import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
 
     torch.manual_seed(0)
@@ -61,7 +89,11 @@ def run_ours(workdir: str, steps: int, with_sinks: bool, only: str | None = None
             sinks, how = stack.enter_context(all_sinks(os.path.join(workdir, "sinks")))
             if only is not None:
                 sinks = [s for s in sinks if s.name == only]
+            for s in sinks:
+                s.isolate = s.name in isolate
         trainer = Trainer(TinyModel(), args, train_dataset=data, callbacks=[timer], sinks=sinks)
+        if isolate:
+            trainer.add_callback(_WaitForChildren(trainer))
         # Printing every log is an observer's job (the console sink), not the loop's.
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
@@ -141,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     root = tempfile.mkdtemp(prefix="eventbus-training-")
     none: list[float] = []
     every: list[float] = []
+    isolated: list[float] = []
     side_cpu: dict[bool, list[float]] = {False: [], True: []}
+    isolated_cpu: list[float] = []
     how = ""
     drops: dict[str, int] = {}
     try:
@@ -156,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
                 for name, s in stats.items():
                     if s.dropped:
                         drops[name] = drops.get(name, 0) + s.dropped
+            say(f"run {r + 1}/{repeats}: all sinks, {' and '.join(ISOLATED)} isolated")
+            sps, _, stats, other = run_ours(os.path.join(root, f"ours-{r}-iso"), steps, True, isolate=ISOLATED)
+            isolated.append(sps)
+            isolated_cpu.append(other)
+            for name, s in stats.items():
+                if s.dropped:
+                    drops[name + " (isolated run)"] = drops.get(name + " (isolated run)", 0) + s.dropped
         each: list[tuple[str, float, float]] = []
         if opts.each:
             for name in ("progress", "tensorboard", "jsonl", "neptune", "comet_ml", "mlflow"):
@@ -188,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * (w + 57))
     print(f"{'ours, no sinks':<{w}}  {median_min_max(none):>26}  {statistics.median(side_cpu[False]):>27,.0f}")
     print(f"{'ours, all sinks':<{w}}  {median_min_max(every):>26}  {statistics.median(side_cpu[True]):>27,.0f}")
+    iso_label = f"ours, all sinks, {' and '.join(ISOLATED)} isolated"
+    print(f"{iso_label:<{w}}  {median_min_max(isolated):>26}  {statistics.median(isolated_cpu):>27,.0f}")
     ratio = statistics.median(every) / statistics.median(none)
+    iso_ratio = statistics.median(isolated) / statistics.median(none)
     for name, sps, other in each:
         print(f"{name:<{w}}  {sps:>26,.0f}  {other:>27,.0f}")
     for name, values in tf_rows:
@@ -196,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     ok = ratio >= 0.95
     print(f"target: all sinks within 5% of no sinks at logging_steps=1: {ratio:.3f}x ({'ok' if ok else 'MISSED'})")
+    iso_ok = iso_ratio >= 0.95
+    print(
+        f"        the same with {' and '.join(ISOLATED)} in child processes: {iso_ratio:.3f}x "
+        f"({'ok' if iso_ok else 'MISSED'}; the children's CPU is not in the last column)"
+    )
     if tf_rows:
         tf_ratio = statistics.median(tf_rows[1][1]) / statistics.median(tf_rows[0][1])
         print(f"transformers: tensorboard / none = {tf_ratio:.3f}x")

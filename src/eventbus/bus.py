@@ -508,6 +508,11 @@ class EventBus:
         if self.run.rank != 0 and not sink.all_ranks:
             self._skipped.append(sink)
             return
+        if sink.isolate:
+            # The sink runs in a child process; this proxy stands in for it here.
+            from eventbus.isolation import ProcessSink
+
+            sink = ProcessSink(sink)
         worker = _SinkWorker(sink, self)
         mark = self._resume_marks.get(sink.name)
         if sink.overflow is Overflow.SPOOL or getattr(sink, "spool", False) is True:

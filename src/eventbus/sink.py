@@ -90,6 +90,14 @@ class Sink:
     spool_fsync_interval: float = 1.0
     """Seconds between fsyncs of the spool (0: after every append); always at close."""
 
+    isolate: bool = False
+    """Run this sink in a child process of its own (``eventbus.isolation``): the bus
+    attaches a ``ProcessSink`` proxy that sends it each batch as msgpack, so a blocking
+    SDK's Python no longer competes with the training loop for the GIL. The instance
+    must be picklable when it is attached; its ``open``/``write``/``close`` then run
+    in the child. Queueing, retries, the circuit breaker, the spool and the stats stay
+    in the bus, unchanged."""
+
     @classmethod
     def available(cls) -> bool:
         """Whether ``report_to="all"`` should include this sink: its SDK is installed

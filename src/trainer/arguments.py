@@ -30,6 +30,21 @@ class TrainingArgumentsError(ValueError):
     """A training argument is invalid; the message names the field and the fix."""
 
 
+def _sink_names(field: str, value: Any) -> list[str] | None:
+    """``None``, ``"all"``, ``"a,b"`` or a list of sink names -> ``None``, ``["all"]`` or the names."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in items):
+        raise TrainingArgumentsError(
+            f"{field} must be None, 'all', or a list of sink names such as ['comet_ml', 'neptune'], got {value!r}"
+        )
+    names = list(dict.fromkeys(v.strip() for v in items))
+    if "all" in names and len(names) > 1:
+        raise TrainingArgumentsError(f"{field}: 'all' cannot be combined with sink names, got {value!r}")
+    return names or None
+
+
 class _StrEnum(str, enum.Enum):
     """A string enum that compares equal to its value (``IntervalStrategy.STEPS ==
     "steps"``), as transformers' ``ExplicitEnum``."""
@@ -214,6 +229,12 @@ class TrainingArguments:
     """Warn (once per trainer) when control callbacks take more than this share of
     the step time, sampled over 10 steps every 1000; ``None`` or ``0`` turns it off."""
 
+    isolate_sinks: list[str] | None = None
+    """Sinks to run in a child process each (``eventbus.Sink.isolate``): names from
+    ``report_to`` or of sinks passed to the trainer, or ``"all"``. A blocking SDK
+    (Comet, Neptune) then no longer competes with the training loop for the GIL;
+    each such sink must be picklable. ``None``: every sink runs in this process."""
+
     def __post_init__(self) -> None:
         if self.output_dir is None:
             self.output_dir = "trainer_output"
@@ -241,6 +262,8 @@ class TrainingArguments:
             raise TrainingArgumentsError(
                 f"report_to={self.report_to!r}: {exc}. Use 'none', 'all', or sink names such as ['jsonl', 'tensorboard']"
             ) from None
+
+        self.isolate_sinks = _sink_names("isolate_sinks", self.isolate_sinks)
 
         self._check_types()
         self._check_ranges()

@@ -31,7 +31,7 @@ from eventbus import EventBus, InitEnd, RunInfo, Sink, TrainEnd, sinks_from_repo
 from trainer import _marks
 from trainer import checkpoint as ckpt
 from trainer import distributed
-from trainer.arguments import TrainingArguments
+from trainer.arguments import TrainingArguments, TrainingArgumentsError
 from trainer._callback_watch import CallbackTimeWatch
 from trainer.callbacks import CallbackHandler, TrainerCallback
 from trainer.flow import DefaultFlowCallback
@@ -517,6 +517,19 @@ class Trainer:
     def _new_bus(self) -> EventBus:
         args = self.args
         sinks = list(sinks_from_report_to(getattr(args, "report_to", None))) + self._user_sinks
+        isolate = getattr(args, "isolate_sinks", None)
+        if isolate:
+            # Named sinks run in a child process each (eventbus.isolation).
+            names = [s.name for s in sinks]
+            unknown = [n for n in isolate if n != "all" and n not in names]
+            if unknown:
+                raise TrainingArgumentsError(
+                    f"isolate_sinks names {unknown}, which are not among this run's sinks {names}; "
+                    f"use names from report_to or of the sinks passed to the Trainer"
+                )
+            for s in sinks:
+                if isolate == ["all"] or s.name in isolate:
+                    s.isolate = True
         run = RunInfo(
             run_id=self.run_id,
             run_name=getattr(args, "run_name", None),

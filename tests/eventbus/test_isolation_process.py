@@ -1,0 +1,381 @@
+"""Process isolation (``Sink.isolate``): the sink's hooks run in a child process, the
+bus's queueing, retries and stats work unchanged, a dead child is restarted, a hung
+one is terminated by the close deadline, and a child outlives neither its parent nor
+a Ctrl-C of its own.
+
+The sinks here live in this module, which the child imports to unpickle them: it
+imports nothing heavier than eventbus and pytest (no torch).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pytest
+
+from eventbus import EventBus, Log, RunInfo, Sink, StepEnd, ThreadedSink, TransientSinkError
+from eventbus.errors import SinkConfigError
+from eventbus.events import BaseEvent
+from eventbus.isolation import ProcessSink
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until true; fail after ``timeout`` seconds (a generous bound)."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+class FileSink(ThreadedSink):
+    """Appends ``<type> <step> <pid>`` per event to ``path``; in open, imports the
+    module ``sdk`` (a stand-in for a backend SDK) and notes what the process holds."""
+
+    events = (Log, StepEnd)
+
+    def __init__(self, name: str, path: str, sdk: str | None = None, **opts: Any) -> None:
+        self.name = name  # type: ignore[misc]
+        self.path = path
+        self.sdk = sdk
+        self.child_pid: int | None = None
+        self.isolate = True
+        self.max_delay = 0.0
+        self.retry_backoff = 0.01
+        for k, v in opts.items():
+            setattr(self, k, v)
+
+    def open_sync(self, run: RunInfo) -> None:
+        if self.sdk:
+            __import__(self.sdk)
+        self.child_pid = os.getpid()  # copied back to the parent's instance
+        with open(self.path + ".open", "a") as f:
+            f.write(f"{os.getpid()} sdk={self.sdk in sys.modules} torch={'torch' in sys.modules} run={run.run_id}\n")
+        logging.getLogger("tests.isolation").warning("opened in pid %d", os.getpid())
+
+    def write_sync(self, batch: Sequence[BaseEvent]) -> None:
+        with open(self.path, "a") as f:
+            f.writelines(f"{type(ev).__name__} {ev.step} {os.getpid()}\n" for ev in batch)
+
+    def close_sync(self) -> None:
+        with open(self.path + ".closed", "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def read_lines(path: str) -> list[list[str]]:
+    with open(path) as f:
+        return [line.split() for line in f]
+
+
+def test_isolated_sink_writes_every_event_in_order_from_its_own_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A module only the child may import: the SDK stays out of the training process.
+    sdk = f"fake_sdk_{os.getpid()}"
+    (tmp_path / f"{sdk}.py").write_text("LOADED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = str(tmp_path / "events.txt")
+    sink = FileSink("file", path, sdk=sdk, max_batch_size=7)
+    caplog.set_level(logging.WARNING, logger="tests.isolation")
+    n = 500
+    with EventBus([sink], run=RunInfo(run_id="run-iso")) as bus:
+        [proxy] = bus.sinks
+        assert isinstance(proxy, ProcessSink) and proxy.sink is sink
+        assert (proxy.name, proxy.events, proxy.max_batch_size) == ("file", (Log, StepEnd), 7)
+        wait_for(lambda: proxy.opened, what="the child to open the sink")
+        assert sink.child_pid is not None  # set by open() in the child, copied back
+        pid = proxy.pid
+        # Ctrl-C reaches the whole process group; the child ignores it (the parent shuts down in order).
+        os.kill(pid, signal.SIGINT)
+        for i in range(n):
+            bus.publish(Log(step=i, values={"loss": float(i)}) if i % 2 else StepEnd(step=i))
+    stats = bus.stats().sinks["file"]
+    assert (stats.received, stats.delivered, stats.dropped, stats.failed, stats.errors, stats.retries) == (n, n, 0, 0, 0, 0)
+    lines = read_lines(path)
+    assert [(t, int(s)) for t, s, _ in lines] == [("Log" if i % 2 else "StepEnd", i) for i in range(n)]
+    assert {p for _, _, p in lines} == {str(pid)} and pid != os.getpid() and sink.child_pid == pid
+    assert read_lines(path + ".open") == [[str(pid), "sdk=True", "torch=False", "run=run-iso"]]
+    assert read_lines(path + ".closed") == [[str(pid)]]
+    assert sdk not in sys.modules  # imported in the child only
+    # The child's log records reach the parent's loggers.
+    assert [r.getMessage() for r in caplog.records if r.name == "tests.isolation"] == [f"opened in pid {pid}"]
+    assert proxy.process is None and not proxy.opened  # the child exited and was reaped at close
+
+
+class FlakySink(ThreadedSink):
+    """Raises ``exc`` on its first ``fail_times`` writes (state kept in the child)."""
+
+    events = (Log,)
+
+    def __init__(self, name: str, exc: BaseException, fail_times: int, path: str, transient_types: tuple[type, ...] = ()) -> None:
+        self.name = name  # type: ignore[misc]
+        self.exc = exc
+        self.fail_times = fail_times
+        self.path = path
+        self.transient_types = transient_types
+        self.calls = 0
+        self.isolate = True
+        self.max_delay = 0.0
+        self.retry_backoff = 0.0
+        self.max_retries = 5
+        self.max_batch_size = 10_000
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return isinstance(exc, self.transient_types) or super().is_transient(exc)
+
+    def write_sync(self, batch: Sequence[BaseEvent]) -> None:
+        self.calls += 1
+        if self.calls <= self.fail_times:
+            raise self.exc
+        with open(self.path, "a") as f:
+            f.writelines(f"{ev.step}\n" for ev in batch)
+
+
+def test_errors_in_the_child_are_classified_by_the_sink_retried_and_counted(tmp_path: Path) -> None:
+    n = 20
+    transient = FlakySink("transient", TransientSinkError("busy", retry_after=0.0), 2, str(tmp_path / "t"))
+    # KeyError is transient only because this sink's is_transient says so: the child asks it.
+    own = FlakySink("own", KeyError("later"), 3, str(tmp_path / "o"), transient_types=(KeyError,))
+    permanent = FlakySink("permanent", ValueError("bad value"), 10**9, str(tmp_path / "p"))
+    bus = EventBus([transient, own, permanent])
+    for i in range(n):  # before start: one batch of n per sink
+        bus.publish(Log(step=i, values={"x": i}))
+    bus.start()
+    stats = bus.close(timeout=30).sinks
+    t, o, p = stats["transient"], stats["own"], stats["permanent"]
+    assert (t.delivered, t.failed, t.errors, t.retries) == (n, 0, 2, 2)
+    assert (o.delivered, o.failed, o.errors, o.retries) == (n, 0, 3, 3)
+    assert (p.delivered, p.failed, p.dropped, p.errors, p.retries) == (0, n, n, 1, 0)
+    assert "ValueError: bad value" in p.last_error and "SinkError" in p.last_error
+    assert "KeyError" in o.last_error and "TransientSinkError" in o.last_error
+    assert [int(x) for x in open(tmp_path / "t").read().split()] == list(range(n))
+    assert [int(x) for x in open(tmp_path / "o").read().split()] == list(range(n))
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_killed_child_is_restarted_and_its_batch_retried(tmp_path: Path) -> None:
+    path = str(tmp_path / "events.txt")
+    sink = FileSink("file", path)
+    with EventBus([sink]) as bus:
+        [proxy] = bus.sinks
+        for i in range(10):
+            bus.publish(Log(step=i, values={}))
+        wait_for(lambda: bus.stats().sinks["file"].delivered == 10, what="the first events")
+        first = proxy.process
+        assert first is not None
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+        for i in range(10, 25):
+            bus.publish(Log(step=i, values={}))
+        wait_for(lambda: bus.stats().sinks["file"].delivered == 25, what="delivery after the restart")
+        second = proxy.pid
+    stats = bus.stats().sinks["file"]
+    assert (stats.received, stats.delivered, stats.failed, stats.dropped, stats.errors, stats.retries) == (25, 25, 0, 0, 1, 1)
+    assert "ConnectionError" in stats.last_error and f"pid {first.pid}" in stats.last_error
+    lines = read_lines(path)
+    assert [int(s) for _, s, _ in lines] == list(range(25))  # nothing lost, nothing twice
+    assert {p for _, s, p in lines if int(s) < 10} == {str(first.pid)}
+    assert {p for _, s, p in lines if int(s) >= 10} == {str(second)} and second != first.pid
+    # The sink was opened again in the new child, and closed there.
+    assert [line[0] for line in read_lines(path + ".open")] == [str(first.pid), str(second)]
+    assert read_lines(path + ".closed") == [[str(second)]]
+
+
+class HangingSink(ThreadedSink):
+    """Ignores SIGTERM, then hangs in its first write (after touching ``path``)."""
+
+    events = (Log,)
+    isolate = True
+    max_delay = 0.0
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def open_sync(self, run: RunInfo) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so that only SIGKILL ends it
+
+    def write_sync(self, batch: Sequence[BaseEvent]) -> None:
+        Path(self.path).touch()
+        time.sleep(3600)
+
+
+def test_a_hanging_child_is_terminated_by_the_close_deadline(tmp_path: Path) -> None:
+    flag = tmp_path / "writing"
+    bus = EventBus([HangingSink(str(flag))]).start()
+    [proxy] = bus.sinks
+    for i in range(5):
+        bus.publish(Log(step=i, values={}))
+    wait_for(flag.exists, what="the child to enter write")
+    proc = proxy.process
+    assert proc is not None and proc.poll() is None
+    t0 = time.monotonic()
+    stats = bus.close(timeout=1.0)
+    assert time.monotonic() - t0 < 5.0  # generous: the deadline is 1 s
+    s = stats.sinks["sink"]
+    assert (s.delivered, s.abandoned, s.dropped) == (0, 5, 5)
+    # SIGTERM is ignored by this sink: the child is killed KILL_GRACE seconds later.
+    wait_for(lambda: proc.poll() is not None, timeout=15, what="the child to be killed")
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_the_proxy_reads_and_writes_the_wrapped_sinks_settings(tmp_path: Path) -> None:
+    sink = FileSink("file", str(tmp_path / "x"), capacity=50, spool=True, spool_dir=str(tmp_path / "spool"))
+    bus = EventBus([sink])  # never started: no child
+    [proxy] = bus.sinks
+    assert isinstance(proxy, ProcessSink) and not proxy.opened and proxy.pid is None
+    assert (proxy.capacity, proxy.spool, proxy.max_delay, proxy.retry_backoff) == (50, True, 0.0, 0.01)
+    assert proxy.spool_dir == str(tmp_path / "spool")
+    sink.capacity = 7  # after attaching, as before start is allowed
+    proxy.max_retries = 2
+    assert (proxy.capacity, sink.max_retries) == (7, 2)
+    assert proxy.path == sink.path  # other attributes read through too
+    assert "ProcessSink" in repr(proxy) and "file" in repr(proxy)
+    bus.close()
+
+
+class Unpicklable(Sink):
+    """Holds a lock: cannot be sent to a child process."""
+
+    name = "locked"
+    isolate = True
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    async def write(self, batch: Sequence[BaseEvent]) -> None:
+        pass
+
+
+def test_an_unpicklable_sink_is_a_clear_error_when_attached() -> None:
+    with pytest.raises(SinkConfigError) as info:
+        EventBus([Unpicklable()])
+    message = str(info.value)
+    assert "'locked'" in message and "pickled" in message and "isolate=False" in message
+    bus = EventBus()
+    bad = Unpicklable()
+    bad.isolate = False  # in-process: fine
+    bus.add_sink(bad)
+    assert bus.sinks == [bad]
+
+
+class AsyncFileSink(Sink):
+    """An async sink: its hooks run on one event loop in the child."""
+
+    name = "async"
+    events = (Log,)
+    isolate = True
+    max_delay = 0.0
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    async def open(self, run: RunInfo) -> None:
+        import asyncio
+
+        self.loop_id = id(asyncio.get_running_loop())  # type: ignore[attr-defined]
+
+    async def write(self, batch: Sequence[BaseEvent]) -> None:
+        import asyncio
+
+        await asyncio.sleep(0)
+        with open(self.path, "a") as f:
+            same = id(asyncio.get_running_loop()) == self.loop_id  # type: ignore[attr-defined]
+            f.writelines(f"{ev.step} {same}\n" for ev in batch)
+
+
+def test_an_async_sink_runs_on_one_loop_in_the_child(tmp_path: Path) -> None:
+    path = str(tmp_path / "a.txt")
+    with EventBus([AsyncFileSink(path)]) as bus:
+        for i in range(30):
+            bus.publish(Log(step=i, values={}))
+            if i == 10:
+                wait_for(lambda: bus.stats().sinks["async"].delivered == 11, what="a first batch")
+    assert bus.stats().sinks["async"].delivered == 30
+    assert read_lines(path) == [[str(i), "True"] for i in range(30)]
+
+
+def test_the_child_closes_its_sink_and_exits_when_the_parent_dies(tmp_path: Path) -> None:
+    # A parent process that opens an isolated sink and is then SIGKILLed.
+    path = str(tmp_path / "events.txt")
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "src")!r}]
+        from eventbus import EventBus, Log
+        from tests.eventbus.test_isolation_process import FileSink
+        bus = EventBus([FileSink("file", {path!r})]).start()
+        bus.publish(Log(step=1, values={{}}))
+        while not os.path.exists({path!r}):
+            time.sleep(0.01)
+        print(bus.sinks[0].pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    parent = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert parent.returncode == -signal.SIGKILL, parent.stderr
+    child = int(parent.stdout.split()[0])
+
+    def gone() -> bool:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return True
+        try:  # exited but not reaped yet (a zombie): gone as well
+            return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    wait_for(gone, timeout=20, what="the orphaned child to exit")
+    assert read_lines(path) == [["Log", "1", str(child)]]
+    assert read_lines(path + ".closed") == [[str(child)]]  # it closed the sink first
+
+
+def test_a_sink_class_defined_in_a_script_runs_isolated(tmp_path: Path) -> None:
+    # The child imports the script as __mp_main__ (as multiprocessing's spawn does),
+    # so its class unpickles there; the guarded part does not run again.
+    out = tmp_path / "out.txt"
+    script = tmp_path / "train_script.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, sys
+            sys.path[:0] = [{str(ROOT / "src")!r}]
+            from eventbus import EventBus, Log, ThreadedSink
+
+            class ScriptSink(ThreadedSink):
+                name = "script"
+                isolate = True
+                max_delay = 0.0
+
+                def write_sync(self, batch):
+                    with open({str(out)!r}, "a") as f:
+                        f.writelines(f"{{ev.step}} {{os.getpid()}} {{__name__}}\\n" for ev in batch)
+
+            if __name__ == "__main__":
+                with open({str(out)!r} + ".main", "a") as f:
+                    f.write(f"{{os.getpid()}}\\n")
+                with EventBus([ScriptSink()]) as bus:
+                    for i in range(3):
+                        bus.publish(Log(step=i, values={{}}))
+                print(bus.stats().sinks["script"].delivered, flush=True)
+            """
+        )
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["3"]
+    [main_pid] = (out.parent / (out.name + ".main")).read_text().split()
+    lines = read_lines(str(out))
+    assert [s for s, _, _ in lines] == ["0", "1", "2"]
+    assert {(p, m) for _, p, m in lines} == {(lines[0][1], "__mp_main__")} and lines[0][1] != main_pid
