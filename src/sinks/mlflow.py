@@ -224,6 +224,13 @@ class MLflowSink(Sink):
         self._ended = False
         self._final_status = "FINISHED"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # For process isolation (sink.isolate): the HTTP client (a connection pool and
+        # its locks) is rebuilt on first use in the child from the same options.
+        state = self.__dict__.copy()
+        state["_client"] = None
+        return state
+
     # -- configuration ------------------------------------------------------------------
 
     @classmethod

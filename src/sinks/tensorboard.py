@@ -169,6 +169,19 @@ class TensorBoardSink(ThreadedSink):
         # _train_begin); (checkpoint path, wall time ns).
         self._pending_start: tuple[str, int] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # For process isolation (sink.isolate): modules and open files do not travel;
+        # the child imports tensorboard again and opens its own event file.
+        if self._writer is not None:
+            raise TypeError("an open TensorBoardSink cannot be pickled; isolate it before the bus starts")
+        state = self.__dict__.copy()
+        del state["_tb"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._tb = _tb()
+
     @classmethod
     def available(cls) -> bool:
         """True when tensorboard is installed."""

@@ -138,3 +138,42 @@ def test_isolated_jsonl_and_comet_write_what_they_write_in_process(
     assert {"train/loss", "eval/loss"} <= set(iso_archive.metrics)
     assert _stable(iso_archive.params) == _stable(plain_archive.params)
     assert iso_archive.others.get("train_status") == plain_archive.others.get("train_status") == "completed"
+
+
+def test_isolated_tensorboard_writes_the_scalars_it_writes_in_process(tmp_path: Path) -> None:
+    """TensorBoardSink travels to its child (tensorboard is imported again there) and
+    the event files read back the same through tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def run(name: str, isolate: list[str] | None) -> dict[str, list[tuple[int, float]]]:
+        out = tmp_path / name
+        args = TrainingArguments(
+            output_dir=str(out), max_steps=8, per_device_train_batch_size=4, logging_steps=2,
+            save_strategy="no", report_to=["tensorboard"], isolate_sinks=isolate, disable_tqdm=True,
+        )
+        trainer = Trainer(TinyClassifier(), args, train_dataset=make_dataset(32))
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        assert all(isinstance(s, ProcessSink) for s in trainer.bus.sinks) == bool(isolate)
+        stats = trainer.bus.stats().sinks["tensorboard"]
+        assert stats.delivered == stats.received > 0 and stats.errors == 0
+        acc = EventAccumulator(str(out / "logs"), size_guidance={"scalars": 0})
+        acc.Reload()
+        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+    plain, isolated = run("in-process", None), run("isolated", ["tensorboard"])
+    assert [s for s, _ in isolated["train/loss"]] == [2, 4, 6, 8]
+    assert {t: [s for s, _ in v] for t, v in isolated.items()} == {t: [s for s, _ in v] for t, v in plain.items()}
+
+
+def test_mlflow_sink_pickles_without_its_http_client() -> None:
+    """What process isolation sends to the child: options travel, the connection pool
+    does not, and the copy builds its own client from the same options."""
+    import pickle
+
+    from sinks.mlflow import MLflowSink
+
+    sink = MLflowSink(tracking_uri="http://127.0.0.1:5999", experiment_name="exp")
+    copy = pickle.loads(pickle.dumps(sink))
+    assert copy.base_url == sink.base_url and copy._client is None
+    assert copy.http is not sink.http and copy.http.base_url == sink.http.base_url
