@@ -1,23 +1,29 @@
 """Progress bars and printed logs, with transformers' behaviour.
 
 Logged losses may still be tensors (the loop never resolves them on the step path).
-These callbacks turn them into numbers only when they print them: that is a host sync,
-paid only on logging steps and only because the user asked for printed output. Use the
-``console`` sink instead to print from the bus thread with no sync on the training
-thread at all.
+Tensors on the CPU are turned into numbers when printed (no device is involved).
+Tensors on an accelerator are never waited for on the training thread: their values
+are copied to the host asynchronously and a small daemon thread writes the line once
+they have arrived (flushed at the end of training), so a progress bar costs no device
+sync. The ``console`` and ``progress`` sinks print from the bus thread instead.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import queue
+import threading
+from typing import Any, Callable, Mapping
 
 from tqdm.auto import tqdm
 
-from eventbus.values import is_tensor
+from eventbus.values import is_tensor, resolve, snapshot_mapping
 from trainer.callbacks import TrainerCallback
 from trainer.state import TrainerControl, TrainerState
 
 __all__ = ["ProgressCallback", "PrinterCallback"]
+
+logger = logging.getLogger("trainer")
 
 
 def _has_length(obj: Any) -> bool:
@@ -28,17 +34,68 @@ def _has_length(obj: Any) -> bool:
 
 
 def _format(value: Any) -> Any:
-    """Floats (and one-element tensors, resolved here) as ``{:.4g}``, the rest as is."""
+    """Floats (and one-element tensors) as ``{:.4g}``, the rest as is."""
     if is_tensor(value):
         if value.numel() != 1:
             return value
-        value = value.detach().reshape(()).item()  # the host sync documented above
+        value = value.detach().reshape(()).item()  # CPU tensors only reach here
     if isinstance(value, float):
         return f"{value:.4g}"
     return value
 
 
-class ProgressCallback(TrainerCallback):
+def _on_accelerator(value: Any) -> bool:
+    return is_tensor(value) and value.device.type != "cpu"
+
+
+class _DeferredWriter:
+    """Writes log lines whose values are still on an accelerator once the values have
+    reached the host, on a daemon thread, in submission order."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[Callable[[str], Any], dict[str, Any]] | threading.Event] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, write: Callable[[str], Any], logs: Mapping[str, Any]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="trainer-log-writer", daemon=True)
+            self._thread.start()
+        self._jobs.put((write, snapshot_mapping(logs)))  # asynchronous copies, no sync
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait (at most ``timeout``) until every submitted line is written."""
+        if self._thread is None:
+            return
+        done = threading.Event()
+        self._jobs.put(done)
+        done.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if isinstance(job, threading.Event):
+                job.set()
+                continue
+            write, logs = job
+            try:
+                write(str({k: _format(resolve(v)) for k, v in logs.items()}))
+            except Exception:  # a printing failure must not end the writer
+                logger.exception("trainer: could not print a log line")
+
+
+class _DeferredLogs:
+    """Gives a callback its :class:`_DeferredWriter`, created on first use (so that
+    subclasses with an ``__init__`` of their own keep working)."""
+
+    @property
+    def _deferred(self) -> _DeferredWriter:
+        writer = self.__dict__.get("_deferred_writer")
+        if writer is None:
+            writer = self.__dict__["_deferred_writer"] = _DeferredWriter()
+        return writer
+
+
+class ProgressCallback(_DeferredLogs, TrainerCallback):
     """tqdm bars for training (one tick per optimizer step), evaluation and prediction
     (one tick per batch), on the world process zero only; logs are written above the
     bar. Strings longer than ``max_str_len`` are replaced by a note saying so."""
@@ -98,18 +155,22 @@ class ProgressCallback(TrainerCallback):
                         "Consider increasing `max_str_len` if needed.]"
                     )
                 else:
-                    shallow_logs[k] = _format(v)
+                    shallow_logs[k] = v
             shallow_logs.pop("total_flos", None)
-            self.training_bar.write(str(shallow_logs))
+            if any(_on_accelerator(v) for v in shallow_logs.values()):
+                self._deferred.submit(self.training_bar.write, shallow_logs)
+            else:
+                self.training_bar.write(str({k: _format(v) for k, v in shallow_logs.items()}))
 
     def on_train_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        """Close the training bar."""
+        """Close the training bar (after the last deferred log line is written)."""
         if state.is_world_process_zero and self.training_bar is not None:
+            self._deferred.flush()
             self.training_bar.close()
             self.training_bar = None
 
 
-class PrinterCallback(TrainerCallback):
+class PrinterCallback(_DeferredLogs, TrainerCallback):
     """Prints the logs (on the local process zero), ``total_flos`` left out: what the
     trainer uses instead of bars when ``disable_tqdm=True``."""
 
@@ -121,4 +182,12 @@ class PrinterCallback(TrainerCallback):
         # taken its own copy of the logs).
         logs.pop("total_flos", None)
         if state.is_local_process_zero:
-            print({k: _format(v) for k, v in logs.items()})
+            if any(_on_accelerator(v) for v in logs.values()):
+                self._deferred.submit(print, logs)
+            else:
+                print({k: _format(v) for k, v in logs.items()})
+
+    def on_train_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Wait for the last deferred log line."""
+        self._deferred.flush()
+

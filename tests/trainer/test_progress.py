@@ -123,3 +123,34 @@ def test_printer_only_on_local_process_zero(capsys):
     PrinterCallback().on_log(ARGS, TrainerState(is_local_process_zero=False), TrainerControl(), logs={"loss": 1.0})
     PrinterCallback().on_log(ARGS, TrainerState(), TrainerControl(), logs=None)
     assert capsys.readouterr().out == ""
+
+
+def test_accelerator_tensors_are_printed_from_a_writer_thread_without_waiting(monkeypatch, capsys):
+    """Logs holding accelerator tensors are never resolved on the training thread: the
+    line is written by the deferred writer once the values reached the host, and
+    on_train_end waits for it. (No GPU here: CPU tensors stand in for device ones.)"""
+    import threading
+
+    import torch
+
+    import trainer.progress as progress
+    from trainer import PrinterCallback, TrainerControl, TrainerState
+
+    monkeypatch.setattr(progress, "_on_accelerator", lambda v: isinstance(v, torch.Tensor))
+    writers: list[str] = []
+    real_print = print
+
+    def recording_print(*a, **k):
+        writers.append(threading.current_thread().name)
+        real_print(*a, **k)
+
+    monkeypatch.setattr("builtins.print", recording_print)
+    cb = PrinterCallback()
+    state = TrainerState()
+    loss = torch.tensor(0.25)
+    cb.on_log(None, state, TrainerControl(), logs={"loss": loss, "learning_rate": 0.001})
+    loss.add_(100)  # the line shows the value as logged, not as modified afterwards
+    cb.on_train_end(None, state, TrainerControl())
+    out = capsys.readouterr().out
+    assert "{'loss': '0.25', 'learning_rate': '0.001'}" in out
+    assert writers == ["trainer-log-writer"]
