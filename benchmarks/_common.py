@@ -19,7 +19,7 @@ from torch import nn
 
 from eventbus._bench import bench_sinks
 
-__all__ = ["TinyModel", "make_dataset", "StepTimer", "as_transformers_callback", "all_sinks", "median_min_max", "quiet_stdout", "say"]
+__all__ = ["TinyModel", "make_dataset", "log_every_step_args", "StepTimer", "as_transformers_callback", "all_sinks", "median_min_max", "quiet_stdout", "say"]
 
 
 class TinyModel(nn.Module):
@@ -114,3 +114,21 @@ def median_min_max(values: list[float]) -> str:
 def say(msg: str) -> None:
     """Progress on stderr, so stdout holds only the results."""
     print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+def log_every_step_args(workdir: str, steps: int, batch: int) -> Any:
+    """Our ``TrainingArguments`` for the benchmarks: ``steps`` optimizer steps, a log
+    every step, no checkpoints, no sinks from ``report_to`` (the caller passes its
+    own), no progress bar."""
+    from trainer import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=workdir,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import StepTimer, TinyModel, as_transformers_callback, make_dataset, quiet_stdout, say  # noqa: E402
+from _common import StepTimer, TinyModel, as_transformers_callback, log_every_step_args, make_dataset, quiet_stdout, say  # noqa: E402
 
 BATCH = 256
 DIM = 256
@@ -72,20 +72,11 @@ def _sinks(workdir: str) -> list[Any]:
 
 def run_ours(workdir: str, steps: int, guard: bool) -> tuple[float, Any]:
     """Train on CUDA through our Trainer; (steps/s, bus stats)."""
-    from trainer import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+    from trainer import PrinterCallback, ProgressCallback, Trainer
 
     torch.manual_seed(0)
     data = make_dataset(steps * BATCH, dim=DIM)
-    args = TrainingArguments(
-        output_dir=workdir,
-        max_steps=steps,
-        per_device_train_batch_size=BATCH,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-    )
+    args = log_every_step_args(workdir, steps, BATCH)
     timer = StepTimer()
     callbacks: list[Any] = [timer]
     if guard:

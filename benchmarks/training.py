@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import StepTimer, TinyModel, all_sinks, as_transformers_callback, make_dataset, median_min_max, quiet_stdout, say  # noqa: E402
+from _common import StepTimer, TinyModel, all_sinks, as_transformers_callback, log_every_step_args, make_dataset, median_min_max, quiet_stdout, say  # noqa: E402
 
 BATCH = 32
 
@@ -67,20 +67,11 @@ def run_ours(
     """Train ``steps`` steps through our Trainer; (steps/s, mlflow endpoint, sink
     stats, CPU µs per step of the other threads). ``only``: keep just that sink;
     ``isolate``: run these sinks in a child process each."""
-    from trainer import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+    from trainer import PrinterCallback, ProgressCallback, Trainer
 
     torch.manual_seed(0)
     data = make_dataset(steps * BATCH)
-    args = TrainingArguments(
-        output_dir=workdir,
-        max_steps=steps,
-        per_device_train_batch_size=BATCH,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-    )
+    args = log_every_step_args(workdir, steps, BATCH)
     timer = StepTimer()
     how = ""
     with contextlib.ExitStack() as stack:
