@@ -27,7 +27,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from typing import Any
 
 import torch
@@ -53,12 +52,9 @@ class _WaitForChildren:
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Wait (at most a minute) for every isolated sink to be open in its child."""
-        from eventbus.isolation import ProcessSink
+        from eventbus._bench import _wait_for_isolated
 
-        deadline = time.monotonic() + 60
-        proxies = [s for s in self.trainer.bus.sinks if isinstance(s, ProcessSink)]
-        while not all(p.opened for p in proxies) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_for_isolated(self.trainer.bus)
 
 
 def run_ours(

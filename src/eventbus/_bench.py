@@ -503,8 +503,21 @@ def _our_args(output_dir: str) -> Any:
     )
 
 
+def _wait_for_isolated(bus: Any, timeout: float = 60.0) -> None:
+    """Measure once isolated sinks' children are up: their start-up (importing an
+    SDK, seconds of CPU) is paid once per run, not per step."""
+    from eventbus.isolation import ProcessSink
+
+    deadline = time.monotonic() + timeout
+    proxies = [s for s in bus.sinks if isinstance(s, ProcessSink)]
+    while not all(p.opened for p in proxies) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 class _Ours(_Side):
-    def __init__(self, config: str, workdir: str, stack: contextlib.ExitStack, notes: list[str]) -> None:
+    def __init__(
+        self, config: str, workdir: str, stack: contextlib.ExitStack, notes: list[str], isolate: Sequence[str] = ()
+    ) -> None:
         import torch
 
         from eventbus.bus import EventBus
@@ -517,9 +530,15 @@ class _Ours(_Side):
         self.mlflow = ""
         if config in ("c", "d"):
             sinks, self.mlflow = stack.enter_context(bench_sinks(os.path.join(workdir, f"sinks-{config}"), slow=config == "d"))
+            unknown = set(isolate) - {s.name for s in sinks}
+            if unknown:
+                raise ValueError(f"--isolate {sorted(unknown)}: not a sink of ({config}); choose among {[s.name for s in sinks]}")
+            for s in sinks:
+                s.isolate = s.name in isolate
         self.bus = EventBus(sinks, run=RunInfo(run_name=f"bench-{config}", output_dir=os.path.join(workdir, f"run-{config}")))
         self.handler = CallbackHandler(callbacks, None, None, None, None, bus=self.bus)
         self.bus.start()
+        _wait_for_isolated(self.bus)
         self.state = TrainerState()
         self.state.max_steps = 10**9
         self.state.compute_steps(self.args, self.state.max_steps)
@@ -678,6 +697,7 @@ def run_overhead(
     max_block_s: float = 1.0,
     with_transformers: bool = True,
     log_floats: bool = False,
+    isolate: Sequence[str] = (),
     workdir: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> OverheadResult:
@@ -689,7 +709,8 @@ def run_overhead(
     the number of blocks per side, ``gap`` the sleep between steps. ``log_floats``:
     our side logs Python floats, as transformers' loop does (it calls ``.item()``
     before ``on_log``), instead of the tensors our loop logs: what the Log event's
-    tensor snapshot costs is the difference.
+    tensor snapshot costs is the difference. ``isolate``: sink names of (c)/(d) run
+    in a child process each (``Sink.isolate``); measuring starts once they are open.
     """
     for c in configs:
         if c not in CONFIGS:
@@ -712,7 +733,7 @@ def run_overhead(
             for config in configs:
                 with contextlib.ExitStack() as stack:
                     say(f"({config}) setting up")
-                    ours = _Ours(config, root, stack, result.notes)
+                    ours = _Ours(config, root, stack, result.notes, isolate)
                     ours.log_floats = log_floats
                     if ours.mlflow:
                         result.mlflow = ours.mlflow

@@ -71,6 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="our side logs Python floats (as transformers' loop does after .item()) instead of the tensors our loop "
         "logs; the difference is what snapshotting tensors in the Log event costs",
     )
+    p.add_argument(
+        "--isolate",
+        metavar="NAMES",
+        default="",
+        help="comma-separated sinks of (c)/(d) to run in a child process each (Sink.isolate), e.g. neptune,comet_ml",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     p.add_argument("--no-imports", action="store_true", help="skip the import-time and import-hygiene checks")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
@@ -138,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         max_block_s=sizes["max_block_s"],
         with_transformers=not args.no_transformers,
         log_floats=args.log_floats,
+        isolate=[n.strip() for n in args.isolate.split(",") if n.strip()],
         progress=_say,
     )
     argv = getattr(args, "_argv", None)
