@@ -537,6 +537,9 @@ class _Ours(_Side):
                 s.isolate = s.name in isolate
         self.bus = EventBus(sinks, run=RunInfo(run_name=f"bench-{config}", output_dir=os.path.join(workdir, f"run-{config}")))
         self.handler = CallbackHandler(callbacks, None, None, None, None, bus=self.bus)
+        # As the trainer's own logging: its loss and grad norm are never modified after
+        # being logged, so the Log event keeps them without a copy.
+        self.handler.logs_are_fresh = True
         self.bus.start()
         _wait_for_isolated(self.bus)
         self.state = TrainerState()

@@ -16,7 +16,7 @@ import math
 import sys
 from typing import Any, Mapping
 
-__all__ = ["Deferred", "has_tensor", "is_tensor", "snapshot", "snapshot_mapping", "snapshot_if_tensors", "resolve", "resolve_mapping"]
+__all__ = ["Deferred", "handoff", "has_tensor", "is_tensor", "snapshot", "snapshot_mapping", "snapshot_if_tensors", "resolve", "resolve_mapping"]
 
 
 def _torch() -> Any:
@@ -93,6 +93,17 @@ def snapshot(value: Any) -> Any:
     # CPU: a copy the loop cannot modify. Other devices (mps, xla, ...): an
     # on-device clone is asynchronous there too, and resolve() moves it to the host.
     return Deferred(t.clone())
+
+
+def handoff(value: Any) -> Any:
+    """Like :func:`snapshot`, for a tensor whose owner will never modify it in place
+    (a fresh result, such as ``loss_sum / steps``): on the CPU it is kept as it is,
+    with no torch call on the publishing thread at all (each one releases the GIL and
+    waits to get it back while sink threads run). Accelerator tensors still get their
+    asynchronous copy; tensors that require grad are detached by :func:`snapshot`."""
+    if is_tensor(value) and not value.is_cuda and not value.requires_grad and value.device.type == "cpu":
+        return Deferred(value)
+    return snapshot(value)
 
 
 def snapshot_mapping(mapping: Mapping[str, Any]) -> dict[str, Any]:

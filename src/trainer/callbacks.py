@@ -42,6 +42,7 @@ from eventbus.events import (
     TrainEnd,
 )
 from eventbus.redact import redact
+from eventbus.values import handoff, is_tensor
 from trainer.state import CallbackStateError, TrainerControl, TrainerState, _add_state, is_exportable, load_state_into
 
 __all__ = ["TrainerCallback", "CallbackHandler", "HOOKS", "STEP_HOOKS"]
@@ -267,6 +268,11 @@ class CallbackHandler(TrainerCallback):
       callbacks in checkpoints, restored into the same instances.
     - ``profile``: when set, time spent per (callback class, hook) is recorded for
       :meth:`profile_report`; when not set it costs nothing.
+    - ``logs_are_fresh``: set by the trainer, whose logged tensors are new results it
+      never modifies in place; the ``Log`` event then keeps CPU tensors as they are
+      instead of copying them (no torch call on the training thread). Off by default:
+      a tensor handed to ``on_log`` by other code is copied, so later in-place changes
+      do not alter what was published.
 
     The loop passes extra keyword arguments that reach callbacks and events alike:
     ``checkpoint_dir`` and ``is_best`` (``on_save``), ``status`` and ``error``
@@ -285,6 +291,7 @@ class CallbackHandler(TrainerCallback):
         bus: Any = None,
     ) -> None:
         self._profile = False
+        self.logs_are_fresh = False
         self._timings: dict[tuple[str, str], list[float]] = {}
         self._callbacks = _CallbackList(self)
         self._rebuild()
@@ -658,7 +665,13 @@ class CallbackHandler(TrainerCallback):
             # without a device sync.
             # The header written out, as in the per-step hooks: on_log can run every step.
             self._bus.publish(
-                Log(run_id=self._run_id, rank=self._rank, step=state.global_step, epoch=state.epoch, values=_copy_values(logs))
+                Log(
+                    run_id=self._run_id,
+                    rank=self._rank,
+                    step=state.global_step,
+                    epoch=state.epoch,
+                    values=_copy_values(logs, self.logs_are_fresh),
+                )
             )
         return self._call(self._d_on_log, args, state, control, {"logs": logs, **kwargs})
 
@@ -698,16 +711,19 @@ class CallbackHandler(TrainerCallback):
         )
 
 
-def _copy_values(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
+def _copy_values(mapping: Mapping[str, Any] | None, fresh: bool = False) -> dict[str, Any]:
     """A copy of logged values or metrics for an event. numpy scalars and arrays
     (what ``compute_metrics`` usually returns) become Python numbers and lists, which
     every sink can encode; this is host memory, never a device sync. Tensors are left
-    to the event, which snapshots them without a sync."""
+    to the event, which snapshots them without a sync, or, when ``fresh`` (the
+    trainer's own new results), handed off without a copy (:func:`eventbus.values.handoff`)."""
     if not mapping:
         return {}
     out = {}
     for k, v in mapping.items():
-        if type(v).__module__ == "numpy":
+        if fresh and is_tensor(v):
+            v = handoff(v)
+        elif type(v).__module__ == "numpy":
             tolist = getattr(v, "tolist", None)
             if tolist is not None:
                 v = tolist()

@@ -1126,7 +1126,13 @@ class Trainer:
             logs["learning_rate"] = learning_rate if learning_rate is not None else self._get_learning_rate()
             self._globalstep_last_logged = state.global_step
             logs = {"loss": pending.wait(), **logs}
-            self.log(logs)
+            # The loss and grad norm are new tensors nobody modifies afterwards: the
+            # Log event may keep them without a copy (no torch call on this thread).
+            self.callback_handler.logs_are_fresh = True
+            try:
+                self.log(logs)
+            finally:
+                self.callback_handler.logs_are_fresh = False
             hooks_ran = True
 
         if self.control.should_evaluate:

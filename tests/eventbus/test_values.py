@@ -141,3 +141,18 @@ def test_deferred_waits_for_its_copy_before_reading() -> None:
     d = V.Deferred(host, FakeCudaEvent())
     assert V.resolve(d) == 4.0 and order == ["synchronize"]
     assert "Deferred(Tensor()" in repr(d)
+
+
+def test_handoff_keeps_a_fresh_cpu_tensor_without_a_copy_and_resolves_it():
+    import torch
+
+    from eventbus.values import Deferred, handoff, resolve
+
+    t = torch.tensor(0.75)
+    d = handoff(t)
+    assert isinstance(d, Deferred) and d.tensor is t  # no torch call, no copy
+    assert resolve(d) == 0.75
+    g = torch.tensor(2.0, requires_grad=True)
+    dg = handoff(g)
+    assert dg.tensor is not g and not dg.tensor.requires_grad  # detached copy
+    assert handoff(1.5) == 1.5

@@ -563,3 +563,35 @@ def test_incompatible_state_is_a_clear_error():
     h = handler(Stateful("a"))
     with pytest.raises(CallbackStateError, match="Stateful.*restore_callback_states_from_checkpoint=False"):
         h.restore_callback_states({"Stateful": {"args": {"unknown_arg": 1}, "attributes": {}}})
+
+
+def test_fresh_logs_are_handed_off_and_other_logs_are_copied():
+    """With logs_are_fresh (the trainer's own results) a CPU tensor reaches the Log
+    event as is; otherwise the event holds a copy that later in-place changes miss."""
+    import torch
+
+    from eventbus import EventBus, Log, Sink
+    from eventbus.values import Deferred
+    from trainer import CallbackHandler, TrainerControl, TrainerState
+
+    class Keep(Sink):
+        name = "keep"
+        events = (Log,)
+
+        async def write(self, batch):
+            pass
+
+    published = []
+    bus = EventBus([Keep()])
+    bus.publish = published.append  # the events as built on the training thread
+    handler = CallbackHandler([], None, None, None, None, bus=bus)
+    state, control = TrainerState(), TrainerControl()
+    fresh, other = torch.tensor(1.0), torch.tensor(2.0)
+    handler.logs_are_fresh = True
+    handler.on_log(None, state, control, {"loss": fresh})
+    handler.logs_are_fresh = False
+    handler.on_log(None, state, control, {"loss": other})
+    assert isinstance(published[0].values["loss"], Deferred) and published[0].values["loss"].tensor is fresh
+    assert published[1].values["loss"].tensor is not other
+    other.add_(5)
+    assert published[1].values["loss"].resolve() == 2.0
