@@ -330,13 +330,16 @@ def test_sdk_error_reporting_off_by_default(comet_env: Path) -> None:
 
 
 def test_user_choice_for_sdk_settings_is_kept(comet_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A user who set COMET_ERROR_TRACKING_ENABLE keeps their value."""
+    """A user who set COMET_ERROR_TRACKING_ENABLE keeps their value (spelled "0",
+    not the sink's own "false", so an overwrite would show; not "true", which would
+    start the SDK's Sentry reporter in this process and send from a thread of its own
+    during later tests)."""
     monkeypatch.setenv("COMET_START_ONLINE", "0")
-    monkeypatch.setenv("COMET_ERROR_TRACKING_ENABLE", "true")
+    monkeypatch.setenv("COMET_ERROR_TRACKING_ENABLE", "0")
     sink = create_sink("comet_ml")
     sink.open_sync(RunInfo(run_id="keep"))
     try:
-        assert os.environ["COMET_ERROR_TRACKING_ENABLE"] == "true"
+        assert os.environ["COMET_ERROR_TRACKING_ENABLE"] == "0"
     finally:
         sink.close_sync()
 
