@@ -294,6 +294,11 @@ class CometSink(ThreadedSink):
     def _import(self) -> Any:
         for name, value in _SDK_DEFAULTS.items():
             os.environ.setdefault(name, value)
+        # The SDK logs its init parameters, API key included, at DEBUG when an
+        # experiment starts: those loggers never go below INFO while the sink uses them.
+        start_logger = logging.getLogger("comet_ml.comet_start")
+        if start_logger.getEffectiveLevel() < logging.INFO:
+            start_logger.setLevel(logging.INFO)
         comet_ml = import_sdk("comet_ml", "comet", "comet_ml")
         import comet_ml.exceptions  # noqa: F401  (the error types open_sync catches)
 
