@@ -5,14 +5,17 @@ sink tests and the fault matrix through the Trainer."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import parse_qs, urlsplit
+
+import pytest
 
 __all__ = ["FaultServer", "Request"]
 
@@ -178,3 +181,25 @@ class FaultServer:
             h.send_header(k, v)
         h.end_headers()
         h.wfile.write(data)
+
+
+# Fixtures for the modules that talk to a FaultServer: import them by name
+# (``from tests._faultserver import server, no_mlflow_env``) to use them there.
+
+
+@pytest.fixture
+def server() -> Iterator[FaultServer]:
+    """A fresh fault server on 127.0.0.1, closed after the test."""
+    s = FaultServer()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No MLFLOW_*/AZUREML_* variables from the machine reach the sinks under test."""
+    for k in list(os.environ):
+        if k.startswith(("MLFLOW_", "AZUREML_")):
+            monkeypatch.delenv(k)

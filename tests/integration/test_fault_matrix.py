@@ -29,7 +29,7 @@ from eventbus.events import BaseEvent
 from eventbus.replay import replay
 from eventbus.spool import MAGIC, Spool, read_spool
 from sinks.mlflow import MLflowSink
-from tests._faultserver import FaultServer
+from tests._faultserver import FaultServer, no_mlflow_env, server  # noqa: F401 (fixtures)
 from tests.trainer._loop_helpers import TinyClassifier, make_dataset
 from trainer import Trainer, TrainingArguments
 
@@ -321,22 +321,6 @@ def test_a_sink_100x_slower_than_the_producer_spools_and_loses_nothing(tmp_path)
 
 
 # -- an MLflow backend that misbehaves (the loopback fault server) ---------------------
-
-
-@pytest.fixture
-def server() -> Iterator[FaultServer]:
-    s = FaultServer()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-@pytest.fixture(autouse=True)
-def _no_mlflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in list(os.environ):
-        if k.startswith(("MLFLOW_", "AZUREML_")):
-            monkeypatch.delenv(k)
 
 
 def mlflow_sink(server: FaultServer, **kw: Any) -> MLflowSink:

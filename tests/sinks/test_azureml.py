@@ -16,7 +16,7 @@ from eventbus.errors import SinkConfigError
 from sinks import azureml
 from sinks.azureml import AZURE_SCOPE, AzureMLSink, azureml_to_https
 from sinks.mlflow import MLflowSink
-from tests.sinks.test_http_faults import FaultServer
+from tests._faultserver import FaultServer, no_mlflow_env, server  # noqa: F401 (fixtures)
 
 SCOPE = "/subscriptions/1234-abcd/resourceGroups/my-rg/providers/Microsoft.MachineLearningServices/workspaces/my-ws"
 URI = f"azureml://eastus2.api.azureml.ms/mlflow/v1.0{SCOPE}"
@@ -27,22 +27,6 @@ class AccessToken(NamedTuple):
 
     token: str
     expires_on: int
-
-
-@pytest.fixture
-def server() -> Any:
-    s = FaultServer()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for k in list(os.environ):
-        if k.startswith(("MLFLOW_", "AZUREML_")):
-            monkeypatch.delenv(k)
 
 
 def test_azureml_uri_maps_to_its_https_rest_base() -> None:

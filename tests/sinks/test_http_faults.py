@@ -16,27 +16,9 @@ from eventbus import EventBus, Log, RunInfo, TrainBegin, TrainEnd
 from eventbus.errors import SinkConfigError, SinkError, TransientSinkError
 from sinks._http import HttpClient, is_loopback_host, parse_retry_after
 from sinks.mlflow import MLflowSink
-from tests._faultserver import FaultServer
+from tests._faultserver import FaultServer, no_mlflow_env, server  # noqa: F401 (fixtures)
 
 TOKEN = "tok-SUPERSECRET-123456"
-
-
-@pytest.fixture
-def server() -> Iterator[FaultServer]:
-    s = FaultServer()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-@pytest.fixture(autouse=True)
-def _no_mlflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for k in list(os.environ):
-        if k.startswith(("MLFLOW_", "AZUREML_")):
-            monkeypatch.delenv(k)
 
 
 class Sleeps:
