@@ -3,7 +3,6 @@ loopback server that speaks MLflow's REST API under Azure ML's workspace prefix.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import types
