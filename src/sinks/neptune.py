@@ -240,7 +240,10 @@ class NeptuneSink(ThreadedSink):
                 raise SinkConfigError(
                     "neptune sink: no project: set NEPTUNE_PROJECT='workspace/project' or pass project=..."
                 )
-            kwargs: dict[str, Any] = {"source_files": []}  # our code stays ours unless asked
+            # Our code stays ours unless asked: no source files, and no git tracking,
+            # which uploads the working tree's uncommitted diff (secrets included, as a
+            # test here found). neptune_run_kwargs (source_files=..., git_ref=...) win.
+            kwargs: dict[str, Any] = {"source_files": [], "git_ref": False}
             kwargs.update(self.neptune_run_kwargs)
             extra_tags = kwargs.pop("tags", None) or ()
             kwargs["tags"] = [*self.tags, *([extra_tags] if isinstance(extra_tags, str) else extra_tags), run.run_id]
