@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from typing import Any
 
 import pytest
 
@@ -32,3 +34,25 @@ def require_module(name: str) -> object:
     except ImportError as exc:
         require(False, f"{name} is not installed ({exc})")
         raise  # unreachable
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Fail any attempt to connect or resolve a name (Unix sockets excepted), and
+    record it: the test asserts the list is empty."""
+    attempts: list[Any] = []
+    real_connect = socket.socket.connect
+
+    def connect(self: socket.socket, address: Any) -> None:
+        if self.family == socket.AF_UNIX:
+            return real_connect(self, address)
+        attempts.append(address)
+        raise OSError(f"network is blocked in this test (connect to {address!r})")
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        attempts.append(host)
+        raise OSError(f"network is blocked in this test (lookup of {host!r})")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return attempts

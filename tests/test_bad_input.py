@@ -30,7 +30,7 @@ from eventbus.registry import create_sink, load_sink_factory, sinks_from_report_
 from sinks.jsonl import read_jsonl
 from tests._faultserver import FaultServer
 from tests.conftest import require
-from tests.trainer._loop_helpers import TinyClassifier, accuracy, make_dataset
+from tests.trainer._loop_helpers import TinyClassifier, accuracy, make_dataset, tiny_args
 from trainer import Trainer, TrainerCallback, TrainingArguments
 from trainer.arguments import TrainingArgumentsError
 from trainer.checkpoint import CheckpointError
@@ -41,18 +41,7 @@ EVAL = make_dataset(8, seed=1)
 
 
 def _args(tmp_path: Path, **kw: Any) -> TrainingArguments:
-    base: dict[str, Any] = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=4,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        bus_close_timeout=20.0,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
+    return tiny_args(tmp_path / "out", **{"max_steps": 4, "bus_close_timeout": 20.0, **kw})
 
 
 # -- TrainingArguments ---------------------------------------------------------------

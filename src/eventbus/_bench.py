@@ -371,21 +371,11 @@ def _offline_sdk_env(workdir: str) -> Iterator[None]:
 def _quiet_sdks() -> Iterator[None]:
     """Neptune and Comet configure their loggers (printing to stdout) when imported:
     import them first, then keep them to errors for the benchmark's lifetime."""
-    saved = []
     for name in ("neptune", "comet_ml"):
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
-        lg = logging.getLogger(name)
-        saved.append((lg, lg.level))
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            # Neptune's note that this machine has no GPU metrics (NVML).
-            warnings.filterwarnings("ignore", message=r".*NVML.*")
-            yield
-    finally:
-        for lg, level in saved:
-            lg.setLevel(level)
+    with _errors_only(("neptune", "comet_ml")):
+        yield
 
 
 @contextlib.contextmanager
@@ -657,13 +647,19 @@ def _quiet_loggers() -> Iterator[None]:
     """The benchmark's setup warns by design (early stopping without
     load_best_model_at_end, a handler with no flow callback): keep the output to the
     figures."""
-    names = ("trainer", "eventbus", "sinks", "transformers", "neptune", "comet_ml", "urllib3", "httpx")
+    with _errors_only(("trainer", "eventbus", "sinks", "transformers", "neptune", "comet_ml", "urllib3", "httpx")):
+        yield
+
+
+@contextlib.contextmanager
+def _errors_only(names: Sequence[str]) -> Iterator[None]:
+    """These loggers at ERROR, and Neptune's NVML note (no GPU metrics on this machine)
+    silenced, until the block ends; levels restored after."""
     saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
     for lg, _ in saved:
         lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
-            # Neptune's note that this machine has no GPU metrics (NVML).
             warnings.filterwarnings("ignore", message=r".*NVML.*")
             yield
     finally:

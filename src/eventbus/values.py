@@ -43,15 +43,8 @@ def has_tensor(mapping: Mapping[str, Any]) -> bool:
 
 def snapshot_if_tensors(mapping: Mapping[str, Any]) -> dict[str, Any] | None:
     """:func:`snapshot_mapping` of ``mapping`` if it holds a tensor, else ``None``
-    (one pass, no copy, for the common case of plain numbers)."""
-    torch = _torch()
-    if torch is None:
-        return None
-    tensor = torch.Tensor
-    for v in mapping.values():
-        if isinstance(v, tensor):
-            return snapshot_mapping(mapping)
-    return None
+    (no copy for the common case of plain numbers)."""
+    return snapshot_mapping(mapping) if has_tensor(mapping) else None
 
 
 class Deferred:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections.abc
 import importlib
 import logging
-import math
 import os
 import types
 import typing
@@ -94,10 +93,6 @@ def flatten(d: Mapping[str, Any], sep: str = "/", prefix: str = "") -> dict[str,
             out[key] = v
     return out
 
-
-def finite_or_none(value: float) -> float | None:
-    """``value`` if finite, else ``None`` (for backends that reject NaN/inf)."""
-    return value if math.isfinite(value) else None
 
 
 def _matches(value: Any, tp: Any) -> bool:

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import socket
 import subprocess
 import sys
 import zipfile
@@ -45,27 +44,6 @@ _COMET_ENV = (
     "COMET_INTERNAL_REPORTING",
     "COMET_DISABLE_AUTO_LOGGING",
 )
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Fail any attempt to connect or resolve a name, and record it."""
-    attempts: list[Any] = []
-    real_connect = socket.socket.connect
-
-    def connect(self: socket.socket, address: Any) -> None:
-        if self.family == socket.AF_UNIX:
-            return real_connect(self, address)
-        attempts.append(address)
-        raise OSError(f"network is blocked in this test (connect to {address!r})")
-
-    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        attempts.append(host)
-        raise OSError(f"network is blocked in this test (lookup of {host!r})")
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    return attempts
 
 
 @pytest.fixture

@@ -30,8 +30,8 @@ from eventbus.replay import replay
 from eventbus.spool import MAGIC, Spool, read_spool
 from sinks.mlflow import MLflowSink
 from tests._faultserver import FaultServer, no_mlflow_env, server  # noqa: F401 (fixtures)
-from tests.trainer._loop_helpers import TinyClassifier, make_dataset
-from trainer import Trainer, TrainingArguments
+from tests.trainer._loop_helpers import TinyClassifier, make_dataset, tiny_args
+from trainer import Trainer
 
 TRAIN = make_dataset(32)
 TOKEN = "tok-FAULTMATRIX-9f8e7d"
@@ -203,26 +203,16 @@ class Run:
 
 
 def train(tmp_path: Any, sinks: list[Sink], *, resume: str | None = None, **kw: Any) -> Run:
-    args = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=6,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        bus_close_timeout=2.0,
-    )
-    args.update(kw)
+    args = tiny_args(tmp_path / "out", **{"max_steps": 6, "bus_close_timeout": 2.0, **kw})
     witness = Witness()
-    t = Trainer(TinyClassifier(), TrainingArguments(**args), train_dataset=TRAIN, sinks=[witness, *sinks])
+    t = Trainer(TinyClassifier(), args, train_dataset=TRAIN, sinks=[witness, *sinks])
     t0 = time.monotonic()
     with PublishTimer() as timer:
         out = t.train(resume_from_checkpoint=resume)
     wall = time.monotonic() - t0
     run = Run(t, witness, timer, wall)
     # Training completed, publish never blocked, the witness got every event.
-    assert out.global_step == args["max_steps"] and t.state.global_step == args["max_steps"]
+    assert out.global_step == args.max_steps and t.state.global_step == args.max_steps
     assert not t.bus.running
     assert timer.calls == run.published and run.stats.ingress_dropped == 0
     assert timer.longest < PUBLISH_BOUND_S, f"a publish took {timer.longest * 1e3:.1f} ms"

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from eventbus import EVENT_TYPES, Sink
-from trainer import TrainerCallback
+from trainer import TrainerCallback, TrainingArguments
 
 ALL_HOOKS = (
     "on_init_end",
@@ -135,3 +135,18 @@ def checkpoints(output_dir: str) -> list[str]:
         (d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and "." not in d),
         key=lambda d: int(d.split("-")[1]),
     )
+
+
+def tiny_args(output_dir: Any, **overrides: Any) -> TrainingArguments:
+    """TrainingArguments for the tiny model's tests: batches of 4, a log every step, no
+    checkpoints, no sinks from report_to, no progress bar; ``overrides`` win."""
+    base: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    base.update(overrides)
+    return TrainingArguments(**base)

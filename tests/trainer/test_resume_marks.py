@@ -14,7 +14,7 @@ import pytest
 from eventbus import Log, Sink
 from eventbus.replay import replay
 from sinks.jsonl import read_jsonl
-from tests.trainer._loop_helpers import TinyClassifier, make_dataset
+from tests.trainer._loop_helpers import TinyClassifier, make_dataset, tiny_args
 from trainer import Trainer, TrainerCallback, TrainingArguments
 from trainer._marks import MARKS_FILE, RUN_INFO_KEY
 
@@ -48,20 +48,16 @@ class CrashAt(TrainerCallback):
 
 
 def _args(tmp_path, **kw: Any) -> TrainingArguments:
-    base = dict(
-        output_dir=str(tmp_path / "out"),
+    base: dict[str, Any] = dict(
         logging_dir=str(tmp_path / "tb"),
-        per_device_train_batch_size=4,
         max_steps=10,
-        logging_steps=1,
         save_strategy="steps",
         save_steps=4,
         report_to=["jsonl", "tensorboard"],
-        disable_tqdm=True,
         bus_close_timeout=10.0,
     )
     base.update(kw)
-    return TrainingArguments(**base)
+    return tiny_args(tmp_path / "out", **base)
 
 
 def _log_steps(events: Sequence[Any]) -> list[int]:

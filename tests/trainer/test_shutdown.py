@@ -11,27 +11,15 @@ import threading
 import pytest
 
 from eventbus import Save, TrainEnd
-from tests.trainer._loop_helpers import RecordingSink, TinyClassifier, checkpoints, make_dataset
-from trainer import Trainer, TrainerCallback, TrainingArguments
+from tests.trainer._loop_helpers import RecordingSink, TinyClassifier, checkpoints, make_dataset, tiny_args
+from trainer import Trainer, TrainerCallback
 from trainer.trainer import TrainingInterrupted
 
 TRAIN = make_dataset(20)
 
 
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=10,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        learning_rate=1e-2,
-        bus_close_timeout=5.0,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
+    return tiny_args(tmp_path / "out", **{"max_steps": 10, "learning_rate": 1e-2, "bus_close_timeout": 5.0, **kw})
 
 
 class SendOnStepEnd(TrainerCallback):

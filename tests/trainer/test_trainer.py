@@ -23,6 +23,7 @@ from tests.trainer._loop_helpers import (
     checkpoints,
     make_dataset,
     recording_callback_class,
+    tiny_args,
 )
 from trainer import (
     DefaultFlowCallback,
@@ -30,7 +31,6 @@ from trainer import (
     ProgressCallback,
     Trainer,
     TrainerCallback,
-    TrainingArguments,
 )
 from trainer.trainer import get_decay_parameter_names, get_scheduler
 
@@ -39,18 +39,7 @@ EVAL = make_dataset(10, seed=1)
 
 
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        report_to="none",
-        disable_tqdm=True,
-        learning_rate=1e-2,
-        save_strategy="no",
-        logging_steps=1,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
+    return tiny_args(tmp_path / "out", **{"per_device_eval_batch_size": 4, "learning_rate": 1e-2, **kw})
 
 
 # -- control flags ----------------------------------------------------------------------
