@@ -269,7 +269,6 @@ from sinks.comet import CometSink
 
 sink = CometSink(offline_directory=sys.argv[1])
 with EventBus([sink], run=RunInfo(run_id="quiet")) as bus:
-    assert "comet_ml" not in sys.modules or sink.experiment is not None
     bus.publish(Log(step=1, values={"loss": 1.0}))
 import comet_ml
 from comet_ml import error_tracking
