@@ -4,12 +4,15 @@ training thread pays, per optimizer step, for callbacks and observers.
 One step fires the hooks the loop fires around an optimizer step (``on_step_begin``,
 ``on_pre_optimizer_step``, ``on_optimizer_step``, ``on_step_end``, and ``on_log`` when
 the flow sets ``should_log``). Only the time spent in those handler calls is counted;
-between steps the thread sleeps for ``gap`` seconds (a stand-in for the forward and
-backward pass, with the GIL released, as a real step releases it in torch kernels and
-device waits), so background threads (the bus, the sinks, TensorBoard's writer) run
-when they would in training instead of queueing up behind a tight loop. The cost
-those threads take from the training thread's throughput is what
-``benchmarks/training.py`` measures.
+between steps the thread spends ``gap`` seconds with the GIL released, a stand-in for
+the forward and backward pass, so background threads (the bus, the sinks,
+TensorBoard's writer) run when they would in training instead of queueing up behind
+a tight loop. By default (``gap_kind="compute"``) the gap is one CPU matrix product
+sized to last ``gap`` (torch releases the GIL inside it, as in a real step's kernels);
+``gap_kind="sleep"`` sleeps instead, which on a virtual machine also lets the vCPU
+halt, so every step then starts with cold caches (and reads 3-4 times slower for
+both sides). The cost the background threads take from the training thread's
+throughput is what ``benchmarks/training.py`` measures.
 
 Each configuration runs in blocks of steps; ours and transformers' blocks alternate
 in the same process (the order flips every repeat), and each side reports the median
@@ -145,6 +148,8 @@ class OverheadResult:
     """Our side logged Python floats instead of tensors."""
     timer_overhead_us: tuple[float, float] = (0.0, 0.0)
     """(wall, CPU) µs per step the clocks cost, already subtracted from every figure."""
+    gap_kind: str = "compute"
+    """What filled the gap between steps (:class:`Gap`)."""
     notes: list[str] = field(default_factory=list)
 
     def row(self, config: str, logging_steps: int) -> Row | None:
@@ -206,6 +211,7 @@ class OverheadResult:
         """JSON-ready data (for plots and docs)."""
         return {
             "gap_s": self.gap_s,
+            "gap_kind": self.gap_kind,
             "log_floats": self.log_floats,
             "transformers": self.transformers,
             "mlflow": self.mlflow,
@@ -413,19 +419,69 @@ def bench_sinks(workdir: str, *, slow: bool = False, progress_file: Any = None) 
 # -- the two handlers ----------------------------------------------------------------------
 
 
-def _steps(h: Any, args: Any, state: Any, control: Any, n: int, make_logs: Callable[[Any], dict[str, Any]], gap: float) -> tuple[int, int, Any]:
-    """Fire ``n`` optimizer steps' hooks; returns (wall ns and training-thread CPU ns
-    spent in the handler calls, control)."""
+GAP_KINDS = ("compute", "sleep")
+
+
+class Gap:
+    """What the training thread does between steps, with the GIL released: one CPU
+    matrix product sized to last about ``seconds`` (``"compute"``, calibrated on
+    first use, on one torch thread), or ``time.sleep`` (``"sleep"``); nothing when
+    ``seconds`` is 0."""
+
+    def __init__(self, seconds: float, kind: str = "compute") -> None:
+        if kind not in GAP_KINDS:
+            raise ValueError(f"gap kind must be one of {GAP_KINDS}, got {kind!r}")
+        if seconds < 0:
+            raise ValueError(f"gap must be >= 0 seconds, got {seconds}")
+        self.seconds = seconds
+        self.kind = kind
+        self._call: Callable[[], Any] | None = None
+
+    def __bool__(self) -> bool:
+        return self.seconds > 0
+
+    def __call__(self) -> None:
+        if self._call is None:
+            self._call = self._calibrate()
+        self._call()
+
+    def _calibrate(self) -> Callable[[], Any]:
+        if self.kind == "sleep":
+            seconds = self.seconds
+            return lambda: time.sleep(seconds)
+        import torch
+
+        def timed(n: int) -> tuple[float, Callable[[], Any]]:
+            a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+            call = lambda: torch.mm(a, b, out=out)  # noqa: E731
+            for _ in range(3):
+                call()
+            reps = 20
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                call()
+            return (time.perf_counter() - t0) / reps, call
+
+        n = 128
+        t, call = timed(n)
+        n = max(8, round(n * (self.seconds / max(t, 1e-9)) ** (1 / 3)))
+        _, call = timed(n)
+        return call
+
+
+def _steps(h: Any, args: Any, state: Any, control: Any, n: int, make_logs: Callable[[Any], dict[str, Any]], gap: Gap | None) -> tuple[int, int, Any]:
+    """Fire ``n`` optimizer steps' hooks, with ``gap`` between them; returns (wall ns
+    and training-thread CPU ns spent in the handler calls, control)."""
     perf = time.perf_counter_ns
     cpu = time.thread_time_ns
-    sleep = time.sleep
     step_begin, pre, opt = h.on_step_begin, h.on_pre_optimizer_step, h.on_optimizer_step
     step_end, on_log = h.on_step_end, h.on_log
     wall = 0
     busy = 0
+    pause = gap if gap else None
     for _ in range(n):
-        if gap:
-            sleep(gap)
+        if pause is not None:
+            pause()
         c0 = cpu()
         t0 = perf()
         control = step_begin(args, state, control)
@@ -452,7 +508,7 @@ class _Side:
     def make_logs(self, state: Any) -> dict[str, Any]:
         raise NotImplementedError
 
-    def block(self, n: int, logging_steps: int, gap: float, collect: bool = True) -> tuple[float, float]:
+    def block(self, n: int, logging_steps: int, gap: Gap | None, collect: bool = True) -> tuple[float, float]:
         """Run ``n`` steps; (wall, CPU) µs per step spent in the handler. ``collect``:
         start from a fresh garbage collection, so one block's garbage is not paid by
         the next (the other side's) block."""
@@ -693,6 +749,7 @@ def run_overhead(
     steps: int = 2000,
     repeats: int = 5,
     gap: float = 0.0002,
+    gap_kind: str = "compute",
     max_block_s: float = 1.0,
     with_transformers: bool = True,
     log_floats: bool = False,
@@ -705,7 +762,8 @@ def run_overhead(
 
     ``steps`` is the block size (fewer when a block would take more than
     ``max_block_s``, e.g. transformers' handler with a 20 ms callback), ``repeats``
-    the number of blocks per side, ``gap`` the sleep between steps. ``log_floats``:
+    the number of blocks per side, ``gap`` the seconds between steps and ``gap_kind``
+    what fills them (:class:`Gap`; a compute gap runs torch on one thread). ``log_floats``:
     our side logs Python floats, as transformers' loop does (it calls ``.item()``
     before ``on_log``), instead of the tensors our loop logs: what the Log event's
     tensor snapshot costs is the difference. ``isolate``: sink names of (c)/(d) run
@@ -723,10 +781,19 @@ def run_overhead(
     tf_note = tf_version if tf_version else ("not asked (--no-transformers)" if not with_transformers else None)
     if with_transformers and tf_version is None:
         tf_note = "not installed (pip install 'eventbus-telemetry[bench]')"
-    result = OverheadResult(rows=[], gap_s=gap, transformers=tf_note, log_floats=log_floats, timer_overhead_us=_timer_overhead_us())
+    pause = Gap(gap, gap_kind)
+    result = OverheadResult(
+        rows=[], gap_s=gap, gap_kind=gap_kind, transformers=tf_note, log_floats=log_floats, timer_overhead_us=_timer_overhead_us()
+    )
     own_dir = workdir is None
     root = tempfile.mkdtemp(prefix="eventbus-bench-") if own_dir else workdir
     assert root is not None
+    import torch
+
+    threads = torch.get_num_threads()
+    # The compute gap stands for a training step on one core: torch's own thread
+    # pool would otherwise take the core the bus and the sinks run on.
+    torch.set_num_threads(1)
     try:
         with _quiet_loggers():
             for config in configs:
@@ -739,18 +806,19 @@ def run_overhead(
                     theirs = _Theirs(config, root) if tf_version else None
                     try:
                         for ls in logging_steps:
-                            result.rows.append(_measure_pair(config, ls, ours, theirs, steps, repeats, gap, max_block_s, say))
+                            result.rows.append(_measure_pair(config, ls, ours, theirs, steps, repeats, pause, max_block_s, say))
                     finally:
                         if theirs is not None:
                             theirs.close()
                         ours.close()
     finally:
+        torch.set_num_threads(threads)
         if own_dir:
             shutil.rmtree(root, ignore_errors=True)
     return result
 
 
-def _block_size(side: _Side, steps: int, ls: int, gap: float, max_block_s: float) -> int:
+def _block_size(side: _Side, steps: int, ls: int, gap: Gap | None, max_block_s: float) -> int:
     """``steps``, or fewer (a multiple of ``ls``, at least ``ls``) when a block would
     take longer than ``max_block_s``. Runs a warm-up (200 steps or a fifth of
     ``max_block_s``, whichever comes first) that also estimates the time per step."""
@@ -770,7 +838,7 @@ def _block_size(side: _Side, steps: int, ls: int, gap: float, max_block_s: float
 
 
 def _measure_pair(
-    config: str, ls: int, ours: _Ours, theirs: _Theirs | None, steps: int, repeats: int, gap: float, max_block_s: float,
+    config: str, ls: int, ours: _Ours, theirs: _Theirs | None, steps: int, repeats: int, gap: Gap, max_block_s: float,
     say: Callable[[str], None],
 ) -> Row:
     n_ours = _block_size(ours, steps, ls, gap, max_block_s)
@@ -850,7 +918,9 @@ class ProfileResult:
         return "\n".join(lines)
 
 
-def profile_callbacks(callbacks: Sequence[Any], *, steps: int = 2000, logging_steps: int = 1, gap: float = 0.0) -> ProfileResult:
+def profile_callbacks(
+    callbacks: Sequence[Any], *, steps: int = 2000, logging_steps: int = 1, gap: float = 0.0, gap_kind: str = "compute"
+) -> ProfileResult:
     """Run ``callbacks`` (after our DefaultFlowCallback, as the trainer does) through
     the handler with its profiler on for ``steps`` steps; time per (callback, hook).
     What the callbacks print (progress bars, logs) goes to ``os.devnull``."""
@@ -878,7 +948,7 @@ def profile_callbacks(callbacks: Sequence[Any], *, steps: int = 2000, logging_st
         state.logging_steps = logging_steps
         control = TrainerControl()
         control = handler.on_train_begin(args, state, control)
-        wall, _, control = _steps(handler, args, state, control, steps, logs, gap)
+        wall, _, control = _steps(handler, args, state, control, steps, logs, Gap(gap, gap_kind))
         handler.on_train_end(args, state, control)
         report = handler.profile_report()
     return ProfileResult(steps, logging_steps, wall / steps / 1000.0, report)

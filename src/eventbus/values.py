@@ -94,7 +94,9 @@ def handoff(value: Any) -> Any:
     with no torch call on the publishing thread at all (each one releases the GIL and
     waits to get it back while sink threads run). Accelerator tensors still get their
     asynchronous copy; tensors that require grad are detached by :func:`snapshot`."""
-    if is_tensor(value) and not value.is_cuda and not value.requires_grad and value.device.type == "cpu":
+    # ``is_cpu`` rather than ``device.type == "cpu"``: the latter builds a device
+    # object and a string (0.6 µs, against 0.08).
+    if is_tensor(value) and value.is_cpu and not value.requires_grad:
         return Deferred(value)
     return snapshot(value)
 

@@ -1,4 +1,4 @@
-"""JSON lines sink: every event as one JSON document per line, one file per run.
+"""JSON lines sink: the run's events as one JSON document per line, one file per run.
 
 The embedded default: it needs nothing beyond the package itself. Each line is
 ``eventbus.events.encode_json(event)``, so :func:`eventbus.events.decode_json` reads it
@@ -26,7 +26,23 @@ from typing import Any, BinaryIO, Iterator, Sequence
 import msgspec
 
 from eventbus.errors import SinkConfigError
-from eventbus.events import EVENT_BY_NAME, EVENT_TYPES, BaseEvent, Event, Evaluate, Save, TrainBegin, TrainEnd, encode_json
+from eventbus.events import (
+    EVENT_BY_NAME,
+    EVENT_TYPES,
+    BaseEvent,
+    Evaluate,
+    Event,
+    OptimizerStep,
+    PredictionStep,
+    PreOptimizerStep,
+    Save,
+    StepBegin,
+    StepEnd,
+    SubstepEnd,
+    TrainBegin,
+    TrainEnd,
+    encode_json,
+)
 from eventbus.sink import RunInfo, ThreadedSink
 
 from sinks._common import check_option_types
@@ -40,6 +56,9 @@ NONFINITE_KEY = "_nonfinite"
 
 _TOKENS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _URGENT = (TrainBegin, Evaluate, Save, TrainEnd)
+PER_BATCH_EVENTS = (StepBegin, SubstepEnd, PreOptimizerStep, OptimizerStep, StepEnd, PredictionStep)
+"""Left out by default: one per hook per batch, with nothing but the step."""
+DEFAULT_EVENTS = tuple(e for e in EVENT_TYPES if e not in PER_BATCH_EVENTS)
 # For values msgspec cannot encode (an object left in a config dict): their text,
 # rather than losing the whole batch.
 _lenient_encoder = msgspec.json.Encoder(enc_hook=repr)
@@ -166,7 +185,7 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[Event]:
 
 
 class JSONLSink(ThreadedSink):
-    """Writes every event as a JSON line (report_to name ``"jsonl"``).
+    """Writes the run's events as JSON lines (report_to name ``"jsonl"``).
 
     Options:
 
@@ -176,14 +195,18 @@ class JSONLSink(ThreadedSink):
     - ``flush_secs``: the longest time written lines may sit in the buffer while
       events keep arriving (default 1 s). ``TrainBegin``, ``Evaluate``, ``Save`` and
       ``TrainEnd`` flush at once, as does close.
-    - ``events``: the event type names to write (default: all of them).
+    - ``events``: the event type names to write, or ``"all"``. Default: every type
+      but the per-batch hooks (``StepBegin``, ``SubstepEnd``, ``PreOptimizerStep``,
+      ``OptimizerStep``, ``StepEnd``, ``PredictionStep``), which carry nothing but
+      their step and would cost the training thread an event per hook per step
+      (each ``Log``, ``Evaluate`` and ``Save`` already names its step).
 
     A resumed run with the same ``run_id`` appends to the same file; see
     :func:`read_jsonl` for how the reader keeps each step once.
     """
 
     name = "jsonl"
-    events = EVENT_TYPES
+    events = DEFAULT_EVENTS
 
     def __init__(
         self,
@@ -199,7 +222,9 @@ class JSONLSink(ThreadedSink):
             raise SinkConfigError("jsonl sink: pass either path= (the file) or dir= (its directory), not both")
         if isinstance(flush_secs, bool) or not isinstance(flush_secs, (int, float)) or flush_secs < 0:
             raise SinkConfigError(f"jsonl sink: flush_secs must be a number of seconds >= 0, got {flush_secs!r}")
-        if events is not None:
+        if events == "all":
+            self.events = EVENT_TYPES
+        elif events is not None:
             if isinstance(events, str):
                 events = [e.strip() for e in events.split(",") if e.strip()]
             unknown = [e for e in events if e not in EVENT_BY_NAME]

@@ -120,6 +120,9 @@ class NeptuneSink(ThreadedSink):
     - ``tags``: extra tags for a new run.
     - ``**neptune_run_kwargs``: passed to ``neptune.init_run`` (e.g.
       ``capture_hardware_metrics=False``, ``custom_run_id=...``, ``source_files=[...]``).
+      Off unless set here: ``source_files``, ``git_ref`` (it uploads the uncommitted
+      diff), ``capture_stdout`` and ``capture_stderr`` (they replace ``sys.stdout``
+      and ``sys.stderr`` process-wide from the sink's thread).
     """
 
     name = "neptune"
@@ -242,8 +245,12 @@ class NeptuneSink(ThreadedSink):
                 )
             # Our code stays ours unless asked: no source files, and no git tracking,
             # which uploads the working tree's uncommitted diff (secrets included, as a
-            # test here found). neptune_run_kwargs (source_files=..., git_ref=...) win.
-            kwargs: dict[str, Any] = {"source_files": [], "git_ref": False}
+            # test here found). No stdout/stderr capture either: the SDK replaces
+            # sys.stdout and sys.stderr process-wide from this sink's thread and, at
+            # stop, puts back whatever it saw at start, a stream the program may have
+            # closed since (the benchmark lost its stderr that way). As the Comet
+            # sink. neptune_run_kwargs (source_files=..., capture_stdout=True, ...) win.
+            kwargs: dict[str, Any] = {"source_files": [], "git_ref": False, "capture_stdout": False, "capture_stderr": False}
             kwargs.update(self.neptune_run_kwargs)
             extra_tags = kwargs.pop("tags", None) or ()
             kwargs["tags"] = [*self.tags, *([extra_tags] if isinstance(extra_tags, str) else extra_tags), run.run_id]

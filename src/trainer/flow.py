@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from trainer.arguments import IntervalStrategy, SaveStrategy
-from trainer.callbacks import TrainerCallback
+from trainer.callbacks import TrainerCallback, ignores_kwargs
 from trainer.state import ExportableState, TrainerControl, TrainerState
 
 __all__ = ["DefaultFlowCallback", "EarlyStoppingCallback", "EarlyStoppingConfigError"]
@@ -29,6 +29,7 @@ class DefaultFlowCallback(TrainerCallback):
     with ``save_strategy="steps"`` it is always saved.
     """
 
+    @ignores_kwargs
     def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
         """Schedule logging, evaluation, saving and the end of training after a step."""
         # Log
@@ -64,6 +65,7 @@ class DefaultFlowCallback(TrainerCallback):
 
         return control
 
+    @ignores_kwargs
     def on_epoch_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
         """Schedule epoch-based logging, evaluation and saving."""
         if args.logging_strategy == IntervalStrategy.EPOCH:

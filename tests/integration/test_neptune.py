@@ -281,6 +281,42 @@ def test_failed_training_marks_run_failed(offline: Path) -> None:
     assert data.values["ft/error"] == "RuntimeError: bad auth ***"
 
 
+def test_sys_stdout_and_stderr_are_left_alone(offline: Path) -> None:
+    """The SDK's stream capture is off by default: it would replace sys.stdout and
+    sys.stderr from the sink's thread and, at stop, restore the streams it saw at
+    start, even if the program has closed them since. capture_stdout=True opts in."""
+    import io
+    import sys
+
+    from sinks.neptune import NeptuneSink
+
+    before = (sys.stdout, sys.stderr)
+    sink = NeptuneSink(mode="offline", capture_hardware_metrics=False)
+    sink.open_sync(RunInfo(run_id="streams"))
+    try:
+        assert (sys.stdout, sys.stderr) == before
+        # What the benchmark did: streams swapped while the run is open, then closed.
+        temporary = io.StringIO()
+        sys.stdout = sys.stderr = temporary
+        try:
+            sink.write_sync([Log(step=1, values={"loss": 1.0})])
+        finally:
+            sys.stdout, sys.stderr = before
+        temporary.close()
+    finally:
+        sink.close_sync()
+    assert (sys.stdout, sys.stderr) == before
+    assert read_offline(offline).series["finetuning/train/loss"] == [(1.0, 1)]
+
+    opted_in = NeptuneSink(mode="offline", capture_hardware_metrics=False, capture_stdout=True)
+    opted_in.open_sync(RunInfo(run_id="streams-on"))
+    try:
+        assert sys.stdout is not before[0], "capture_stdout=True is passed to the SDK"
+    finally:
+        opted_in.close_sync()
+    assert sys.stdout is before[0]
+
+
 def test_existing_run_is_used_and_not_stopped(offline: Path) -> None:
     """run=<neptune.Run>: the sink logs into it and leaves stopping it to its owner."""
     import neptune

@@ -26,7 +26,7 @@ from eventbus.events import (
     encode_json,
 )
 from eventbus.registry import create_sink
-from sinks.jsonl import NONFINITE_KEY, JSONLSink, decode_line, encode_line, iter_jsonl, read_jsonl
+from sinks.jsonl import DEFAULT_EVENTS, NONFINITE_KEY, PER_BATCH_EVENTS, JSONLSink, decode_line, encode_line, iter_jsonl, read_jsonl
 
 RUN_ID = "jrun"
 
@@ -55,8 +55,17 @@ def realistic_events() -> list:
     ]
 
 
-def test_end_to_end_every_event_one_line(tmp_path):
+def test_default_leaves_out_the_per_batch_hook_events(tmp_path):
     sink = JSONLSink()
+    run_bus(sink, realistic_events(), RunInfo(run_id=RUN_ID, output_dir=str(tmp_path)))
+    got = read_jsonl(tmp_path / f"events-{RUN_ID}.jsonl")
+    assert [type(e) for e in got] == [TrainBegin, Log, Log, Evaluate, Save, TrainEnd]
+    assert StepBegin not in sink.events and StepEnd not in sink.events
+    assert set(sink.events) | set(PER_BATCH_EVENTS) == set(EVENT_TYPES)
+
+
+def test_end_to_end_every_event_one_line(tmp_path):
+    sink = JSONLSink(events="all")
     events = realistic_events()
     run_bus(sink, events, RunInfo(run_id=RUN_ID, output_dir=str(tmp_path)))
     path = tmp_path / f"events-{RUN_ID}.jsonl"
@@ -107,7 +116,7 @@ def test_unencodable_config_value_is_written_as_text():
 
 
 def test_flushes_on_urgent_events_not_per_event(tmp_path):
-    sink = JSONLSink(flush_secs=3600)
+    sink = JSONLSink(flush_secs=3600, events="all")
     sink.open_sync(RunInfo(run_id=RUN_ID, output_dir=str(tmp_path)))
     try:
         sink.write_sync([StepEnd(step=1), Log(step=1, values={"loss": 1.0})])
@@ -166,7 +175,8 @@ def test_options(tmp_path):
 
     d = create_sink("jsonl", dir=str(tmp_path / "d"))
     assert d.resolve_path(RunInfo(run_id="abc", output_dir="ignored")) == str(tmp_path / "d" / "events-abc.jsonl")
-    assert JSONLSink.events == EVENT_TYPES
+    assert JSONLSink.events == DEFAULT_EVENTS
+    assert create_sink("jsonl", events="all").events == EVENT_TYPES
 
 
 def test_bad_options_are_clear_errors(tmp_path):

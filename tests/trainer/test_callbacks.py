@@ -434,7 +434,7 @@ def test_profile_off_calls_the_callbacks_own_methods():
     counting = Counting()
     h = CallbackHandler([counting], None, None, None, None)
     assert h.profile is False
-    assert h._d_on_step_end == (counting.on_step_end,)
+    assert h._d_on_step_end == ((counting.on_step_end, False),)
     assert h.profile_report() == {}
 
 
@@ -452,7 +452,7 @@ def test_profile_records_time_per_class_and_hook():
     assert report[("Counting", "on_step_end")]["total_s"] >= 0
     assert counting.n == 5
     h.profile = False
-    assert h._d_on_step_end == tuple(cb.on_step_end for cb in h.callbacks)
+    assert tuple(fn for fn, _ in h._d_on_step_end) == tuple(cb.on_step_end for cb in h.callbacks)
 
 
 # -- stateful callbacks ----------------------------------------------------------------------------
@@ -595,3 +595,37 @@ def test_fresh_logs_are_handed_off_and_other_logs_are_copied():
     assert published[1].values["loss"].tensor is not other
     other.add_(5)
     assert published[1].values["loss"].resolve() == 2.0
+
+
+def test_a_hook_marked_ignores_kwargs_is_called_without_them_and_others_get_them():
+    from trainer.callbacks import ignores_kwargs
+
+    seen: list[tuple[str, dict]] = []
+
+    class Lean(TrainerCallback):
+        @ignores_kwargs
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(("lean", kwargs))
+
+    class Full(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(("full", kwargs))
+
+    class LeanSubclassUsingKwargs(Lean):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(("override", kwargs))
+
+    model = object()
+    h = CallbackHandler([Lean(), Full(), LeanSubclassUsingKwargs()], model, None, "opt", None)
+    h.train_dataloader = "loader"
+    h.on_step_end(TrainingArguments(), TrainerState(max_steps=10), TrainerControl())
+    expected = {"model": model, "processing_class": None, "optimizer": "opt", "lr_scheduler": None,
+                "train_dataloader": "loader", "eval_dataloader": None}
+    assert seen == [("lean", {}), ("full", expected), ("override", expected)]
+    assert h.model is model and h.train_dataloader == "loader"
+
+
+def test_default_flow_per_step_hooks_are_called_without_kwargs():
+    h = CallbackHandler([DefaultFlowCallback()], None, None, None, None)
+    assert [lean for _, lean in h._d_on_step_end] == [True]
+    assert [lean for _, lean in h._d_on_epoch_end] == [True]
