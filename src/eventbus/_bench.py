@@ -150,6 +150,8 @@ class OverheadResult:
     """(wall, CPU) µs per step the clocks cost, already subtracted from every figure."""
     gap_kind: str = "compute"
     """What filled the gap between steps (:class:`Gap`)."""
+    isolated: list[str] = field(default_factory=list)
+    """The sinks that ran in a child process each."""
     notes: list[str] = field(default_factory=list)
 
     def row(self, config: str, logging_steps: int) -> Row | None:
@@ -212,6 +214,7 @@ class OverheadResult:
         return {
             "gap_s": self.gap_s,
             "gap_kind": self.gap_kind,
+            "isolated": self.isolated,
             "log_floats": self.log_floats,
             "transformers": self.transformers,
             "mlflow": self.mlflow,
@@ -562,7 +565,7 @@ def _wait_for_isolated(bus: Any, timeout: float = 60.0) -> None:
 
 class _Ours(_Side):
     def __init__(
-        self, config: str, workdir: str, stack: contextlib.ExitStack, notes: list[str], isolate: Sequence[str] = ()
+        self, config: str, workdir: str, stack: contextlib.ExitStack, notes: list[str], isolate: Sequence[str] | None = None
     ) -> None:
         import torch
 
@@ -576,11 +579,12 @@ class _Ours(_Side):
         self.mlflow = ""
         if config in ("c", "d"):
             sinks, self.mlflow = stack.enter_context(bench_sinks(os.path.join(workdir, f"sinks-{config}"), slow=config == "d"))
-            unknown = set(isolate) - {s.name for s in sinks}
-            if unknown:
-                raise ValueError(f"--isolate {sorted(unknown)}: not a sink of ({config}); choose among {[s.name for s in sinks]}")
-            for s in sinks:
-                s.isolate = s.name in isolate
+            if isolate is not None:  # exactly these; None: the sinks' own defaults
+                unknown = set(isolate) - {s.name for s in sinks}
+                if unknown:
+                    raise ValueError(f"--isolate {sorted(unknown)}: not a sink of ({config}); choose among {[s.name for s in sinks]}")
+                for s in sinks:
+                    s.isolate = s.name in isolate
         self.bus = EventBus(sinks, run=RunInfo(run_name=f"bench-{config}", output_dir=os.path.join(workdir, f"run-{config}")))
         self.handler = CallbackHandler(callbacks, None, None, None, None, bus=self.bus)
         # As the trainer's own logging: its loss and grad norm are never modified after
@@ -753,7 +757,7 @@ def run_overhead(
     max_block_s: float = 1.0,
     with_transformers: bool = True,
     log_floats: bool = False,
-    isolate: Sequence[str] = (),
+    isolate: Sequence[str] | None = None,
     workdir: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> OverheadResult:
@@ -766,8 +770,9 @@ def run_overhead(
     what fills them (:class:`Gap`; a compute gap runs torch on one thread). ``log_floats``:
     our side logs Python floats, as transformers' loop does (it calls ``.item()``
     before ``on_log``), instead of the tensors our loop logs: what the Log event's
-    tensor snapshot costs is the difference. ``isolate``: sink names of (c)/(d) run
-    in a child process each (``Sink.isolate``); measuring starts once they are open.
+    tensor snapshot costs is the difference. ``isolate``: the sinks of (c)/(d) that
+    run in a child process each (``Sink.isolate``), exactly; ``None``: each sink's
+    default (neptune and comet_ml isolated). Measuring starts once they are open.
     """
     for c in configs:
         if c not in CONFIGS:
@@ -803,6 +808,11 @@ def run_overhead(
                     ours.log_floats = log_floats
                     if ours.mlflow:
                         result.mlflow = ours.mlflow
+                    from eventbus.isolation import ProcessSink
+
+                    for s in ours.bus.sinks:
+                        if isinstance(s, ProcessSink) and s.name not in result.isolated:
+                            result.isolated.append(s.name)
                     theirs = _Theirs(config, root) if tf_version else None
                     try:
                         for ls in logging_steps:

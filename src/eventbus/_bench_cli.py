@@ -84,8 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--isolate",
         metavar="NAMES",
-        default="",
-        help="comma-separated sinks of (c)/(d) to run in a child process each (Sink.isolate), e.g. neptune,comet_ml",
+        default=None,
+        help="comma-separated sinks of (c)/(d) to run in a child process each (Sink.isolate), exactly these, or "
+        "'none'; default: each sink's own (neptune and comet_ml isolated, the others in-process)",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     p.add_argument("--no-imports", action="store_true", help="skip the import-time and import-hygiene checks")
@@ -114,6 +115,13 @@ def _sizes(args: argparse.Namespace) -> dict[str, Any]:
         "logging_steps": ls,
         "max_block_s": QUICK["max_block_s"] if args.quick else 1.0,
     }
+
+
+def _isolate_names(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    return [] if names == ["none"] else names
 
 
 def _say(msg: str) -> None:
@@ -160,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         max_block_s=sizes["max_block_s"],
         with_transformers=not args.no_transformers,
         log_floats=args.log_floats,
-        isolate=[n.strip() for n in args.isolate.split(",") if n.strip()],
+        isolate=_isolate_names(args.isolate),
         progress=_say,
     )
     argv = getattr(args, "_argv", None)
@@ -181,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if result.mlflow:
         print(f"# mlflow sink -> {result.mlflow}")
+    if any(c in configs for c in ("c", "d")):
+        print(f"# sinks in a child process each (Sink.isolate): {', '.join(result.isolated) or 'none'}")
     print(result.format_table())
     targets = result.targets()
     if not args.no_imports:

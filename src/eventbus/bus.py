@@ -843,6 +843,9 @@ def _validate_sink(sink: Sink) -> None:
     check("retry_backoff_max", (int, float), positive=False)
     check("circuit_threshold", int)
     check("circuit_cooldown", (int, float), positive=False)
+    check("isolate_nice", int, positive=False)
+    if sink.isolate_nice > 19:
+        raise SinkConfigError(f"sink {name!r}: isolate_nice must be between 0 and 19 (an os.nice increment), got {sink.isolate_nice!r}")
     if not isinstance(sink.overflow, Overflow):
         raise SinkConfigError(
             f"sink {name!r}: overflow must be an eventbus.Overflow ({', '.join(o.name for o in Overflow)}), "

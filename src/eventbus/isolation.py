@@ -20,6 +20,8 @@ The child:
 - gets the sink *instance* pickled (its constructor already validated its options
   in the parent; an instance that cannot be pickled is a ``SinkConfigError`` when it
   is attached) and the parent's ``sys.path``;
+- runs at a lower CPU priority than the parent (``Sink.isolate_nice``, ``os.nice``
+  +10 by default), so that it uses the CPU training leaves idle;
 - ignores SIGINT (the parent handles Ctrl-C and shuts the bus down in order), writes
   to the parent's stdout/stderr, forwards its log records to the parent's loggers
   (the parent's logger levels apply), and exits when the parent dies (closing the
@@ -257,6 +259,7 @@ class ProcessSink(Sink):
             "main": self._main,
             "ppid": os.getpid(),
             "levels": _logger_levels(),
+            "nice": self.sink.isolate_nice,
             "sink": pickled,
         }
         try:
@@ -485,7 +488,7 @@ class _Runner:
 
 
 def _public_attrs(sink: Sink) -> dict[str, Any]:
-    skip = set(_FORWARDED) | {"isolate"}
+    skip = set(_FORWARDED) | {"isolate", "isolate_nice"}
     return {
         k: v
         for k, v in vars(sink).items()
@@ -511,6 +514,12 @@ def _apply_levels(levels: dict[str, int]) -> None:
 
 def _child_main(conn: Connection, init: dict[str, Any]) -> None:
     """The child's loop: load the sink, then answer one request at a time."""
+    if init.get("nice"):
+        try:
+            # Below the training process: telemetry takes the CPU training leaves idle.
+            os.nice(init["nice"])
+        except OSError:  # not permitted here: run at the parent's priority
+            pass
     handler = _PipeLogHandler(conn)
     root = logging.getLogger()
     root.addHandler(handler)

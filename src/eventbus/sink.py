@@ -98,6 +98,12 @@ class Sink:
     in the child. Queueing, retries, the circuit breaker, the spool and the stats stay
     in the bus, unchanged."""
 
+    isolate_nice: int = 10
+    """How much lower the isolated child's CPU priority is than the training
+    process's (``os.nice`` increment, 0 to 19). Telemetry then runs on CPU time that
+    training leaves idle instead of taking a core from it when every core is busy;
+    0 keeps the parent's priority."""
+
     @classmethod
     def available(cls) -> bool:
         """Whether ``report_to="all"`` should include this sink: its SDK is installed

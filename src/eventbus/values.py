@@ -1,11 +1,13 @@
 """Tensor values: snapshot on the publishing thread, resolve on the bus thread.
 
 The publishing thread must never synchronise a device: no ``.item()``, ``.cpu()``,
-``float(t)`` or ``if t:``. :func:`snapshot` therefore only *enqueues* a copy
-(``clone()`` on the CPU; on CUDA an asynchronous device-to-host copy into pinned
-memory plus a recorded CUDA event) so that later in-place changes by the loop do
-not leak into what was published. :func:`resolve` runs on the bus thread, waits for
-the copy if it has to, and returns plain Python numbers.
+``float(t)`` or ``if t:`` on an accelerator tensor. :func:`snapshot` therefore only
+*enqueues* a copy of one (on CUDA an asynchronous device-to-host copy into pinned
+memory plus a recorded CUDA event), so that later in-place changes by the loop do not
+leak into what was published; a CPU tensor involves no device, and a small one is
+read at once with ``tolist()``, the one torch call that keeps the GIL (see
+:func:`snapshot`). :func:`resolve` runs on the bus thread, waits for the copy if it
+has to, and returns plain Python numbers, again with ``tolist()``.
 
 torch is never imported here: a tensor can only exist if the caller imported it.
 """
@@ -66,15 +68,29 @@ class Deferred:
         return f"Deferred({type(self.tensor).__name__}{tuple(self.tensor.shape)})"
 
 
+SMALL_CPU_TENSOR = 64
+"""CPU tensors up to this many elements are read into Python values at once when
+published (``tolist()``), larger ones are copied (``clone()``)."""
+
+
 def snapshot(value: Any) -> Any:
     """Capture ``value`` as published. Non-tensors are returned unchanged.
 
-    Each torch call from Python releases the GIL and must take it back, which waits
-    while sink threads run: the CPU path makes one call (``clone``), two only for a
-    tensor that requires grad.
+    Most torch calls release the GIL and must take it back, which, while another
+    thread runs Python (the bus, a sink), waits up to the interpreter's switch
+    interval (5 ms): ``clone()``, ``detach()`` and ``item()`` all do. ``tolist()``
+    and tensor attributes (``is_cpu``, ``requires_grad``, ``numel()``) do not. So a
+    small CPU tensor is read into Python values right here with ``tolist()`` (a CPU
+    read, no device involved, and the value as it was when published), a larger one
+    is cloned, and an accelerator tensor gets an asynchronous copy to pinned host
+    memory (never a device sync).
     """
     if not is_tensor(value):
         return value
+    if value.is_cpu:
+        if value.numel() <= SMALL_CPU_TENSOR:
+            return _python_value(value)
+        return Deferred((value.detach() if value.requires_grad else value).clone())
     t = value.detach() if value.requires_grad else value
     if t.is_cuda:
         torch = _torch()
@@ -83,8 +99,8 @@ def snapshot(value: Any) -> Any:
         ready = torch.cuda.Event()
         ready.record()
         return Deferred(host, ready)
-    # CPU: a copy the loop cannot modify. Other devices (mps, xla, ...): an
-    # on-device clone is asynchronous there too, and resolve() moves it to the host.
+    # Other devices (mps, xla, ...): an on-device clone is asynchronous there too,
+    # and resolve() moves it to the host.
     return Deferred(t.clone())
 
 
@@ -95,7 +111,10 @@ def handoff(value: Any) -> Any:
     waits to get it back while sink threads run). Accelerator tensors still get their
     asynchronous copy; tensors that require grad are detached by :func:`snapshot`."""
     # ``is_cpu`` rather than ``device.type == "cpu"``: the latter builds a device
-    # object and a string (0.6 µs, against 0.08).
+    # object and a string (0.6 µs, against 0.08). No torch call that releases the
+    # GIL (see snapshot): the bus thread reads it later with tolist().
+    # One that requires grad is read now (snapshot): kept, it would keep its
+    # autograd graph alive until the bus thread got to it.
     if is_tensor(value) and value.is_cpu and not value.requires_grad:
         return Deferred(value)
     return snapshot(value)
@@ -106,12 +125,21 @@ def snapshot_mapping(mapping: Mapping[str, Any]) -> dict[str, Any]:
     return {k: snapshot(v) for k, v in mapping.items()}
 
 
-def _to_python(t: Any) -> Any:
-    if t.device.type != "cpu":
-        t = t.cpu()
+def _python_value(t: Any) -> Any:
+    """A CPU tensor's value as Python data, with ``tolist()`` alone: it keeps the GIL
+    (``item()`` and ``reshape()`` release it) and needs no ``detach()``. One element,
+    whatever the shape, is a number."""
+    out = t.tolist()
     if t.numel() == 1:
-        return t.reshape(()).item()
-    return t.tolist()
+        while isinstance(out, list):
+            out = out[0]
+    return out
+
+
+def _to_python(t: Any) -> Any:
+    if not t.is_cpu:
+        t = t.detach().cpu()
+    return _python_value(t)
 
 
 def resolve(value: Any) -> Any:
@@ -119,7 +147,7 @@ def resolve(value: Any) -> Any:
     if isinstance(value, Deferred):
         return value.resolve()
     if is_tensor(value):
-        return _to_python(value.detach())
+        return _to_python(value)
     return value
 
 

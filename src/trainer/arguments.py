@@ -31,18 +31,22 @@ class TrainingArgumentsError(ValueError):
 
 
 def _sink_names(field: str, value: Any) -> list[str] | None:
-    """``None``, ``"all"``, ``"a,b"`` or a list of sink names -> ``None``, ``["all"]`` or the names."""
+    """``None``, ``"all"``, ``"none"``, ``"a,b"`` or a list of sink names -> ``None``,
+    ``["all"]``, ``[]`` or the names."""
     if value is None:
         return None
+    if value == "none":
+        return []
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in items):
         raise TrainingArgumentsError(
-            f"{field} must be None, 'all', or a list of sink names such as ['comet_ml', 'neptune'], got {value!r}"
+            f"{field} must be None, 'all', 'none', or a list of sink names such as ['comet_ml', 'neptune'], "
+            f"got {value!r}"
         )
     names = list(dict.fromkeys(v.strip() for v in items))
-    if "all" in names and len(names) > 1:
-        raise TrainingArgumentsError(f"{field}: 'all' cannot be combined with sink names, got {value!r}")
-    return names or None
+    if ("all" in names or "none" in names) and len(names) > 1:
+        raise TrainingArgumentsError(f"{field}: 'all' and 'none' cannot be combined with sink names, got {value!r}")
+    return [] if names == ["none"] else names
 
 
 class _StrEnum(str, enum.Enum):
@@ -230,10 +234,12 @@ class TrainingArguments:
     the step time, sampled over 10 steps every 1000; ``None`` or ``0`` turns it off."""
 
     isolate_sinks: list[str] | None = None
-    """Sinks to run in a child process each (``eventbus.Sink.isolate``): names from
-    ``report_to`` or of sinks passed to the trainer, or ``"all"``. A blocking SDK
-    (Comet, Neptune) then no longer competes with the training loop for the GIL;
-    each such sink must be picklable. ``None``: every sink runs in this process."""
+    """Which sinks run in a child process each (``eventbus.Sink.isolate``): names
+    from ``report_to`` or of sinks passed to the trainer (exactly those), ``"all"``,
+    or ``"none"``. A blocking SDK then no longer competes with the training loop for
+    the GIL or a core (the child runs at a lower CPU priority); each such sink must
+    be picklable. ``None`` (default): each sink's own default, which isolates the
+    SDK sinks (``neptune``, ``comet_ml``) on POSIX systems and runs the others here."""
 
     def __post_init__(self) -> None:
         if self.output_dir is None:

@@ -518,8 +518,9 @@ class Trainer:
         args = self.args
         sinks = list(sinks_from_report_to(getattr(args, "report_to", None))) + self._user_sinks
         isolate = getattr(args, "isolate_sinks", None)
-        if isolate:
-            # Named sinks run in a child process each (eventbus.isolation).
+        if isolate is not None:
+            # Exactly the named sinks run in a child process each (eventbus.isolation);
+            # None leaves each sink's own default.
             names = [s.name for s in sinks]
             unknown = [n for n in isolate if n != "all" and n not in names]
             if unknown:
@@ -528,8 +529,7 @@ class Trainer:
                     f"use names from report_to or of the sinks passed to the Trainer"
                 )
             for s in sinks:
-                if isolate == ["all"] or s.name in isolate:
-                    s.isolate = True
+                s.isolate = isolate == ["all"] or s.name in isolate
         run = RunInfo(
             run_id=self.run_id,
             run_name=getattr(args, "run_name", None),

@@ -379,3 +379,39 @@ def test_a_sink_class_defined_in_a_script_runs_isolated(tmp_path: Path) -> None:
     lines = read_lines(str(out))
     assert [s for s, _, _ in lines] == ["0", "1", "2"]
     assert {(p, m) for _, p, m in lines} == {(lines[0][1], "__mp_main__")} and lines[0][1] != main_pid
+
+
+class NicenessSink(ThreadedSink):
+    """Notes the CPU niceness of the process that opens it (copied back to the parent)."""
+
+    events = (Log,)
+
+    def __init__(self, name: str, **opts: Any) -> None:
+        self.name = name  # type: ignore[misc]
+        self.isolate = True
+        self.niceness: int | None = None
+        for k, v in opts.items():
+            setattr(self, k, v)
+
+    def open_sync(self, run: RunInfo) -> None:
+        self.niceness = os.nice(0)
+
+    def write_sync(self, batch: Sequence[BaseEvent]) -> None:
+        pass
+
+
+def test_the_child_runs_below_the_training_process_cpu_priority() -> None:
+    parent = os.nice(0)
+    lowered, same = NicenessSink("lowered"), NicenessSink("same", isolate_nice=0)
+    with EventBus([lowered, same]) as bus:
+        for proxy in bus.sinks:
+            wait_for(lambda p=proxy: p.opened, what="the children to open")
+    assert os.nice(0) == parent  # the parent's own priority is untouched
+    assert lowered.niceness == min(parent + 10, 19)
+    assert same.niceness == parent
+
+
+@pytest.mark.parametrize("value", [-1, 20, 2.5, True])
+def test_a_bad_isolate_nice_is_a_clear_error(value: Any) -> None:
+    with pytest.raises(SinkConfigError, match="isolate_nice"):
+        EventBus([NicenessSink("bad", isolate_nice=value)])

@@ -268,8 +268,13 @@ from eventbus import EventBus, Log, RunInfo
 from sinks.comet import CometSink
 
 sink = CometSink(offline_directory=sys.argv[1])
+sink.isolate = sys.argv[2] == "isolated"
 with EventBus([sink], run=RunInfo(run_id="quiet")) as bus:
     bus.publish(Log(step=1, values={"loss": 1.0}))
+if sink.isolate:
+    # The SDK ran in the sink's child process only.
+    print(json.dumps({"imported_here": "comet_ml" in sys.modules, "archive": sink.archive_path, "network": attempts}))
+    sys.exit(0)
 import comet_ml
 from comet_ml import error_tracking
 config = comet_ml.get_config()
@@ -292,7 +297,7 @@ def test_sdk_error_reporting_off_by_default(comet_env: Path) -> None:
     env["COMET_CONFIG"] = str(comet_env / "no-such.comet.config")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
-        [sys.executable, "-c", _IMPORT_CHECK, str(comet_env / "off")],
+        [sys.executable, "-c", _IMPORT_CHECK, str(comet_env / "off"), "in-process"],
         env=env,
         capture_output=True,
         text=True,
@@ -308,6 +313,29 @@ def test_sdk_error_reporting_off_by_default(comet_env: Path) -> None:
     assert result["error_tracking"] is False and result["reporting"] is False
     assert result["sentry"] is False
     assert result["import_hooks"] == []
+    assert result["network"] == []
+    assert Archive(result["archive"]).metrics["train/loss"] == [(1.0, 1, None)]
+
+
+def test_the_sdk_runs_in_a_child_process_by_default(comet_env: Path) -> None:
+    """By default (POSIX) the sink runs isolated: the training process never imports
+    comet_ml, and the archive the child wrote holds the metric."""
+    from sinks.comet import CometSink
+
+    assert CometSink.isolate is True
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMET_")}
+    env["COMET_CONFIG"] = str(comet_env / "no-such.comet.config")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_CHECK, str(comet_env / "iso"), "isolated"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["imported_here"] is False
     assert result["network"] == []
     assert Archive(result["archive"]).metrics["train/loss"] == [(1.0, 1, None)]
 

@@ -592,9 +592,14 @@ def test_fresh_logs_are_handed_off_and_other_logs_are_copied():
     handler.logs_are_fresh = False
     handler.on_log(None, state, control, {"loss": other})
     assert isinstance(published[0].values["loss"], Deferred) and published[0].values["loss"].tensor is fresh
-    assert published[1].values["loss"].tensor is not other
+    assert published[1].values["loss"] == 2.0  # a small CPU tensor: read when logged
     other.add_(5)
-    assert published[1].values["loss"].resolve() == 2.0
+    assert published[1].values["loss"] == 2.0
+    big = torch.ones(100)
+    handler.on_log(None, state, control, {"hist": big})
+    assert isinstance(published[2].values["hist"], Deferred) and published[2].values["hist"].tensor is not big
+    big.zero_()
+    assert published[2].values["hist"].resolve() == [1.0] * 100
 
 
 def test_a_hook_marked_ignores_kwargs_is_called_without_them_and_others_get_them():

@@ -27,7 +27,8 @@ from trainer.arguments import TrainingArgumentsError
         ("all", ["all"]),
         ("comet_ml, neptune", ["comet_ml", "neptune"]),
         (["jsonl", "jsonl", "comet_ml"], ["jsonl", "comet_ml"]),
-        ([], None),
+        ([], []),
+        ("none", []),
     ],
 )
 def test_isolate_sinks_is_normalized(tmp_path: Path, value: Any, expected: Any) -> None:
@@ -37,7 +38,8 @@ def test_isolate_sinks_is_normalized(tmp_path: Path, value: Any, expected: Any) 
 @pytest.mark.parametrize(
     ("value", "says"),
     [
-        (["all", "jsonl"], "'all' cannot be combined"),
+        (["all", "jsonl"], "'all' and 'none' cannot be combined"),
+        (["none", "jsonl"], "'all' and 'none' cannot be combined"),
         ([1], "list of sink names"),
         ("", "list of sink names"),
         (["jsonl", " "], "list of sink names"),
@@ -83,7 +85,7 @@ def _stable(value: Any) -> Any:
     return value
 
 
-def _train(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, isolate: list[str] | None) -> tuple[Trainer, list[Any], Archive]:
+def _train(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, isolate: Any) -> tuple[Trainer, list[Any], Archive]:
     out = tmp_path / name
     monkeypatch.setenv("COMET_OFFLINE_DIRECTORY", str(out / "comet"))
     args = TrainingArguments(
@@ -119,7 +121,7 @@ def _train(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, isolate: 
 def test_isolated_jsonl_and_comet_write_what_they_write_in_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_comet: None
 ) -> None:
-    plain, plain_events, plain_archive = _train(tmp_path, "in-process", monkeypatch, None)
+    plain, plain_events, plain_archive = _train(tmp_path, "in-process", monkeypatch, "none")
     isolated, iso_events, iso_archive = _train(tmp_path, "isolated", monkeypatch, ["jsonl", "comet_ml"])
 
     assert not any(isinstance(s, ProcessSink) for s in plain.bus.sinks)
@@ -128,7 +130,7 @@ def test_isolated_jsonl_and_comet_write_what_they_write_in_process(
     assert all(isinstance(s, ProcessSink) for s in proxies)
 
     # Same events, in the same order, with the same values (bar timings and run ids).
-    assert len(iso_events) == len(plain_events) > 20
+    assert len(iso_events) == len(plain_events) > 12  # InitEnd, TrainBegin, 6 Logs, 2 Evaluates, ..., TrainEnd
     assert [e["type"] for e in iso_events] == [e["type"] for e in plain_events]
     assert _stable(iso_events) == _stable(plain_events)
     assert sum(e["type"] == "Log" for e in iso_events) >= 6
@@ -177,3 +179,13 @@ def test_mlflow_sink_pickles_without_its_http_client() -> None:
     copy = pickle.loads(pickle.dumps(sink))
     assert copy.base_url == sink.base_url and copy._client is None
     assert copy.http is not sink.http and copy.http.base_url == sink.http.base_url
+
+
+def test_by_default_the_sdk_sinks_run_isolated_and_the_others_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_comet: None
+) -> None:
+    trainer, events, archive = _train(tmp_path, "defaults", monkeypatch, None)
+    kinds = {s.name: isinstance(s, ProcessSink) for s in trainer.bus.sinks}
+    assert kinds == {"jsonl": False, "comet_ml": True}
+    assert [e["type"] for e in events].count("Log") >= 6
+    assert len(archive.metrics["train/loss"]) == 6
