@@ -78,7 +78,7 @@ class _ValuesEvent(BaseEvent, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         mapping = getattr(self, self._value_field)
-        if mapping:
+        if mapping and type(mapping) is not _values.Snapshot:
             snap = _values.snapshot_if_tensors(mapping)
             if snap is not None:
                 # A copy of the mapping, tensors replaced by asynchronous snapshots:

@@ -18,7 +18,7 @@ import math
 import sys
 from typing import Any, Mapping
 
-__all__ = ["Deferred", "handoff", "has_tensor", "is_tensor", "snapshot", "snapshot_mapping", "snapshot_if_tensors", "resolve", "resolve_mapping"]
+__all__ = ["Deferred", "Snapshot", "handoff", "has_tensor", "is_tensor", "snapshot", "snapshot_mapping", "snapshot_if_tensors", "resolve", "resolve_mapping"]
 
 
 def _torch() -> Any:
@@ -118,6 +118,14 @@ def handoff(value: Any) -> Any:
     if is_tensor(value) and value.is_cpu and not value.requires_grad:
         return Deferred(value)
     return snapshot(value)
+
+
+class Snapshot(dict):  # type: ignore[type-arg]
+    """A mapping whose tensors were already captured (:func:`snapshot` or
+    :func:`handoff`): an event given one keeps it as it is instead of scanning it
+    again. Encodes as a plain dict."""
+
+    __slots__ = ()
 
 
 def snapshot_mapping(mapping: Mapping[str, Any]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from eventbus.events import (
     TrainEnd,
 )
 from eventbus.redact import redact
-from eventbus.values import handoff, is_tensor
+from eventbus.values import Snapshot, handoff, snapshot
 from trainer.state import CallbackStateError, TrainerControl, TrainerState, _add_state, is_exportable, load_state_into
 
 __all__ = ["TrainerCallback", "CallbackHandler", "HOOKS", "STEP_HOOKS", "ignores_kwargs"]
@@ -743,18 +743,18 @@ def _copy_values(mapping: Mapping[str, Any] | None, fresh: bool = False) -> dict
     trainer's own new results), handed off without a copy (:func:`eventbus.values.handoff`)."""
     if not mapping:
         return {}
-    out = {}
+    out = Snapshot()
     torch = sys.modules.get("torch")
     tensor = torch.Tensor if torch is not None else ()
     # This runs on every logged step: the common value types (floats, ints, tensors)
-    # are told apart by one type() each.
+    # are told apart by one type() each, and the result is a Snapshot, which the
+    # event keeps without scanning it again.
     for k, v in mapping.items():
         kind = type(v)
         if kind is float or kind is int or kind is str:
             pass
         elif isinstance(v, tensor):
-            if fresh:
-                v = handoff(v)
+            v = handoff(v) if fresh else snapshot(v)
         elif kind.__module__ == "numpy":
             tolist = getattr(v, "tolist", None)
             if tolist is not None:

@@ -211,3 +211,17 @@ def test_handoff_keeps_a_fresh_cpu_tensor_without_a_copy_and_resolves_it():
     g = torch.tensor(2.0, requires_grad=True)
     assert handoff(g) == 2.0  # read at once: the graph is not kept alive
     assert handoff(1.5) == 1.5
+
+
+def test_an_event_keeps_a_snapshot_mapping_as_is_and_encodes_it_as_a_dict() -> None:
+    from eventbus.events import decode_json, encode_json
+
+    captured = V.Snapshot(loss=V.handoff(torch.tensor(0.5)), lr=0.1)
+    ev = Log(step=3, values=captured)
+    assert ev.values is captured  # not scanned or copied again
+    plain = Log(step=3, values={"loss": torch.tensor(0.5)})
+    assert plain.values["loss"] == 0.5  # a plain dict is snapshotted as before
+    resolved = V.resolve_mapping(ev.values)
+    assert resolved == {"loss": 0.5, "lr": 0.1} and type(resolved) is dict
+    back = decode_json(encode_json(Log(step=3, values=V.Snapshot(a=1.5))))
+    assert back.values == {"a": 1.5} and type(back.values) is dict
