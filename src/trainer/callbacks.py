@@ -738,9 +738,10 @@ class CallbackHandler(TrainerCallback):
 def _copy_values(mapping: Mapping[str, Any] | None, fresh: bool = False) -> dict[str, Any]:
     """A copy of logged values or metrics for an event. numpy scalars and arrays
     (what ``compute_metrics`` usually returns) become Python numbers and lists, which
-    every sink can encode; this is host memory, never a device sync. Tensors are left
-    to the event, which snapshots them without a sync, or, when ``fresh`` (the
-    trainer's own new results), handed off without a copy (:func:`eventbus.values.handoff`)."""
+    every sink can encode; this is host memory, never a device sync. Tensors are
+    snapshotted without a sync (:func:`eventbus.values.snapshot`), or, when ``fresh``
+    (the trainer's own new results), handed off without a copy
+    (:func:`eventbus.values.handoff`). The result is a :class:`~eventbus.values.Snapshot`."""
     if not mapping:
         return {}
     out = Snapshot()
@@ -754,7 +755,10 @@ def _copy_values(mapping: Mapping[str, Any] | None, fresh: bool = False) -> dict
         if kind is float or kind is int or kind is str:
             pass
         elif isinstance(v, tensor):
-            v = handoff(v) if fresh else snapshot(v)
+            # A fresh CPU tensor stays as it is (handoff's rule, without its Deferred
+            # wrapper): the Snapshot marks it captured, and the bus thread reads it.
+            if not (fresh and v.is_cpu and not v.requires_grad):
+                v = handoff(v) if fresh else snapshot(v)
         elif kind.__module__ == "numpy":
             tolist = getattr(v, "tolist", None)
             if tolist is not None:
