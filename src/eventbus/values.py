@@ -162,11 +162,21 @@ def resolve(value: Any) -> Any:
 def resolve_mapping(mapping: Mapping[str, Any]) -> dict[str, Any] | None:
     """A resolved copy of ``mapping``, or ``None`` when nothing in it needed resolving."""
     torch = _torch()
-    kinds = Deferred if torch is None else (Deferred, torch.Tensor)
-    for v in mapping.values():
-        if isinstance(v, kinds):
-            return {k: resolve(v) for k, v in mapping.items()}
-    return None
+    tensor = torch.Tensor if torch is not None else ()
+    out: dict[str, Any] | None = None
+    # Once per value of every Log on the bus thread, whose Python time the training
+    # thread waits for: the checks are written out rather than calling resolve().
+    for k, v in mapping.items():
+        if isinstance(v, Deferred):
+            v = v.resolve()
+        elif isinstance(v, tensor):
+            v = _to_python(v)
+        elif out is None:
+            continue
+        if out is None:
+            out = dict(mapping)
+        out[k] = v
+    return out
 
 
 def is_finite_number(value: Any) -> bool:
