@@ -290,21 +290,26 @@ print(json.dumps({
 """
 
 
-def test_sdk_error_reporting_off_by_default(comet_env: Path) -> None:
-    """In a fresh process (comet_ml reads these at import): Sentry error tracking, usage
-    reporting and the auto-logging import hooks are off unless the user set them."""
+def _fresh_process_check(comet_env: Path, subdir: str, isolated: bool) -> dict[str, Any]:
+    """Run _IMPORT_CHECK in a fresh interpreter with no COMET_* variables; its JSON."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMET_")}
     env["COMET_CONFIG"] = str(comet_env / "no-such.comet.config")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
-        [sys.executable, "-c", _IMPORT_CHECK, str(comet_env / "off"), "in-process"],
+        [sys.executable, "-c", _IMPORT_CHECK, str(comet_env / subdir), "isolated" if isolated else "in-process"],
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_sdk_error_reporting_off_by_default(comet_env: Path) -> None:
+    """In a fresh process (comet_ml reads these at import): Sentry error tracking, usage
+    reporting and the auto-logging import hooks are off unless the user set them."""
+    result = _fresh_process_check(comet_env, "off", isolated=False)
     assert result["env"] == {
         "COMET_ERROR_TRACKING_ENABLE": "false",
         "COMET_INTERNAL_REPORTING": "false",
@@ -323,18 +328,7 @@ def test_the_sdk_runs_in_a_child_process_by_default(comet_env: Path) -> None:
     from sinks.comet import CometSink
 
     assert CometSink.isolate is True
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COMET_")}
-    env["COMET_CONFIG"] = str(comet_env / "no-such.comet.config")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(
-        [sys.executable, "-c", _IMPORT_CHECK, str(comet_env / "iso"), "isolated"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _fresh_process_check(comet_env, "iso", isolated=True)
     assert result["imported_here"] is False
     assert result["network"] == []
     assert Archive(result["archive"]).metrics["train/loss"] == [(1.0, 1, None)]
