@@ -109,12 +109,10 @@ def handoff(value: Any) -> Any:
     (a fresh result, such as ``loss_sum / steps``): on the CPU it is kept as it is,
     with no torch call on the publishing thread at all (each one releases the GIL and
     waits to get it back while sink threads run). Accelerator tensors still get their
-    asynchronous copy; tensors that require grad are detached by :func:`snapshot`."""
-    # ``is_cpu`` rather than ``device.type == "cpu"``: the latter builds a device
-    # object and a string (0.6 µs, against 0.08). No torch call that releases the
-    # GIL (see snapshot): the bus thread reads it later with tolist().
-    # One that requires grad is read now (snapshot): kept, it would keep its
-    # autograd graph alive until the bus thread got to it.
+    asynchronous copy, and tensors that require grad are captured by :func:`snapshot`."""
+    # ``is_cpu`` rather than ``device.type == "cpu"`` (which builds a device object
+    # and a string: 0.6 µs against 0.08); the bus thread reads it with tolist(). One
+    # that requires grad is read now: kept, it would hold its autograd graph alive.
     if is_tensor(value) and value.is_cpu and not value.requires_grad:
         return Deferred(value)
     return snapshot(value)
