@@ -86,6 +86,7 @@ def test_bench_with_every_sink_and_the_slow_one() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(_rows(out)) == {("c", 1), ("d", 1)}
     assert "# mlflow sink -> loopback HTTP server" in out
+    assert "# sinks in a child process each (Sink.isolate): neptune, comet_ml" in out  # the sinks' defaults
     assert "(d) vs (c), ours, logging_steps=1" in out
     assert "failed" not in out  # every sink opened, wrote and closed cleanly
 
@@ -156,3 +157,30 @@ def test_bench_plot_and_json(tmp_path: Any, capsys: pytest.CaptureFixture[str]) 
     data = json.loads(js.read_text())
     assert {r["logging_steps"] for r in data["rows"]} == {1, 50}
     assert all(r["ours"]["blocks"] == 2 for r in data["rows"])  # --quick: 2 blocks per side
+
+
+@pytest.mark.parametrize(("kind", "words"), [("compute", "200 us of CPU compute"), ("sleep", "200 us of sleep")])
+def test_bench_gap_kinds(kind: str, words: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "--configs", "a", "--logging-steps", "1", "--steps", "20", "--repeats", "1", "--gap-us", "200",
+               "--gap-kind", kind, "--no-transformers", "--no-imports"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert words in out and set(_rows(out)) == {("a", 1)}
+
+
+def test_gap_validates_its_arguments() -> None:
+    from eventbus._bench import Gap
+
+    with pytest.raises(ValueError, match="gap kind"):
+        Gap(0.001, "spin")
+    with pytest.raises(ValueError, match=">= 0"):
+        Gap(-1.0)
+    assert not Gap(0.0) and Gap(0.0002)
+
+
+def test_isolate_option_names_exactly_the_isolated_sinks() -> None:
+    from eventbus._bench_cli import _isolate_names
+
+    assert _isolate_names(None) is None  # the sinks' own defaults
+    assert _isolate_names("none") == []
+    assert _isolate_names("neptune, comet_ml") == ["neptune", "comet_ml"]
