@@ -8,6 +8,7 @@ scripts, so this directory is on ``sys.path``).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import statistics
 import sys
@@ -17,9 +18,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from eventbus._bench import bench_sinks
 
-__all__ = ["TinyModel", "make_dataset", "log_every_step_args", "StepTimer", "as_transformers_callback", "all_sinks", "median_min_max", "quiet_stdout", "say"]
+__all__ = ["TinyModel", "make_dataset", "log_every_step_args", "train_transformers", "StepTimer", "as_transformers_callback", "transformers_trainer_status", "median_min_max", "quiet_stdout", "say"]
 
 
 class TinyModel(nn.Module):
@@ -91,12 +91,13 @@ def as_transformers_callback(timer: StepTimer) -> Any:
     return _Timer()
 
 
-@contextlib.contextmanager
-def all_sinks(workdir: str) -> Iterator[tuple[list[Any], str]]:
-    """The overhead benchmark's (c) sinks: progress, tensorboard, jsonl, neptune
-    (offline), comet (offline), mlflow (loopback or EVENTBUS_MLFLOW_BIN)."""
-    with open(os.devnull, "w") as devnull, bench_sinks(workdir, progress_file=devnull) as (sinks, how):
-        yield sinks, how
+def transformers_trainer_status() -> str | None:
+    """None when transformers' Trainer can run here, else why not."""
+    if importlib.util.find_spec("transformers") is None:
+        return "transformers is not installed (pip install 'eventbus-telemetry[bench]')"
+    if importlib.util.find_spec("accelerate") is None:
+        return "transformers' Trainer needs accelerate, which is not installed (pip install accelerate)"
+    return None
 
 
 @contextlib.contextmanager
@@ -116,19 +117,43 @@ def say(msg: str) -> None:
     print(f"  .. {msg}", file=sys.stderr, flush=True)
 
 
+def _log_every_step_kwargs(workdir: str, steps: int, batch: int) -> dict[str, Any]:
+    """The training arguments both trainers get in the benchmarks: ``steps`` optimizer
+    steps, a log every step, no checkpoints, no progress bar."""
+    return {
+        "output_dir": workdir,
+        "max_steps": steps,
+        "per_device_train_batch_size": batch,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+    }
+
+
 def log_every_step_args(workdir: str, steps: int, batch: int) -> Any:
-    """Our ``TrainingArguments`` for the benchmarks: ``steps`` optimizer steps, a log
-    every step, no checkpoints, no sinks from ``report_to`` (the caller passes its
-    own), no progress bar."""
+    """Our ``TrainingArguments`` for the benchmarks (:func:`_log_every_step_kwargs`),
+    with no sinks from ``report_to`` (the caller passes its own)."""
     from trainer import TrainingArguments
 
-    return TrainingArguments(
-        output_dir=workdir,
-        max_steps=steps,
-        per_device_train_batch_size=batch,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
+    return TrainingArguments(**_log_every_step_kwargs(workdir, steps, batch), report_to="none")
+
+
+def train_transformers(model: Any, data: Any, workdir: str, steps: int, batch: int, report_to: str, use_cpu: bool) -> float:
+    """Train ``model`` on ``data`` through transformers' ``Trainer`` with the same
+    arguments as ours (printing and progress callbacks removed); steps/s."""
+    import transformers
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    args = transformers.TrainingArguments(
+        **_log_every_step_kwargs(workdir, steps, batch), report_to=report_to, use_cpu=use_cpu, dataloader_pin_memory=False
     )
+    timer = StepTimer()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[as_transformers_callback(timer)])
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    with quiet_stdout():
+        trainer.train()
+    return timer.steps_per_second()
+
+

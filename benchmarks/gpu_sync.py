@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import StepTimer, TinyModel, as_transformers_callback, log_every_step_args, make_dataset, quiet_stdout, say  # noqa: E402
+from _common import StepTimer, TinyModel, log_every_step_args, make_dataset, quiet_stdout, say, train_transformers, transformers_trainer_status  # noqa: E402
 
 BATCH = 256
 DIM = 256
@@ -94,29 +94,9 @@ def run_ours(workdir: str, steps: int, guard: bool) -> tuple[float, Any]:
 
 def run_transformers(workdir: str, steps: int) -> float:
     """The same model and data through transformers' Trainer on CUDA; steps/s."""
-    import transformers
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     torch.manual_seed(0)
     data = make_dataset(steps * BATCH, dim=DIM)
-    args = transformers.TrainingArguments(
-        output_dir=workdir,
-        max_steps=steps,
-        per_device_train_batch_size=BATCH,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="tensorboard",
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-    )
-    timer = StepTimer()
-    trainer = transformers.Trainer(model=TinyModel(DIM, HIDDEN), args=args, train_dataset=data, callbacks=[as_transformers_callback(timer)])
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    with quiet_stdout():
-        trainer.train()
-    return timer.steps_per_second()
+    return train_transformers(TinyModel(DIM, HIDDEN), data, workdir, steps, BATCH, "tensorboard", use_cpu=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,11 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         say("timing (debug mode off)")
         ours, _ = run_ours(os.path.join(root, "timed"), steps, guard=False)
         print(f"{'ours, jsonl + tensorboard sinks, logging every step':<58} {ours:>10,.0f} steps/s")
-        status = None
-        if importlib.util.find_spec("transformers") is None:
-            status = "transformers is not installed"
-        elif importlib.util.find_spec("accelerate") is None:
-            status = "transformers' Trainer needs accelerate, which is not installed"
+        status = transformers_trainer_status()
         if status is None:
             theirs = run_transformers(os.path.join(root, "transformers"), steps)
             print(f"{'transformers Trainer, report_to=tensorboard, logging every step':<58} {theirs:>10,.0f} steps/s")

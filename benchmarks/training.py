@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -35,7 +34,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import StepTimer, TinyModel, all_sinks, as_transformers_callback, log_every_step_args, make_dataset, median_min_max, quiet_stdout, say  # noqa: E402
+from _common import StepTimer, TinyModel, log_every_step_args, make_dataset, median_min_max, quiet_stdout, say, train_transformers, transformers_trainer_status  # noqa: E402
+
+from eventbus._bench import bench_sinks  # noqa: E402
 
 BATCH = 32
 
@@ -74,7 +75,7 @@ def run_ours(
     with contextlib.ExitStack() as stack:
         sinks: list[Any] = []
         if with_sinks:
-            sinks, how = stack.enter_context(all_sinks(os.path.join(workdir, "sinks")))
+            sinks, how = stack.enter_context(bench_sinks(os.path.join(workdir, "sinks")))
             if only is not None:
                 sinks = [s for s in sinks if s.name == only]
             if isolate is not None:
@@ -94,41 +95,8 @@ def run_ours(
 
 def run_transformers(workdir: str, steps: int, report_to: str) -> float:
     """The same model and data through transformers' Trainer; steps/s."""
-    import transformers
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     torch.manual_seed(0)
-    data = make_dataset(steps * BATCH)
-    args = transformers.TrainingArguments(
-        output_dir=workdir,
-        max_steps=steps,
-        per_device_train_batch_size=BATCH,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=report_to,
-        disable_tqdm=True,
-        use_cpu=True,
-        dataloader_pin_memory=False,
-    )
-    timer = StepTimer()
-    trainer = transformers.Trainer(
-        model=TinyModel(), args=args, train_dataset=data, callbacks=[as_transformers_callback(timer)]
-    )
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    with quiet_stdout():
-        trainer.train()
-    return timer.steps_per_second()
-
-
-def transformers_trainer_status() -> str | None:
-    """None when transformers' Trainer can run here, else why not."""
-    if importlib.util.find_spec("transformers") is None:
-        return "transformers is not installed (pip install 'eventbus-telemetry[bench]')"
-    if importlib.util.find_spec("accelerate") is None:
-        return "transformers' Trainer needs accelerate, which is not installed (pip install accelerate)"
-    return None
+    return train_transformers(TinyModel(), make_dataset(steps * BATCH), workdir, steps, BATCH, report_to, use_cpu=True)
 
 
 def main(argv: list[str] | None = None) -> int:

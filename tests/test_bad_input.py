@@ -28,7 +28,7 @@ from eventbus import Log
 from eventbus.errors import SinkConfigError, UnknownSinkError
 from eventbus.registry import create_sink, load_sink_factory, sinks_from_report_to
 from sinks.jsonl import read_jsonl
-from tests._faultserver import FaultServer
+from tests._faultserver import server  # noqa: F401 - the fixture
 from tests.conftest import require
 from tests.trainer._loop_helpers import TinyClassifier, accuracy, make_dataset, tiny_args
 from trainer import Trainer, TrainerCallback, TrainingArguments
@@ -141,15 +141,6 @@ def offline_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
             monkeypatch.delenv(k)
     monkeypatch.chdir(tmp_path)
     yield tmp_path
-
-
-@pytest.fixture
-def server() -> Iterator[FaultServer]:
-    s = FaultServer()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -354,6 +345,18 @@ def test_a_secret_option_of_the_wrong_type_is_not_echoed():
     with pytest.raises(SinkConfigError) as info:
         create_sink("mlflow", tracking_uri="http://127.0.0.1:5000", token=["tok-not-a-string-4242"])
     assert "token" in str(info.value) and "tok-not-a-string-4242" not in str(info.value)
+
+
+def test_credentials_in_a_url_option_of_the_wrong_type_are_not_echoed():
+    class Url:  # a URL object where a string is expected, with user:password in it
+        def __repr__(self) -> str:
+            return "Url('https://bob:pw-not-shown-4242@mlflow.example/')"
+
+    with pytest.raises(SinkConfigError) as info:
+        create_sink("mlflow", tracking_uri=Url())
+    message = str(info.value)
+    assert "tracking_uri" in message and "mlflow.example" in message
+    assert "pw-not-shown-4242" not in message and "bob" not in message
 
 
 def test_the_option_check_does_not_reject_good_values(tmp_path):

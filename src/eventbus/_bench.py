@@ -535,21 +535,22 @@ class _Side:
         """Tell the callbacks training ended, release what they hold."""
 
 
+# Both handlers' training arguments. eval_strategy="steps" with an unreachable
+# eval_steps: EarlyStopping's checks pass and no evaluation ever runs.
+_ARGS = {
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "eval_strategy": "steps",
+    "eval_steps": 10**9,
+    "metric_for_best_model": "loss",
+    "report_to": "none",
+}
+
+
 def _our_args(output_dir: str) -> Any:
     from trainer import TrainingArguments
 
-    # eval_strategy="steps" with an unreachable eval_steps: EarlyStopping's checks
-    # pass and no evaluation ever runs.
-    return TrainingArguments(
-        output_dir=output_dir,
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="steps",
-        eval_steps=10**9,
-        metric_for_best_model="loss",
-        report_to="none",
-        disable_tqdm=True,
-    )
+    return TrainingArguments(output_dir=output_dir, disable_tqdm=True, **_ARGS)
 
 
 def _wait_for_isolated(bus: Any, timeout: float = 60.0) -> None:
@@ -633,16 +634,7 @@ def _their_args(output_dir: str) -> Any:
     try:
         from transformers import TrainingArguments
 
-        return TrainingArguments(
-            output_dir=output_dir,
-            logging_steps=1,
-            save_strategy="no",
-            eval_strategy="steps",
-            eval_steps=10**9,
-            metric_for_best_model="loss",
-            report_to="none",
-            use_cpu=True,
-        )
+        return TrainingArguments(output_dir=output_dir, use_cpu=True, **_ARGS)
     except ImportError:
         return _our_args(output_dir)
 

@@ -823,15 +823,23 @@ def _validate_sink(sink: Sink) -> None:
     if not isinstance(name, str) or not name:
         raise SinkConfigError(f"{type(sink).__name__}.name must be a non-empty string, got {name!r}")
 
-    def check(attr: str, kind: type | tuple[type, ...], positive: bool = True, allow_none: bool = False) -> None:
+    def check(
+        attr: str, kind: type | tuple[type, ...], positive: bool = True, allow_none: bool = False, most: float | None = None
+    ) -> None:
         value = getattr(sink, attr)
         if value is None and allow_none:
             return
         # Non-negative where 0 means "none" (no delay, no retries), positive elsewhere.
-        if isinstance(value, bool) or not isinstance(value, kind) or value < 0 or (positive and value == 0):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, kind)
+            or value < 0
+            or (positive and value == 0)
+            or (most is not None and value > most)
+        ):
             raise SinkConfigError(
                 f"sink {name!r}: {attr} must be a {'positive' if positive else 'non-negative'} "
-                f"{getattr(kind, '__name__', 'number')}, got {value!r}"
+                f"{getattr(kind, '__name__', 'number')}{'' if most is None else f' up to {most}'}, got {value!r}"
             )
 
     check("capacity", int)
@@ -843,9 +851,9 @@ def _validate_sink(sink: Sink) -> None:
     check("retry_backoff_max", (int, float), positive=False)
     check("circuit_threshold", int)
     check("circuit_cooldown", (int, float), positive=False)
-    check("isolate_nice", int, positive=False)
-    if sink.isolate_nice > 19:
-        raise SinkConfigError(f"sink {name!r}: isolate_nice must be between 0 and 19 (an os.nice increment), got {sink.isolate_nice!r}")
+    check("isolate_nice", int, positive=False, most=19)  # an os.nice increment
+    if not isinstance(sink.isolate, bool):
+        raise SinkConfigError(f"sink {name!r}: isolate must be True or False, got {sink.isolate!r}")
     if not isinstance(sink.overflow, Overflow):
         raise SinkConfigError(
             f"sink {name!r}: overflow must be an eventbus.Overflow ({', '.join(o.name for o in Overflow)}), "

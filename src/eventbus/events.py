@@ -241,6 +241,10 @@ _HOOK_BY_TYPE = {t: hook for hook, t in HOOK_EVENTS.items()}
 _json_encoder = msgspec.json.Encoder()
 _json_decoder = msgspec.json.Decoder(Event)
 _msgpack_encoder = msgspec.msgpack.Encoder()
+lenient_msgpack_encoder = msgspec.msgpack.Encoder(enc_hook=repr)
+"""For what we write ourselves (spool, isolated sinks' pipes): a value msgspec cannot
+encode (an object left in a config dict) goes as its repr rather than losing the
+whole batch."""
 _msgpack_decoder = msgspec.msgpack.Decoder(Event)
 
 

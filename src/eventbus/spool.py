@@ -38,10 +38,9 @@ import zlib
 from pathlib import Path
 from typing import Any, Generator, Iterator, NamedTuple, Sequence
 
-import msgspec
 
 from eventbus.errors import SpoolError
-from eventbus.events import BaseEvent, Event, decode_msgpack
+from eventbus.events import BaseEvent, Event, decode_msgpack, lenient_msgpack_encoder
 
 __all__ = [
     "Spool",
@@ -69,9 +68,6 @@ _MAX_RECORD = 64 * 1024 * 1024  # a length above this is corruption, not an even
 _SUFFIX = ".spool"
 STATE_FILE = "state.json"
 
-# As eventbus.events.encode_msgpack, but a value msgspec cannot encode (an object
-# left in a config dict) is stored as its repr instead of losing the whole batch.
-_encoder = msgspec.msgpack.Encoder(enc_hook=repr)
 
 DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024
 DEFAULT_FSYNC_INTERVAL = 1.0
@@ -418,7 +414,7 @@ class Spool:
             return
         buf = bytearray()
         for ev in events:
-            payload = _encoder.encode(ev)
+            payload = lenient_msgpack_encoder.encode(ev)
             length = struct.pack("<I", len(payload))
             buf += RECORD_MARK + length + struct.pack("<I", zlib.crc32(payload, zlib.crc32(length))) + payload
         if self._fd is None or self._size >= self.max_file_bytes:

@@ -88,8 +88,9 @@ def snapshot(value: Any) -> Any:
     if not is_tensor(value):
         return value
     if value.is_cpu:
-        if value.numel() <= SMALL_CPU_TENSOR:
-            return _python_value(value)
+        n = value.numel()
+        if n <= SMALL_CPU_TENSOR:
+            return _python_value(value, n)
         return Deferred((value.detach() if value.requires_grad else value).clone())
     t = value.detach() if value.requires_grad else value
     if t.is_cuda:
@@ -131,12 +132,12 @@ def snapshot_mapping(mapping: Mapping[str, Any]) -> dict[str, Any]:
     return {k: snapshot(v) for k, v in mapping.items()}
 
 
-def _python_value(t: Any) -> Any:
+def _python_value(t: Any, numel: int | None = None) -> Any:
     """A CPU tensor's value as Python data, with ``tolist()`` alone: it keeps the GIL
     (``item()`` and ``reshape()`` release it) and needs no ``detach()``. One element,
-    whatever the shape, is a number."""
+    whatever the shape, is a number. ``numel``: ``t.numel()`` when the caller has it."""
     out = t.tolist()
-    if t.numel() == 1:
+    if (t.numel() if numel is None else numel) == 1:
         while isinstance(out, list):
             out = out[0]
     return out

@@ -6,6 +6,7 @@ import collections.abc
 import importlib
 import logging
 import os
+import re
 import types
 import typing
 from typing import Any, Callable, Iterator, Mapping
@@ -149,6 +150,9 @@ def _describe(tp: Any) -> str:
     return f"a {getattr(tp, '__name__', str(tp))}"
 
 
+_URL_USERINFO = re.compile(r"(://)[^/@\s'\"]+@")
+
+
 def check_option_types(sink: str, func: Callable[..., Any], values: Mapping[str, Any]) -> None:
     """Check each of ``values`` (a constructor's ``locals()``) against the annotation
     of that parameter of ``func``; a mismatch is a :class:`SinkConfigError` naming the
@@ -162,7 +166,8 @@ def check_option_types(sink: str, func: Callable[..., Any], values: Mapping[str,
         if tp is None or name == "self":
             continue
         if not _matches(value, tp):
-            shown = "***" if is_secret_key(name) else repr(value)
+            # Credentials in a URL (a tracking URI's user:password@) never show.
+            shown = "***" if is_secret_key(name) else _URL_USERINFO.sub(r"\1***@", repr(value))
             if len(shown) > 80:
                 shown = shown[:77] + "..."
             raise SinkConfigError(

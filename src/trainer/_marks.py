@@ -22,7 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any, Mapping
+
+from eventbus.spool import write_json_atomic
 
 __all__ = ["MARKS_FILE", "RUN_INFO_KEY", "clean_marks", "write_latest", "read_latest", "merge"]
 
@@ -43,12 +46,9 @@ def write_latest(output_dir: str, run_id: str, marks: Mapping[str, int]) -> None
     """Atomically rewrite ``<output_dir>/eventbus_marks.json``; a failure is a warning
     (losing it risks a duplicate step after a resume, never the training)."""
     path = os.path.join(output_dir, MARKS_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
     try:
         os.makedirs(output_dir, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({"run_id": run_id, "marks": dict(marks)}, fh, sort_keys=True)
-        os.replace(tmp, path)
+        write_json_atomic(Path(path), {"run_id": run_id, "marks": dict(marks)})
     except OSError as exc:
         logger.warning("could not save the sinks' high-water marks to %s: %r", path, exc)
 

@@ -43,7 +43,7 @@ from eventbus.events import (
     TrainEnd,
 )
 from eventbus.redact import redact
-from eventbus.values import Snapshot, handoff, snapshot
+from eventbus.values import Snapshot, snapshot
 from trainer.state import CallbackStateError, TrainerControl, TrainerState, _add_state, is_exportable, load_state_into
 
 __all__ = ["TrainerCallback", "CallbackHandler", "HOOKS", "STEP_HOOKS", "ignores_kwargs"]
@@ -757,8 +757,9 @@ def _copy_values(mapping: Mapping[str, Any] | None, fresh: bool = False) -> dict
         elif isinstance(v, tensor):
             # A fresh CPU tensor stays as it is (handoff's rule, without its Deferred
             # wrapper): the Snapshot marks it captured, and the bus thread reads it.
+            # Anything else is what handoff would give too: a snapshot.
             if not (fresh and v.is_cpu and not v.requires_grad):
-                v = handoff(v) if fresh else snapshot(v)
+                v = snapshot(v)
         elif kind.__module__ == "numpy":
             tolist = getattr(v, "tolist", None)
             if tolist is not None:

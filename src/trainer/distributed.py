@@ -37,7 +37,6 @@ __all__ = [
     "launched_by_torchrun",
     "is_initialized",
     "init_process_group",
-    "destroy_process_group",
     "default_backend",
     "device_for_rank",
     "barrier",
@@ -45,7 +44,6 @@ __all__ = [
     "broadcast_object",
     "gather_objects",
     "all_reduce_mean_",
-    "all_reduce_sum_",
     "shard_indices",
 ]
 
@@ -213,15 +211,6 @@ def init_process_group(timeout: float | None = None, backend: str | None = None)
     return True
 
 
-def destroy_process_group() -> None:
-    """Tear the process group down (a no-op when none is up)."""
-    global _control_group, _control_group_of
-    dist = _dist()
-    if dist is not None:
-        dist.destroy_process_group()
-    _control_group = _control_group_of = None
-
-
 def barrier() -> None:
     """Wait for every process (a no-op in a single process). Bounded by the process
     group's timeout."""
@@ -334,14 +323,6 @@ def all_reduce_mean_(tensor: Any) -> _Pending:
         return _Pending(None, tensor, 1)
     work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
     return _Pending(work, tensor, dist.get_world_size())
-
-
-def all_reduce_sum_(tensor: Any) -> Any:
-    """Sum ``tensor`` across ranks in place (blocking); returns it."""
-    dist = _dist()
-    if dist is not None:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
 
 
 def shard_indices(indices: Sequence[int], rank: int, world_size: int, pad: bool = True) -> list[int]:

@@ -45,7 +45,7 @@ def _format(value: Any) -> Any:
 
 
 def _on_accelerator(value: Any) -> bool:
-    return is_tensor(value) and value.device.type != "cpu"
+    return is_tensor(value) and not value.is_cpu
 
 
 class _DeferredWriter:

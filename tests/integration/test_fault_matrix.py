@@ -15,11 +15,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import struct
 import threading
 import time
 from collections import Counter
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import anyio
 import pytest
@@ -27,9 +26,10 @@ import pytest
 from eventbus import EventBus, Log, Overflow, Sink, ThreadedSink, TrainEnd
 from eventbus.events import BaseEvent
 from eventbus.replay import replay
-from eventbus.spool import MAGIC, Spool, read_spool
+from eventbus.spool import Spool, read_spool
 from sinks.mlflow import MLflowSink
 from tests._faultserver import FaultServer, no_mlflow_env, server  # noqa: F401 (fixtures)
+from tests.eventbus.test_spool_faults import _corrupt_record
 from tests.trainer._loop_helpers import TinyClassifier, make_dataset, tiny_args
 from trainer import Trainer
 
@@ -417,16 +417,6 @@ def test_the_spool_disk_is_full(tmp_path, monkeypatch, caplog):
     assert "spool" in (s.last_error or "")
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR and "disk is full" in r.getMessage()]
     assert len(errors) == 1 and "training continues" in errors[0].getMessage()
-
-
-def _corrupt_record(path: Any, index: int) -> None:
-    data = bytearray(path.read_bytes())
-    pos = len(MAGIC) + 1
-    for _ in range(index):
-        (length,) = struct.unpack_from("<I", data, pos + 4)
-        pos += 12 + length
-    data[pos + 12 + 2] ^= 0xFF  # a payload byte: the checksum no longer matches
-    path.write_bytes(bytes(data))
 
 
 def test_a_spool_file_corrupted_in_the_middle_is_drained_around_the_bad_record(tmp_path, caplog):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import anyio
 import pytest
