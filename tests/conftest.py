@@ -36,6 +36,27 @@ def require_module(name: str) -> object:
         raise  # unreachable
 
 
+def clean_backend_env(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests that run the Neptune and Comet SDKs offline beside MLflow: both SDKs
+    installed (a failure in CI), no COMET_/NEPTUNE_/MLFLOW_/AZUREML_ variable from
+    the machine, no Comet config file, and ``tmp_path`` as the working directory
+    (Neptune writes ``.neptune/`` there)."""
+    import importlib.util
+
+    require(importlib.util.find_spec("neptune") is not None, "neptune is not installed")
+    require(importlib.util.find_spec("comet_ml") is not None, "comet_ml is not installed")
+    from tests.integration.test_comet import _COMET_ENV
+
+    for var in _COMET_ENV:
+        monkeypatch.setenv(var, "")  # restored to absent at teardown, even if a sink set a default
+        monkeypatch.delenv(var)
+    for k in list(os.environ):
+        if k.startswith(("MLFLOW_", "AZUREML_", "NEPTUNE_")):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("COMET_CONFIG", str(tmp_path / "no-such.comet.config"))
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Fail any attempt to connect or resolve a name (Unix sockets excepted), and

@@ -9,7 +9,6 @@ wrong type (every sink's constructor)."""
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import io
 import json
@@ -29,7 +28,7 @@ from eventbus.errors import SinkConfigError, UnknownSinkError
 from eventbus.registry import create_sink, load_sink_factory, sinks_from_report_to
 from sinks.jsonl import read_jsonl
 from tests._faultserver import server  # noqa: F401 - the fixture
-from tests.conftest import require
+from tests.conftest import clean_backend_env
 from tests.trainer._loop_helpers import TinyClassifier, accuracy, make_dataset, tiny_args
 from trainer import Trainer, TrainerCallback, TrainingArguments
 from trainer.arguments import TrainingArgumentsError
@@ -126,20 +125,7 @@ class OddLogs(TrainerCallback):
 
 @pytest.fixture
 def offline_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    require(importlib.util.find_spec("neptune") is not None, "neptune is not installed")
-    require(importlib.util.find_spec("comet_ml") is not None, "comet_ml is not installed")
-    from tests.integration.test_comet import _COMET_ENV
-
-    for var in _COMET_ENV:
-        monkeypatch.setenv(var, "")
-        monkeypatch.delenv(var)
-    monkeypatch.setenv("COMET_CONFIG", str(tmp_path / "no-such.comet.config"))
-    for var in ("NEPTUNE_MODE", "NEPTUNE_PROJECT", "NEPTUNE_CUSTOM_RUN_ID", "NEPTUNE_DATA_DIRECTORY", "NEPTUNE_API_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    for k in list(os.environ):
-        if k.startswith(("MLFLOW_", "AZUREML_")):
-            monkeypatch.delenv(k)
-    monkeypatch.chdir(tmp_path)
+    clean_backend_env(tmp_path, monkeypatch)
     yield tmp_path
 
 

@@ -14,7 +14,6 @@ to a non-loopback host, through ``create_sink`` and ``report_to``.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import os
 import shutil
@@ -31,7 +30,7 @@ from eventbus.events import BaseEvent
 from eventbus.registry import create_sink, sinks_from_report_to
 from sinks.mlflow import MLflowSink
 from tests._faultserver import FaultServer
-from tests.conftest import require
+from tests.conftest import clean_backend_env, require
 from tests.integration.conftest import mlflow_server  # noqa: F401 - the real mlflow server fixture
 from tests.trainer._loop_helpers import TinyClassifier, make_dataset
 from trainer import Trainer, TrainingArguments
@@ -92,22 +91,11 @@ def assert_no_secret(text: str | bytes, where: str) -> None:
 
 @pytest.fixture
 def secret_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    require(importlib.util.find_spec("neptune") is not None, "neptune is not installed")
-    require(importlib.util.find_spec("comet_ml") is not None, "comet_ml is not installed")
-    from tests.integration.test_comet import _COMET_ENV
-
-    for var in _COMET_ENV:
-        monkeypatch.setenv(var, "")
-        monkeypatch.delenv(var)
-    for k in list(os.environ):
-        if k.startswith(("MLFLOW_", "AZUREML_", "NEPTUNE_")):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("COMET_CONFIG", str(tmp_path / "no-such.comet.config"))
+    clean_backend_env(tmp_path, monkeypatch)
     monkeypatch.setenv("COMET_START_ONLINE", "false")
     for var in ("NEPTUNE_API_TOKEN", "COMET_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.setenv(var, SECRETS[var])
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
-    monkeypatch.chdir(tmp_path)  # neptune's .neptune/ and anything else relative lands here
     yield tmp_path
 
 

@@ -137,19 +137,6 @@ class CometSink(ThreadedSink):
         display_summary_level: int = 0,
     ) -> None:
         check_option_types(self.name, CometSink.__init__, locals())
-        for opt, value in (
-            ("api_key", api_key),
-            ("project_name", project_name),
-            ("workspace", workspace),
-            ("experiment_name", experiment_name),
-            ("experiment_key", experiment_key),
-            ("mode", mode),
-        ):
-            if value is not None and not isinstance(value, str):
-                raise SinkConfigError(f"comet_ml sink: {opt} must be a string, got {type(value).__name__}")
-        for opt, value in (("online", online), ("log_assets", log_assets)):
-            if value is not None and not isinstance(value, bool):
-                raise SinkConfigError(f"comet_ml sink: {opt} must be True, False or None, got {value!r}")
         start_mode, legacy_online, disabled = self._parse_mode(mode)
         self.disabled = disabled and online is None
         """``COMET_MODE=DISABLED`` (transformers' older switch): nothing is logged."""

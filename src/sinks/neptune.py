@@ -146,15 +146,10 @@ class NeptuneSink(ThreadedSink):
         **neptune_run_kwargs: Any,
     ) -> None:
         check_option_types(self.name, NeptuneSink.__init__, locals())
-        for opt, value in (("api_token", api_token), ("project", project), ("name", name), ("mode", mode)):
-            if value is not None and not isinstance(value, str):
-                raise SinkConfigError(f"neptune sink: {opt} must be a string, got {type(value).__name__}")
         if not isinstance(base_namespace, str) or not base_namespace.strip("/"):
             raise SinkConfigError(
                 f"neptune sink: base_namespace must be a non-empty string such as 'finetuning', got {base_namespace!r}"
             )
-        if not isinstance(log_parameters, bool):
-            raise SinkConfigError(f"neptune sink: log_parameters must be True or False, got {log_parameters!r}")
         if log_checkpoints not in _CHECKPOINT_POLICIES:
             raise SinkConfigError(
                 f"neptune sink: log_checkpoints must be None, 'same', 'last' or 'best', got {log_checkpoints!r}"
