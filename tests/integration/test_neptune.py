@@ -281,6 +281,70 @@ def test_failed_training_marks_run_failed(offline: Path) -> None:
     assert data.values["ft/error"] == "RuntimeError: bad auth ***"
 
 
+def test_a_batch_is_one_operation_per_series(offline: Path) -> None:
+    """A batch of Log events becomes one LogFloats operation per series (the client's
+    cost is per operation), each value with its step and its event's time; the
+    single-value epoch is assigned once, with the batch's last value; order with the
+    other events is kept (what came before TrainEnd is logged before it)."""
+    from sinks.neptune import NeptuneSink
+
+    sink = NeptuneSink(mode="offline", capture_hardware_metrics=False)
+    sink.open_sync(RunInfo(run_id="batched"))
+    logs = [Log(step=s, epoch=s / 100, values={"loss": 1.0 / s, "grad_norm": float(s), "epoch": s / 100}) for s in range(1, 101)]
+    try:
+        sink.write_sync([*logs[:60], TrainEnd(step=60, status="running"), *logs[60:]])
+    finally:
+        sink.close_sync()
+    data = read_offline(offline)
+    loss_ops = [op for op in data.ops if type(op).__name__ == "LogFloats" and "/".join(op.path) == "finetuning/train/loss"]
+    assert len(loss_ops) == 2, "one operation before TrainEnd, one after"
+    assert [(v.value, v.step) for op in loss_ops for v in op.values] == [(1.0 / s, s) for s in range(1, 101)]
+    assert [v.ts for op in loss_ops for v in op.values] == [ev.time_ns / 1e9 for ev in logs]
+    assert data.series["finetuning/train/grad_norm"] == [(float(s), s) for s in range(1, 101)]
+    epoch_ops = [op for op in data.ops if type(op).__name__.startswith("Assign") and "/".join(op.path) == "finetuning/train/epoch"]
+    assert [op.value for op in epoch_ops] == [0.6, 1.0]
+    kinds = [("/".join(op.path), type(op).__name__) for op in data.ops]
+    status = kinds.index(("finetuning/train_status", "AssignString"))
+    assert kinds.index(("finetuning/train/loss", "LogFloats")) < status < len(kinds) - 1 - kinds[::-1].index(("finetuning/train/loss", "LogFloats"))
+
+
+def test_a_retried_batch_logs_what_the_failed_attempt_did_not(offline: Path) -> None:
+    """A series is marked as logged up to its last step only once the client took it:
+    when sending fails part-way and the bus retries the batch, nothing is skipped and
+    nothing is logged twice."""
+    from sinks.neptune import NeptuneSink
+
+    sink = NeptuneSink(mode="offline", capture_hardware_metrics=False)
+    sink.open_sync(RunInfo(run_id="retried"))
+    real_ns = sink._ns
+    failures = ["finetuning/train/grad_norm"]
+
+    class Flaky:
+        def __init__(self, handler: Any, path: str) -> None:
+            self.handler, self.path = handler, path
+
+        def extend(self, *args: Any, **kwargs: Any) -> None:
+            if self.path in failures:
+                failures.remove(self.path)
+                raise ConnectionError("the client could not queue the operation")
+            self.handler.extend(*args, **kwargs)
+
+        def assign(self, *args: Any, **kwargs: Any) -> None:
+            self.handler.assign(*args, **kwargs)
+
+    sink._ns = lambda path: Flaky(real_ns(path), f"{sink.base_namespace}/{path}")  # type: ignore[method-assign]
+    batch = [Log(step=s, values={"loss": float(s), "grad_norm": 10.0 * s}) for s in (1, 2, 3)]
+    try:
+        with pytest.raises(ConnectionError):
+            sink.write_sync(batch)
+        sink.write_sync(batch)  # the bus's retry of the same batch
+    finally:
+        sink.close_sync()
+    data = read_offline(offline)
+    assert data.series["finetuning/train/loss"] == [(1.0, 1), (2.0, 2), (3.0, 3)]
+    assert data.series["finetuning/train/grad_norm"] == [(10.0, 1), (20.0, 2), (30.0, 3)]
+
+
 def test_sys_stdout_and_stderr_are_left_alone(offline: Path) -> None:
     """The SDK's stream capture is off by default: it would replace sys.stdout and
     sys.stderr from the sink's thread and, at stop, restore the streams it saw at
