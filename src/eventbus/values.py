@@ -137,8 +137,9 @@ def _python_value(t: Any, numel: int | None = None) -> Any:
     (``item()`` and ``reshape()`` release it) and needs no ``detach()``. One element,
     whatever the shape, is a number. ``numel``: ``t.numel()`` when the caller has it."""
     out = t.tolist()
-    if (t.numel() if numel is None else numel) == 1:
-        while isinstance(out, list):
+    # A 0-d tensor (a loss, a norm) gives its number at once: no numel() call.
+    if type(out) is list and (t.numel() if numel is None else numel) == 1:
+        while type(out) is list:
             out = out[0]
     return out
 
@@ -158,22 +159,33 @@ def resolve(value: Any) -> Any:
     return value
 
 
-def resolve_mapping(mapping: Mapping[str, Any]) -> dict[str, Any] | None:
-    """A resolved copy of ``mapping``, or ``None`` when nothing in it needed resolving."""
+def resolve_mapping(mapping: Mapping[str, Any]) -> Snapshot | None:
+    """A resolved copy of ``mapping`` (a :class:`Snapshot`: it holds no tensor, and an
+    event given it does not scan it again), or ``None`` when nothing in it needed
+    resolving."""
     torch = _torch()
     tensor = torch.Tensor if torch is not None else ()
-    out: dict[str, Any] | None = None
+    out: Snapshot | None = None
     # Once per value of every Log on the bus thread, whose Python time the training
-    # thread waits for: the checks are written out rather than calling resolve().
+    # thread waits for: the usual values (numbers, and the trainer's own 0-d CPU
+    # tensors) are told apart by one type() each, and the checks are written out
+    # rather than calling resolve().
     for k, v in mapping.items():
-        if isinstance(v, Deferred):
+        kind = type(v)
+        if kind is float or kind is int:
+            continue
+        if kind is tensor and v.is_cpu:
+            v = _python_value(v)
+        elif kind is Deferred:
             v = v.resolve()
         elif isinstance(v, tensor):
             v = _to_python(v)
-        elif out is None:
+        elif isinstance(v, Deferred):
+            v = v.resolve()
+        else:
             continue
         if out is None:
-            out = dict(mapping)
+            out = Snapshot(mapping)
         out[k] = v
     return out
 

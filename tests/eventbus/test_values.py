@@ -11,6 +11,7 @@ import torch
 
 from eventbus import EventBus, Evaluate, Log, Predict
 from eventbus import values as V
+from eventbus.bus import resolve_event
 from tests.eventbus.test_bus import Recorder
 
 
@@ -222,6 +223,18 @@ def test_an_event_keeps_a_snapshot_mapping_as_is_and_encodes_it_as_a_dict() -> N
     plain = Log(step=3, values={"loss": torch.tensor(0.5)})
     assert plain.values["loss"] == 0.5  # a plain dict is snapshotted as before
     resolved = V.resolve_mapping(ev.values)
-    assert resolved == {"loss": 0.5, "lr": 0.1} and type(resolved) is dict
+    # Resolved values are a Snapshot too: the resolved event keeps them without a scan.
+    assert resolved == {"loss": 0.5, "lr": 0.1} and type(resolved) is V.Snapshot
+    assert resolve_event(ev).values is not ev.values and type(resolve_event(ev).values) is V.Snapshot
+    assert V.resolve_mapping({"lr": 0.1, "n": 3, "name": "x"}) is None  # nothing to resolve: no copy
+    mixed = {
+        "scalar": torch.tensor(2.5),
+        "one": torch.tensor([[1.5]]),
+        "vector": torch.tensor([1.0, 2.0]),
+        "param": torch.nn.Parameter(torch.tensor(4.0)),
+        "deferred": V.Deferred(torch.tensor(3.0)),
+        "n": 3,
+    }
+    assert V.resolve_mapping(mixed) == {"scalar": 2.5, "one": 1.5, "vector": [1.0, 2.0], "param": 4.0, "deferred": 3.0, "n": 3}
     back = decode_json(encode_json(Log(step=3, values=V.Snapshot(a=1.5))))
     assert back.values == {"a": 1.5} and type(back.values) is dict

@@ -3,6 +3,8 @@ EventBus is read back over MLflow's REST API, exactly."""
 
 from __future__ import annotations
 
+import json
+
 import math
 import os
 import uuid
@@ -134,7 +136,7 @@ def test_more_than_1000_metrics_in_one_batch_are_split(mlflow_server: str) -> No
 
     async def spy(method: str, url: str, **kw: Any) -> Any:
         if url.endswith("/runs/log-batch"):
-            body = kw.get("json") or {}
+            body = json.loads(kw.get("content") or b"{}")
             sent.append(tuple(len(body.get(k, [])) for k in ("metrics", "params", "tags")))
         return await original(method, url, **kw)
 

@@ -254,3 +254,19 @@ def test_fast_record_framing_is_byte_for_byte_tensorboards(tmp_path):
         _FastRecordWriter(ours).write(p)
         RecordWriter(theirs).write(p)
     assert ours.getvalue() == theirs.getvalue()
+
+
+def test_names_are_cleaned_into_tags_on_every_step(tmp_path):
+    """TensorFlow's tag rule applies to every point (the sink caches each name's clean
+    tag): two names that clean to one tag keep the last value; text stays text."""
+    sink = TensorBoardSink(log_dir=str(tmp_path / "tb"))
+    events = [
+        Log(run_id=RUN_ID, step=s, values={"acc@top 1": 0.5 * s, "eval_f1 (macro)": 0.25 * s, "a b": 1.0, "a!b": 2.0, "msg": f"step {s}"})
+        for s in (1, 2, 3)
+    ]
+    run_bus(sink, events, RunInfo(run_id=RUN_ID, output_dir=str(tmp_path)))
+    acc = accumulate(str(tmp_path / "tb"))
+    assert scalars(acc, "train/acc_top_1") == [(1, 0.5), (2, 1.0), (3, 1.5)]
+    assert scalars(acc, "eval/f1__macro_") == [(1, 0.25), (2, 0.5), (3, 0.75)]
+    assert scalars(acc, "train/a_b") == [(1, 2.0), (2, 2.0), (3, 2.0)]
+    assert text(acc, "train/msg/text_summary") == [(1, "step 1"), (2, "step 2"), (3, "step 3")]
