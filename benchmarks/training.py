@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from typing import Any
@@ -40,7 +41,20 @@ from eventbus._bench import bench_sinks  # noqa: E402
 
 BATCH = 32
 
+BUSY_LABEL = "ours, no sinks, a busy process beside (nice 10)"
 
+
+@contextlib.contextmanager
+def _busy_neighbour() -> Any:
+    """A process spinning in Python at nice 10 for the duration: the CPU any other
+    process (an isolated sink's child, a tracking server, a data loader) takes from
+    the machine, without touching this process's GIL or memory."""
+    spin = subprocess.Popen([sys.executable, "-c", "import os\nos.nice(10)\nwhile True:\n    pass"])
+    try:
+        yield
+    finally:
+        spin.kill()
+        spin.wait()
 
 
 class _WaitForChildren:
@@ -116,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--each", action="store_true", help="also train with each sink alone (where does the cost go?)"
     )
+    parser.add_argument(
+        "--busy-neighbour",
+        action="store_true",
+        help="also train with no sinks beside a busy process (a Python spin loop at nice 10): what CPU used "
+        "elsewhere on the machine costs this loop, sinks or not (the isolated sinks' children are such CPU)",
+    )
     opts = parser.parse_args(argv)
     steps = opts.steps or (150 if opts.quick else 3000)
     repeats = opts.repeats or (1 if opts.quick else 3)
@@ -134,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         ("ours, all sinks (neptune, comet_ml isolated)", True, None),
         ("ours, all sinks in-process", True, ()),
     ]
+    if opts.busy_neighbour:
+        configs.append((BUSY_LABEL, False, None))
     sps_of: dict[str, list[float]] = {label: [] for label, _, _ in configs}
     cpu_of: dict[str, list[float]] = {label: [] for label, _, _ in configs}
     how = ""
@@ -144,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(len(configs)):
                 label, with_sinks, isolate = configs[(i + r) % len(configs)]
                 say(f"run {r + 1}/{repeats}: {label}")
-                sps, h, stats, other = run_ours(os.path.join(root, f"ours-{r}-{i}"), steps, with_sinks, isolate=isolate)
+                with _busy_neighbour() if label == BUSY_LABEL else contextlib.nullcontext():
+                    sps, h, stats, other = run_ours(os.path.join(root, f"ours-{r}-{i}"), steps, with_sinks, isolate=isolate)
                 sps_of[label].append(sps)
                 cpu_of[label].append(other)
                 how = how or h
@@ -198,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         "the isolated children's CPU is not in the last column)"
     )
     print(f"        (every sink in-process instead: {in_process_ratio:.3f}x)")
+    if opts.busy_neighbour:
+        busy_ratio = statistics.median(sps_of[BUSY_LABEL]) / none
+        print(f"        (no sinks, a busy process beside the loop: {busy_ratio:.3f}x: what CPU used elsewhere costs here)")
     if tf_rows:
         tf_ratio = statistics.median(tf_rows[1][1]) / statistics.median(tf_rows[0][1])
         print(f"transformers: tensorboard / none = {tf_ratio:.3f}x")

@@ -43,7 +43,7 @@ def test_training_script_prints_steps_per_second_and_the_ratio() -> None:
     for mod in ("tensorboard", "neptune", "comet_ml"):
         require_module(mod)
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "training.py"), "--quick", "--steps", "40", "--no-transformers"],
+        [sys.executable, str(BENCH / "training.py"), "--quick", "--steps", "40", "--no-transformers", "--busy-neighbour"],
         capture_output=True, text=True, timeout=600,
         # The loopback stand-in, even where `make test` names a real mlflow server.
         env={k: v for k, v in os.environ.items() if k != "EVENTBUS_MLFLOW_BIN"},
@@ -53,3 +53,6 @@ def test_training_script_prints_steps_per_second_and_the_ratio() -> None:
     assert "ours, no sinks" in out and "ours, all sinks" in out
     assert "target: all sinks within 5% of no sinks at logging_steps=1:" in out
     assert "mlflow -> loopback HTTP server" in out
+    # The control run: no sinks beside a process that only burns CPU.
+    assert "ours, no sinks, a busy process beside (nice 10)" in out
+    assert "(no sinks, a busy process beside the loop:" in out
