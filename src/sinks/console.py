@@ -131,13 +131,22 @@ class ProgressSink(ThreadedSink):
         """Nothing to open: the bar starts at ``TrainBegin``."""
 
     def write_sync(self, batch: Sequence[BaseEvent]) -> None:
-        """Advance the bar for this batch (one redraw at most per batch)."""
+        """Advance the bar for this batch (one redraw at most per batch), showing the
+        batch's latest training loss (formatted once per batch, not once per Log)."""
         from tqdm import tqdm
 
         step = None
+        loss = None
         for ev in batch:
-            if isinstance(ev, TrainBegin):
+            if isinstance(ev, StepEnd):
+                step = ev.step
+            elif isinstance(ev, Log):
+                value = ev.values.get("loss")
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    loss = value
+            elif isinstance(ev, TrainBegin):
                 self._close_bar()
+                loss = None
                 self.last_step = ev.step
                 self.bar = tqdm(
                     total=ev.max_steps or None,
@@ -148,22 +157,21 @@ class ProgressSink(ThreadedSink):
                     leave=self.leave,
                     dynamic_ncols=True,
                 )
-            elif isinstance(ev, StepEnd):
-                step = ev.step
-            elif isinstance(ev, Log) and self.bar is not None:
-                loss = ev.values.get("loss")
-                if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-                    self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
             elif isinstance(ev, TrainEnd):
-                self._advance(step if step is not None else ev.step)
-                step = None
+                self._advance(step if step is not None else ev.step, loss)
+                step = loss = None
                 self._close_bar()
-        if step is not None:
-            self._advance(step)
+        if step is not None or loss is not None:
+            self._advance(step, loss)
 
-    def _advance(self, step: int) -> None:
-        if self.bar is not None and step > self.last_step:
-            self.bar.update(step - self.last_step)
+    def _advance(self, step: int | None, loss: float | None = None) -> None:
+        bar = self.bar
+        if bar is None:
+            return
+        if loss is not None:
+            bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+        if step is not None and step > self.last_step:
+            bar.update(step - self.last_step)
             self.last_step = step
 
     def _close_bar(self) -> None:

@@ -90,6 +90,35 @@ def test_progress_bar_follows_steps_and_closes():
     assert sink.last_step == 10
 
 
+def test_progress_bar_formats_the_loss_once_per_batch(monkeypatch):
+    """A batch of many Log events sets the bar's loss once, to the batch's latest
+    training loss (an evaluation's Log, without "loss", leaves it alone)."""
+    from tqdm import tqdm
+
+    calls: list[dict] = []
+    original = tqdm.set_postfix
+
+    def spy(self, ordered_dict=None, refresh=True, **kwargs):
+        calls.append(dict(kwargs))
+        return original(self, ordered_dict, refresh, **kwargs)
+
+    monkeypatch.setattr(tqdm, "set_postfix", spy)
+    out = io.StringIO()
+    sink = ProgressSink(file=out)
+    sink.open_sync(RunInfo(run_id="c"))
+    batch = [TrainBegin(step=0, max_steps=100)]
+    for s in range(1, 51):
+        batch += [StepEnd(step=s), Log(step=s, values={"loss": 1.0 / s})]
+    batch.append(Log(step=50, values={"eval_loss": 9.0}))
+    sink.write_sync(batch)
+    assert calls == [{"loss": "0.02"}] and sink.last_step == 50
+    sink.write_sync([StepEnd(step=51), Log(step=51, values={"loss": 0.5}), StepEnd(step=52), TrainEnd(step=52)])
+    assert calls[-1] == {"loss": "0.5"} and len(calls) == 2
+    assert sink.bar is None and sink.last_step == 52
+    assert "loss=0.5" in out.getvalue().split("\r")[-1]
+    sink.close_sync()
+
+
 def test_progress_bar_starts_at_the_resume_step():
     out = io.StringIO()
     sink = ProgressSink(file=out)
