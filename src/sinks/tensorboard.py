@@ -285,18 +285,21 @@ class TensorBoardSink(ThreadedSink):
         # and handing them to Summary(value=...) copies each one: twice the time).
         tags = self._tags
         cleaned: dict[str, Any] = {}
-        texts: list[tuple[str, str]] = []
+        texts: dict[str, str] = {}
         for k, v in values.items():
             tag = tags.get(k)
             if tag is None:
                 tag = clean_tag(k)
                 if len(tags) < _TAG_CACHE_SIZE:
                     tags[k] = tag
+            # Two names that clean to one tag: the last one wins, as text or as a number.
             if isinstance(v, str):
-                texts.append((tag, v))
+                texts[tag] = v
                 cleaned.pop(tag, None)
             else:
                 cleaned[tag] = v
+                if texts:
+                    texts.pop(tag, None)
         out = None
         last_written = self._last_written
         step = ev.step
@@ -313,7 +316,7 @@ class TensorBoardSink(ThreadedSink):
                 out = self._summary_event(ev, [])
                 add = out.summary.value.add
             add(tag=tag, simple_value=value)
-        for tag, text in texts:
+        for tag, text in texts.items():
             if out is None:
                 out = self._summary_event(ev, [])
             out.summary.value.append(self._text_value(tag, text))

@@ -261,7 +261,7 @@ def test_names_are_cleaned_into_tags_on_every_step(tmp_path):
     tag): two names that clean to one tag keep the last value; text stays text."""
     sink = TensorBoardSink(log_dir=str(tmp_path / "tb"))
     events = [
-        Log(run_id=RUN_ID, step=s, values={"acc@top 1": 0.5 * s, "eval_f1 (macro)": 0.25 * s, "a b": 1.0, "a!b": 2.0, "msg": f"step {s}"})
+        Log(run_id=RUN_ID, step=s, values={"acc@top 1": 0.5 * s, "eval_f1 (macro)": 0.25 * s, "a b": 1.0, "a!b": 2.0, "msg": f"step {s}", "x y": "text", "x+y": 3.0})
         for s in (1, 2, 3)
     ]
     run_bus(sink, events, RunInfo(run_id=RUN_ID, output_dir=str(tmp_path)))
@@ -270,3 +270,5 @@ def test_names_are_cleaned_into_tags_on_every_step(tmp_path):
     assert scalars(acc, "eval/f1__macro_") == [(1, 0.25), (2, 0.5), (3, 0.75)]
     assert scalars(acc, "train/a_b") == [(1, 2.0), (2, 2.0), (3, 2.0)]
     assert text(acc, "train/msg/text_summary") == [(1, "step 1"), (2, "step 2"), (3, "step 3")]
+    assert scalars(acc, "train/x_y") == [(1, 3.0), (2, 3.0), (3, 3.0)]
+    assert "train/x_y/text_summary" not in acc.Tags()["tensors"]
