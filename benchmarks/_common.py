@@ -107,9 +107,9 @@ def quiet_stdout() -> Iterator[None]:
         yield
 
 
-def median_min_max(values: list[float]) -> str:
-    """``median [min-max]``."""
-    return f"{statistics.median(values):,.0f} [{min(values):,.0f}-{max(values):,.0f}]"
+def median_min_max(values: list[float], fmt: str = ",.0f") -> str:
+    """``median [min-max]``, each formatted with ``fmt``."""
+    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
 
 
 def say(msg: str) -> None:

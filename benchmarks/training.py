@@ -220,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         f"target: all sinks within 5% of no sinks at logging_steps=1: {ratio:.3f}x ({'ok' if ok else 'MISSED'}; "
         "the isolated children's CPU is not in the last column)"
     )
+    if repeats > 1:
+        # Runs of one repeat are minutes apart at most: the ratio within each repeat
+        # cancels the machine's slower drifts, which the ratio of medians does not.
+        paired = [a / b for a, b in zip(sps_of[configs[1][0]], sps_of[configs[0][0]])]
+        print(f"        (paired, all sinks / no sinks within each repeat: median {median_min_max(paired, '.3f')})")
     print(f"        (every sink in-process instead: {in_process_ratio:.3f}x)")
     if opts.busy_neighbour:
         busy_ratio = statistics.median(sps_of[BUSY_LABEL]) / none

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,7 @@ def test_training_script_prints_steps_per_second_and_the_ratio() -> None:
     for mod in ("tensorboard", "neptune", "comet_ml"):
         require_module(mod)
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "training.py"), "--quick", "--steps", "40", "--no-transformers", "--busy-neighbour"],
+        [sys.executable, str(BENCH / "training.py"), "--quick", "--steps", "40", "--repeats", "2", "--no-transformers", "--busy-neighbour"],
         capture_output=True, text=True, timeout=600,
         # The loopback stand-in, even where `make test` names a real mlflow server.
         env={k: v for k, v in os.environ.items() if k != "EVENTBUS_MLFLOW_BIN"},
@@ -56,3 +57,5 @@ def test_training_script_prints_steps_per_second_and_the_ratio() -> None:
     # The control run: no sinks beside a process that only burns CPU.
     assert "ours, no sinks, a busy process beside (nice 10)" in out
     assert "(no sinks, a busy process beside the loop:" in out
+    # With repeats, the ratio within each repeat too (the machine drifts between them).
+    assert re.search(r"\(paired, all sinks / no sinks within each repeat: median \d\.\d{3} \[\d\.\d{3}-\d\.\d{3}\]\)", out), out
