@@ -148,25 +148,25 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
 
     root = tempfile.mkdtemp(prefix="eventbus-training-")
-    # (label, with sinks, isolate): "all" is what a user gets by default.
+    # (label, with sinks, isolate, beside a busy process): "all" is what a user gets by default.
     configs = [
-        ("ours, no sinks", False, None),
-        ("ours, all sinks (neptune, comet_ml isolated)", True, None),
-        ("ours, all sinks in-process", True, ()),
+        ("ours, no sinks", False, None, False),
+        ("ours, all sinks (neptune, comet_ml isolated)", True, None, False),
+        ("ours, all sinks in-process", True, (), False),
     ]
     if opts.busy_neighbour:
-        configs.append((BUSY_LABEL, False, None))
-    sps_of: dict[str, list[float]] = {label: [] for label, _, _ in configs}
-    cpu_of: dict[str, list[float]] = {label: [] for label, _, _ in configs}
+        configs.append((BUSY_LABEL, False, None, True))
+    sps_of: dict[str, list[float]] = {c[0]: [] for c in configs}
+    cpu_of: dict[str, list[float]] = {c[0]: [] for c in configs}
     how = ""
     drops: dict[str, int] = {}
     try:
         for r in range(repeats):
             # Rotate the order every repeat: no configuration always runs first.
             for i in range(len(configs)):
-                label, with_sinks, isolate = configs[(i + r) % len(configs)]
+                label, with_sinks, isolate, busy = configs[(i + r) % len(configs)]
                 say(f"run {r + 1}/{repeats}: {label}")
-                with _busy_neighbour() if label == BUSY_LABEL else contextlib.nullcontext():
+                with _busy_neighbour() if busy else contextlib.nullcontext():
                     sps, h, stats, other = run_ours(os.path.join(root, f"ours-{r}-{i}"), steps, with_sinks, isolate=isolate)
                 sps_of[label].append(sps)
                 cpu_of[label].append(other)
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     w = 46
     print(f"{'configuration':<{w}}  {'steps/s median [min-max]':>26}  {'other threads, CPU us/step':>27}")
     print("-" * (w + 57))
-    for label, _, _ in configs:
+    for label, *_ in configs:
         print(f"{label:<{w}}  {median_min_max(sps_of[label]):>26}  {statistics.median(cpu_of[label]):>27,.0f}")
     none = statistics.median(sps_of[configs[0][0]])
     ratio = statistics.median(sps_of[configs[1][0]]) / none

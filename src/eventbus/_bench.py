@@ -10,8 +10,8 @@ TensorBoard's writer) run when they would in training instead of queueing up beh
 a tight loop. By default (``gap_kind="compute"``) the gap is one CPU matrix product
 sized to last ``gap`` (torch releases the GIL inside it, as in a real step's kernels);
 ``gap_kind="sleep"`` sleeps instead, which on a virtual machine also lets the vCPU
-halt, so every step then starts with cold caches (and reads 3-4 times slower for
-both sides). The cost the background threads take from the training thread's
+halt, so every step then starts with cold caches (and reads 2.5 to 3 times slower
+for both sides). The cost the background threads take from the training thread's
 throughput is what ``benchmarks/training.py`` measures.
 
 Each configuration runs in blocks of steps; ours and transformers' blocks alternate

@@ -38,7 +38,6 @@ import zlib
 from pathlib import Path
 from typing import Any, Generator, Iterator, NamedTuple, Sequence
 
-
 from eventbus.errors import SpoolError
 from eventbus.events import BaseEvent, Event, decode_msgpack, lenient_msgpack_encoder
 
@@ -67,7 +66,6 @@ _FRAME = struct.Struct("<4sII")
 _MAX_RECORD = 64 * 1024 * 1024  # a length above this is corruption, not an event
 _SUFFIX = ".spool"
 STATE_FILE = "state.json"
-
 
 DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024
 DEFAULT_FSYNC_INTERVAL = 1.0

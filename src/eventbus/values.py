@@ -167,18 +167,13 @@ def resolve_mapping(mapping: Mapping[str, Any]) -> Snapshot | None:
     tensor = torch.Tensor if torch is not None else ()
     out: Snapshot | None = None
     # Once per value of every Log on the bus thread, whose Python time the training
-    # thread waits for: the usual values (numbers, and the trainer's own 0-d CPU
-    # tensors) are told apart by one type() each, and the checks are written out
-    # rather than calling resolve().
+    # thread waits for: numbers (most values) are passed over on one type() each, and
+    # the checks are written out rather than calling resolve().
     for k, v in mapping.items():
         kind = type(v)
         if kind is float or kind is int:
             continue
-        if kind is tensor and v.is_cpu:
-            v = _python_value(v)
-        elif kind is Deferred:
-            v = v.resolve()
-        elif isinstance(v, tensor):
+        if isinstance(v, tensor):
             v = _to_python(v)
         elif isinstance(v, Deferred):
             v = v.resolve()

@@ -139,8 +139,9 @@ class NeptuneSink(ThreadedSink):
 
     name = "neptune"
     events = (TrainBegin, Log, Evaluate, Predict, Save, TrainEnd)
-    # The SDK's per-metric bookkeeping (~200 µs of CPU per logged step) runs in a
-    # child process, off the training process's GIL (eventbus.isolation); POSIX only.
+    # The client (its import, its own threads, ~35 µs of CPU per logged step with one
+    # extend per series per batch) runs in a child process, off the training
+    # process's GIL (eventbus.isolation); POSIX only.
     isolate = os.name == "posix"
 
     def __init__(
