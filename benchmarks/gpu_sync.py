@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import tempfile
+import traceback
 from typing import Any
 
 import torch
@@ -43,14 +44,15 @@ class SyncGuard:
     after the last step's logs were handed to the bus (before the loop's one
     intended sync, the final mean loss)."""
 
-    def __init__(self, max_steps: int) -> None:
+    def __init__(self, max_steps: int, mode: str = "error") -> None:
         self.max_steps = max_steps
+        self.mode = mode
         self.armed_steps = 0
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Arm (once)."""
         if state.global_step == 0:
-            torch.cuda.set_sync_debug_mode("error")
+            torch.cuda.set_sync_debug_mode(self.mode)
         self.armed_steps += 1
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
@@ -70,7 +72,62 @@ def _sinks(workdir: str) -> list[Any]:
     return out
 
 
-def run_ours(workdir: str, steps: int, guard: bool) -> tuple[float, Any]:
+def logged_values_problems(workdir: str, steps: int) -> list[str]:
+    """What is wrong with the values the jsonl sink wrote: every step 1..steps must
+    have logged a finite ``loss`` and ``grad_norm`` (device tensors, resolved by the
+    bus off the step path)."""
+    import glob
+    import math
+
+    from eventbus.events import Log
+    from sinks.jsonl import read_jsonl
+
+    files = glob.glob(os.path.join(workdir, "jsonl", "*.jsonl"))
+    if len(files) != 1:
+        return [f"expected one jsonl file under {workdir}/jsonl, found {files}"]
+    seen: dict[int, dict[str, Any]] = {}
+    for event in read_jsonl(files[0]):
+        if isinstance(event, Log) and "loss" in event.values:
+            seen[event.step] = dict(event.values)
+    problems = []
+    missing = sorted(set(range(1, steps + 1)) - set(seen))
+    if missing:
+        problems.append(f"{len(missing)} logged steps missing from the jsonl file (first: {missing[:5]})")
+    for step, logs in sorted(seen.items()):
+        for key in ("loss", "grad_norm"):
+            value = logs.get(key)
+            if not isinstance(value, float) or not math.isfinite(value):
+                problems.append(f"step {step}: {key} = {value!r}, not a finite float")
+                break
+    return problems[:10]
+
+
+def sync_sites(workdir: str, steps: int) -> list[str]:
+    """After a failure: train again with the debug mode at "warn" and return each
+    distinct Python stack (innermost frames last) that synchronised, so the report
+    says where, not only that."""
+    import traceback
+    import warnings
+
+    sites: dict[str, int] = {}
+    original = warnings.showwarning
+
+    def record(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if "synchroniz" not in str(message):
+            original(message, category, filename, lineno, file, line)
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
+        stack = "".join(traceback.format_list(frames[-6:]))
+        sites[stack] = sites.get(stack, 0) + 1
+
+    with warnings.catch_warnings():  # restores showwarning and the filters
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        run_ours(workdir, steps, guard=True, mode="warn")
+    return [f"{count} times:\n{stack}" for stack, count in sorted(sites.items(), key=lambda kv: -kv[1])]
+
+
+def run_ours(workdir: str, steps: int, guard: bool, mode: str = "error", sinks: bool = True) -> tuple[float, Any]:
     """Train on CUDA through our Trainer; (steps/s, bus stats)."""
     from trainer import PrinterCallback, ProgressCallback, Trainer
 
@@ -80,8 +137,8 @@ def run_ours(workdir: str, steps: int, guard: bool) -> tuple[float, Any]:
     timer = StepTimer()
     callbacks: list[Any] = [timer]
     if guard:
-        callbacks.append(SyncGuard(steps))
-    trainer = Trainer(TinyModel(DIM, HIDDEN).cuda(), args, train_dataset=data, callbacks=callbacks, sinks=_sinks(workdir))
+        callbacks.append(SyncGuard(steps, mode))
+    trainer = Trainer(TinyModel(DIM, HIDDEN).cuda(), args, train_dataset=data, callbacks=callbacks, sinks=_sinks(workdir) if sinks else [])
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     try:
@@ -117,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             _, stats = run_ours(os.path.join(root, "guarded"), steps, guard=True)
         except RuntimeError as exc:
             print(f"FAILED: the step path synchronised the GPU: {exc}")
+            traceback.print_exc(file=sys.stdout)
+            print("where it synchronises (a second run with the debug mode at 'warn'):")
+            for site in sync_sites(os.path.join(root, "diagnose"), min(steps, 50))[:5]:
+                print(site)
             return 1
         problems = {n: (s.failed, s.errors) for n, s in stats.sinks.items() if s.failed or s.errors}
         delivered = {n: s.delivered for n, s in stats.sinks.items()}
@@ -125,9 +186,17 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             print(f"FAILED: sinks reported (failed, errors): {problems}")
             return 1
+        wrong = logged_values_problems(os.path.join(root, "guarded"), steps)
+        if wrong:
+            print("FAILED: the logged values did not arrive intact: " + "; ".join(wrong))
+            return 1
+        print(f"read back: a finite loss and grad_norm for each of the {steps} steps in the jsonl file")
         say("timing (debug mode off)")
+        bare, _ = run_ours(os.path.join(root, "bare"), steps, guard=False, sinks=False)
+        print(f"{'ours, no sinks, logging every step':<58} {bare:>10,.0f} steps/s")
         ours, _ = run_ours(os.path.join(root, "timed"), steps, guard=False)
         print(f"{'ours, jsonl + tensorboard sinks, logging every step':<58} {ours:>10,.0f} steps/s")
+        print(f"sinks / no sinks: {ours / bare:.2f}x")
         status = transformers_trainer_status()
         if status is None:
             theirs = run_transformers(os.path.join(root, "transformers"), steps)
