@@ -146,7 +146,8 @@ def train_transformers(model: Any, data: Any, workdir: str, steps: int, batch: i
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     args = transformers.TrainingArguments(
-        **_log_every_step_kwargs(workdir, steps, batch), report_to=report_to, use_cpu=use_cpu, dataloader_pin_memory=False
+        **_log_every_step_kwargs(workdir, steps, batch), report_to=report_to, use_cpu=use_cpu,
+        dataloader_pin_memory=not use_cpu,  # as ours: pinned batches only where there is a GPU
     )
     timer = StepTimer()
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[as_transformers_callback(timer)])

@@ -23,6 +23,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import traceback
@@ -32,7 +33,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import StepTimer, TinyModel, log_every_step_args, make_dataset, quiet_stdout, say, train_transformers, transformers_trainer_status  # noqa: E402
+from _common import (  # noqa: E402
+    StepTimer,
+    TinyModel,
+    log_every_step_args,
+    make_dataset,
+    median_min_max,
+    quiet_stdout,
+    say,
+    train_transformers,
+    transformers_trainer_status,
+)
 
 BATCH = 256
 DIM = 256
@@ -156,10 +167,49 @@ def run_transformers(workdir: str, steps: int) -> float:
     return train_transformers(TinyModel(DIM, HIDDEN), data, workdir, steps, BATCH, "tensorboard", use_cpu=False)
 
 
+NO_SINKS = "ours, no sinks, logging every step"
+SINKS = "ours, jsonl + tensorboard sinks, logging every step"
+TRANSFORMERS = "transformers Trainer, report_to=tensorboard, logging every step"
+
+
+def time_runs(root: str, steps: int, repeats: int) -> dict[str, list[float]]:
+    """steps/s of each configuration, interleaved ``repeats`` times (a machine's
+    drift then touches every configuration alike)."""
+    with_transformers = transformers_trainer_status() is None
+    out: dict[str, list[float]] = {NO_SINKS: [], SINKS: []}
+    if with_transformers:
+        out[TRANSFORMERS] = []
+    for r in range(repeats):
+        out[NO_SINKS].append(run_ours(os.path.join(root, f"bare{r}"), steps, guard=False, sinks=False)[0])
+        out[SINKS].append(run_ours(os.path.join(root, f"timed{r}"), steps, guard=False)[0])
+        if with_transformers:
+            out[TRANSFORMERS].append(run_transformers(os.path.join(root, f"transformers{r}"), steps))
+    return out
+
+
+def profile_run(workdir: str, steps: int) -> None:
+    """Where the training thread's time goes in one run with sinks: cProfile's top
+    functions by cumulative and by own time (the bus thread is not profiled)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        run_ours(workdir, steps, guard=False)
+    finally:
+        profiler.disable()
+    stats = pstats.Stats(profiler, stream=sys.stdout).strip_dirs()
+    stats.sort_stats("cumulative").print_stats(30)
+    stats.sort_stats("tottime").print_stats(20)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default 2000; --quick: 200)")
     parser.add_argument("--quick", action="store_true", help="fewer steps")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved timing repeats; median [min-max] (default 1)")
+    parser.add_argument("--profile", action="store_true", help="also profile the training thread of one run with sinks")
     opts = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_sync.py: no CUDA device here (torch.cuda.is_available() is False); this check needs one. Nothing to do.")
@@ -191,19 +241,22 @@ def main(argv: list[str] | None = None) -> int:
             print("FAILED: the logged values did not arrive intact: " + "; ".join(wrong))
             return 1
         print(f"read back: a finite loss and grad_norm for each of the {steps} steps in the jsonl file")
-        say("timing (debug mode off)")
-        bare, _ = run_ours(os.path.join(root, "bare"), steps, guard=False, sinks=False)
-        print(f"{'ours, no sinks, logging every step':<58} {bare:>10,.0f} steps/s")
-        ours, _ = run_ours(os.path.join(root, "timed"), steps, guard=False)
-        print(f"{'ours, jsonl + tensorboard sinks, logging every step':<58} {ours:>10,.0f} steps/s")
-        print(f"sinks / no sinks: {ours / bare:.2f}x")
-        status = transformers_trainer_status()
-        if status is None:
-            theirs = run_transformers(os.path.join(root, "transformers"), steps)
-            print(f"{'transformers Trainer, report_to=tensorboard, logging every step':<58} {theirs:>10,.0f} steps/s")
-            print(f"ratio: {ours / theirs:.2f}x")
+        say(f"timing (debug mode off), {opts.repeats} interleaved repeat(s)")
+        timings = time_runs(root, steps, opts.repeats)
+        for label, values in timings.items():
+            print(f"{label:<64} {median_min_max(values)} steps/s")
+        bare, ours = timings[NO_SINKS], timings[SINKS]
+        paired = [o / b for o, b in zip(ours, bare)]
+        print(f"sinks / no sinks: {statistics.median(ours) / statistics.median(bare):.2f}x "
+              f"(paired within repeats: {median_min_max(paired, '.2f')})")
+        if TRANSFORMERS in timings:
+            theirs = timings[TRANSFORMERS]
+            print(f"ours with sinks / transformers: {statistics.median(ours) / statistics.median(theirs):.2f}x")
         else:
-            print(f"transformers' Trainer: skipped: {status}")
+            print(f"transformers' Trainer: skipped: {transformers_trainer_status()}")
+        if opts.profile:
+            say("profiling one run with sinks (cProfile, the training thread)")
+            profile_run(os.path.join(root, "profiled"), steps)
     finally:
         with contextlib.suppress(Exception):
             torch.cuda.set_sync_debug_mode(0)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import require_module
@@ -22,6 +23,40 @@ def test_gpu_sync_says_what_it_needs_and_exits_0_without_a_gpu() -> None:
         assert "no GPU sync on the step path" in proc.stdout
     else:
         assert "no CUDA device here" in proc.stdout
+
+
+def test_gpu_sync_reads_every_logged_step_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The read-back gpu_sync.py judges a GPU run by, on a CPU run of the same trainer
+    and sinks: it passes when every step logged a finite loss and grad_norm, and names
+    what is missing or wrong otherwise."""
+    require_module("tensorboard")
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_sync
+    from _common import TinyModel, log_every_step_args, make_dataset
+
+    from trainer import PrinterCallback, ProgressCallback, Trainer
+
+    steps = 12
+    trainer = Trainer(
+        TinyModel(gpu_sync.DIM, 32), log_every_step_args(str(tmp_path), steps, 8),
+        train_dataset=make_dataset(steps * 8, dim=gpu_sync.DIM), sinks=gpu_sync._sinks(str(tmp_path)),
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.train()
+    assert gpu_sync.logged_values_problems(str(tmp_path), steps) == []
+    assert gpu_sync.logged_values_problems(str(tmp_path), steps + 2) == [
+        f"2 logged steps missing from the jsonl file (first: [{steps + 1}, {steps + 2}])"
+    ]
+    # A value that did not resolve to a finite number is named with its step.
+    from eventbus.events import Log
+    from sinks.jsonl import encode_line
+
+    bad = tmp_path / "bad"
+    (bad / "jsonl").mkdir(parents=True)
+    lines = [encode_line(Log(step=s, values={"loss": 0.5, "grad_norm": float("nan") if s == 2 else 1.0})) for s in (1, 2)]
+    (bad / "jsonl" / "events-x.jsonl").write_bytes(b"".join(lines))
+    assert gpu_sync.logged_values_problems(str(bad), 2) == ["step 2: grad_norm = nan, not a finite float"]
 
 
 def test_overhead_script_is_the_bench_command(tmp_path: Path) -> None:
