@@ -3,8 +3,15 @@ background thread that fans events out to each sink's bounded queue and worker.
 
 ``publish()`` is what the training thread pays: a length check and a
 ``deque.append`` (atomic under the GIL, so any thread may publish). No lock, no
-syscall, no logging; for the few urgent event types one ``call_soon_threadsafe``
-wakes the pump at once. Everything else happens on the bus thread.
+syscall, no logging; for the few urgent event types (and when the ingress reaches an
+eighth of its capacity) one ``call_soon_threadsafe`` wakes the pump at once.
+Everything else happens on the bus thread.
+
+The pump otherwise wakes every ``flush_interval`` (0.2 s by default). Each wake of an
+idle thread is paid in CPU on a busy machine (on the 2-core development VM, 250-400
+µs of cold-cache Python per wake of the event loop, with the GIL held), so the
+interval is a cost per second, not per event: 0.05 s cost the training process about
+10 µs of CPU per 1 ms step with no sink at all (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -452,7 +459,7 @@ class EventBus:
         *,
         run: RunInfo | None = None,
         ingress_capacity: int = 65_536,
-        flush_interval: float = 0.05,
+        flush_interval: float = 0.2,
         urgent: Iterable[type[BaseEvent]] = DEFAULT_URGENT,
         close_timeout: float = 30.0,
         resume_marks: dict[str, int] | None = None,
@@ -466,6 +473,9 @@ class EventBus:
         self._ingress: collections.deque[BaseEvent] = collections.deque()
         self._ingress_capacity = ingress_capacity
         self._flush_interval = flush_interval
+        # The pump also wakes as soon as the ingress holds this many events, so that a
+        # burst fills the sinks' queues instead of the ingress while it sleeps.
+        self._wake_depth = max(1, ingress_capacity // 8)
         self._urgent = frozenset(urgent)
         self._workers: list[_SinkWorker] = []
         self._skipped: list[Sink] = []
@@ -553,12 +563,13 @@ class EventBus:
     def publish(self, event: BaseEvent) -> None:
         """Hand ``event`` to the bus. O(1), never blocks, never raises once started."""
         ingress = self._ingress
-        if self._closed or len(ingress) >= self._ingress_capacity:
+        depth = len(ingress)
+        if self._closed or depth >= self._ingress_capacity:
             with self._drop_lock:  # only on the overload path
                 self._ingress_dropped += 1
             return
         ingress.append(event)
-        if type(event) in self._urgent and self._loop is not None:
+        if (type(event) in self._urgent or depth == self._wake_depth) and self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(self._wake_pump)
             except RuntimeError:  # the loop is closing; the final drain takes it

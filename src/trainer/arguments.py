@@ -225,8 +225,9 @@ class TrainingArguments:
     bus_close_timeout: float = 30.0
     """Seconds the event bus gets to deliver what is queued when train/evaluate/predict
     end; what a sink has not received by then is spooled or counted as dropped."""
-    bus_flush_interval: float = 0.05
-    """Seconds between deliveries from the bus to the sinks' queues."""
+    bus_flush_interval: float = 0.2
+    """Seconds between deliveries from the bus to the sinks' queues (urgent events such
+    as ``Evaluate``, ``Save`` and ``TrainEnd`` go at once)."""
 
     # -- diagnostics --
     callback_time_warning_share: float | None = 0.05

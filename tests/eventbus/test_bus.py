@@ -199,6 +199,22 @@ def test_urgent_set_is_configurable() -> None:
         wait_for(lambda: rec.steps == [1], what="custom urgent type")
 
 
+def test_an_ingress_an_eighth_full_wakes_the_pump_before_the_flush_interval() -> None:
+    # A burst must reach the sinks' queues (where each sink's overflow policy applies)
+    # rather than wait a whole flush interval in the ingress, whose overflow drops.
+    rec = Recorder(max_batch_size=8, max_delay=0.0)
+    with EventBus([rec], ingress_capacity=64, flush_interval=60.0) as bus:
+        for step in range(1, 8):  # below 64 // 8 = 8 waiting events: the pump sleeps on
+            bus.publish(StepEnd(step=step))
+        time.sleep(0.3)
+        assert rec.got == []
+        for step in range(8, 10):  # the 9th finds 8 waiting and wakes it
+            bus.publish(StepEnd(step=step))
+        wait_for(lambda: rec.steps == list(range(1, 10)), what="the pump woken by a deep ingress")
+        assert bus.stats().ingress_dropped == 0
+        bus.close(timeout=5)
+
+
 def test_close_delivers_everything_queued_and_closes_sinks() -> None:
     rec = Recorder(max_batch_size=1000, max_delay=60.0)
     bus = EventBus([rec], flush_interval=60.0).start()
