@@ -578,6 +578,11 @@ class EventBus:
     # -- lifecycle -----------------------------------------------------------------
 
     @property
+    def flush_interval(self) -> float:
+        """Seconds between the pump's deliveries to the sinks' queues."""
+        return self._flush_interval
+
+    @property
     def running(self) -> bool:
         """True between :meth:`start` and :meth:`close`."""
         return self._thread is not None and not self._closed

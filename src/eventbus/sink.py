@@ -66,7 +66,13 @@ class Sink:
     overflow: Overflow = Overflow.DROP_OLDEST
     capacity: int = 10_000
     max_batch_size: int = 512
-    max_delay: float = 0.2
+    max_delay: float = 1.0
+    """Seconds a partial batch may wait to fill. Each write wakes the bus loop (and a
+    ThreadedSink's thread) once, and each wake of an idle thread costs the training
+    process CPU on a busy machine: a second's batching halves what five writes a
+    second cost at a thousand logged steps a second (docs/benchmarks.md), while a
+    dashboard that refreshes every few seconds sees no difference. Urgent events
+    (``Evaluate``, ``Save``, ``TrainEnd``) are written at once."""
     write_timeout: float | None = 120.0
     max_retries: int = 5
     retry_backoff: float = 0.5

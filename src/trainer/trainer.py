@@ -540,7 +540,13 @@ class Trainer:
             resumed=self._resumed,
         )
         marks = self._resume_marks if self._resumed else None
-        return EventBus(sinks, run=run, close_timeout=self._close_timeout(), resume_marks=marks or None)
+        return EventBus(
+            sinks,
+            run=run,
+            close_timeout=self._close_timeout(),
+            flush_interval=float(getattr(self.args, "bus_flush_interval", 0.2)),
+            resume_marks=marks or None,
+        )
 
     def _close_timeout(self) -> float:
         return float(getattr(self.args, "bus_close_timeout", 30.0))

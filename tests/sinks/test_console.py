@@ -145,3 +145,14 @@ def test_observers_are_not_picked_by_report_to_all():
     assert not ConsoleSink.available() and not ProgressSink.available()
     assert set(ConsoleSink.events) == {Log, Evaluate}
     assert set(ProgressSink.events) == {TrainBegin, StepEnd, Log, TrainEnd}
+
+
+def test_the_terminal_sinks_write_more_often_than_the_backends():
+    # Backends batch up to a second (fewer wakes of the bus and sink threads); what a
+    # person watches in the terminal is written five times a second.
+    from eventbus import Sink
+    from sinks.jsonl import JSONLSink
+    from sinks.tensorboard import TensorBoardSink
+
+    assert Sink.max_delay == JSONLSink.max_delay == TensorBoardSink.max_delay == 1.0
+    assert ConsoleSink.max_delay == ProgressSink.max_delay == 0.2

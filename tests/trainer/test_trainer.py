@@ -285,6 +285,18 @@ def test_bus_is_closed_with_the_deadline_from_the_arguments(tmp_path, monkeypatc
     assert timeouts == [7.5]
 
 
+def test_bus_flushes_at_the_interval_from_the_arguments(tmp_path):
+    # bus_flush_interval is the pump's period; a long one holds non-urgent events in
+    # the ingress until the next tick (the default, 0.2 s, is the bus's own).
+    from trainer import TrainingArguments
+
+    assert TrainingArguments(output_dir=str(tmp_path)).bus_flush_interval == 0.2
+    t = Trainer(TinyClassifier(), _args(tmp_path, max_steps=2, bus_flush_interval=3.5), train_dataset=TRAIN, sinks=[RecordingSink()])
+    assert t.bus.flush_interval == 3.5
+    t2 = Trainer(TinyClassifier(), _args(tmp_path, max_steps=2), train_dataset=TRAIN, sinks=[RecordingSink()])
+    assert t2.bus.flush_interval == 0.2
+
+
 # -- callbacks ------------------------------------------------------------------------------
 
 
