@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Mapping
 from eventbus.errors import MissingDependencyError, SinkConfigError
 from eventbus.redact import is_secret_key
 
-__all__ = ["import_sdk", "rewrite_logs", "prefixed", "ScalarFilter", "flatten", "is_number", "check_option_types"]
+__all__ = ["import_sdk", "rewrite_name", "rewrite_logs", "prefixed", "ScalarFilter", "flatten", "is_number", "check_option_types"]
 
 logger = logging.getLogger("sinks")
 
@@ -30,9 +30,18 @@ def import_sdk(module: str, extra: str, sink: str) -> Any:
         ) from exc
 
 
+def rewrite_name(name: str) -> str:
+    """transformers' naming for scalar backends, one name: ``eval_loss`` ->
+    ``eval/loss``, ``test_acc`` -> ``test/acc``, anything else ``loss`` -> ``train/loss``."""
+    if name.startswith("eval_"):
+        return "eval/" + name[5:]
+    if name.startswith("test_"):
+        return "test/" + name[5:]
+    return "train/" + name
+
+
 def rewrite_logs(values: Mapping[str, Any]) -> dict[str, Any]:
-    """transformers' naming for scalar backends: ``eval_loss`` -> ``eval/loss``,
-    ``test_acc`` -> ``test/acc``, anything else ``loss`` -> ``train/loss``."""
+    """:func:`rewrite_name` applied to every key of ``values``."""
     out: dict[str, Any] = {}
     for k, v in values.items():
         if k.startswith("eval_"):

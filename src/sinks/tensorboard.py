@@ -40,7 +40,7 @@ from eventbus.errors import SinkConfigError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
 from eventbus.redact import redact
 from eventbus.sink import RunInfo, ThreadedSink
-from sinks._common import ScalarFilter, check_option_types, import_sdk, is_number, rewrite_logs
+from sinks._common import ScalarFilter, check_option_types, import_sdk, is_number, rewrite_name
 
 __all__ = ["TensorBoardSink", "clean_tag"]
 
@@ -165,7 +165,10 @@ class TensorBoardSink(ThreadedSink):
         self._filter = ScalarFilter(self.name)
         self._last_written: dict[str, tuple[int, float]] = {}
         self._scalar_tags: set[str] = set()
-        self._tags: dict[str, str] = {}  # a logged name -> its clean tag
+        # A logged name -> its tag (rewritten, then cleaned), once per name: for Log
+        # values, and per Evaluate/Predict prefix.
+        self._tags: dict[str, str] = {}
+        self._metric_tags: dict[str, dict[str, str]] = {}
         self._hparams: dict[str, Any] = {}
         # A resumed run's SessionLog START, written just before its first point (see
         # _train_begin); (checkpoint path, wall time ns).
@@ -237,9 +240,12 @@ class TensorBoardSink(ThreadedSink):
         urgent = False
         for ev in batch:
             if isinstance(ev, Log):
-                self._write_values(rewrite_logs(ev.values), ev)
+                self._write_values(ev.values, ev, self._tags, None)
             elif isinstance(ev, (Evaluate, Predict)):
-                self._write_values(_prefixed(ev.metrics, ev.prefix), ev)
+                tags = self._metric_tags.get(ev.prefix)
+                if tags is None:
+                    tags = self._metric_tags[ev.prefix] = {}
+                self._write_values(ev.metrics, ev, tags, ev.prefix)
                 urgent = urgent or isinstance(ev, Evaluate)
             elif isinstance(ev, TrainBegin):
                 self._train_begin(ev)
@@ -278,18 +284,18 @@ class TensorBoardSink(ThreadedSink):
         wall = ev.time_ns / 1e9 if ev.time_ns else time.time()
         return tb.event_pb2.Event(wall_time=wall, step=ev.step if step is None else step, summary=tb.summary_pb2.Summary(value=values))
 
-    def _write_values(self, values: Mapping[str, Any], ev: BaseEvent) -> None:
+    def _write_values(self, values: Mapping[str, Any], ev: BaseEvent, tags: dict[str, str], prefix: str | None) -> None:
         # Once per logged event, on the sink's thread, whose Python time the training
-        # thread shares the GIL with: tags cleaned once per name (cached), and the
-        # values added into the Event's own summary (building Summary.Value objects
-        # and handing them to Summary(value=...) copies each one: twice the time).
-        tags = self._tags
+        # thread shares the GIL with: each name rewritten (``train/loss``, or under an
+        # evaluation's ``prefix``) and cleaned into a tag once (``tags`` caches it), and
+        # the values added into the Event's own summary (building Summary.Value
+        # objects and handing them to Summary(value=...) copies each one: twice the time).
         cleaned: dict[str, Any] = {}
         texts: dict[str, str] = {}
         for k, v in values.items():
             tag = tags.get(k)
             if tag is None:
-                tag = clean_tag(k)
+                tag = clean_tag(rewrite_name(k) if prefix is None else _prefixed_name(k, prefix))
                 if len(tags) < _TAG_CACHE_SIZE:
                     tags[k] = tag
             # Two names that clean to one tag: the last one wins, as text or as a number.
@@ -400,12 +406,12 @@ class TensorBoardSink(ThreadedSink):
         self._write_event(self._summary_event(ev, values))
 
 
-def _prefixed(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def _prefixed_name(name: str, prefix: str) -> str:
     """``eval_loss`` -> ``eval/loss`` for an evaluation's own prefix (``val_``, ...)."""
     if prefix in ("eval", "test", ""):
-        return rewrite_logs(metrics)
+        return rewrite_name(name)
     head = prefix + "_"
-    return {(f"{prefix}/{k[len(head):]}" if k.startswith(head) else f"{prefix}/{k}"): v for k, v in metrics.items()}
+    return f"{prefix}/{name[len(head):]}" if name.startswith(head) else f"{prefix}/{name}"
 
 
 def _same(a: float, b: float) -> bool:
