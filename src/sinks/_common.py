@@ -42,15 +42,7 @@ def rewrite_name(name: str) -> str:
 
 def rewrite_logs(values: Mapping[str, Any]) -> dict[str, Any]:
     """:func:`rewrite_name` applied to every key of ``values``."""
-    out: dict[str, Any] = {}
-    for k, v in values.items():
-        if k.startswith("eval_"):
-            out["eval/" + k[5:]] = v
-        elif k.startswith("test_"):
-            out["test/" + k[5:]] = v
-        else:
-            out["train/" + k] = v
-    return out
+    return {rewrite_name(k): v for k, v in values.items()}
 
 
 def prefixed(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
