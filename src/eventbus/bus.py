@@ -476,6 +476,7 @@ class EventBus:
         # The pump also wakes as soon as the ingress holds this many events, so that a
         # burst fills the sinks' queues instead of the ingress while it sleeps.
         self._wake_depth = max(1, ingress_capacity // 8)
+        self._deep_wake = False  # a wake for a deep ingress is pending
         self._urgent = frozenset(urgent)
         self._workers: list[_SinkWorker] = []
         self._skipped: list[Sink] = []
@@ -569,7 +570,9 @@ class EventBus:
                 self._ingress_dropped += 1
             return
         ingress.append(event)
-        if (type(event) in self._urgent or depth == self._wake_depth) and self._loop is not None:
+        if (type(event) in self._urgent or (depth >= self._wake_depth and not self._deep_wake)) and self._loop is not None:
+            if depth >= self._wake_depth:
+                self._deep_wake = True  # one wake per deep ingress, not one per event
             try:
                 self._loop.call_soon_threadsafe(self._wake_pump)
             except RuntimeError:  # the loop is closing; the final drain takes it
@@ -712,6 +715,7 @@ class EventBus:
                 return
 
     def _drain(self) -> None:
+        self._deep_wake = False
         ingress = self._ingress
         n = len(ingress)
         if not n:

@@ -211,6 +211,22 @@ def test_an_ingress_an_eighth_full_wakes_the_pump_before_the_flush_interval() ->
         for step in range(8, 10):  # the 9th finds 8 waiting and wakes it
             bus.publish(StepEnd(step=step))
         wait_for(lambda: rec.steps == list(range(1, 10)), what="the pump woken by a deep ingress")
+        # One wake per deep ingress, not one per event published while it is deep
+        # (each wake is a syscall on the publishing thread); and after the pump drained
+        # it, the next deep ingress wakes it again.
+        assert bus._loop is not None
+        real = bus._loop.call_soon_threadsafe
+        wakes = []
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            wakes.append(args[0])
+            return real(*args, **kwargs)
+
+        bus._loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        for step in range(10, 40):
+            bus.publish(StepEnd(step=step))
+        wait_for(lambda: rec.steps == list(range(1, 40)), what="the second deep ingress")
+        assert 1 <= len(wakes) <= 3  # a drain between publishes may allow another
         assert bus.stats().ingress_dropped == 0
         bus.close(timeout=5)
 
