@@ -12,7 +12,9 @@ the debug mode off, ours and (when transformers and accelerate are installed)
 transformers' Trainer with ``report_to="tensorboard"``.
 
 Without a GPU it says so and exits 0. Run: ``python benchmarks/gpu_sync.py``
-(``--quick`` for fewer steps). Exit status 1 when a sync was caught.
+(``--quick`` for fewer steps, ``--repeats N`` for N interleaved timing runs,
+``--profile`` for cProfile's view of one run). Exit status 1 when a sync was caught
+or a logged value did not arrive.
 """
 
 from __future__ import annotations
@@ -117,7 +119,6 @@ def sync_sites(workdir: str, steps: int) -> list[str]:
     """After a failure: train again with the debug mode at "warn" and return each
     distinct Python stack (innermost frames last) that synchronised, so the report
     says where, not only that."""
-    import traceback
     import warnings
 
     sites: dict[str, int] = {}
