@@ -18,7 +18,6 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-
 __all__ = ["TinyModel", "make_dataset", "log_every_step_args", "train_transformers", "StepTimer", "as_transformers_callback", "transformers_trainer_status", "median_min_max", "quiet_stdout", "say"]
 
 
@@ -156,5 +155,3 @@ def train_transformers(model: Any, data: Any, workdir: str, steps: int, batch: i
     with quiet_stdout():
         trainer.train()
     return timer.steps_per_second()
-
-

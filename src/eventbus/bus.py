@@ -570,8 +570,9 @@ class EventBus:
                 self._ingress_dropped += 1
             return
         ingress.append(event)
-        if (type(event) in self._urgent or (depth >= self._wake_depth and not self._deep_wake)) and self._loop is not None:
-            if depth >= self._wake_depth:
+        deep = depth >= self._wake_depth and not self._deep_wake
+        if (deep or type(event) in self._urgent) and self._loop is not None:
+            if deep:
                 self._deep_wake = True  # one wake per deep ingress, not one per event
             try:
                 self._loop.call_soon_threadsafe(self._wake_pump)

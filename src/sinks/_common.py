@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Mapping
 from eventbus.errors import MissingDependencyError, SinkConfigError
 from eventbus.redact import is_secret_key
 
-__all__ = ["import_sdk", "rewrite_name", "rewrite_logs", "prefixed", "ScalarFilter", "flatten", "is_number", "check_option_types"]
+__all__ = ["import_sdk", "rewrite_name", "rewrite_logs", "prefixed_name", "prefixed", "ScalarFilter", "flatten", "is_number", "check_option_types"]
 
 logger = logging.getLogger("sinks")
 
@@ -45,14 +45,16 @@ def rewrite_logs(values: Mapping[str, Any]) -> dict[str, Any]:
     return {rewrite_name(k): v for k, v in values.items()}
 
 
+def prefixed_name(name: str, prefix: str) -> str:
+    """An evaluation's metric under its prefix: ``eval_loss`` -> ``eval/loss`` (a name
+    without the prefix -> ``eval/<name>``)."""
+    head = prefix + "_"
+    return f"{prefix}/{name[len(head):]}" if name.startswith(head) else f"{prefix}/{name}"
+
+
 def prefixed(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """An evaluation's metrics under its prefix: ``eval_loss`` -> ``eval/loss`` (a key
-    without the prefix -> ``eval/<key>``)."""
-    out: dict[str, Any] = {}
-    for k, v in metrics.items():
-        rest = k[len(prefix) + 1 :] if k.startswith(prefix + "_") else k
-        out[f"{prefix}/{rest}"] = v
-    return out
+    """:func:`prefixed_name` applied to every key of ``metrics``."""
+    return {prefixed_name(k, prefix): v for k, v in metrics.items()}
 
 
 def is_number(value: Any) -> bool:

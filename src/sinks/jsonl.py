@@ -107,11 +107,10 @@ def encode_line(event: BaseEvent) -> bytes:
         line = encode_json(event)
     except (TypeError, msgspec.EncodeError):
         line = None
-    if line is not None:
-        # msgspec writes NaN and infinity as null: a line without "null" has none, and
-        # needs no walk through the event (most lines; the walk cost twice the encode).
-        if b"null" not in line or not any(_has_nonfinite(getattr(event, f)) for f in event.__struct_fields__):
-            return line + b"\n"
+    # msgspec writes NaN and infinity as null: a line without "null" has none, and needs
+    # no walk through the event (most lines; the walk cost twice the encode).
+    if line is not None and (b"null" not in line or not any(_has_nonfinite(getattr(event, f)) for f in event.__struct_fields__)):
+        return line + b"\n"
     # The rare slow path: a plain-data copy with the non-finite floats made strings.
     data = msgspec.to_builtins(event, enc_hook=repr)
     found: list[list[Any]] = []

@@ -40,7 +40,7 @@ from eventbus.errors import SinkConfigError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
 from eventbus.redact import redact
 from eventbus.sink import RunInfo, ThreadedSink
-from sinks._common import ScalarFilter, check_option_types, import_sdk, is_number, rewrite_name
+from sinks._common import ScalarFilter, check_option_types, import_sdk, is_number, prefixed_name, rewrite_name
 
 __all__ = ["TensorBoardSink", "clean_tag"]
 
@@ -411,11 +411,9 @@ class TensorBoardSink(ThreadedSink):
 
 
 def _prefixed_name(name: str, prefix: str) -> str:
-    """``eval_loss`` -> ``eval/loss`` for an evaluation's own prefix (``val_``, ...)."""
-    if prefix in ("eval", "test", ""):
-        return rewrite_name(name)
-    head = prefix + "_"
-    return f"{prefix}/{name[len(head):]}" if name.startswith(head) else f"{prefix}/{name}"
+    """An evaluation's tag name: transformers' naming (:func:`rewrite_name`) under
+    ``eval``/``test``, the evaluation's own prefix otherwise (``val_acc`` -> ``val/acc``)."""
+    return rewrite_name(name) if prefix in ("eval", "test", "") else prefixed_name(name, prefix)
 
 
 def _same(a: float, b: float) -> bool:

@@ -544,12 +544,12 @@ class Trainer:
             sinks,
             run=run,
             close_timeout=self._close_timeout(),
-            flush_interval=float(getattr(self.args, "bus_flush_interval", 0.2)),
+            flush_interval=float(getattr(self.args, "bus_flush_interval", TrainingArguments.bus_flush_interval)),
             resume_marks=marks or None,
         )
 
     def _close_timeout(self) -> float:
-        return float(getattr(self.args, "bus_close_timeout", 30.0))
+        return float(getattr(self.args, "bus_close_timeout", TrainingArguments.bus_close_timeout))
 
     def _open_bus(self) -> bool:
         """Start the bus for a train/evaluate/predict call; returns whether this call

@@ -4,7 +4,6 @@ EventBus is read back over MLflow's REST API, exactly."""
 from __future__ import annotations
 
 import json
-
 import math
 import os
 import uuid
