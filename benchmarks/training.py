@@ -74,9 +74,10 @@ class _WaitForChildren:
 
 def run_ours(
     workdir: str, steps: int, with_sinks: bool, only: str | None = None, isolate: tuple[str, ...] | None = None
-) -> tuple[float, str, dict[str, Any], float]:
+) -> tuple[float, str, dict[str, Any], float, int]:
     """Train ``steps`` steps through our Trainer; (steps/s, mlflow endpoint, sink
-    stats, CPU µs per step of the other threads). ``only``: keep just that sink;
+    stats, CPU µs per step of the other threads, full garbage collections in the
+    timed window). ``only``: keep just that sink;
     ``isolate``: run exactly these sinks in a child process each (``None``: each
     sink's default)."""
     from trainer import PrinterCallback, ProgressCallback, Trainer
@@ -104,7 +105,7 @@ def run_ours(
         with quiet_stdout():
             trainer.train()
         stats = {s.name: s for s in trainer.bus.stats().sinks.values()}
-    return timer.steps_per_second(), how, stats, timer.other_threads_cpu_us()
+    return timer.steps_per_second(), how, stats, timer.other_threads_cpu_us(), timer.full_collections()
 
 
 def run_transformers(workdir: str, steps: int, report_to: str) -> float:
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu_of: dict[str, list[float]] = {c[0]: [] for c in configs}
     how = ""
     drops: dict[str, int] = {}
+    full_gcs_in_windows = 0
     try:
         for r in range(repeats):
             # Rotate the order every repeat: no configuration always runs first.
@@ -167,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                 label, with_sinks, isolate, busy = configs[(i + r) % len(configs)]
                 say(f"run {r + 1}/{repeats}: {label}")
                 with _busy_neighbour() if busy else contextlib.nullcontext():
-                    sps, h, stats, other = run_ours(os.path.join(root, f"ours-{r}-{i}"), steps, with_sinks, isolate=isolate)
+                    sps, h, stats, other, full_gcs = run_ours(os.path.join(root, f"ours-{r}-{i}"), steps, with_sinks, isolate=isolate)
                 sps_of[label].append(sps)
+                full_gcs_in_windows += full_gcs
                 cpu_of[label].append(other)
                 how = how or h
                 for name, st in stats.items():
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if opts.each:
             for name in ("progress", "tensorboard", "jsonl", "neptune", "comet_ml", "mlflow"):
                 say(f"only {name}")
-                sps, _, _, other = run_ours(os.path.join(root, f"only-{name}"), steps, True, only=name, isolate=())
+                sps, _, _, other, _ = run_ours(os.path.join(root, f"only-{name}"), steps, True, only=name, isolate=())
                 each.append((f"ours, only {name}, in-process", sps, other))
         tf_rows: list[tuple[str, list[float]]] = []
         tf_status = "not asked (--no-transformers)" if opts.no_transformers else transformers_trainer_status()
@@ -234,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transformers: tensorboard / none = {tf_ratio:.3f}x")
     else:
         print(f"transformers' Trainer: skipped: {tf_status}")
+    # Each run starts from a full collection (StepTimer); one inside a window
+    # (150-330 ms here) is a few percent of that run.
+    print(f"full garbage collections inside our runs' timed windows: {full_gcs_in_windows}")
     if drops:
         print(f"note: events dropped by sinks that could not keep up (counted, never waited for): {drops}")
     return 0

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from eventbus.events import Log
 from eventbus.sink import ThreadedSink
+from eventbus.values import Snapshot
 
 __all__ = [
     "CONFIGS",
@@ -588,9 +589,6 @@ class _Ours(_Side):
                     s.isolate = s.name in isolate
         self.bus = EventBus(sinks, run=RunInfo(run_name=f"bench-{config}", output_dir=os.path.join(workdir, f"run-{config}")))
         self.handler = CallbackHandler(callbacks, None, None, None, None, bus=self.bus)
-        # As the trainer's own logging: its loss and grad norm are never modified after
-        # being logged, so the Log event keeps them without a copy.
-        self.handler.logs_are_fresh = True
         self.bus.start()
         _wait_for_isolated(self.bus)
         self.state = TrainerState()
@@ -598,7 +596,8 @@ class _Ours(_Side):
         self.state.compute_steps(self.args, self.state.max_steps)
         self.control = TrainerControl()
         self.control = self.handler.on_train_begin(self.args, self.state, self.control)
-        # What our loop logs: the loss and gradient norm stay tensors (the bus resolves them).
+        # What our loop logs: the loss and gradient norm stay tensors (the bus resolves
+        # them), handed to on_log in a Snapshot, as the trainer does on the CPU.
         self._loss = torch.tensor(0.5)
         self._grad_norm = torch.tensor(1.0)
         self.notes = notes
@@ -609,7 +608,7 @@ class _Ours(_Side):
     def make_logs(self, state: Any) -> dict[str, Any]:
         if self.log_floats:
             return {"loss": 0.5, "grad_norm": 1.0, "learning_rate": 1e-4, "epoch": state.global_step / 1e4}
-        return {"loss": self._loss, "grad_norm": self._grad_norm, "learning_rate": 1e-4, "epoch": state.global_step / 1e4}
+        return Snapshot(loss=self._loss, grad_norm=self._grad_norm, learning_rate=1e-4, epoch=state.global_step / 1e4)
 
     def close(self) -> None:
         self.control = self.handler.on_train_end(self.args, self.state, self.control)
@@ -760,9 +759,11 @@ def run_overhead(
     ``max_block_s``, e.g. transformers' handler with a 20 ms callback), ``repeats``
     the number of blocks per side, ``gap`` the seconds between steps and ``gap_kind``
     what fills them (:class:`Gap`; a compute gap runs torch on one thread). ``log_floats``:
-    our side logs Python floats, as transformers' loop does (it calls ``.item()``
-    before ``on_log``), instead of the tensors our loop logs: what the Log event's
-    tensor snapshot costs is the difference. ``isolate``: the sinks of (c)/(d) that
+    our side logs a plain dict of Python floats, as transformers' loop does (it calls
+    ``.item()`` before ``on_log``), instead of what our trainer logs on the CPU (its
+    loss and grad norm tensors in a :class:`~eventbus.values.Snapshot`, which on_log
+    copies without looking at its values): what checking each value costs is the
+    difference. ``isolate``: the sinks of (c)/(d) that
     run in a child process each (``Sink.isolate``), exactly; ``None``: each sink's
     default (neptune and comet_ml isolated). Measuring starts once they are open.
     """

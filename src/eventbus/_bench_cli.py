@@ -78,8 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-floats",
         action="store_true",
-        help="our side logs Python floats (as transformers' loop does after .item()) instead of the tensors our loop "
-        "logs; the difference is what snapshotting tensors in the Log event costs",
+        help="our side logs a plain dict of Python floats (as transformers' loop does after .item()) instead of what "
+        "our trainer logs on the CPU (its loss and grad norm tensors in a Snapshot, copied without a look at its "
+        "values); the difference is what checking each value costs",
     )
     p.add_argument(
         "--isolate",
@@ -184,7 +185,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"# transformers: {result.transformers}")
     print(
         "# ours logs "
-        + ("Python floats (--log-floats)" if result.log_floats else "loss and grad_norm as tensors, as our loop does")
+        + (
+            "a plain dict of Python floats (--log-floats)"
+            if result.log_floats
+            else "loss and grad_norm as tensors in a Snapshot, as our trainer does on the CPU"
+        )
         + "; transformers' side logs floats, as its loop does"
     )
     if result.mlflow:

@@ -299,7 +299,9 @@ class CallbackHandler(TrainerCallback):
       never modifies in place; the ``Log`` event then keeps CPU tensors as they are
       instead of copying them (no torch call on the training thread). Off by default:
       a tensor handed to ``on_log`` by other code is copied, so later in-place changes
-      do not alter what was published.
+      do not alter what was published. ``logs`` given as an
+      :class:`eventbus.values.Snapshot` are taken as captured already (what the
+      trainer passes on the CPU): copied, nothing in them looked at.
 
     The loop passes extra keyword arguments that reach callbacks and events alike:
     ``checkpoint_dir`` and ``is_best`` (``on_save``), ``status`` and ``error``
@@ -741,9 +743,15 @@ def _copy_values(mapping: Mapping[str, Any] | None, fresh: bool = False) -> dict
     every sink can encode; this is host memory, never a device sync. Tensors are
     snapshotted without a sync (:func:`eventbus.values.snapshot`), or, when ``fresh``
     (the trainer's own new results), handed off without a copy
-    (:func:`eventbus.values.handoff`). The result is a :class:`~eventbus.values.Snapshot`."""
+    (:func:`eventbus.values.handoff`). The result is a :class:`~eventbus.values.Snapshot`;
+    a ``Snapshot`` given (the trainer's own logs on the CPU) holds tensors already
+    captured and is copied as it is."""
     if not mapping:
         return {}
+    if type(mapping) is Snapshot:
+        # One C-level copy, nothing looked at: on_log can run every step, and each
+        # tensor attribute read costs this thread ~0.3 µs once caches are cold.
+        return Snapshot(mapping)
     out = Snapshot()
     torch = sys.modules.get("torch")
     tensor = torch.Tensor if torch is not None else ()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from eventbus import EventBus, InitEnd, RunInfo, Sink, TrainEnd, sinks_from_report_to
+from eventbus.values import Snapshot
 from trainer import _marks
 from trainer import checkpoint as ckpt
 from trainer import distributed
@@ -483,6 +484,7 @@ class Trainer:
         self._interrupt_agreed = False
         self._last_saved_step: int | None = None
         self._tr_loss: torch.Tensor | None = None
+        self._logs_on_cpu = True  # the training loss lives on the CPU (set when training starts)
         self._total_loss: torch.Tensor | None = None
         self._globalstep_last_logged = 0
         self.current_gradient_accumulation_steps = 1
@@ -914,6 +916,7 @@ class Trainer:
         self._initial_global_step = self.state.global_step
         self._tr_loss = torch.tensor(0.0, device=device)
         self._total_loss = torch.tensor(0.0, device=device)
+        self._logs_on_cpu = self._tr_loss.is_cpu
         self._globalstep_last_logged = self.state.global_step
         self._last_saved_step = self.state.global_step if resume_from_checkpoint is not None else None
         self._last_checkpoint_dir = resume_from_checkpoint
@@ -1131,14 +1134,21 @@ class Trainer:
                 logs["grad_norm"] = grad_norm
             logs["learning_rate"] = learning_rate if learning_rate is not None else self._get_learning_rate()
             self._globalstep_last_logged = state.global_step
-            logs = {"loss": pending.wait(), **logs}
-            # The loss and grad norm are new tensors nobody modifies afterwards: the
-            # Log event may keep them without a copy (no torch call on this thread).
-            self.callback_handler.logs_are_fresh = True
-            try:
-                self.log(logs)
-            finally:
-                self.callback_handler.logs_are_fresh = False
+            # The loss, the grad norm (and a tensor learning rate, a clone) are new
+            # tensors made without grad (training_step detaches, clip_grad_norm_ runs
+            # without grad) that nobody modifies afterwards.
+            if self._logs_on_cpu:
+                # On the CPU the Log event keeps them as they are: a Snapshot tells
+                # on_log that its tensors need no capture, so nothing in it is looked
+                # at on this thread (the bus thread reads them).
+                self.log(Snapshot(loss=pending.wait(), **logs))
+            else:
+                # On an accelerator each gets its asynchronous copy to the host.
+                self.callback_handler.logs_are_fresh = True
+                try:
+                    self.log({"loss": pending.wait(), **logs})
+                finally:
+                    self.callback_handler.logs_are_fresh = False
             hooks_ran = True
 
         if self.control.should_evaluate:

@@ -565,14 +565,11 @@ def test_incompatible_state_is_a_clear_error():
         h.restore_callback_states({"Stateful": {"args": {"unknown_arg": 1}, "attributes": {}}})
 
 
-def test_fresh_logs_are_handed_off_and_other_logs_are_copied():
-    """With logs_are_fresh (the trainer's own results) a CPU tensor reaches the Log
-    event as is; otherwise the event holds a copy that later in-place changes miss."""
-    import torch
-
+def _handler_recording_logs():
+    """A handler whose bus wants Log events, and the list of the events it publishes,
+    as built on the training thread (the bus never runs)."""
     from eventbus import EventBus, Log, Sink
-    from eventbus.values import Deferred, Snapshot
-    from trainer import CallbackHandler, TrainerControl, TrainerState
+    from trainer import CallbackHandler
 
     class Keep(Sink):
         name = "keep"
@@ -581,10 +578,21 @@ def test_fresh_logs_are_handed_off_and_other_logs_are_copied():
         async def write(self, batch):
             pass
 
-    published = []
+    published: list = []
     bus = EventBus([Keep()])
-    bus.publish = published.append  # the events as built on the training thread
-    handler = CallbackHandler([], None, None, None, None, bus=bus)
+    bus.publish = published.append
+    return CallbackHandler([], None, None, None, None, bus=bus), published
+
+
+def test_fresh_logs_are_handed_off_and_other_logs_are_copied():
+    """With logs_are_fresh (the trainer's own results) a CPU tensor reaches the Log
+    event as is; otherwise the event holds a copy that later in-place changes miss."""
+    import torch
+
+    from eventbus.values import Deferred, Snapshot
+    from trainer import TrainerControl, TrainerState
+
+    handler, published = _handler_recording_logs()
     state, control = TrainerState(), TrainerControl()
     fresh, other = torch.tensor(1.0), torch.tensor(2.0)
     handler.logs_are_fresh = True
@@ -601,6 +609,27 @@ def test_fresh_logs_are_handed_off_and_other_logs_are_copied():
     assert isinstance(published[2].values["hist"], Deferred) and published[2].values["hist"].tensor is not big
     big.zero_()
     assert published[2].values["hist"].resolve() == [1.0] * 100
+
+
+def test_a_snapshot_given_to_on_log_is_copied_without_capturing_again():
+    """Logs handed over as a Snapshot (the trainer's on the CPU) are taken as captured:
+    the Log event gets a copy of the mapping with the very same tensors (no snapshot,
+    no torch call), and later changes to the caller's mapping do not reach it."""
+    import torch
+
+    from eventbus.values import Snapshot
+    from trainer import TrainerControl, TrainerState
+
+    handler, published = _handler_recording_logs()
+    loss, hist = torch.tensor(1.0), torch.ones(100)
+    logs = Snapshot(loss=loss, hist=hist, learning_rate=0.1)
+    handler.on_log(None, TrainerState(), TrainerControl(), logs)
+    values = published[0].values
+    assert type(values) is Snapshot and values is not logs
+    assert values["loss"] is loss and values["hist"] is hist  # not read, not cloned
+    logs.pop("loss")
+    logs["learning_rate"] = 0.2
+    assert values["loss"] is loss and values["learning_rate"] == 0.1
 
 
 def test_a_hook_marked_ignores_kwargs_is_called_without_them_and_others_get_them():

@@ -245,6 +245,41 @@ def test_on_log_receives_tensors_and_log_history_keeps_them(tmp_path):
     assert float(seen[0]["loss"]) == pytest.approx(float(t.state.log_history[0]["loss"]))
 
 
+def test_on_the_cpu_the_log_event_keeps_the_trainers_own_tensors(tmp_path, monkeypatch):
+    """On the CPU the trainer hands its fresh loss and grad norm to on_log in a
+    Snapshot: the Log event as published holds those tensors themselves (nothing
+    copied or read on the training thread), and the sinks still get floats."""
+    from eventbus import EventBus
+    from eventbus.values import Snapshot
+
+    built = []
+    publish = EventBus.publish
+
+    def record(self, event):
+        built.append(event)
+        publish(self, event)
+
+    monkeypatch.setattr(EventBus, "publish", record)
+    seen = []
+
+    class Peek(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in logs:
+                seen.append((type(logs), logs["loss"], logs["grad_norm"]))
+
+    sink = RecordingSink()
+    t = Trainer(TinyClassifier(), _args(tmp_path, max_steps=3), train_dataset=TRAIN, callbacks=[Peek()], sinks=[sink])
+    t.train()
+    logged = [e for e in built if isinstance(e, Log) and "loss" in e.values]
+    assert len(logged) == len(seen) == 3
+    for event, (kind, loss, grad_norm) in zip(logged, seen):
+        assert kind is Snapshot and type(event.values) is Snapshot
+        assert event.values["loss"] is loss and event.values["grad_norm"] is grad_norm
+    delivered = [e for e in sink.of(Log) if "loss" in e.values]
+    assert [type(e.values["loss"]) for e in delivered] == [float] * 3
+    assert [e.values["loss"] for e in delivered] == pytest.approx([float(h["loss"]) for h in t.state.log_history[:3]])
+
+
 def test_sinks_from_report_to(tmp_path):
     made = []
 
