@@ -559,6 +559,16 @@ class EventBus:
         """Whether any sink subscribes to ``event_type`` (so the event is worth building)."""
         return event_type in self._routes
 
+    def sample_interval(self, event_type: type[BaseEvent]) -> float:
+        """Seconds between the ``event_type`` events worth publishing: when every sink
+        subscribed to it lists it in :attr:`Sink.sampled <eventbus.Sink.sampled>`, the
+        shortest ``max_delay`` among them (one per batch is all they use); 0.0 when
+        some sink needs each one, or none subscribes."""
+        workers = self._routes.get(event_type, ())
+        if not workers or not all(event_type in w.sink.sampled for w in workers):
+            return 0.0
+        return min(w.sink.max_delay for w in workers)
+
     # -- the hot path --------------------------------------------------------------
 
     def publish(self, event: BaseEvent) -> None:

@@ -90,6 +90,7 @@ _EXIT_WAIT = 5.0  # seconds a closed child gets to exit on its own before it is 
 _FORWARDED = (
     "name",
     "events",
+    "sampled",
     "overflow",
     "capacity",
     "max_batch_size",

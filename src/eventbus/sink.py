@@ -63,6 +63,13 @@ class Sink:
 
     name: ClassVar[str] = "sink"
     events: ClassVar[tuple[type[BaseEvent], ...]] = EVENT_TYPES
+    sampled: ClassVar[tuple[type[BaseEvent], ...]] = ()
+    """Per-step events of which this sink needs a recent one, not each one (a progress
+    bar's ``StepEnd``). When every sink subscribed to such a type samples it, the
+    trainer's callback handler builds and publishes at most one per ``max_delay``
+    seconds (:meth:`EventBus.sample_interval <eventbus.EventBus.sample_interval>`;
+    the handler samples ``StepEnd``). Other publishers may still publish each one: a
+    sink must accept every event it subscribes to."""
     overflow: Overflow = Overflow.DROP_OLDEST
     capacity: int = 10_000
     max_batch_size: int = 512

@@ -99,9 +99,11 @@ class ProgressSink(ThreadedSink):
     as transformers' ``ProgressCallback``.
 
     The bar opens at ``TrainBegin`` (total ``max_steps``, starting at the resume step),
-    advances to the last ``StepEnd`` of each batch the bus delivers (updates are
-    coalesced, not one redraw per step), shows the latest training loss, and closes
-    at ``TrainEnd``.
+    advances to the latest step of each batch the bus delivers (from ``StepEnd`` and
+    ``Log``; one redraw per batch at most, not one per step), shows the latest
+    training loss, and closes at ``TrainEnd``. It samples ``StepEnd``
+    (:attr:`~eventbus.Sink.sampled`): the trainer publishes one per ``max_delay`` at
+    most when no other sink needs each, so a fast loop builds no event per step for it.
 
     Options: ``file`` (default ``sys.stderr``), ``disable`` (``None`` disables the bar
     when the stream is not a terminal, as tqdm does), ``desc``, ``leave``.
@@ -110,6 +112,7 @@ class ProgressSink(ThreadedSink):
 
     name = "progress"
     events = (TrainBegin, StepEnd, Log, TrainEnd)
+    sampled = (StepEnd,)
     max_delay = 0.2  # the bar moves five times a second (the default is 1 s)
 
     def __init__(self, *, file: TextIO | None = None, disable: bool | None = False, desc: str | None = None, leave: bool = True) -> None:
@@ -143,6 +146,8 @@ class ProgressSink(ThreadedSink):
             if isinstance(ev, StepEnd):
                 step = ev.step
             elif isinstance(ev, Log):
+                if step is None or ev.step > step:
+                    step = ev.step  # StepEnd is sampled: a Log may be the latest step seen
                 value = ev.values.get("loss")
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     loss = value

@@ -44,6 +44,8 @@ from eventbus.events import (
 )
 from eventbus.redact import redact
 from eventbus.values import Snapshot, snapshot
+
+_monotonic = time.monotonic  # one lookup per sampled StepEnd (tests replace it)
 from trainer.state import CallbackStateError, TrainerControl, TrainerState, _add_state, is_exportable, load_state_into
 
 __all__ = ["TrainerCallback", "CallbackHandler", "HOOKS", "STEP_HOOKS", "ignores_kwargs"]
@@ -477,6 +479,10 @@ class CallbackHandler(TrainerCallback):
         self._rank = bus.run.rank if bus is not None else 0
         for hook, event_type in HOOK_EVENTS.items():
             setattr(self, "_p_" + hook, bus is not None and bool(bus.wants(event_type)))
+        # When every sink of StepEnd samples it (a progress bar), one per interval.
+        sample = getattr(bus, "sample_interval", None) if self._p_on_step_end else None
+        self._step_end_every = float(sample(StepEnd)) if sample is not None else 0.0
+        self._step_end_due = 0.0
 
     def publishes(self, hook: str) -> bool:
         """Whether ``hook`` currently builds and publishes its event."""
@@ -605,8 +611,15 @@ class CallbackHandler(TrainerCallback):
             return self._call(fns, args, state, control, kwargs)
         return control
 
+    def _step_end_due_now(self) -> bool:
+        now = _monotonic()
+        if now < self._step_end_due:
+            return False
+        self._step_end_due = now + self._step_end_every
+        return True
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if self._p_on_step_end:
+        if self._p_on_step_end and (not self._step_end_every or self._step_end_due_now()):
             self._bus.publish(StepEnd(run_id=self._run_id, rank=self._rank, step=state.global_step, epoch=state.epoch))
         fns = self._d_on_step_end
         if fns:

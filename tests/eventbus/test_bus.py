@@ -156,6 +156,19 @@ def test_subscription_filtering_and_wants() -> None:
     assert not EventBus().wants(StepEnd)
 
 
+def test_sample_interval_only_when_every_subscriber_samples() -> None:
+    """A type is sampled (one per the shortest max_delay of its sinks) only when every
+    sink subscribed to it says so; one sink that needs each event turns it off."""
+    bar = Recorder("bar", events=(StepEnd, Log), max_delay=0.2, sampled=(StepEnd,))
+    slow_bar = Recorder("slow_bar", events=(StepEnd,), max_delay=0.5, sampled=(StepEnd,))
+    every = Recorder("every", events=(StepEnd,), max_delay=0.5)
+    assert EventBus([bar, slow_bar]).sample_interval(StepEnd) == 0.2
+    assert EventBus([bar, slow_bar, every]).sample_interval(StepEnd) == 0.0
+    assert EventBus([bar]).sample_interval(Log) == 0.0  # subscribed, not sampled
+    assert EventBus([bar]).sample_interval(Save) == 0.0  # nobody subscribes
+    assert EventBus().sample_interval(StepEnd) == 0.0
+
+
 def test_max_delay_holds_a_partial_batch_until_it_fills() -> None:
     rec = Recorder(max_batch_size=4, max_delay=60.0)
     with EventBus([rec], flush_interval=0.01) as bus:

@@ -242,6 +242,13 @@ def test_the_proxy_reads_and_writes_the_wrapped_sinks_settings(tmp_path: Path) -
     assert proxy.path == sink.path  # other attributes read through too
     assert "ProcessSink" in repr(proxy) and "file" in repr(proxy)
     bus.close()
+    # The bus asks the proxy whether its sink samples an event type.
+    sink = FileSink("bar", str(tmp_path / "y"), events=(StepEnd,), sampled=(StepEnd,), max_delay=0.5)
+    bus = EventBus([sink])
+    [proxy] = bus.sinks
+    assert isinstance(proxy, ProcessSink) and proxy.sampled == (StepEnd,)
+    assert bus.sample_interval(StepEnd) == 0.5
+    bus.close()
 
 
 class Unpicklable(Sink):

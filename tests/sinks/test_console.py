@@ -119,6 +119,19 @@ def test_progress_bar_formats_the_loss_once_per_batch(monkeypatch):
     sink.close_sync()
 
 
+def test_progress_bar_samples_step_end_and_follows_log_steps():
+    """The bar samples StepEnd (the trainer may skip most of them), so a Log's step
+    moves it too, and a Log older than the batch's latest StepEnd does not move it back."""
+    assert ProgressSink.sampled == (StepEnd,)
+    out = io.StringIO()
+    sink = ProgressSink(file=out)
+    sink.write_sync([TrainBegin(step=0, max_steps=100), StepEnd(step=3), Log(step=7, values={"loss": 0.5})])
+    assert sink.last_step == 7
+    sink.write_sync([StepEnd(step=12), Log(step=10, values={"eval_loss": 1.0})])
+    assert sink.last_step == 12 and sink.bar.n == 12
+    sink.close_sync()
+
+
 def test_progress_bar_starts_at_the_resume_step():
     out = io.StringIO()
     sink = ProgressSink(file=out)

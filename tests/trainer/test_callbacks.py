@@ -632,6 +632,44 @@ def test_a_snapshot_given_to_on_log_is_copied_without_capturing_again():
     assert values["loss"] is loss and values["learning_rate"] == 0.1
 
 
+def test_step_end_is_sampled_when_every_sink_of_it_samples_it(monkeypatch):
+    """With only sampling sinks subscribed (a progress bar), on_step_end builds a
+    StepEnd at most once per interval; a sink that needs each one gets each one."""
+    from eventbus import EventBus, Sink, StepEnd
+    from trainer import CallbackHandler, TrainerControl, TrainerState, callbacks
+
+    class Steps(Sink):
+        events = (StepEnd,)
+        max_delay = 0.25
+
+        async def write(self, batch):
+            pass
+
+    class Bar(Steps):
+        name = "bar"
+        sampled = (StepEnd,)
+
+    clock = [100.0]
+    monkeypatch.setattr(callbacks, "_monotonic", lambda: clock[0])
+
+    def steps_published(*sinks):
+        published: list = []
+        bus = EventBus(list(sinks))
+        bus.publish = published.append
+        handler = CallbackHandler([], None, None, None, None, bus=bus)
+        state, control = TrainerState(), TrainerControl()
+        for _ in range(10):  # ten steps 0.125 s apart
+            state.global_step += 1
+            handler.on_step_end(None, state, control)
+            clock[0] += 0.125
+        return [e.step for e in published]
+
+    assert steps_published(Bar()) == [1, 3, 5, 7, 9]  # one per 0.25 s, the first at once
+    every = Steps()
+    every.name = "every"
+    assert steps_published(Bar(), every) == list(range(1, 11))
+
+
 def test_a_hook_marked_ignores_kwargs_is_called_without_them_and_others_get_them():
     from trainer.callbacks import ignores_kwargs
 
