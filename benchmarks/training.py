@@ -43,6 +43,11 @@ BATCH = 32
 
 BUSY_LABEL = "ours, no sinks, a busy process beside (nice 10)"
 
+# isolate_sinks=[...] in TrainingArguments: every sink but the progress bar (a terminal
+# observer) in a child process of its own.
+ISOLATED = ("tensorboard", "jsonl", "neptune", "comet_ml", "mlflow")
+ISOLATED_LABEL = "ours, all sinks, all but progress isolated"
+
 
 @contextlib.contextmanager
 def _busy_neighbour() -> Any:
@@ -154,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         ("ours, no sinks", False, None, False),
         ("ours, all sinks (neptune, comet_ml isolated)", True, None, False),
         ("ours, all sinks in-process", True, (), False),
+        (ISOLATED_LABEL, True, ISOLATED, False),
     ]
     if opts.busy_neighbour:
         configs.append((BUSY_LABEL, False, None, True))
@@ -229,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         paired = [a / b for a, b in zip(sps_of[configs[1][0]], sps_of[configs[0][0]])]
         print(f"        (paired, all sinks / no sinks within each repeat: median {median_min_max(paired, '.3f')})")
     print(f"        (every sink in-process instead: {in_process_ratio:.3f}x)")
+    isolated_ratio = statistics.median(sps_of[ISOLATED_LABEL]) / none
+    print(f"        (every sink but progress isolated instead: {isolated_ratio:.3f}x; their children's CPU not counted)")
     if opts.busy_neighbour:
         busy_ratio = statistics.median(sps_of[BUSY_LABEL]) / none
         print(f"        (no sinks, a busy process beside the loop: {busy_ratio:.3f}x: what CPU used elsewhere costs here)")

@@ -92,5 +92,9 @@ def test_training_script_prints_steps_per_second_and_the_ratio() -> None:
     # The control run: no sinks beside a process that only burns CPU.
     assert "ours, no sinks, a busy process beside (nice 10)" in out
     assert "(no sinks, a busy process beside the loop:" in out
+    # Every sink but the progress bar in a child process: the isolate_sinks choice.
+    assert "ours, all sinks, all but progress isolated" in out
+    assert re.search(r"\(every sink but progress isolated instead: \d\.\d{3}x;", out), out
+    assert re.search(r"full garbage collections inside our runs' timed windows: \d+", out), out
     # With repeats, the ratio within each repeat too (the machine drifts between them).
     assert re.search(r"\(paired, all sinks / no sinks within each repeat: median \d\.\d{3} \[\d\.\d{3}-\d\.\d{3}\]\)", out), out
