@@ -44,11 +44,11 @@ from eventbus.events import (
 )
 from eventbus.redact import redact
 from eventbus.values import Snapshot, snapshot
-
-_monotonic = time.monotonic  # one lookup per sampled StepEnd (tests replace it)
 from trainer.state import CallbackStateError, TrainerControl, TrainerState, _add_state, is_exportable, load_state_into
 
 __all__ = ["TrainerCallback", "CallbackHandler", "HOOKS", "STEP_HOOKS", "ignores_kwargs"]
+
+_monotonic = time.monotonic  # one lookup per sampled StepEnd (tests replace it)
 
 logger = logging.getLogger("trainer")
 

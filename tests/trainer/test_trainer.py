@@ -280,6 +280,33 @@ def test_on_the_cpu_the_log_event_keeps_the_trainers_own_tensors(tmp_path, monke
     assert [e.values["loss"] for e in delivered] == pytest.approx([float(h["loss"]) for h in t.state.log_history[:3]])
 
 
+def test_a_progress_bar_alone_gets_sampled_step_ends_and_still_reaches_the_end(tmp_path, monkeypatch):
+    """With the progress bar the only sink of StepEnd, the trainer builds a StepEnd at
+    most every 0.2 s (its max_delay), not one per step; the bar still ends at the
+    last step (TrainEnd and each Log carry it)."""
+    import io
+
+    from eventbus import EventBus, StepEnd
+    from sinks.console import ProgressSink
+
+    built = []
+    publish = EventBus.publish
+
+    def record(self, event):
+        built.append(event)
+        publish(self, event)
+
+    monkeypatch.setattr(EventBus, "publish", record)
+    bar = ProgressSink(file=io.StringIO())
+    steps = 200  # ~1 ms each: far fewer than 0.2 s apart
+    t = Trainer(TinyClassifier(), _args(tmp_path, max_steps=steps, logging_steps=50), train_dataset=TRAIN, sinks=[bar])
+    t.train()
+    step_ends = [e.step for e in built if isinstance(e, StepEnd)]
+    assert 1 <= len(step_ends) < steps // 2, step_ends
+    assert step_ends == sorted(step_ends) and step_ends[0] == 1  # the first at once
+    assert bar.last_step == steps and bar.bar is None
+
+
 def test_sinks_from_report_to(tmp_path):
     made = []
 
