@@ -245,21 +245,28 @@ def test_on_log_receives_tensors_and_log_history_keeps_them(tmp_path):
     assert float(seen[0]["loss"]) == pytest.approx(float(t.state.log_history[0]["loss"]))
 
 
-def test_on_the_cpu_the_log_event_keeps_the_trainers_own_tensors(tmp_path, monkeypatch):
-    """On the CPU the trainer hands its fresh loss and grad norm to on_log in a
-    Snapshot: the Log event as published holds those tensors themselves (nothing
-    copied or read on the training thread), and the sinks still get floats."""
+@pytest.fixture
+def built(monkeypatch):
+    """Every event published to any bus, as built on the training thread."""
     from eventbus import EventBus
-    from eventbus.values import Snapshot
 
-    built = []
+    events: list = []
     publish = EventBus.publish
 
     def record(self, event):
-        built.append(event)
+        events.append(event)
         publish(self, event)
 
     monkeypatch.setattr(EventBus, "publish", record)
+    return events
+
+
+def test_on_the_cpu_the_log_event_keeps_the_trainers_own_tensors(tmp_path, built):
+    """On the CPU the trainer hands its fresh loss and grad norm to on_log in a
+    Snapshot: the Log event as published holds those tensors themselves (nothing
+    copied or read on the training thread), and the sinks still get floats."""
+    from eventbus.values import Snapshot
+
     seen = []
 
     class Peek(TrainerCallback):
@@ -280,23 +287,15 @@ def test_on_the_cpu_the_log_event_keeps_the_trainers_own_tensors(tmp_path, monke
     assert [e.values["loss"] for e in delivered] == pytest.approx([float(h["loss"]) for h in t.state.log_history[:3]])
 
 
-def test_a_progress_bar_alone_gets_sampled_step_ends_and_still_reaches_the_end(tmp_path, monkeypatch):
+def test_a_progress_bar_alone_gets_sampled_step_ends_and_still_reaches_the_end(tmp_path, built):
     """With the progress bar the only sink of StepEnd, the trainer builds a StepEnd at
     most every 0.2 s (its max_delay), not one per step; the bar still ends at the
     last step (TrainEnd and each Log carry it)."""
     import io
 
-    from eventbus import EventBus, StepEnd
+    from eventbus import StepEnd
     from sinks.console import ProgressSink
 
-    built = []
-    publish = EventBus.publish
-
-    def record(self, event):
-        built.append(event)
-        publish(self, event)
-
-    monkeypatch.setattr(EventBus, "publish", record)
     bar = ProgressSink(file=io.StringIO())
     steps = 200  # ~1 ms each: far fewer than 0.2 s apart
     t = Trainer(TinyClassifier(), _args(tmp_path, max_steps=steps, logging_steps=50), train_dataset=TRAIN, sinks=[bar])
