@@ -102,3 +102,51 @@ def test_bad_sink_settings_are_rejected_with_the_setting_named(attr: str, value:
     setattr(s, attr, value)
     with pytest.raises(SinkConfigError, match=attr):
         EventBus([s])
+
+
+def test_sink_thread_skips_calls_given_up_on_and_survives_a_closed_loop() -> None:
+    """The thread a ThreadedSink's hooks run on: a call whose caller gave up before it
+    started (write_timeout, the close deadline) never runs; one given up on while it
+    runs finishes there and its result is dropped; later calls still run in order; a
+    call that ends after the bus loop closed does not take the thread down."""
+    import asyncio
+
+    from eventbus.sink import _SinkThread
+
+    worker = _SinkThread("test")
+    ran: list[str] = []
+    release = threading.Event()
+
+    def blocking(tag: str) -> str:
+        ran.append(tag)
+        release.wait(10)
+        return tag
+
+    async def scenario() -> list[str]:
+        first = asyncio.ensure_future(worker.call(blocking, "running"))
+        await asyncio.sleep(0.05)  # the thread is inside the first call now
+        queued = asyncio.ensure_future(worker.call(ran.append, "queued"))
+        await asyncio.sleep(0)
+        first.cancel()
+        queued.cancel()  # gave up before the thread got to it
+        release.set()
+        assert await worker.call(lambda: "after") == "after"
+        with pytest.raises(ValueError, match="boom"):
+            await worker.call(int, "boom")
+        return ran
+
+    assert asyncio.run(scenario()) == ["running"]  # "queued" never ran
+
+    release.clear()
+    loop = asyncio.new_event_loop()
+    pending = loop.create_task(worker.call(blocking, "outlives the loop"))
+    loop.run_until_complete(asyncio.sleep(0.05))
+    pending.cancel()
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    release.set()  # completes on the thread: the loop is gone, nothing to settle
+    done = asyncio.run(asyncio.wait_for(worker.call(lambda: "still serving"), 5))
+    assert done == "still serving"
+    worker.stop()
+    worker._thread.join(5)
+    assert not worker._thread.is_alive()
