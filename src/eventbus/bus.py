@@ -893,3 +893,9 @@ def _validate_sink(sink: Sink) -> None:
     events = sink.events
     if not isinstance(events, tuple) or not all(isinstance(t, type) and issubclass(t, BaseEvent) for t in events):
         raise SinkConfigError(f"sink {name!r}: events must be a tuple of event classes, got {events!r}")
+    sampled = sink.sampled
+    if not isinstance(sampled, tuple) or not all(t in events for t in sampled):
+        raise SinkConfigError(
+            f"sink {name!r}: sampled must be a tuple of event classes among its events "
+            f"{tuple(t.__name__ for t in events)}, got {sampled!r}"
+        )

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import pytest
 
-from eventbus import EventBus, Overflow, RunInfo, Sink, StepEnd, ThreadedSink, TransientSinkError
+from eventbus import EventBus, Log, Overflow, RunInfo, Sink, StepEnd, ThreadedSink, TransientSinkError
 from eventbus.events import EVENT_TYPES, BaseEvent
 
 
@@ -94,7 +94,7 @@ def test_exceptions_in_threaded_hooks_reach_the_bus() -> None:
     assert st.failed == 1 and "sdk down" in (st.last_error or "")
 
 
-@pytest.mark.parametrize("attr, value", [("max_batch_size", 0), ("max_delay", "1"), ("max_retries", -1), ("write_timeout", 0), ("max_delay", -0.5), ("retry_backoff", -1), ("circuit_cooldown", None)])
+@pytest.mark.parametrize("attr, value", [("max_batch_size", 0), ("max_delay", "1"), ("max_retries", -1), ("write_timeout", 0), ("max_delay", -0.5), ("retry_backoff", -1), ("circuit_cooldown", None), ("sampled", "StepEnd"), ("sampled", [StepEnd])])
 def test_bad_sink_settings_are_rejected_with_the_setting_named(attr: str, value: object) -> None:
     from eventbus import SinkConfigError
 
@@ -102,6 +102,19 @@ def test_bad_sink_settings_are_rejected_with_the_setting_named(attr: str, value:
     setattr(s, attr, value)
     with pytest.raises(SinkConfigError, match=attr):
         EventBus([s])
+
+
+def test_a_sampled_event_must_be_one_the_sink_subscribes_to() -> None:
+    from eventbus import SinkConfigError
+
+    s = Threaded()
+    s.events = (StepEnd,)  # type: ignore[misc]
+    s.sampled = (Log,)  # type: ignore[misc]
+    with pytest.raises(SinkConfigError, match=r"sampled must be a tuple of event classes among its events \('StepEnd',\)"):
+        EventBus([s])
+    s.sampled = (StepEnd,)  # type: ignore[misc]
+    s.max_delay = 0.5
+    assert EventBus([s]).sample_interval(StepEnd) == 0.5
 
 
 def test_sink_thread_skips_calls_given_up_on_and_survives_a_closed_loop() -> None:
