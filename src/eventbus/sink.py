@@ -141,6 +141,10 @@ class Sink:
         return f"<{type(self).__name__} name={self.name!r}>"
 
 
+# (the bus loop, the future the call settles, the function, its arguments)
+_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
+
+
 class _SinkThread:
     """One daemon thread that runs a sink's blocking calls in order.
 
@@ -156,9 +160,7 @@ class _SinkThread:
     """
 
     def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"eventbus-sink-{name}", daemon=True)
         self._thread.start()
 
