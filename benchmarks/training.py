@@ -43,9 +43,11 @@ BATCH = 32
 
 BUSY_LABEL = "ours, no sinks, a busy process beside (nice 10)"
 
+# The sinks of the overhead benchmark's configuration (c), which bench_sinks builds.
+SINKS = ("progress", "tensorboard", "jsonl", "neptune", "comet_ml", "mlflow")
 # isolate_sinks=[...] in TrainingArguments: every sink but the progress bar (a terminal
 # observer) in a child process of its own.
-ISOLATED = ("tensorboard", "jsonl", "neptune", "comet_ml", "mlflow")
+ISOLATED = tuple(name for name in SINKS if name != "progress")
 ISOLATED_LABEL = "ours, all sinks, all but progress isolated"
 
 
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                         drops[key] = drops.get(key, 0) + st.dropped
         each: list[tuple[str, float, float]] = []
         if opts.each:
-            for name in ("progress", "tensorboard", "jsonl", "neptune", "comet_ml", "mlflow"):
+            for name in SINKS:
                 say(f"only {name}")
                 sps, _, _, other, _ = run_ours(os.path.join(root, f"only-{name}"), steps, True, only=name, isolate=())
                 each.append((f"ours, only {name}, in-process", sps, other))

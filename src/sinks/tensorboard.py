@@ -242,10 +242,7 @@ class TensorBoardSink(ThreadedSink):
             if isinstance(ev, Log):
                 self._write_values(ev.values, ev, self._tags, None)
             elif isinstance(ev, (Evaluate, Predict)):
-                tags = self._metric_tags.get(ev.prefix)
-                if tags is None:
-                    tags = self._metric_tags[ev.prefix] = {}
-                self._write_values(ev.metrics, ev, tags, ev.prefix)
+                self._write_values(ev.metrics, ev, self._metric_tags.setdefault(ev.prefix, {}), ev.prefix)
                 urgent = urgent or isinstance(ev, Evaluate)
             elif isinstance(ev, TrainBegin):
                 self._train_begin(ev)

@@ -1136,19 +1136,16 @@ class Trainer:
             self._globalstep_last_logged = state.global_step
             # The loss, the grad norm (and a tensor learning rate, a clone) are new
             # tensors made without grad (training_step detaches, clip_grad_norm_ runs
-            # without grad) that nobody modifies afterwards.
-            if self._logs_on_cpu:
-                # On the CPU the Log event keeps them as they are: a Snapshot tells
-                # on_log that its tensors need no capture, so nothing in it is looked
-                # at on this thread (the bus thread reads them).
-                self.log(Snapshot(loss=pending.wait(), **logs))
-            else:
-                # On an accelerator each gets its asynchronous copy to the host.
-                self.callback_handler.logs_are_fresh = True
-                try:
-                    self.log({"loss": pending.wait(), **logs})
-                finally:
-                    self.callback_handler.logs_are_fresh = False
+            # without grad) that nobody modifies afterwards: handed to the Log event as
+            # fresh. On the CPU, as a Snapshot, which on_log copies without looking at
+            # a value (the bus thread reads them); on an accelerator each gets its
+            # asynchronous copy to the host.
+            kind = Snapshot if self._logs_on_cpu else dict
+            self.callback_handler.logs_are_fresh = True
+            try:
+                self.log(kind(loss=pending.wait(), **logs))
+            finally:
+                self.callback_handler.logs_are_fresh = False
             hooks_ran = True
 
         if self.control.should_evaluate:
