@@ -14,6 +14,11 @@ __all__ = ["DefaultFlowCallback", "EarlyStoppingCallback", "EarlyStoppingConfigE
 
 logger = logging.getLogger("trainer")
 
+# on_step_end runs every step: an enum member read through its class costs ~0.1 µs
+# (more on cold caches), so the members compared against are read once, here.
+_STEPS = IntervalStrategy.STEPS
+_SAVE_STEPS = SaveStrategy.STEPS
+
 
 class EarlyStoppingConfigError(ValueError):
     """:class:`EarlyStoppingCallback` is used without what it needs; the message says
@@ -32,35 +37,30 @@ class DefaultFlowCallback(TrainerCallback):
     @ignores_kwargs
     def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> TrainerControl:
         """Schedule logging, evaluation, saving and the end of training after a step."""
+        step = state.global_step
         # Log
-        if state.global_step == 1 and args.logging_first_step:
+        if step == 1 and args.logging_first_step:
             control.should_log = True
-        if args.logging_strategy == IntervalStrategy.STEPS and state.global_step % state.logging_steps == 0:
+        if args.logging_strategy == _STEPS and step % state.logging_steps == 0:
             control.should_log = True
 
         # Evaluate
-        if (
-            args.eval_strategy == IntervalStrategy.STEPS
-            and state.global_step % state.eval_steps == 0
-            and args.eval_delay <= state.global_step
-        ):
+        eval_by_steps = args.eval_strategy == _STEPS
+        if eval_by_steps and step % state.eval_steps == 0 and args.eval_delay <= step:
             control.should_evaluate = True
 
         # Save
-        if args.save_strategy == SaveStrategy.STEPS and state.save_steps > 0 and state.global_step % state.save_steps == 0:
+        save_by_steps = args.save_strategy == _SAVE_STEPS
+        if save_by_steps and state.save_steps > 0 and step % state.save_steps == 0:
             control.should_save = True
 
         # End training
-        if state.global_step >= state.max_steps:
+        if step >= state.max_steps:
             control.should_training_stop = True
             # The last step is evaluated even off the eval_steps grid (not twice).
-            if (
-                args.eval_strategy == IntervalStrategy.STEPS
-                and state.global_step % state.eval_steps != 0
-                and args.eval_delay <= state.global_step
-            ):
+            if eval_by_steps and step % state.eval_steps != 0 and args.eval_delay <= step:
                 control.should_evaluate = True
-            if args.save_strategy == SaveStrategy.STEPS:
+            if save_by_steps:
                 control.should_save = True
 
         return control

@@ -184,6 +184,33 @@ def test_returned_control_replaces_and_none_keeps():
     assert out is replacement and replacement.should_save and not c.should_save
 
 
+def test_lean_step_end_callbacks_replace_or_keep_the_control_and_are_profiled():
+    # on_step_end calls callbacks that all ignore kwargs without going through _call:
+    # the same rules (a returned control replaces, None keeps), and the profiler sees them.
+    from trainer.callbacks import ignores_kwargs
+
+    replacement = TrainerControl()
+
+    class Replace(TrainerCallback):
+        @ignores_kwargs
+        def on_step_end(self, args, state, control, **kwargs):
+            return replacement
+
+    class Keep(TrainerCallback):
+        @ignores_kwargs
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_save = True
+
+    h = CallbackHandler([Replace, Keep], None, None, None, None)
+    assert h._l_on_step_end is not None  # the direct path is the one under test
+    c = TrainerControl()
+    assert h.on_step_end(TrainingArguments(), TrainerState(), c) is replacement
+    assert replacement.should_save and not c.should_save
+    h.profile = True
+    h.on_step_end(TrainingArguments(), TrainerState(), TrainerControl())
+    assert {key for key in h.profile_report()} == {("Replace", "on_step_end"), ("Keep", "on_step_end")}
+
+
 def test_callbacks_get_transformers_keyword_arguments_and_loop_extras():
     seen = {}
 
