@@ -302,8 +302,10 @@ class CallbackHandler(TrainerCallback):
       instead of copying them (no torch call on the training thread). Off by default:
       a tensor handed to ``on_log`` by other code is copied, so later in-place changes
       do not alter what was published. ``logs`` given as an
-      :class:`eventbus.values.Snapshot` are taken as captured already (what the
-      trainer passes on the CPU): copied, nothing in them looked at.
+      :class:`eventbus.values.Snapshot` (what the trainer passes on the CPU) are
+      handed over: the ``Log`` event keeps that very mapping, nothing in it looked
+      at, so the caller must not change it afterwards; ``on_log`` callbacks then
+      get a plain-dict copy of it, whose changes do not reach the event.
 
     The loop passes extra keyword arguments that reach callbacks and events alike:
     ``checkpoint_dir`` and ``is_best`` (``on_save``), ``status`` and ``error``
@@ -705,22 +707,23 @@ class CallbackHandler(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any, **kwargs: Any) -> Any:
         control.should_log = False
+        fns = self._d_on_log
         if self._p_on_log:
             # Published before the callbacks run (transformers' reporting callbacks
             # come before user and printing callbacks, and PrinterCallback pops
             # "total_flos" from the dict). Tensors are snapshotted by Log itself,
             # without a device sync.
+            if type(logs) is Snapshot:
+                # Handed over (the trainer's own CPU logs, never changed afterwards):
+                # the event keeps this very mapping, not a copy, and the callbacks get
+                # a copy, so what they change cannot reach the event.
+                values = logs
+                if fns:
+                    logs = dict(logs)
+            else:
+                values = _copy_values(logs, self.logs_are_fresh)
             # The header written out, as in the per-step hooks: on_log can run every step.
-            self._bus.publish(
-                Log(
-                    run_id=self._run_id,
-                    rank=self._rank,
-                    step=state.global_step,
-                    epoch=state.epoch,
-                    values=_copy_values(logs, self.logs_are_fresh),
-                )
-            )
-        fns = self._d_on_log
+            self._bus.publish(Log(run_id=self._run_id, rank=self._rank, step=state.global_step, epoch=state.epoch, values=values))
         if fns:
             return self._call(fns, args, state, control, {"logs": logs, **kwargs})
         return control

@@ -638,25 +638,39 @@ def test_fresh_logs_are_handed_off_and_other_logs_are_copied():
     assert published[2].values["hist"].resolve() == [1.0] * 100
 
 
-def test_a_snapshot_given_to_on_log_is_copied_without_capturing_again():
+def test_a_snapshot_given_to_on_log_is_handed_over_and_callbacks_get_a_copy():
     """Logs handed over as a Snapshot (the trainer's on the CPU) are taken as captured:
-    the Log event gets a copy of the mapping with the very same tensors (no snapshot,
-    no torch call), and later changes to the caller's mapping do not reach it."""
+    the Log event keeps that very mapping with its very tensors (no copy, no snapshot,
+    no torch call), and on_log callbacks get a plain copy whose changes (PrinterCallback
+    pops "total_flos") do not reach the event."""
     import torch
 
     from eventbus.values import Snapshot
-    from trainer import TrainerControl, TrainerState
+    from trainer import TrainerCallback, TrainerControl, TrainerState
+
+    seen = []
+
+    class Printer(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(logs)
+            logs.pop("total_flos")
+            logs["learning_rate"] = 0.2
 
     handler, published = _handler_recording_logs()
     loss, hist = torch.tensor(1.0), torch.ones(100)
-    logs = Snapshot(loss=loss, hist=hist, learning_rate=0.1)
+    logs = Snapshot(loss=loss, hist=hist, learning_rate=0.1, total_flos=5.0)
     handler.on_log(None, TrainerState(), TrainerControl(), logs)
     values = published[0].values
-    assert type(values) is Snapshot and values is not logs
+    assert values is logs  # not copied: nothing else holds it
     assert values["loss"] is loss and values["hist"] is hist  # not read, not cloned
-    logs.pop("loss")
-    logs["learning_rate"] = 0.2
-    assert values["loss"] is loss and values["learning_rate"] == 0.1
+
+    handler.add_callback(Printer())
+    logs = Snapshot(loss=loss, learning_rate=0.1, total_flos=5.0)
+    handler.on_log(None, TrainerState(), TrainerControl(), logs)
+    values = published[1].values
+    assert values is logs and seen[0] is not logs and type(seen[0]) is dict
+    assert values == {"loss": loss, "learning_rate": 0.1, "total_flos": 5.0}  # the callback's edits stayed in its copy
+    assert seen[0] == {"loss": loss, "learning_rate": 0.2}
 
 
 def test_step_end_is_sampled_when_every_sink_of_it_samples_it(monkeypatch):
