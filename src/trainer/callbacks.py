@@ -616,16 +616,15 @@ class CallbackHandler(TrainerCallback):
             return self._call(fns, args, state, control, kwargs)
         return control
 
-    def _step_end_due_now(self) -> bool:
-        now = _monotonic()
-        if now < self._step_end_due:
-            return False
-        self._step_end_due = now + self._step_end_every
-        return True
-
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if self._p_on_step_end and (not self._step_end_every or self._step_end_due_now()):
-            self._bus.publish(StepEnd(run_id=self._run_id, rank=self._rank, step=state.global_step, epoch=state.epoch))
+        if self._p_on_step_end:
+            # Sampled (every > 0): one StepEnd per interval at most. Not sampled: the
+            # clock is not read, due stays 0.0, and every step publishes.
+            every = self._step_end_every
+            now = _monotonic() if every else 0.0
+            if now >= self._step_end_due:
+                self._step_end_due = now + every
+                self._bus.publish(StepEnd(run_id=self._run_id, rank=self._rank, step=state.global_step, epoch=state.epoch))
         lean = self._l_on_step_end
         if lean is None:
             return self._call(self._d_on_step_end, args, state, control, kwargs)
