@@ -478,6 +478,7 @@ class EventBus:
         self._wake_depth = max(1, ingress_capacity // 8)
         self._deep_wake = False  # a wake for a deep ingress is pending
         self._urgent = frozenset(urgent)
+        self._log_urgent = Log in self._urgent
         self._workers: list[_SinkWorker] = []
         self._skipped: list[Sink] = []
         self._routes: dict[type[BaseEvent], tuple[_SinkWorker, ...]] = {}
@@ -587,6 +588,32 @@ class EventBus:
             try:
                 self._loop.call_soon_threadsafe(self._wake_pump)
             except RuntimeError:  # the loop is closing; the final drain takes it
+                pass
+
+    def publish_log(self, run_id: str, rank: int, step: int, epoch: float | None, values: _values.Snapshot) -> None:
+        """``publish(Log(run_id=..., rank=..., step=..., epoch=..., values=values))``,
+        with the event built on the bus thread: for a loop that logs every step. The
+        caller hands ``values`` over (a :class:`~eventbus.values.Snapshot` it never
+        changes afterwards, its tensors captured); the event's ``time_ns`` is taken now.
+        Built there, the event is made once, its values already read, instead of once
+        on the training thread and again when the bus reads its tensors."""
+        if self._log_urgent:
+            self.publish(Log(run_id=run_id, rank=rank, step=step, epoch=epoch, values=values))
+            return
+        # publish()'s body for an event that is never urgent (the test above).
+        ingress = self._ingress
+        depth = len(ingress)
+        if self._closed or depth >= self._ingress_capacity:
+            with self._drop_lock:
+                self._ingress_dropped += 1
+            return
+        # A tuple is not an event: _route builds the Log.
+        ingress.append((run_id, rank, step, epoch, time.time_ns(), values))
+        if depth >= self._wake_depth and not self._deep_wake and self._loop is not None:
+            self._deep_wake = True
+            try:
+                self._loop.call_soon_threadsafe(self._wake_pump)
+            except RuntimeError:
                 pass
 
     # -- lifecycle -----------------------------------------------------------------
@@ -753,6 +780,12 @@ class EventBus:
         routed: list[tuple[BaseEvent, tuple[_SinkWorker, ...]]] = []
         for ev in taken:
             t = type(ev)
+            if t is tuple:  # publish_log's: the Log is built here, its values read
+                t = Log
+                workers = routes.get(t)
+                if workers:
+                    routed.append((_pending_log(ev), workers))
+                continue
             workers = routes.get(t)
             if not workers:
                 continue
@@ -820,21 +853,34 @@ _VALUE_TYPES = frozenset({Log, Evaluate, Predict})
 """The event types whose payload may hold tensor snapshots to resolve."""
 
 
-def _unresolvable(event: BaseEvent) -> BaseEvent:
-    def safe(mapping: dict[str, Any]) -> dict[str, Any]:
-        out = {}
-        for k, v in mapping.items():
-            try:
-                out[k] = _values.resolve(v)
-            except Exception:
-                out[k] = float("nan")
-        return out
+def _safe_values(mapping: dict[str, Any]) -> dict[str, Any]:
+    """``mapping`` resolved value by value, NaN for any value that cannot be read."""
+    out = {}
+    for k, v in mapping.items():
+        try:
+            out[k] = _values.resolve(v)
+        except Exception:
+            out[k] = float("nan")
+    return out
 
+
+def _unresolvable(event: BaseEvent) -> BaseEvent:
     if isinstance(event, Log):
-        return msgspec.structs.replace(event, values=safe(event.values))
+        return msgspec.structs.replace(event, values=_safe_values(event.values))
     if isinstance(event, (Evaluate, Predict)):
-        return msgspec.structs.replace(event, metrics=safe(event.metrics))
+        return msgspec.structs.replace(event, metrics=_safe_values(event.metrics))
     return event
+
+
+def _pending_log(item: tuple[str, int, int, float | None, int, Any]) -> Log:
+    """The Log event :meth:`EventBus.publish_log` queued as a tuple, its values read."""
+    run_id, rank, step, epoch, time_ns, values = item
+    try:
+        values = _values.resolve_mapping(values) or values
+    except Exception as exc:
+        logger.warning("eventbus: could not resolve the tensor values of Log: %r", exc)
+        values = _values.Snapshot(_safe_values(values))
+    return Log(run_id=run_id, rank=rank, step=step, epoch=epoch, time_ns=time_ns, values=values)
 
 
 def _check_marks(marks: Any) -> dict[str, int]:

@@ -480,6 +480,8 @@ class CallbackHandler(TrainerCallback):
         """Publish hooks to ``bus`` (``None``: publish nothing). Which hooks build an
         event is decided here from ``bus.wants``: attach the bus's sinks first."""
         self._bus = bus
+        # EventBus.publish_log, where the bus has it (a stand-in bus may not).
+        self._publish_log = getattr(bus, "publish_log", None)
         self._run_id = bus.run.run_id if bus is not None else ""
         self._rank = bus.run.rank if bus is not None else 0
         for hook, event_type in HOOK_EVENTS.items():
@@ -712,17 +714,17 @@ class CallbackHandler(TrainerCallback):
             # come before user and printing callbacks, and PrinterCallback pops
             # "total_flos" from the dict). Tensors are snapshotted by Log itself,
             # without a device sync.
-            if type(logs) is Snapshot:
+            if type(logs) is Snapshot and self._publish_log is not None:
                 # Handed over (the trainer's own CPU logs, never changed afterwards):
-                # the event keeps this very mapping, not a copy, and the callbacks get
-                # a copy, so what they change cannot reach the event.
-                values = logs
+                # the bus builds the event from this very mapping on its thread, and
+                # the callbacks get a copy, so what they change cannot reach it.
+                self._publish_log(self._run_id, self._rank, state.global_step, state.epoch, logs)
                 if fns:
                     logs = dict(logs)
             else:
+                # The header written out, as in the per-step hooks: on_log can run every step.
                 values = _copy_values(logs, self.logs_are_fresh)
-            # The header written out, as in the per-step hooks: on_log can run every step.
-            self._bus.publish(Log(run_id=self._run_id, rank=self._rank, step=state.global_step, epoch=state.epoch, values=values))
+                self._bus.publish(Log(run_id=self._run_id, rank=self._rank, step=state.global_step, epoch=state.epoch, values=values))
         if fns:
             return self._call(fns, args, state, control, {"logs": logs, **kwargs})
         return control

@@ -24,6 +24,7 @@ from eventbus import (
     TrainEnd,
 )
 from eventbus.events import EVENT_TYPES, BaseEvent
+from eventbus.values import Snapshot
 from eventbus.stats import BusStats
 
 
@@ -108,6 +109,18 @@ def settled(bus: EventBus, name: str, received: int) -> bool:
         and st.received == received
         and st.received == st.delivered + st.dropped + st.spooled + st.queue_depth
     )
+
+
+def _publish_step_end(bus: EventBus, step: int) -> None:
+    bus.publish(StepEnd(step=step))
+
+
+def _publish_log(bus: EventBus, step: int) -> None:
+    bus.publish_log("", 0, step, None, Snapshot(loss=1.0))
+
+
+PUBLISHERS = pytest.mark.parametrize("publish", [_publish_step_end, _publish_log], ids=["publish", "publish_log"])
+"""The two ways onto the ingress (publish_log has its own copy of publish's body)."""
 
 
 def test_order_per_sink_is_publish_order_and_batches_respect_max_batch_size() -> None:
@@ -212,17 +225,18 @@ def test_urgent_set_is_configurable() -> None:
         wait_for(lambda: rec.steps == [1], what="custom urgent type")
 
 
-def test_an_ingress_an_eighth_full_wakes_the_pump_before_the_flush_interval() -> None:
+@PUBLISHERS
+def test_an_ingress_an_eighth_full_wakes_the_pump_before_the_flush_interval(publish: Callable[[EventBus, int], None]) -> None:
     # A burst must reach the sinks' queues (where each sink's overflow policy applies)
     # rather than wait a whole flush interval in the ingress, whose overflow drops.
     rec = Recorder(max_batch_size=8, max_delay=0.0)
     with EventBus([rec], ingress_capacity=64, flush_interval=60.0) as bus:
         for step in range(1, 8):  # below 64 // 8 = 8 waiting events: the pump sleeps on
-            bus.publish(StepEnd(step=step))
+            publish(bus, step)
         time.sleep(0.3)
         assert rec.got == []
         for step in range(8, 10):  # the 9th finds 8 waiting and wakes it
-            bus.publish(StepEnd(step=step))
+            publish(bus, step)
         wait_for(lambda: rec.steps == list(range(1, 10)), what="the pump woken by a deep ingress")
         # One wake per deep ingress, not one per event published while it is deep
         # (each wake is a syscall on the publishing thread); and after the pump drained
@@ -237,7 +251,7 @@ def test_an_ingress_an_eighth_full_wakes_the_pump_before_the_flush_interval() ->
 
         bus._loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
         for step in range(10, 40):
-            bus.publish(StepEnd(step=step))
+            publish(bus, step)
         wait_for(lambda: rec.steps == list(range(1, 40)), what="the second deep ingress")
         assert 1 <= len(wakes) <= 3  # a drain between publishes may allow another
         assert bus.stats().ingress_dropped == 0
@@ -264,13 +278,14 @@ def test_events_published_before_start_are_delivered() -> None:
     assert rec.steps == [7]
 
 
-def test_publish_after_close_is_counted_not_raised() -> None:
+@PUBLISHERS
+def test_publish_after_close_is_counted_not_raised(publish: Callable[[EventBus, int], None]) -> None:
     rec = Recorder()
     bus = EventBus([rec]).start()
-    bus.publish(StepEnd(step=1))
+    publish(bus, 1)
     bus.close(timeout=5)
-    bus.publish(StepEnd(step=2))  # must not raise
-    bus.publish(StepEnd(step=3))
+    publish(bus, 2)  # must not raise
+    publish(bus, 3)
     stats = bus.stats()
     assert stats.ingress_dropped == 2
     assert stats.published == 3

@@ -5,10 +5,12 @@ is fully determined: one event in flight, ``capacity`` queued, the rest overflow
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 
 from eventbus import EventBus, Overflow, StepEnd
-from tests.eventbus.test_bus import GateSink, Recorder, assert_identity, settled, wait_for
+from tests.eventbus.test_bus import PUBLISHERS, GateSink, Recorder, assert_identity, settled, wait_for
 
 CAP = 5
 EXTRA = 12  # published while the first event is stuck in write
@@ -51,11 +53,12 @@ def test_overflow_policy_drops_exactly(policy: Overflow, kept: list[int]) -> Non
     assert_identity(stats)
 
 
-def test_ingress_overflow_is_counted_and_never_raises() -> None:
+@PUBLISHERS
+def test_ingress_overflow_is_counted_and_never_raises(publish: Callable[[EventBus, int], None]) -> None:
     rec = Recorder(capacity=1000)
     bus = EventBus([rec], ingress_capacity=10)
     for i in range(15):  # not started yet: nothing drains the ingress
-        bus.publish(StepEnd(step=i))
+        publish(bus, i)
     s = bus.stats()
     assert s.published == 15 and s.ingress_dropped == 5 and s.ingress_depth == 10
     with bus:

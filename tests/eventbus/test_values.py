@@ -4,12 +4,13 @@ to Python numbers on the bus thread, immune to later in-place changes."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
 import torch
 
-from eventbus import EventBus, Evaluate, Log, Predict
+from eventbus import EventBus, Evaluate, Log, Predict, StepEnd
 from eventbus import values as V
 from eventbus.bus import resolve_event
 from tests.eventbus.test_bus import Recorder
@@ -238,3 +239,50 @@ def test_an_event_keeps_a_snapshot_mapping_as_is_and_encodes_it_as_a_dict() -> N
     assert V.resolve_mapping(mixed) == {"scalar": 2.5, "one": 1.5, "vector": [1.0, 2.0], "param": 4.0, "deferred": 3.0, "n": 3}
     back = decode_json(encode_json(Log(step=3, values=V.Snapshot(a=1.5))))
     assert back.values == {"a": 1.5} and type(back.values) is dict
+
+
+def test_publish_log_builds_the_log_on_the_bus_thread_with_its_values_read() -> None:
+    """publish_log hands the bus a Snapshot; the sinks get the same Log that
+    publish(Log(...)) would give (header, time of the call, tensors read as numbers),
+    in order with the events around it, and the stats count it as published."""
+    rec = Recorder(max_delay=0.0)
+    with EventBus([rec], flush_interval=0.01) as bus:
+        loss = torch.tensor(0.25)
+        bus.publish(StepEnd(step=1))
+        before = time.time_ns()
+        bus.publish_log("run-a", 0, 1, 0.5, V.Snapshot(loss=loss, grad_norm=torch.tensor([2.0]), learning_rate=1e-3))
+        after = time.time_ns()
+        bus.publish(StepEnd(step=2))
+    assert [type(e) for e in rec.got] == [StepEnd, Log, StepEnd]
+    log = rec.got[1]
+    assert (log.run_id, log.rank, log.step, log.epoch) == ("run-a", 0, 1, 0.5)
+    assert before <= log.time_ns <= after
+    assert log.values == {"loss": 0.25, "grad_norm": 2.0, "learning_rate": 1e-3}
+    assert type(log.values["loss"]) is float
+    stats = bus.stats()
+    assert stats.published == 3 and stats.sinks["rec"].delivered == 3
+
+
+def test_publish_log_of_an_unresolvable_value_gives_nan_and_the_log_still_arrives() -> None:
+    class Broken(V.Deferred):
+        def resolve(self) -> Any:
+            raise RuntimeError("device lost")
+
+    rec = Recorder(max_delay=0.0)
+    with EventBus([rec], flush_interval=0.01) as bus:
+        bus.publish_log("r", 0, 3, None, V.Snapshot(ok=torch.tensor(1.0), bad=Broken(torch.tensor(0.0))))
+    got = rec.got[0]
+    assert isinstance(got, Log) and got.step == 3
+    assert got.values["ok"] == 1.0 and got.values["bad"] != got.values["bad"]  # NaN
+
+
+def test_publish_log_of_an_urgent_log_is_flushed_at_once() -> None:
+    """Where Log is urgent, publish_log wakes the pump as publish(Log(...)) would: the
+    pump's flush interval and the sink's max_delay are far away."""
+    from tests.eventbus.test_bus import wait_for
+
+    rec = Recorder(max_batch_size=1000, max_delay=60.0)
+    with EventBus([rec], flush_interval=60.0, urgent=(Log,)) as bus:
+        bus.publish_log("r", 0, 1, None, V.Snapshot(loss=1.0))
+        wait_for(lambda: rec.steps == [1], what="urgent Log")
+        assert rec.got[0].values == {"loss": 1.0}

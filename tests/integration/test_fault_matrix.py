@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import anyio
 import pytest
@@ -158,29 +158,32 @@ class Down(Sink):
 
 
 class PublishTimer:
-    """Wraps ``EventBus.publish`` (every bus the run opens) to time each call."""
+    """Wraps ``EventBus.publish`` and ``EventBus.publish_log`` (every bus the run
+    opens) to time each call."""
 
     def __init__(self) -> None:
-        self.real = EventBus.publish
+        self.real = (EventBus.publish, EventBus.publish_log)
         self.calls = 0
         self.longest = 0.0
 
-    def __enter__(self) -> PublishTimer:
-        timer = self
-
-        def publish(bus: EventBus, event: BaseEvent) -> None:
+    def _timed(self, real: Callable[..., None]) -> Callable[..., None]:
+        def call(bus: EventBus, *args: Any) -> None:
             t0 = time.perf_counter()
-            timer.real(bus, event)
+            real(bus, *args)
             dt = time.perf_counter() - t0
-            timer.calls += 1
-            if dt > timer.longest:
-                timer.longest = dt
+            self.calls += 1
+            if dt > self.longest:
+                self.longest = dt
 
-        EventBus.publish = publish  # type: ignore[method-assign]
+        return call
+
+    def __enter__(self) -> PublishTimer:
+        EventBus.publish = self._timed(self.real[0])  # type: ignore[method-assign]
+        EventBus.publish_log = self._timed(self.real[1])  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        EventBus.publish = self.real  # type: ignore[method-assign]
+        EventBus.publish, EventBus.publish_log = self.real  # type: ignore[method-assign]
 
 
 class Run:

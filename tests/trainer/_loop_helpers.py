@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from eventbus import EVENT_TYPES, Sink
+from eventbus import EVENT_TYPES, Log, Sink
 from trainer import TrainerCallback, TrainingArguments
 
 ALL_HOOKS = (
@@ -150,3 +150,9 @@ def tiny_args(output_dir: Any, **overrides: Any) -> TrainingArguments:
     )
     base.update(overrides)
     return TrainingArguments(**base)
+
+
+def log_as_built(run_id: str, rank: int, step: int, epoch: float | None, values: Any) -> Log:
+    """The ``Log`` that ``EventBus.publish_log`` with these arguments stands for, as
+    it is on the training thread (the bus thread builds it, its values read)."""
+    return Log(run_id=run_id, rank=rank, step=step, epoch=epoch, values=values)

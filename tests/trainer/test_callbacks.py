@@ -605,9 +605,12 @@ def _handler_recording_logs():
         async def write(self, batch):
             pass
 
+    from tests.trainer._loop_helpers import log_as_built
+
     published: list = []
     bus = EventBus([Keep()])
     bus.publish = published.append
+    bus.publish_log = lambda *fields: published.append(log_as_built(*fields))
     return CallbackHandler([], None, None, None, None, bus=bus), published
 
 

@@ -20,6 +20,7 @@ from tests.trainer._loop_helpers import (
     RecordingSink,
     TinyClassifier,
     accuracy,
+    log_as_built,
     checkpoints,
     make_dataset,
     recording_callback_class,
@@ -247,17 +248,23 @@ def test_on_log_receives_tensors_and_log_history_keeps_them(tmp_path):
 
 @pytest.fixture
 def built(monkeypatch):
-    """Every event published to any bus, as built on the training thread."""
+    """Every event published to any bus, as built on the training thread (a
+    ``publish_log`` as the ``Log`` the bus thread will build from it)."""
     from eventbus import EventBus
 
     events: list = []
-    publish = EventBus.publish
+    publish, publish_log = EventBus.publish, EventBus.publish_log
 
     def record(self, event):
         events.append(event)
         publish(self, event)
 
+    def record_log(self, *fields):
+        events.append(log_as_built(*fields))
+        publish_log(self, *fields)
+
     monkeypatch.setattr(EventBus, "publish", record)
+    monkeypatch.setattr(EventBus, "publish_log", record_log)
     return events
 
 
