@@ -16,7 +16,7 @@ was published.
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Iterable, Union
 
 import msgspec
 
@@ -45,6 +45,7 @@ __all__ = [
     "Log",
     "PushBegin",
     "encode_json",
+    "encode_json_lines",
     "decode_json",
     "encode_msgpack",
     "decode_msgpack",
@@ -251,6 +252,11 @@ _msgpack_decoder = msgspec.msgpack.Decoder(Event)
 def encode_json(event: BaseEvent) -> bytes:
     """Encode a resolved event as one JSON document (no trailing newline)."""
     return _json_encoder.encode(event)
+
+
+def encode_json_lines(events: Iterable[BaseEvent]) -> bytes:
+    """:func:`encode_json` of each event, each followed by a newline, in one call."""
+    return _json_encoder.encode_lines(events)
 
 
 def decode_json(data: bytes | str) -> Event:

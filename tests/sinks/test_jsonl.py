@@ -195,3 +195,33 @@ def test_not_an_event_line_is_a_clear_error():
         decode_line(b'{"type": "Nope"}')
     with pytest.raises(msgspec.DecodeError):
         decode_line(b"{oops")
+
+
+def test_a_batch_is_encoded_in_one_call_unless_it_holds_null(monkeypatch):
+    """encode_lines gives encode_line's bytes for every batch: a batch of plain values
+    in one call (encode_line is not called), and one holding NaN, inf, None or a value
+    msgspec cannot encode through encode_line, per event."""
+    import sinks.jsonl as jsonl
+
+    logs = [Log(step=i, epoch=i / 10, values={"loss": 0.5 / i, "lr": 1e-3, "name": "x"}) for i in range(1, 6)]
+    expected = b"".join(encode_line(ev) for ev in logs)
+
+    def refuse(ev):
+        raise AssertionError("encode_line called for a batch without null")
+
+    with monkeypatch.context() as m:
+        m.setattr(jsonl, "encode_line", refuse)
+        assert jsonl.encode_lines(logs) == expected
+
+    mixed = [
+        *logs[:2],
+        Log(step=3, values={"loss": math.nan, "gn": math.inf}),
+        Log(step=4, values={"note": None}),
+        TrainBegin(config={"obj": object()}),
+    ]
+    data = jsonl.encode_lines(mixed)
+    assert data == b"".join(encode_line(ev) for ev in mixed)
+    back = [decode_line(line) for line in data.splitlines()]
+    assert [type(e) for e in back] == [Log, Log, Log, Log, TrainBegin]
+    assert math.isnan(back[2].values["loss"]) and back[2].values["gn"] == math.inf
+    assert back[3].values == {"note": None} and back[4].config["obj"].startswith("<object object")
