@@ -303,9 +303,12 @@ class CallbackHandler(TrainerCallback):
       a tensor handed to ``on_log`` by other code is copied, so later in-place changes
       do not alter what was published. ``logs`` given as an
       :class:`eventbus.values.Snapshot` (what the trainer passes on the CPU) are
-      handed over: the ``Log`` event keeps that very mapping, nothing in it looked
-      at, so the caller must not change it afterwards; ``on_log`` callbacks then
-      get a plain-dict copy of it, whose changes do not reach the event.
+      handed over, nothing in them looked at: the bus builds the ``Log`` event from
+      that very mapping on its own thread (:meth:`EventBus.publish_log
+      <eventbus.EventBus.publish_log>`), so the caller must not change it
+      afterwards, and ``on_log`` callbacks get a plain-dict copy of it, whose
+      changes do not reach the event. (A bus without ``publish_log`` gets a
+      ``Log`` with a copy of the mapping, as for any other ``logs``.)
 
     The loop passes extra keyword arguments that reach callbacks and events alike:
     ``checkpoint_dir`` and ``is_best`` (``on_save``), ``status`` and ``error``
