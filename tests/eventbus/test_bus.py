@@ -24,8 +24,8 @@ from eventbus import (
     TrainEnd,
 )
 from eventbus.events import EVENT_TYPES, BaseEvent
-from eventbus.values import Snapshot
 from eventbus.stats import BusStats
+from eventbus.values import Snapshot
 
 
 class Recorder(Sink):
