@@ -762,8 +762,8 @@ def run_overhead(
     our side logs a plain dict of Python floats, as transformers' loop does (it calls
     ``.item()`` before ``on_log``), instead of what our trainer logs on the CPU (its
     loss and grad norm tensors in a :class:`~eventbus.values.Snapshot`, which on_log
-    copies without looking at its values): what checking each value costs is the
-    difference. ``isolate``: the sinks of (c)/(d) that
+    hands over to the bus without looking at its values): what copying and checking
+    each value costs is the difference. ``isolate``: the sinks of (c)/(d) that
     run in a child process each (``Sink.isolate``), exactly; ``None``: each sink's
     default (neptune and comet_ml isolated). Measuring starts once they are open.
     """

@@ -79,8 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--log-floats",
         action="store_true",
         help="our side logs a plain dict of Python floats (as transformers' loop does after .item()) instead of what "
-        "our trainer logs on the CPU (its loss and grad norm tensors in a Snapshot, copied without a look at its "
-        "values); the difference is what checking each value costs",
+        "our trainer logs on the CPU (its loss and grad norm tensors in a Snapshot, handed over without a look at "
+        "its values); the difference is what copying and checking each value costs",
     )
     p.add_argument(
         "--isolate",

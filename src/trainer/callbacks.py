@@ -716,8 +716,8 @@ class CallbackHandler(TrainerCallback):
         if self._p_on_log:
             # Published before the callbacks run (transformers' reporting callbacks
             # come before user and printing callbacks, and PrinterCallback pops
-            # "total_flos" from the dict). Tensors are snapshotted by Log itself,
-            # without a device sync.
+            # "total_flos" from the dict). No device sync: tensors are handed over
+            # or snapshotted, and the bus thread reads them.
             if type(logs) is Snapshot and self._publish_log is not None:
                 # Handed over (the trainer's own CPU logs, never changed afterwards):
                 # the bus builds the event from this very mapping on its thread, and
@@ -775,15 +775,9 @@ def _copy_values(mapping: Mapping[str, Any] | None, fresh: bool = False) -> dict
     every sink can encode; this is host memory, never a device sync. Tensors are
     snapshotted without a sync (:func:`eventbus.values.snapshot`), or, when ``fresh``
     (the trainer's own new results), handed off without a copy
-    (:func:`eventbus.values.handoff`). The result is a :class:`~eventbus.values.Snapshot`;
-    a ``Snapshot`` given (the trainer's own logs on the CPU) holds tensors already
-    captured and is copied as it is."""
+    (:func:`eventbus.values.handoff`). The result is a :class:`~eventbus.values.Snapshot`."""
     if not mapping:
         return {}
-    if type(mapping) is Snapshot:
-        # One C-level copy, nothing looked at: on_log can run every step, and each
-        # tensor attribute read costs this thread ~0.3 µs once caches are cold.
-        return Snapshot(mapping)
     out = Snapshot()
     torch = sys.modules.get("torch")
     tensor = torch.Tensor if torch is not None else ()

@@ -1137,9 +1137,9 @@ class Trainer:
             # The loss, the grad norm (and a tensor learning rate, a clone) are new
             # tensors made without grad (training_step detaches, clip_grad_norm_ runs
             # without grad) that nobody modifies afterwards: handed to the Log event as
-            # fresh. On the CPU, as a Snapshot, which on_log copies without looking at
-            # a value (the bus thread reads them); on an accelerator each gets its
-            # asynchronous copy to the host.
+            # fresh. On the CPU, as a Snapshot, which on_log hands over to the bus
+            # without looking at a value (the bus thread reads them); on an
+            # accelerator each gets its asynchronous copy to the host.
             kind = Snapshot if self._logs_on_cpu else dict
             self.callback_handler.logs_are_fresh = True
             try:

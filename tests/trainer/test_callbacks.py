@@ -676,6 +676,41 @@ def test_a_snapshot_given_to_on_log_is_handed_over_and_callbacks_get_a_copy():
     assert seen[0] == {"loss": loss, "learning_rate": 0.2}
 
 
+def test_a_snapshot_to_a_bus_without_publish_log_is_published_as_a_copy():
+    """A bus stand-in with only publish() gets the Log built on the training thread,
+    from a copy of the mapping: what the caller or a callback changes afterwards does
+    not reach it."""
+    import torch
+
+    from eventbus import Log, RunInfo
+    from eventbus.values import Snapshot
+    from trainer import TrainerControl, TrainerState
+
+    class PlainBus:
+        run = RunInfo(run_id="plain")
+
+        def __init__(self):
+            self.published = []
+
+        def wants(self, event_type):
+            return event_type is Log
+
+        def publish(self, event):
+            self.published.append(event)
+
+    bus = PlainBus()
+    handler = CallbackHandler([], None, None, None, None, bus=bus)
+    handler.logs_are_fresh = True
+    loss = torch.tensor(1.0)
+    logs = Snapshot(loss=loss, learning_rate=0.1)
+    handler.on_log(None, TrainerState(global_step=3), TrainerControl(), logs)
+    (event,) = bus.published
+    assert type(event) is Log and event.run_id == "plain" and event.step == 3
+    assert event.values is not logs and event.values["loss"] is loss  # fresh: not cloned
+    logs["learning_rate"] = 0.2
+    assert event.values["learning_rate"] == 0.1
+
+
 def test_step_end_is_sampled_when_every_sink_of_it_samples_it(monkeypatch):
     """With only sampling sinks subscribed (a progress bar), on_step_end builds a
     StepEnd at most once per interval; a sink that needs each one gets each one."""
