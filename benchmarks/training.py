@@ -6,10 +6,11 @@ callback handler, this counts everything the sinks cost the loop: publishing, an
 the share of the GIL and of the CPU that the bus thread, the sinks' threads and the
 SDKs' own threads take while the model trains. Runs alternate (none, all, none, ...)
 in one process; the model is a small MLP at about a millisecond per step. "All
-sinks" runs them as a user gets them by default: the SDK sinks (Neptune, Comet) in a
-child process each (``Sink.isolate``; training starts once those children are up),
-the others in the training process; a third configuration runs every sink
-in-process, to show what isolation buys.
+sinks" runs them as a user gets them by default: the SDK and HTTP sinks (TensorBoard,
+MLflow, Neptune, Comet) in a child process each (``Sink.isolate``; training starts
+once those children are up), the progress bar and JSON lines in the training
+process; a third configuration runs every sink in-process, to show what isolation
+buys, and a fourth every sink but the progress bar in a child.
 
 When transformers and accelerate are installed, the same model trains through
 transformers' ``Trainer`` with ``report_to="none"`` and ``report_to="tensorboard"``.
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     # (label, with sinks, isolate, beside a busy process): "all" is what a user gets by default.
     configs = [
         ("ours, no sinks", False, None, False),
-        ("ours, all sinks (neptune, comet_ml isolated)", True, None, False),
+        ("ours, all sinks (tensorboard, mlflow, neptune, comet_ml isolated)", True, None, False),
         ("ours, all sinks in-process", True, (), False),
         (ISOLATED_LABEL, True, ISOLATED, False),
     ]

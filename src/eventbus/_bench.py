@@ -765,7 +765,7 @@ def run_overhead(
     hands over to the bus without looking at its values): what copying and checking
     each value costs is the difference. ``isolate``: the sinks of (c)/(d) that
     run in a child process each (``Sink.isolate``), exactly; ``None``: each sink's
-    default (neptune and comet_ml isolated). Measuring starts once they are open.
+    default (tensorboard, mlflow, neptune and comet_ml isolated). Measuring starts once they are open.
     """
     for c in configs:
         if c not in CONFIGS:

@@ -87,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAMES",
         default=None,
         help="comma-separated sinks of (c)/(d) to run in a child process each (Sink.isolate), exactly these, or "
-        "'none'; default: each sink's own (neptune and comet_ml isolated, the others in-process)",
+        "'none'; default: each sink's own (tensorboard, mlflow, neptune and comet_ml isolated, progress and jsonl in-process)",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     p.add_argument("--no-imports", action="store_true", help="skip the import-time and import-hygiene checks")

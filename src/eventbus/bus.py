@@ -521,10 +521,7 @@ class EventBus:
             self._skipped.append(sink)
             return
         if sink.isolate:
-            # The sink runs in a child process; this proxy stands in for it here.
-            from eventbus.isolation import ProcessSink
-
-            sink = ProcessSink(sink)
+            sink = _isolated(sink)
         worker = _SinkWorker(sink, self)
         mark = self._resume_marks.get(sink.name)
         if sink.overflow is Overflow.SPOOL or getattr(sink, "spool", False) is True:
@@ -883,6 +880,35 @@ def _pending_log(item: tuple[str, int, int, float | None, int, Any]) -> Log:
     return Log(run_id=run_id, rank=rank, step=step, epoch=epoch, time_ns=time_ns, values=values)
 
 
+def _isolated(sink: Sink) -> Sink:
+    """The proxy that runs ``sink`` in a child process (``eventbus.isolation``).
+
+    Isolation asked for must work: a sink that cannot run in a child is a
+    :class:`SinkConfigError` when it is attached. Where it is only the class's
+    preference (``isolate_optional``, and ``isolate`` not set on the instance), a sink
+    whose class lives in ``__main__`` (the child would have to run the user's script
+    to import it) or that cannot be pickled (a token provider that is a closure, a
+    client object) runs in this process instead, and the log says why.
+    """
+    from eventbus.isolation import ProcessSink
+
+    optional = sink.isolate_optional and "isolate" not in vars(sink)
+    if optional and type(sink).__module__ == "__main__":
+        logger.info(
+            "eventbus: sink %r runs in this process: its class is defined in __main__, which a child process would "
+            "have to run to import it (set isolate=True on it to run it in a child anyway)",
+            sink.name,
+        )
+        return sink
+    try:
+        return ProcessSink(sink)
+    except SinkConfigError as exc:
+        if not optional:
+            raise
+        logger.info("eventbus: sink %r runs in this process: %s", sink.name, exc)
+        return sink
+
+
 def _check_marks(marks: Any) -> dict[str, int]:
     if marks is None:
         return {}
@@ -929,8 +955,9 @@ def _validate_sink(sink: Sink) -> None:
     check("circuit_threshold", int)
     check("circuit_cooldown", (int, float), positive=False)
     check("isolate_nice", int, positive=False, most=19)  # an os.nice increment
-    if not isinstance(sink.isolate, bool):
-        raise SinkConfigError(f"sink {name!r}: isolate must be True or False, got {sink.isolate!r}")
+    for flag in ("isolate", "isolate_optional"):
+        if not isinstance(getattr(sink, flag), bool):
+            raise SinkConfigError(f"sink {name!r}: {flag} must be True or False, got {getattr(sink, flag)!r}")
     if not isinstance(sink.overflow, Overflow):
         raise SinkConfigError(
             f"sink {name!r}: overflow must be an eventbus.Overflow ({', '.join(o.name for o in Overflow)}), "

@@ -481,7 +481,7 @@ class _Runner:
 
 
 def _public_attrs(sink: Sink) -> dict[str, Any]:
-    skip = set(_FORWARDED) | {"isolate", "isolate_nice"}
+    skip = set(_FORWARDED) | {"isolate", "isolate_optional", "isolate_nice"}
     return {
         k: v
         for k, v in vars(sink).items()
@@ -535,6 +535,10 @@ def _child_main(conn: Connection, init: dict[str, Any]) -> None:
         return
     runner = _Runner(sink)
     opened = False
+    # The batch of the last write that failed, with its encoding: when the bus retries
+    # it, the sink gets the very same list again, as it would in-process (a sink may
+    # resume a batch it recognises by identity, as MLflowSink does).
+    failed: tuple[bytes, list[BaseEvent]] | None = None
     while True:
         try:
             data = _next_request(conn, ppid)
@@ -543,7 +547,16 @@ def _child_main(conn: Connection, init: dict[str, Any]) -> None:
         kind, payload = data[:1], data[1:]
         try:
             if kind == _WRITE:
-                runner.write(_batch_decoder.decode(payload))
+                if failed is not None and failed[0] == payload:
+                    batch = failed[1]
+                else:
+                    batch = _batch_decoder.decode(payload)
+                failed = None
+                try:
+                    runner.write(batch)
+                except BaseException:
+                    failed = (payload, batch)
+                    raise
                 reply = ("ok",)
             elif kind == _OPEN:
                 runner.open(msgspec.msgpack.decode(payload, type=RunInfo))

@@ -111,6 +111,15 @@ class Sink:
     in the child. Queueing, retries, the circuit breaker, the spool and the stats stay
     in the bus, unchanged."""
 
+    isolate_optional: bool = False
+    """Whether ``isolate = True`` on the class is a preference rather than a
+    requirement: when it is (and ``isolate`` was not set on the instance), an instance
+    that cannot run in a child process (it cannot be pickled, or its class is defined
+    in ``__main__``) runs in the training process instead, with an INFO log saying
+    why, instead of being a ``SinkConfigError`` when attached. The library's SDK and
+    HTTP sinks set it: isolation is their default, not something their user asked
+    for."""
+
     isolate_nice: int = 10
     """How much lower the isolated child's CPU priority is than the training
     process's (``os.nice`` increment, 0 to 19). Telemetry then runs on CPU time that

@@ -117,6 +117,7 @@ class CometSink(ThreadedSink):
     # The SDK's per-metric bookkeeping (~350 µs of CPU per logged step) runs in a
     # child process, off the training process's GIL (eventbus.isolation); POSIX only.
     isolate = os.name == "posix"
+    isolate_optional = True  # an instance that cannot be pickled runs here instead
 
     def __init__(
         self,

@@ -127,6 +127,11 @@ class MLflowSink(Sink):
 
     name = "mlflow"
     events = (TrainBegin, Log, Evaluate, Predict, Save, TrainEnd)
+    # The HTTP client's Python (httpx, JSON, retries) runs in a child process, off
+    # the training process's GIL (eventbus.isolation); POSIX only. Set
+    # isolate = False to keep it here.
+    isolate = os.name == "posix"
+    isolate_optional = True  # an instance that cannot be pickled runs here instead
     max_batch_size = 1024
 
     def __init__(

@@ -143,6 +143,7 @@ class NeptuneSink(ThreadedSink):
     # extend per series per batch) runs in a child process, off the training
     # process's GIL (eventbus.isolation); POSIX only.
     isolate = os.name == "posix"
+    isolate_optional = True  # an instance that cannot be pickled runs here instead
 
     def __init__(
         self,

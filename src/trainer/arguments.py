@@ -240,7 +240,9 @@ class TrainingArguments:
     or ``"none"``. A blocking SDK then no longer competes with the training loop for
     the GIL or a core (the child runs at a lower CPU priority); each such sink must
     be picklable. ``None`` (default): each sink's own default, which isolates the
-    SDK sinks (``neptune``, ``comet_ml``) on POSIX systems and runs the others here."""
+    SDK and HTTP sinks (``tensorboard``, ``mlflow``, ``azure_ml``, ``neptune``,
+    ``comet_ml``) on POSIX systems where they can be pickled, and runs the others
+    (``jsonl``, ``console``, the progress bar) here."""
 
     def __post_init__(self) -> None:
         if self.output_dir is None:

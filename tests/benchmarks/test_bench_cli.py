@@ -86,7 +86,7 @@ def test_bench_with_every_sink_and_the_slow_one() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(_rows(out)) == {("c", 1), ("d", 1)}
     assert "# mlflow sink -> loopback HTTP server" in out
-    assert "# sinks in a child process each (Sink.isolate): neptune, comet_ml" in out  # the sinks' defaults
+    assert "# sinks in a child process each (Sink.isolate): tensorboard, neptune, comet_ml, mlflow" in out  # the sinks' defaults
     assert "(d) vs (c), ours, logging_steps=1" in out
     assert "failed" not in out  # every sink opened, wrote and closed cleanly
 

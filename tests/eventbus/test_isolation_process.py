@@ -276,6 +276,50 @@ def test_an_unpicklable_sink_is_a_clear_error_when_attached() -> None:
     assert bus.sinks == [bad]
 
 
+class Preferring(Sink):
+    """Isolated by preference only (as the library's SDK sinks are); ``lock``: holds
+    one, and so cannot be pickled."""
+
+    name = "preferring"
+    isolate = True
+    isolate_optional = True
+
+    def __init__(self, lock: bool = False) -> None:
+        if lock:
+            self.lock = threading.Lock()
+
+    async def write(self, batch: Sequence[BaseEvent]) -> None:
+        pass
+
+
+def test_isolation_by_preference_falls_back_to_this_process_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="eventbus")
+    # picklable: isolated, as preferred
+    [proxy] = EventBus([Preferring()]).sinks
+    assert isinstance(proxy, ProcessSink)
+    # cannot be pickled: runs here, and the log says so
+    here = Preferring(lock=True)
+    assert EventBus([here]).sinks == [here]
+    assert "'preferring' runs in this process" in caplog.text and "pickled" in caplog.text
+    # its class in __main__ (a child would run the user's script to import it): here too
+    scripted = type("Scripted", (Preferring,), {"__module__": "__main__"})()
+    assert EventBus([scripted]).sinks == [scripted]
+    assert "defined in __main__" in caplog.text
+    # asked for on the instance, isolation must work: the error, as without the preference
+    asked = Preferring(lock=True)
+    asked.isolate = True
+    with pytest.raises(SinkConfigError, match="cannot be pickled"):
+        EventBus([asked])
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_a_bad_isolate_optional_is_a_clear_error(value: Any) -> None:
+    sink = Preferring()
+    sink.isolate_optional = value
+    with pytest.raises(SinkConfigError, match="isolate_optional must be True or False"):
+        EventBus([sink])
+
+
 class AsyncFileSink(Sink):
     """An async sink: its hooks run on one event loop in the child."""
 

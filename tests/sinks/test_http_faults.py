@@ -227,8 +227,11 @@ def test_loopback_hosts() -> None:
 # -- through a real EventBus ---------------------------------------------------------
 
 
-def sink_for(server: FaultServer, **kw: Any) -> MLflowSink:
+def sink_for(server: FaultServer, isolate: bool | None = None, **kw: Any) -> MLflowSink:
+    """The sink under test; ``isolate`` None: its default (a child process on POSIX)."""
     sink = MLflowSink(server.url, experiment_name="faults", token=TOKEN, timeout=kw.pop("timeout", 5.0), **kw)
+    if isolate is not None:
+        sink.isolate = isolate
     sink.retry_backoff = 0.01  # the bus's own backoff, between whole write attempts
     sink.retry_backoff_max = 0.05
     return sink
@@ -250,9 +253,10 @@ def assert_identity(stats: Any) -> None:
     assert s.received == s.delivered + s.dropped + s.spooled + s.queue_depth
 
 
-def test_bus_delivers_through_500s_without_duplicates(server: FaultServer) -> None:
+@pytest.mark.parametrize("isolate", [True, False], ids=["in-a-child-process", "in-process"])
+def test_bus_delivers_through_500s_without_duplicates(server: FaultServer, isolate: bool) -> None:
     server.fail("/runs/log-batch", 500, 500, 500)
-    sink = sink_for(server, max_attempts=2)
+    sink = sink_for(server, isolate, max_attempts=2)
     sink.max_retries = 3
     stats = run_bus(sink)
     s = stats.sinks["mlflow"]
@@ -267,10 +271,11 @@ def test_bus_delivers_through_500s_without_duplicates(server: FaultServer) -> No
     assert server.count("/runs/update") == 1
 
 
-def test_bus_resumes_a_split_batch_where_it_failed(server: FaultServer) -> None:
+@pytest.mark.parametrize("isolate", [True, False], ids=["in-a-child-process", "in-process"])
+def test_bus_resumes_a_split_batch_where_it_failed(server: FaultServer, isolate: bool) -> None:
     # 1500 metrics: two log-batch requests; the second fails once past the client's
     # attempts, and the bus's retry must not send the first again.
-    sink = sink_for(server, max_attempts=1)
+    sink = sink_for(server, isolate, max_attempts=1)
     sink.max_retries = 2
     bus = EventBus([sink], run=RunInfo())
     bus.publish(Log(step=1, values={f"m{i}": float(i) for i in range(1500)}))
@@ -307,10 +312,11 @@ def test_bus_honours_429_retry_after_and_timeouts(server: FaultServer) -> None:
     assert len(server.metrics("run1")) == 5
 
 
-def test_a_dead_backend_is_counted_and_the_identity_holds(server: FaultServer, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("isolate", [True, False], ids=["in-a-child-process", "in-process"])
+def test_a_dead_backend_is_counted_and_the_identity_holds(server: FaultServer, isolate: bool, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     server.fail("/runs/log-batch", *[(500, {})] * 50)
-    sink = sink_for(server, max_attempts=2)
+    sink = sink_for(server, isolate, max_attempts=2)
     sink.max_retries = 1
     stats = run_bus(sink, status="failed")
     s = stats.sinks["mlflow"]

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from eventbus.errors import SinkConfigError
 from eventbus.isolation import ProcessSink
 from tests.conftest import require
 from tests.integration.test_comet import _COMET_ENV, Archive
@@ -156,14 +157,14 @@ def test_isolated_tensorboard_writes_the_scalars_it_writes_in_process(tmp_path: 
         trainer = Trainer(TinyClassifier(), args, train_dataset=make_dataset(32))
         trainer.remove_callback(PrinterCallback)
         trainer.train()
-        assert all(isinstance(s, ProcessSink) for s in trainer.bus.sinks) == bool(isolate)
+        assert all(isinstance(s, ProcessSink) for s in trainer.bus.sinks) == (isolate != ["none"])
         stats = trainer.bus.stats().sinks["tensorboard"]
         assert stats.delivered == stats.received > 0 and stats.errors == 0
         acc = EventAccumulator(str(out / "logs"), size_guidance={"scalars": 0})
         acc.Reload()
         return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
-    plain, isolated = run("in-process", None), run("isolated", ["tensorboard"])
+    plain, isolated = run("in-process", ["none"]), run("isolated", ["tensorboard"])
     assert [s for s, _ in isolated["train/loss"]] == [2, 4, 6, 8]
     assert {t: [s for s, _ in v] for t, v in isolated.items()} == {t: [s for s, _ in v] for t, v in plain.items()}
 
@@ -179,6 +180,34 @@ def test_mlflow_sink_pickles_without_its_http_client() -> None:
     copy = pickle.loads(pickle.dumps(sink))
     assert copy.base_url == sink.base_url and copy._client is None
     assert copy.http is not sink.http and copy.http.base_url == sink.http.base_url
+
+
+def test_by_default_the_sdk_and_http_sinks_run_isolated_where_they_can(tmp_path: Path) -> None:
+    """TensorBoard, MLflow and Azure ML (the Python-heavy writers) run in a child process
+    by default, as Neptune and Comet do; jsonl stays here; an Azure ML sink whose token
+    provider is a closure cannot travel, so it runs here rather than failing."""
+    from eventbus import EventBus, RunInfo
+    from sinks.azureml import AzureMLSink
+    from sinks.jsonl import JSONLSink
+    from sinks.mlflow import MLflowSink
+    from sinks.tensorboard import TensorBoardSink
+
+    token = "t0ken-secret"
+
+    def provider() -> str:  # a closure: cannot be pickled
+        return token
+
+    url = "http://127.0.0.1:5999"
+    sinks = [JSONLSink(), TensorBoardSink(), MLflowSink(url), AzureMLSink(url, token="static-token")]
+    bus = EventBus(sinks, run=RunInfo(output_dir=str(tmp_path)))
+    assert {s.name: isinstance(s, ProcessSink) for s in bus.sinks} == {
+        "jsonl": False, "tensorboard": True, "mlflow": True, "azure_ml": True,
+    }
+    closure = AzureMLSink(url, token_provider=provider)
+    assert EventBus([closure], run=RunInfo(output_dir=str(tmp_path))).sinks == [closure]
+    closure.isolate = True  # asked for: must work, so it is an error
+    with pytest.raises(SinkConfigError, match="cannot be pickled"):
+        EventBus([closure], run=RunInfo(output_dir=str(tmp_path)))
 
 
 def test_by_default_the_sdk_sinks_run_isolated_and_the_others_in_process(
