@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{sys.getswitchinterval() * 1000:g} ms"
     )
     print(f"# all sinks: progress, tensorboard, jsonl, neptune (offline), comet (offline), mlflow -> {how}")
-    w = 46
+    w = max(len(label) for label in [*(c[0] for c in configs), *(r[0] for r in tf_rows)])
     print(f"{'configuration':<{w}}  {'steps/s median [min-max]':>26}  {'other threads, CPU us/step':>27}")
     print("-" * (w + 57))
     for label, *_ in configs:
