@@ -35,7 +35,9 @@ tells when it is done.
 Errors come back as the sink's own: the child classifies each with the sink's
 ``is_transient`` and the proxy raises :class:`~eventbus.errors.TransientSinkError`
 (with its ``retry_after``) or :class:`~eventbus.errors.SinkError` carrying the
-exception's type and message (already redacted by the sink). A child that dies is a
+exception's type and message (already redacted by the sink). A batch the bus retries
+reaches the sink as the very list that failed, as it would in-process (a sink may
+resume a batch it recognises, as ``MLflowSink`` does). A child that dies is a
 ``ConnectionError`` (transient): the bus retries the batch and the proxy starts and
 opens a new child first. A write or close cancelled by ``write_timeout`` or by the
 bus's close deadline terminates the child (SIGTERM, then SIGKILL after

@@ -164,6 +164,39 @@ def test_errors_in_the_child_are_classified_by_the_sink_retried_and_counted(tmp_
     assert not (tmp_path / "p").exists()
 
 
+class RetrySeesSameBatch(ThreadedSink):
+    """Fails its first write; writes to ``path`` whether the retry got the very list
+    that failed (what an in-process sink gets, and what MLflowSink resumes by)."""
+
+    name = "same-batch"
+    events = (Log,)
+    isolate = True
+    max_delay = 0.0
+    retry_backoff = 0.0
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._failed: Any = None
+
+    def write_sync(self, batch: Sequence[BaseEvent]) -> None:
+        if self._failed is None:
+            self._failed = batch
+            raise TransientSinkError("once")
+        with open(self.path, "w") as f:
+            f.write(f"{batch is self._failed} {len(batch)}")
+
+
+def test_a_retried_batch_reaches_the_isolated_sink_as_the_same_list(tmp_path: Path) -> None:
+    path = str(tmp_path / "same")
+    bus = EventBus([RetrySeesSameBatch(path)])
+    for i in range(5):  # before start: one batch
+        bus.publish(Log(step=i, values={"x": i}))
+    bus.start()
+    stats = bus.close(timeout=30).sinks["same-batch"]
+    assert (stats.delivered, stats.retries) == (5, 1)
+    assert open(path).read() == "True 5"
+
+
 def test_a_killed_child_is_restarted_and_its_batch_retried(tmp_path: Path) -> None:
     path = str(tmp_path / "events.txt")
     sink = FileSink("file", path)
