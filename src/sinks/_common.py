@@ -14,9 +14,16 @@ from typing import Any, Callable, Iterator, Mapping
 from eventbus.errors import MissingDependencyError, SinkConfigError
 from eventbus.redact import is_secret_key
 
-__all__ = ["import_sdk", "rewrite_name", "rewrite_logs", "prefixed_name", "prefixed", "ScalarFilter", "flatten", "is_number", "check_option_types"]
+__all__ = ["BATCH_SIZE", "import_sdk", "rewrite_name", "rewrite_logs", "prefixed_name", "prefixed", "ScalarFilter", "flatten", "is_number", "check_option_types"]
 
 logger = logging.getLogger("sinks")
+
+BATCH_SIZE = 4096
+"""``max_batch_size`` of the sinks that write every ``Log`` (tensorboard, jsonl,
+neptune, comet_ml): a batch costs a hand-off to the sink's thread or child process
+(thread wakes, ~0.5 ms of CPU on a busy VM) whatever its size, and at a thousand
+logged steps a second the default 512 meant two a second; with this, batches go out
+every ``max_delay``."""
 
 
 def import_sdk(module: str, extra: str, sink: str) -> Any:

@@ -47,7 +47,7 @@ from eventbus.errors import SinkConfigError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, TrainBegin, TrainEnd
 from eventbus.redact import Secret, redact, redact_text
 from eventbus.sink import RunInfo, ThreadedSink
-from sinks._common import ScalarFilter, check_option_types, import_sdk, prefixed, rewrite_logs
+from sinks._common import BATCH_SIZE, ScalarFilter, check_option_types, import_sdk, prefixed, rewrite_logs
 
 __all__ = ["CometSink"]
 
@@ -118,6 +118,7 @@ class CometSink(ThreadedSink):
     # child process, off the training process's GIL (eventbus.isolation); POSIX only.
     isolate = os.name == "posix"
     isolate_optional = True  # an instance that cannot be pickled runs here instead
+    max_batch_size = BATCH_SIZE
 
     def __init__(
         self,

@@ -46,7 +46,7 @@ from eventbus.events import (
 )
 from eventbus.sink import RunInfo, ThreadedSink
 
-from sinks._common import check_option_types
+from sinks._common import BATCH_SIZE, check_option_types
 
 __all__ = ["JSONLSink", "read_jsonl", "iter_jsonl", "encode_line", "encode_lines", "decode_line", "NONFINITE_KEY"]
 
@@ -224,6 +224,7 @@ class JSONLSink(ThreadedSink):
 
     name = "jsonl"
     events = DEFAULT_EVENTS
+    max_batch_size = BATCH_SIZE
 
     def __init__(
         self,

@@ -47,7 +47,7 @@ from eventbus.errors import SinkConfigError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
 from eventbus.redact import Secret, redact, redact_text
 from eventbus.sink import RunInfo, ThreadedSink
-from sinks._common import check_option_types, import_sdk, is_number, prefixed, rewrite_logs
+from sinks._common import BATCH_SIZE, check_option_types, import_sdk, is_number, prefixed, rewrite_logs
 
 __all__ = ["NeptuneSink", "clean_path"]
 
@@ -144,6 +144,7 @@ class NeptuneSink(ThreadedSink):
     # process's GIL (eventbus.isolation); POSIX only.
     isolate = os.name == "posix"
     isolate_optional = True  # an instance that cannot be pickled runs here instead
+    max_batch_size = BATCH_SIZE
 
     def __init__(
         self,

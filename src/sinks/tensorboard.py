@@ -40,7 +40,7 @@ from eventbus.errors import SinkConfigError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
 from eventbus.redact import redact
 from eventbus.sink import RunInfo, ThreadedSink
-from sinks._common import ScalarFilter, check_option_types, import_sdk, is_number, prefixed_name, rewrite_name
+from sinks._common import BATCH_SIZE, ScalarFilter, check_option_types, import_sdk, is_number, prefixed_name, rewrite_name
 
 __all__ = ["TensorBoardSink", "clean_tag"]
 
@@ -151,6 +151,7 @@ class TensorBoardSink(ThreadedSink):
     # (eventbus.isolation); POSIX only. Set isolate = False to keep it here.
     isolate = os.name == "posix"
     isolate_optional = True  # an instance that cannot be pickled runs here instead
+    max_batch_size = BATCH_SIZE
 
     def __init__(self, *, log_dir: str | os.PathLike[str] | None = None, flush_secs: float = 5.0, filename_suffix: str = "") -> None:
         check_option_types(self.name, TensorBoardSink.__init__, locals())
