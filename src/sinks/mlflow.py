@@ -288,7 +288,10 @@ class MLflowSink(Sink):
 
     @property
     def metric_names(self) -> dict[str, str]:
-        """The metric names that were changed to satisfy MLflow: original -> logged."""
+        """The metric names that were changed to satisfy MLflow: original -> logged,
+        as known to the process that runs the sink (empty here when it runs in a child
+        process, the default on POSIX; each change is also logged as a warning, which
+        the child forwards to this process's loggers)."""
         return dict(self._names)
 
     @property
