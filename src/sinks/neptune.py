@@ -102,13 +102,16 @@ def _package_version() -> str:
 
 class _Pending:
     """Metric values gathered from a batch, not yet sent: per series (values, steps,
-    timestamps in seconds) and the single-value metrics' last values."""
+    timestamps in seconds) and the single-value metrics' last values. ``before``: when
+    the batch is a retry, each series' last step before its first attempt (steps after
+    it, up to the series' last, were logged by that attempt: skipped without a word)."""
 
-    __slots__ = ("series", "flat")
+    __slots__ = ("series", "flat", "before")
 
-    def __init__(self) -> None:
+    def __init__(self, before: dict[str, float] | None = None) -> None:
         self.series: dict[str, tuple[list[float], list[int], list[float]]] = {}
         self.flat: dict[str, float] = {}
+        self.before = before
 
 
 class NeptuneSink(ThreadedSink):
@@ -191,6 +194,9 @@ class NeptuneSink(ThreadedSink):
             self.isolate = False  # the user's run object lives in this process
         self._run: Any = None
         self._last_step: dict[str, float] = {}
+        # The batch being written (until it succeeds) and each series' last step before
+        # it: the bus retries a failed batch with the very same list.
+        self._attempt: tuple[Sequence[BaseEvent], dict[str, float]] | None = None
         self._warned: set[str] = set()
         self._previous_checkpoint: str | None = None
         if log_checkpoints in ("last", "best"):
@@ -243,6 +249,7 @@ class NeptuneSink(ThreadedSink):
         """Create (or adopt) the Neptune run and tag it with the bus run id."""
         neptune = import_sdk("neptune", "neptune", "neptune")
         self._last_step.clear()
+        self._attempt = None
         self._previous_checkpoint = None
         if self._user_run is not None:
             self._run = self._user_run
@@ -290,7 +297,12 @@ class NeptuneSink(ThreadedSink):
         one ``extend`` per series (with each value's step and the event's time) instead
         of one ``log`` per value: the client's cost is per call (an operation built,
         serialised and queued), about seven times less per value this way."""
-        pending = _Pending()
+        attempt = self._attempt
+        if attempt is not None and attempt[0] is batch:
+            pending = _Pending(before=attempt[1])  # a retry: part of it may be logged
+        else:
+            self._attempt = (batch, dict(self._last_step))
+            pending = _Pending()
         for event in batch:
             if isinstance(event, Log):
                 self._gather(rewrite_logs(event.values), event, pending)
@@ -305,6 +317,7 @@ class NeptuneSink(ThreadedSink):
                 elif isinstance(event, TrainEnd):
                     self._train_end(event)
         self._send(pending)
+        self._attempt = None
 
     def close_sync(self) -> None:
         """Stop the run (a run passed in by the user is only flushed)."""
@@ -358,8 +371,10 @@ class NeptuneSink(ThreadedSink):
             series = pending.series.get(key)
             last = series[1][-1] if series else self._last_step.get(key)
             if last is not None and step <= last:
-                # The same metrics arrive as Log and as Evaluate: that is not worth a warning.
-                if step < last:
+                # The same metrics arrive as Log and as Evaluate: that is not worth a
+                # warning; nor are the steps a failed attempt of this batch logged.
+                before = pending.before
+                if step < last and (before is None or step <= before.get(key, -math.inf)):
                     self._warn_once(
                         key,
                         "%r: step %d is not after step %d already logged; Neptune needs increasing steps, skipped",

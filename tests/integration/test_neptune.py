@@ -308,12 +308,14 @@ def test_a_batch_is_one_operation_per_series(offline: Path) -> None:
     assert kinds.index(("finetuning/train/loss", "LogFloats")) < status < len(kinds) - 1 - kinds[::-1].index(("finetuning/train/loss", "LogFloats"))
 
 
-def test_a_retried_batch_logs_what_the_failed_attempt_did_not(offline: Path) -> None:
+def test_a_retried_batch_logs_what_the_failed_attempt_did_not(offline: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A series is marked as logged up to its last step only once the client took it:
     when sending fails part-way and the bus retries the batch, nothing is skipped and
-    nothing is logged twice."""
+    nothing is logged twice, and what the failed attempt logged is skipped without a
+    warning; a step older than what earlier batches logged is still warned about."""
     from sinks.neptune import NeptuneSink
 
+    caplog.set_level(logging.WARNING, logger="sinks")
     sink = NeptuneSink(mode="offline", capture_hardware_metrics=False)
     sink.open_sync(RunInfo(run_id="retried"))
     real_ns = sink._ns
@@ -338,8 +340,13 @@ def test_a_retried_batch_logs_what_the_failed_attempt_did_not(offline: Path) -> 
         with pytest.raises(ConnectionError):
             sink.write_sync(batch)
         sink.write_sync(batch)  # the bus's retry of the same batch
+        assert not [r for r in caplog.records if "not after step" in r.getMessage()]
+        sink.write_sync([Log(step=2, values={"loss": 99.0})])  # a new batch, an old step
     finally:
         sink.close_sync()
+    assert [r.getMessage() for r in caplog.records if "not after step" in r.getMessage()] == [
+        "neptune sink: 'train/loss': step 2 is not after step 3 already logged; Neptune needs increasing steps, skipped"
+    ]
     data = read_offline(offline)
     assert data.series["finetuning/train/loss"] == [(1.0, 1), (2.0, 2), (3.0, 3)]
     assert data.series["finetuning/train/grad_norm"] == [(10.0, 1), (20.0, 2), (30.0, 3)]
