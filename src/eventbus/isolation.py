@@ -36,8 +36,8 @@ Errors come back as the sink's own: the child classifies each with the sink's
 ``is_transient`` and the proxy raises :class:`~eventbus.errors.TransientSinkError`
 (with its ``retry_after``) or :class:`~eventbus.errors.SinkError` carrying the
 exception's type and message (already redacted by the sink). A batch the bus retries
-reaches the sink as the very list that failed, as it would in-process (a sink may
-resume a batch it recognises, as ``MLflowSink`` does). A child that dies is a
+reaches the sink as the very list that failed, as it would in-process (see
+:meth:`Sink.write <eventbus.Sink.write>`). A child that dies is a
 ``ConnectionError`` (transient): the bus retries the batch and the proxy starts and
 opens a new child first. A write or close cancelled by ``write_timeout`` or by the
 bus's close deadline terminates the child (SIGTERM, then SIGKILL after
@@ -538,8 +538,7 @@ def _child_main(conn: Connection, init: dict[str, Any]) -> None:
     runner = _Runner(sink)
     opened = False
     # The batch of the last write that failed, with its encoding: when the bus retries
-    # it, the sink gets the very same list again, as it would in-process (a sink may
-    # resume a batch it recognises by identity, as MLflowSink does).
+    # it, the sink gets the very same list again, as it would in-process (Sink.write).
     failed: tuple[bytes, list[BaseEvent]] | None = None
     while True:
         try:
@@ -549,16 +548,10 @@ def _child_main(conn: Connection, init: dict[str, Any]) -> None:
         kind, payload = data[:1], data[1:]
         try:
             if kind == _WRITE:
-                if failed is not None and failed[0] == payload:
-                    batch = failed[1]
-                else:
-                    batch = _batch_decoder.decode(payload)
+                batch = failed[1] if failed is not None and failed[0] == payload else _batch_decoder.decode(payload)
+                failed = (payload, batch)  # until it succeeds
+                runner.write(batch)
                 failed = None
-                try:
-                    runner.write(batch)
-                except BaseException:
-                    failed = (payload, batch)
-                    raise
                 reply = ("ok",)
             elif kind == _OPEN:
                 runner.open(msgspec.msgpack.decode(payload, type=RunInfo))

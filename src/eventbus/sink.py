@@ -136,7 +136,12 @@ class Sink:
         """Called once on the bus loop before the first write."""
 
     async def write(self, batch: Sequence[BaseEvent]) -> None:
-        """Consume a batch of events, in publish order. Raise to report a failure."""
+        """Consume a batch of events, in publish order. Raise to report a failure.
+
+        When the failure is transient the bus retries the batch with the very same
+        list (``batch is`` the one that failed, in a child process too): a sink that
+        got part of it through can recognise the retry and resume, as the MLflow and
+        Neptune sinks do."""
         raise NotImplementedError
 
     async def close(self) -> None:
