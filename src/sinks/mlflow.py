@@ -23,7 +23,10 @@ TLS from ``MLFLOW_TRACKING_INSECURE_TLS`` / ``MLFLOW_TRACKING_SERVER_CERT_PATH``
 Retries: each request gets a few fast attempts in ``sinks._http``; after that the
 failure goes to the bus as a transient error and the bus retries the write. A retried
 write resumes with the first request that did not get through, so nothing is logged
-twice.
+twice. When that resume state is lost (an isolated sink's child process killed in the
+middle of a batch: the next child sends the whole batch again), each metric carries
+its event's own timestamp, so a resent one is identical to the one stored, and
+MLflow's SQL store keeps one of them.
 """
 
 from __future__ import annotations

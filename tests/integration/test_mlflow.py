@@ -203,3 +203,54 @@ def test_nested_run_and_flattened_limited_params(mlflow_server: str, monkeypatch
     # flattened with ".", then the first MLFLOW_MAX_LOG_PARAMS of them
     assert got["params"] == {"optim.name": "adamw", "optim.betas.b1": "0.9", "lr": "0.1"}
     assert run_data(mlflow_server, parent.run_id or "")["params"] == {}
+
+
+class DiesMidBatch(MLflowSink):
+    """Its first child process dies (``os._exit``, as if killed) right after the first
+    ``runs/log-batch`` request of a batch of metrics got through; ``marker`` records
+    that it happened, so the next child lives."""
+
+    def __init__(self, *args: Any, marker: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.marker = marker
+
+    async def write(self, batch: Any) -> None:
+        if not os.path.exists(self.marker) and any(isinstance(ev, Log) for ev in batch):
+            http = self.http
+            send = http.json
+
+            async def then_die(method: str, path: str, **kw: Any) -> Any:
+                out = await send(method, path, **kw)
+                if path.endswith("/runs/log-batch") and kw.get("json", {}).get("metrics"):
+                    with open(self.marker, "w") as f:
+                        f.write(str(os.getpid()))
+                    os._exit(9)
+                return out
+
+            http.json = then_die  # type: ignore[method-assign]
+        await super().write(batch)
+
+
+def test_a_child_killed_mid_batch_resends_it_without_duplicate_metrics(mlflow_server: str, tmp_path: Any) -> None:
+    # The new child has none of the dead one's resume state, so it sends the whole batch
+    # again, metrics already stored included. Each carries its event's timestamp, so the
+    # resent ones are identical to the stored ones, which MLflow's store drops.
+    marker = str(tmp_path / "died")
+    sink = DiesMidBatch(mlflow_server, experiment_name=experiment(), marker=marker)
+    sink.isolate = True
+    sink.max_delay = 0.2
+    values = {f"m{i:02d}": float(i) for i in range(50)}
+    steps = range(1, 61)  # 3000 metrics: three log-batch requests; the child dies after the first
+    with EventBus([sink]) as bus:
+        bus.publish(TrainBegin(step=0, config={"lr": 0.1}))
+        for s in steps:
+            bus.publish(Log(step=s, time_ns=T0 + s * 10**6, values={k: v * s for k, v in values.items()}))
+        bus.publish(TrainEnd(step=60))
+    stats = bus.stats().sinks[sink.name]
+    assert os.path.exists(marker)  # the first child died in the middle of the batch
+    assert stats.retries >= 1 and (stats.delivered, stats.dropped, stats.failed) == (stats.received, 0, 0), stats
+    got = run_data(mlflow_server, sink.run_id or "")
+    assert (got["status"], got["params"]) == ("FINISHED", {"lr": "0.1"})
+    for key, v in values.items():
+        # every step once, with its own value and timestamp
+        assert history(mlflow_server, sink.run_id or "", key) == [(s, v * s, T0 // 10**6 + s) for s in steps], key
