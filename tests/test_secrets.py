@@ -311,3 +311,48 @@ def test_basic_auth_echoed_by_a_server_is_scrubbed_in_base64_too(monkeypatch, ca
     for text in (s.last_error or "", caplog.text):
         assert encoded not in text
         assert_no_secret(text, "the error")
+
+
+# -- which keys are secrets ------------------------------------------------------------
+
+SECRET_KEYS = [
+    "hub_token", "HF_TOKEN", "token", "MLFLOW_TRACKING_TOKEN", "NEPTUNE_API_TOKEN", "authToken", "push_to_hub_token",
+    "api_key", "COMET_API_KEY", "apiKey", "wandb_api_key", "access_key", "private-key",
+    "password", "MLFLOW_TRACKING_PASSWORD", "db_passwd", "client_secret", "aws_secret_access_key",
+    "Authorization", "credentials",
+]
+SETTING_KEYS = [
+    # transformers' own arguments and model configs: settings, logged as they are
+    "pad_token_id", "bos_token_id", "eos_token_id", "average_tokens_across_devices",
+    "include_num_input_tokens_seen", "max_tokens", "tokenizer_name", "token_ids", "hub_model_id", "key",
+]
+
+
+@pytest.mark.parametrize("key", SECRET_KEYS)
+def test_secret_named_keys_are_secrets(key: str) -> None:
+    from eventbus.redact import is_secret_key
+
+    assert is_secret_key(key)
+
+
+@pytest.mark.parametrize("key", SETTING_KEYS)
+def test_settings_that_mention_tokens_are_not_secrets(key: str) -> None:
+    from eventbus.redact import is_secret_key
+
+    assert not is_secret_key(key)
+
+
+def test_a_trainbegin_published_directly_reaches_no_file_with_its_secrets(tmp_path):
+    # Not through the trainer (which redacts first): the event redacts itself, so the
+    # JSONL file, which writes events as they are, gets no secret either.
+    from sinks.jsonl import JSONLSink, read_jsonl
+
+    path = tmp_path / "events.jsonl"
+    config = {"hub_token": SECRETS["hub_token"], "nested": {"api_key": SECRETS["wandb_api_key"]}, "pad_token_id": 0}
+    with EventBus([JSONLSink(path=path)]) as bus:
+        bus.publish(TrainBegin(step=0, config=config, hparams={"hub_token": SECRETS["hub_token"]}, model_config={"pad_token_id": 0}))
+    assert_no_secret(path.read_bytes(), "the JSONL file")
+    (begin,) = [e for e in read_jsonl(path) if isinstance(e, TrainBegin)]
+    assert begin.config == {"hub_token": "***", "nested": {"api_key": "***"}, "pad_token_id": 0}
+    assert begin.model_config == {"pad_token_id": 0} and begin.hparams == {"hub_token": "***"}
+    assert config["hub_token"] == SECRETS["hub_token"]  # the caller's dict is untouched

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Iterable, Union
 import msgspec
 
 from eventbus import values as _values
+from eventbus.redact import redact
 
 __all__ = [
     "BaseEvent",
@@ -79,12 +80,13 @@ class _ValuesEvent(BaseEvent, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         mapping = getattr(self, self._value_field)
-        if mapping and type(mapping) is not _values.Snapshot:
-            snap = _values.snapshot_if_tensors(mapping)
-            if snap is not None:
-                # A copy of the mapping, tensors replaced by asynchronous snapshots:
-                # the caller's dict and tensors are left as they were.
-                msgspec.structs.force_setattr(self, self._value_field, snap)
+        if type(mapping) is not _values.Snapshot:
+            # A copy, as it was when published: a loop may reuse one dict for every
+            # step, and what it writes into it afterwards must not reach this event.
+            # Tensors are replaced by asynchronous snapshots; the caller's dict and
+            # tensors are left as they were.
+            snap = _values.snapshot_if_tensors(mapping) if mapping else None
+            msgspec.structs.force_setattr(self, self._value_field, snap if snap is not None else _values.Snapshot(mapping))
 
 
 class InitEnd(BaseEvent, frozen=True, kw_only=True):
@@ -94,9 +96,11 @@ class InitEnd(BaseEvent, frozen=True, kw_only=True):
 class TrainBegin(BaseEvent, frozen=True, kw_only=True):
     """Training starts (``on_train_begin``).
 
-    ``config`` holds the training arguments (secrets redacted), ``hparams`` the
-    hyperparameters worth comparing across runs, ``model_config`` the model's own
-    configuration when it has one.
+    ``config`` holds the training arguments, ``hparams`` the hyperparameters worth
+    comparing across runs, ``model_config`` the model's own configuration when it has
+    one: each a copy with the values of secret-named keys (:func:`eventbus.redact.is_secret_key`)
+    replaced by ``"***"`` when the event is built, however it is published, so that no
+    sink, spool or file ever gets them.
     """
 
     config: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -105,6 +109,12 @@ class TrainBegin(BaseEvent, frozen=True, kw_only=True):
     max_steps: int = 0
     num_train_epochs: int = 0
     resumed_from: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("config", "hparams", "model_config"):
+            mapping = getattr(self, name)
+            if mapping:
+                msgspec.structs.force_setattr(self, name, redact(mapping))
 
 
 class TrainEnd(BaseEvent, frozen=True, kw_only=True):
@@ -242,10 +252,45 @@ _HOOK_BY_TYPE = {t: hook for hook, t in HOOK_EVENTS.items()}
 _json_encoder = msgspec.json.Encoder()
 _json_decoder = msgspec.json.Decoder(Event)
 _msgpack_encoder = msgspec.msgpack.Encoder()
-lenient_msgpack_encoder = msgspec.msgpack.Encoder(enc_hook=repr)
-"""For what we write ourselves (spool, isolated sinks' pipes): a value msgspec cannot
-encode (an object left in a config dict) goes as its repr rather than losing the
-whole batch."""
+def lenient(obj: Any) -> Any:
+    """``enc_hook`` for what we write ourselves (the spool, isolated sinks' pipes, JSON
+    lines): a numpy scalar or a subclass of ``float``/``int`` goes as the number it
+    stands for, any other value msgspec cannot encode (an object left in a config dict)
+    as its repr, rather than losing the whole batch."""
+    n = _values.number(obj)
+    return n if n is not obj else repr(obj)
+
+
+lenient_msgpack_encoder = msgspec.msgpack.Encoder(enc_hook=lenient)
+"""See :func:`lenient`; :func:`encode_lenient` also copes with integers msgpack cannot hold."""
+
+_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1
+
+
+def encode_lenient(obj: Any) -> bytes:
+    """``obj`` (an event, or a list of them) as msgpack with :data:`lenient_msgpack_encoder`.
+    An integer beyond msgpack's 64 bits (``tokens_seen=2**64``), which msgspec refuses
+    whatever its ``enc_hook``, is sent as a float (as a sink in this process would log
+    it), or as its text when it is too large even for a float, instead of failing the
+    whole batch."""
+    try:
+        return lenient_msgpack_encoder.encode(obj)
+    except OverflowError:
+        return lenient_msgpack_encoder.encode(_wide_ints(msgspec.to_builtins(obj, enc_hook=lenient)))
+
+
+def _wide_ints(data: Any) -> Any:
+    kind = type(data)
+    if kind is dict:
+        return {k: _wide_ints(v) for k, v in data.items()}
+    if kind is list:
+        return [_wide_ints(v) for v in data]
+    if kind is int and not _INT_MIN <= data <= _UINT_MAX:
+        try:
+            return float(data)
+        except OverflowError:
+            return str(data)
+    return data
 _msgpack_decoder = msgspec.msgpack.Decoder(Event)
 
 

@@ -72,7 +72,7 @@ from eventbus.errors import (
     SinkError,
     TransientSinkError,
 )
-from eventbus.events import BaseEvent, Event, lenient_msgpack_encoder
+from eventbus.events import BaseEvent, Event, encode_lenient
 from eventbus.sink import RunInfo, Sink, ThreadedSink
 
 __all__ = ["ProcessSink", "KILL_GRACE", "ORPHAN_CLOSE_TIMEOUT"]
@@ -200,7 +200,7 @@ class ProcessSink(Sink):
         child is started again (and the sink opened in it) first."""
         if self._conn is None:
             await self._start()
-        await self._request(_WRITE + lenient_msgpack_encoder.encode(batch))
+        await self._request(_WRITE + encode_lenient(batch))
 
     async def close(self) -> None:
         """Close the sink in the child and wait for the child to exit."""

@@ -9,12 +9,24 @@ __all__ = ["REDACTED", "Secret", "is_secret_key", "redact", "redact_text"]
 
 REDACTED = "***"
 
-_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|apikey|authorization|credential)", re.IGNORECASE)
+# Words that name a secret wherever they are in a key (client_secret, db_password,
+# COMET_API_KEY, apiKey, aws_secret_access_key, Authorization, credentials_json).
+_SECRET_WORD = re.compile(r"secret|password|passwd|authorization|credential|(?:api|access|private)[_\-. ]?key", re.IGNORECASE)
+# "token" only as the key's last word (hub_token, HF_TOKEN, authToken), as transformers
+# masks ``*_token`` arguments: pad_token_id, include_num_input_tokens_seen or
+# average_tokens_across_devices are settings, not secrets.
+_TOKEN_LAST = re.compile(r"(?:^|[_\-. ])token$", re.IGNORECASE)
+_CAMEL_TOKEN = re.compile(r"[a-z0-9]Token$")
 
 
 def is_secret_key(key: str) -> bool:
-    """True for keys that name a secret (``api_key``, ``hub_token``, ``MLFLOW_TRACKING_PASSWORD``...)."""
-    return bool(_SECRET_KEY.search(str(key)))
+    """True for keys that name a secret: one containing ``secret``, ``password``,
+    ``passwd``, ``authorization``, ``credential``, ``api_key``/``apikey``,
+    ``access_key`` or ``private_key`` (any case and separator), or ending in the word
+    ``token`` (``hub_token``, ``MLFLOW_TRACKING_TOKEN``, ``authToken``), but not
+    ``pad_token_id`` or ``max_tokens``."""
+    key = str(key)
+    return bool(_SECRET_WORD.search(key) or _TOKEN_LAST.search(key) or _CAMEL_TOKEN.search(key))
 
 
 def redact(value: Any) -> Any:

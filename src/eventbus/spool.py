@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Generator, Iterator, NamedTuple, Sequence
 
 from eventbus.errors import SpoolError
-from eventbus.events import BaseEvent, Event, decode_msgpack, lenient_msgpack_encoder
+from eventbus.events import BaseEvent, Event, decode_msgpack, encode_lenient
 
 __all__ = [
     "Spool",
@@ -412,7 +412,7 @@ class Spool:
             return
         buf = bytearray()
         for ev in events:
-            payload = lenient_msgpack_encoder.encode(ev)
+            payload = encode_lenient(ev)
             length = struct.pack("<I", len(payload))
             buf += RECORD_MARK + length + struct.pack("<I", zlib.crc32(payload, zlib.crc32(length))) + payload
         if self._fd is None or self._size >= self.max_file_bytes:

@@ -18,7 +18,7 @@ import math
 import sys
 from typing import Any, Mapping
 
-__all__ = ["Deferred", "Snapshot", "handoff", "has_tensor", "is_tensor", "snapshot", "snapshot_mapping", "snapshot_if_tensors", "resolve", "resolve_mapping"]
+__all__ = ["Deferred", "Snapshot", "handoff", "has_tensor", "is_tensor", "number", "snapshot", "snapshot_mapping", "snapshot_if_tensors", "resolve", "resolve_mapping"]
 
 
 def _torch() -> Any:
@@ -127,9 +127,35 @@ class Snapshot(dict):  # type: ignore[type-arg]
     __slots__ = ()
 
 
-def snapshot_mapping(mapping: Mapping[str, Any]) -> dict[str, Any]:
+def snapshot_mapping(mapping: Mapping[str, Any]) -> Snapshot:
     """A copy of ``mapping`` with every tensor replaced by its :class:`Deferred`."""
-    return {k: snapshot(v) for k, v in mapping.items()}
+    out = Snapshot()
+    for k, v in mapping.items():
+        out[k] = snapshot(v)
+    return out
+
+
+def number(value: Any) -> Any:
+    """``value`` as the plain Python number it stands for when it is a numpy scalar
+    (``np.float32(0.5)``, ``np.int64(3)``, ``np.bool_``; also a 0-d array) or an
+    instance of a ``float``/``int`` subclass; anything else is returned unchanged.
+    Sinks and encoders only know the plain types: a numpy scalar would otherwise be
+    written as its text."""
+    kind = type(value)
+    if kind is float or kind is int or kind is bool:
+        return value
+    if kind.__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        try:
+            return value.item()
+        except Exception:
+            return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, int):
+        return int(value)
+    return value
 
 
 def _python_value(t: Any, numel: int | None = None) -> Any:
@@ -151,12 +177,13 @@ def _to_python(t: Any) -> Any:
 
 
 def resolve(value: Any) -> Any:
-    """Turn a snapshot (or a live tensor) into plain Python data. Runs off the hot path."""
+    """Turn a snapshot (or a live tensor, or a numpy scalar) into plain Python data.
+    Runs off the hot path."""
     if isinstance(value, Deferred):
         return value.resolve()
     if is_tensor(value):
         return _to_python(value)
-    return value
+    return number(value)
 
 
 def resolve_mapping(mapping: Mapping[str, Any]) -> Snapshot | None:
@@ -178,7 +205,10 @@ def resolve_mapping(mapping: Mapping[str, Any]) -> Snapshot | None:
         elif isinstance(v, Deferred):
             v = v.resolve()
         else:
-            continue
+            n = number(v)  # a numpy scalar: its Python number
+            if n is v:
+                continue
+            v = n
         if out is None:
             out = Snapshot(mapping)
         out[k] = v

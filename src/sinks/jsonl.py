@@ -43,6 +43,7 @@ from eventbus.events import (
     TrainEnd,
     encode_json,
     encode_json_lines,
+    lenient,
 )
 from eventbus.sink import RunInfo, ThreadedSink
 
@@ -62,7 +63,7 @@ PER_BATCH_EVENTS = (StepBegin, SubstepEnd, PreOptimizerStep, OptimizerStep, Step
 DEFAULT_EVENTS = tuple(e for e in EVENT_TYPES if e not in PER_BATCH_EVENTS)
 # For values msgspec cannot encode (an object left in a config dict): their text,
 # rather than losing the whole batch.
-_lenient_encoder = msgspec.json.Encoder(enc_hook=repr)
+_lenient_encoder = msgspec.json.Encoder(enc_hook=lenient)
 
 
 def _token(x: float) -> str:
@@ -113,7 +114,7 @@ def encode_line(event: BaseEvent) -> bytes:
     if line is not None and (b"null" not in line or not any(_has_nonfinite(getattr(event, f)) for f in event.__struct_fields__)):
         return line + b"\n"
     # The rare slow path: a plain-data copy with the non-finite floats made strings.
-    data = msgspec.to_builtins(event, enc_hook=repr)
+    data = msgspec.to_builtins(event, enc_hook=lenient)
     found: list[list[Any]] = []
     data = _replace_nonfinite(data, [], found)
     if found:
