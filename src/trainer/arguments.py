@@ -110,6 +110,14 @@ class TrainingArguments:
     - ``bus_close_timeout`` and ``bus_flush_interval`` configure the event bus.
     - ``callback_time_warning_share``: the trainer warns once when control callbacks
       take more than this share of the step time.
+    - Features this trainer does not have are refused rather than ignored:
+      ``push_to_hub=True``, ``save_on_each_node=True`` (checkpoints are written by
+      world rank 0) and counting input tokens (``include_num_input_tokens_seen``).
+
+    Like transformers', the arguments also say where this process sits (properties,
+    read when asked, not serialised): ``process_index``, ``local_process_index``,
+    ``world_size`` (from the torchrun environment or the process group, as the
+    trainer reads them), ``should_log``, ``should_save``, ``device`` and ``n_gpu``.
 
     Steps (``logging_steps``, ``eval_steps``, ``save_steps``) may be a fraction in
     (0, 1) of the total number of training steps.
@@ -161,6 +169,12 @@ class TrainingArguments:
     """Also log after the first step."""
     logging_nan_inf_filter: bool = True
     """Leave NaN/inf losses out of the logged running loss (on the device, no sync)."""
+    log_on_each_node: bool = True
+    """In a multi-node run, whether the first process of every node logs
+    (:attr:`should_log`), or only world rank 0."""
+    include_num_input_tokens_seen: str | bool = "no"
+    """transformers' input-token counting: this trainer does not count input tokens,
+    so only ``"no"`` (or ``False``) is accepted; ``state.num_input_tokens_seen`` stays 0."""
     disable_tqdm: bool | None = None
     """Use :class:`~trainer.PrinterCallback` instead of progress bars. Default: bars
     unless the ``trainer`` logger is quieter than WARNING."""
@@ -196,6 +210,9 @@ class TrainingArguments:
     greater_is_better: bool | None = None
     """Whether a larger metric is better; defaults to ``False`` for metrics ending in
     ``loss``, ``True`` otherwise."""
+    save_on_each_node: bool = False
+    """transformers' per-node checkpoints: here checkpoints are written by world rank
+    0 only (share ``output_dir`` between nodes), so only ``False`` is accepted."""
     restore_callback_states_from_checkpoint: bool = True
     """On resume, load stateful callbacks' states from the checkpoint."""
     ignore_data_skip: bool = False
@@ -213,6 +230,15 @@ class TrainingArguments:
     """Drop the last incomplete training batch."""
     dataloader_pin_memory: bool = True
     """Pin host memory of batches (faster copies to the accelerator)."""
+    label_names: list[str] | None = None
+    """The keys of a batch that hold the labels; ``None``: ``["labels"]``."""
+
+    # -- hub (transformers' names; pushing is not implemented here) --
+    push_to_hub: bool = False
+    """transformers' push to the Hugging Face Hub: not implemented by this trainer,
+    so only ``False`` is accepted."""
+    hub_model_id: str | None = None
+    """The Hub repository name (kept for callbacks that read it; nothing is pushed)."""
 
     # -- distributed (torchrun) --
     ddp_backend: str | None = None
@@ -220,6 +246,10 @@ class TrainingArguments:
     NCCL when CUDA is available, gloo otherwise."""
     ddp_timeout: float = 1800
     """Seconds a rank waits for the others in a collective before failing (never forever)."""
+    local_rank: int = -1
+    """transformers' deprecated ``--local_rank`` of ``torch.distributed.launch``, kept for
+    argument parsers; as in transformers it is not updated from the environment: read
+    :attr:`local_process_index` for this process's rank on its machine."""
 
     # -- event bus --
     bus_close_timeout: float = 30.0
@@ -273,6 +303,11 @@ class TrainingArguments:
             ) from None
 
         self.isolate_sinks = _sink_names("isolate_sinks", self.isolate_sinks)
+
+        if isinstance(self.include_num_input_tokens_seen, bool):  # as transformers
+            self.include_num_input_tokens_seen = "all" if self.include_num_input_tokens_seen else "no"
+        if isinstance(self.label_names, tuple):
+            self.label_names = list(self.label_names)
 
         self._check_types()
         self._check_ranges()
@@ -328,7 +363,8 @@ class TrainingArguments:
                 raise TrainingArgumentsError(f"{name} must be a number or None, got {v!r} ({type(v).__name__})")
         bools = ("logging_first_step", "logging_nan_inf_filter", "disable_tqdm", "eval_on_start",
                  "load_best_model_at_end", "restore_callback_states_from_checkpoint", "ignore_data_skip",
-                 "dataloader_drop_last", "dataloader_pin_memory")
+                 "dataloader_drop_last", "dataloader_pin_memory", "log_on_each_node", "save_on_each_node",
+                 "push_to_hub")
         for name in bools:
             v = getattr(self, name)
             if not isinstance(v, bool):
@@ -337,10 +373,39 @@ class TrainingArguments:
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise TrainingArgumentsError(f"{name} must be True, False or None, got {v!r}")
-        for name in ("metric_for_best_model", "run_name"):
+        for name in ("metric_for_best_model", "run_name", "hub_model_id"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
                 raise TrainingArgumentsError(f"{name} must be a string or None, got {v!r}")
+        v = self.local_rank
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TrainingArgumentsError(f"local_rank must be an integer, got {v!r} ({type(v).__name__})")
+        v = self.label_names
+        if v is not None and (not isinstance(v, list) or not all(isinstance(x, str) and x for x in v)):
+            raise TrainingArgumentsError(f"label_names must be a list of batch keys such as ['labels'], or None; got {v!r}")
+        self._check_unsupported()
+
+    def _check_unsupported(self) -> None:
+        tokens = self.include_num_input_tokens_seen
+        if tokens not in ("all", "non_padding", "no"):
+            raise TrainingArgumentsError(
+                f"include_num_input_tokens_seen must be 'all', 'non_padding', 'no' or a bool, got {tokens!r}"
+            )
+        if tokens != "no":
+            raise TrainingArgumentsError(
+                f"include_num_input_tokens_seen={tokens!r}: this trainer does not count input tokens; leave it at "
+                "'no' (count them in a callback from the batches if you need them)"
+            )
+        if self.push_to_hub:
+            raise TrainingArgumentsError(
+                "push_to_hub=True: this trainer does not push to the Hugging Face Hub; leave it False and upload "
+                "output_dir with huggingface_hub (e.g. upload_folder) after training"
+            )
+        if self.save_on_each_node:
+            raise TrainingArgumentsError(
+                "save_on_each_node=True: this trainer writes checkpoints on world rank 0 only; leave it False and "
+                "use an output_dir that every node can read (a shared filesystem) to resume"
+            )
 
     def _check_ranges(self) -> None:
         def at_least(name: str, low: float, hint: str = "") -> None:
@@ -454,6 +519,69 @@ class TrainingArguments:
                     f"load_best_model_at_end=True needs save_steps to be a multiple of eval_steps, but save_steps="
                     f"{save!r} and eval_steps={ev!r}; set save_steps to a multiple of {ev!r}"
                 )
+
+    # -- where this process sits (transformers' properties; read when asked) --------
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes of the run (``WORLD_SIZE`` under torchrun; 1 alone)."""
+        from trainer import distributed
+
+        return distributed.get_info().world_size
+
+    @property
+    def process_index(self) -> int:
+        """This process's world rank (0 in a single process)."""
+        from trainer import distributed
+
+        return distributed.get_info().rank
+
+    @property
+    def local_process_index(self) -> int:
+        """This process's rank on its machine (``LOCAL_RANK``; 0 in a single process)."""
+        from trainer import distributed
+
+        return distributed.get_info().local_rank
+
+    @property
+    def should_log(self) -> bool:
+        """Whether this process should log: the first process of each node with
+        ``log_on_each_node`` (the default), else world rank 0 only."""
+        if self.log_on_each_node:
+            return self.local_process_index == 0
+        return self.process_index == 0
+
+    @property
+    def should_save(self) -> bool:
+        """Whether this process writes to disk (models, checkpoints): world rank 0,
+        the one process this trainer saves on."""
+        if self.save_on_each_node:
+            return self.local_process_index == 0
+        return self.process_index == 0
+
+    @property
+    def device(self) -> Any:
+        """The ``torch.device`` this process trains on. Once a :class:`~trainer.Trainer`
+        uses these arguments, the device of its model (the trainer trains where the
+        model is; under torchrun with NCCL it moves it to ``cuda:<LOCAL_RANK>``).
+        Before that: ``cuda:<LOCAL_RANK>`` in a torchrun run on NCCL, else
+        ``cuda:0`` when CUDA is available, else the CPU (transformers' choice)."""
+        known = self.__dict__.get("_trainer_device")
+        if known is not None:
+            return known
+        import torch
+
+        from trainer import distributed
+
+        if distributed.launched_by_torchrun() or distributed.is_initialized():
+            return distributed.device_for_rank(self.ddp_backend)
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def n_gpu(self) -> int:
+        """GPUs used by this process: 1 when :attr:`device` is a CUDA device, else 0
+        (this trainer never spreads one process over several GPUs)."""
+        return 1 if getattr(self.device, "type", None) == "cuda" else 0
 
     # -- derived values -------------------------------------------------------------
 

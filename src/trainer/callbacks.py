@@ -7,11 +7,17 @@ the same positional ``(args, state, control)`` and keyword arguments (``model``,
 ``eval_dataloader``; ``metrics`` for ``on_evaluate``/``on_predict``, ``logs`` for
 ``on_log``), and a returned control (or ``None``) with the same meaning.
 
-What differs is the cost. :class:`CallbackHandler` keeps, for every hook, the tuple of
-callbacks whose class overrides it (rebuilt when callbacks are added or removed), so a
-callback is never called for a hook it does not implement, and a hook nobody
-implements costs nothing. Each hook's event is built and published only when a sink
-subscribes to it (decided once, in :meth:`CallbackHandler.set_bus`).
+What differs is the cost of the hooks called on every step (:data:`BOUND_HOOKS`):
+:class:`CallbackHandler` binds them when a callback is added (a tuple of the bound
+methods of the callbacks that implement each one, rebuilt when the callback list
+changes), so a callback is never called for a hook it does not implement, and a
+per-step hook nobody implements costs nothing. A per-step hook replaced on a callback
+after it was added (assigned, or patched with ``unittest.mock``) is seen after
+:meth:`CallbackHandler.refresh`. Every other hook, and any event name given to
+:meth:`CallbackHandler.call_event`, is looked up on every callback at each call, as
+transformers does, so patching those needs nothing. Each hook's event is built and
+published only when a sink subscribes to it (decided once, in
+:meth:`CallbackHandler.set_bus`).
 """
 
 from __future__ import annotations
@@ -43,10 +49,10 @@ from eventbus.events import (
     TrainEnd,
 )
 from eventbus.redact import redact
-from eventbus.values import Snapshot, snapshot
+from eventbus.values import Deferred, Snapshot, resolve, snapshot
 from trainer.state import CallbackStateError, TrainerControl, TrainerState, _add_state, is_exportable, load_state_into
 
-__all__ = ["TrainerCallback", "CallbackHandler", "HOOKS", "STEP_HOOKS", "ignores_kwargs"]
+__all__ = ["TrainerCallback", "CallbackHandler", "HOOKS", "STEP_HOOKS", "BOUND_HOOKS", "ignores_kwargs"]
 
 _monotonic = time.monotonic  # one lookup per sampled StepEnd (tests replace it)
 
@@ -76,6 +82,13 @@ if set(HOOKS) != set(HOOK_EVENTS):  # pragma: no cover - a development-time inva
 
 STEP_HOOKS: tuple[str, ...] = ("on_step_begin", "on_substep_end", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end")
 """The hooks called on every (micro-)step: the hot path."""
+
+BOUND_HOOKS: tuple[str, ...] = (*STEP_HOOKS, "on_log", "on_prediction_step")
+"""The hooks that can run on every step or batch. :class:`CallbackHandler` binds the
+callbacks' methods for these when a callback is added (or the list is edited);
+:meth:`CallbackHandler.refresh` re-reads them after a method was replaced on a
+callback already in the list. The other hooks are looked up at every call."""
+_BOUND = frozenset(BOUND_HOOKS)
 
 
 class TrainerCallback:
@@ -143,7 +156,8 @@ class TrainerCallback:
         """A checkpoint was saved (``checkpoint_dir`` names it)."""
 
     def on_log(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
-        """Values were logged; ``logs`` holds them (losses may be tensors)."""
+        """Values were logged; ``logs`` holds them, as plain numbers (a class that sets
+        ``accepts_tensor_logs = True`` gets the loop's loss tensors as they are)."""
 
     def on_prediction_step(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> Any:
         """An evaluation or prediction batch ended."""
@@ -157,23 +171,30 @@ _OUR_NOOPS: dict[str, Any] = {hook: TrainerCallback.__dict__[hook] for hook in H
 
 def overrides(callback: Any, hook: str) -> bool:
     """Whether ``callback`` implements ``hook`` (its class, or the instance itself,
-    defines something other than the base class's no-op).
+    defines something other than the base class's no-op), read now.
 
     The no-ops of transformers' own ``TrainerCallback`` count as not implemented too,
     found by name in the class's MRO, so callbacks subclassing transformers' base
-    class get the same dispatch without transformers being imported here.
+    class get the same dispatch without transformers being imported here. ``hook``
+    may be any name (a custom event given to ``call_event``).
     """
+    return _implementation(callback, hook) is not None
+
+
+def _implementation(callback: Any, hook: str) -> Any:
+    """``callback``'s ``hook`` as looked up now, or ``None`` when it has none or only
+    a base class's no-op (see :func:`overrides`)."""
     method = getattr(callback, hook, None)
     if method is None or not callable(method):
-        return False
+        return None
     func = getattr(method, "__func__", method)
-    if func is _OUR_NOOPS[hook]:
-        return False
+    if func is _OUR_NOOPS.get(hook):
+        return None
     for klass in type(callback).__mro__:
         if klass.__name__ == "TrainerCallback" and klass.__module__.startswith("transformers"):
             if func is klass.__dict__.get(hook):
-                return False
-    return True
+                return None
+    return method
 
 
 class _CallbackList(list):  # type: ignore[type-arg]
@@ -287,6 +308,16 @@ def _handler_object(name: str) -> property:
 class CallbackHandler(TrainerCallback):
     """Calls the control callbacks in order and publishes each hook to the bus.
 
+    Hook lookup: the per-step hooks (:data:`BOUND_HOOKS`: ``on_step_begin``,
+    ``on_pre_optimizer_step``, ``on_optimizer_step``, ``on_substep_end``,
+    ``on_step_end``, ``on_log``, ``on_prediction_step``) are bound when a callback is
+    added or the list is edited, for speed: a method replaced on a callback already
+    in the list (assigned to the instance or class, ``mock.patch.object``) is called
+    only after :meth:`refresh`. Every other hook, and any name given to
+    :meth:`call_event`, is looked up on every callback at each call, as
+    transformers does, so patching them needs no refresh. Either way a callback
+    whose hook is missing or the base class's no-op is not called.
+
     Same constructor, attributes and methods as transformers' ``CallbackHandler``
     (``callbacks``, ``add_callback``, ``pop_callback``, ``remove_callback``,
     ``callback_list``, one method per hook, the control resets), plus:
@@ -309,6 +340,13 @@ class CallbackHandler(TrainerCallback):
       afterwards, and ``on_log`` callbacks get a plain-dict copy of it, whose
       changes do not reach the event. (A bus without ``publish_log`` gets a
       ``Log`` with a copy of the mapping, as for any other ``logs``.)
+    - ``on_log`` callbacks get plain Python numbers in ``logs``, as transformers'
+      Trainer gives them (it calls ``.item()`` on each loss): a tensor left in
+      ``logs`` is read on the training thread first (for an accelerator tensor, a
+      device sync, paid only when such a callback exists). A callback whose class
+      sets ``accepts_tensor_logs = True`` takes tensors as they are (ours: the
+      progress bar and the printer, which read them off the training thread); when
+      every ``on_log`` callback does, nothing is read (:attr:`wants_plain_logs`).
 
     The loop passes extra keyword arguments that reach callbacks and events alike:
     ``checkpoint_dir`` and ``is_best`` (``on_save``), ``status`` and ``error``
@@ -328,6 +366,8 @@ class CallbackHandler(TrainerCallback):
     ) -> None:
         self._profile = False
         self.logs_are_fresh = False
+        self._plain_logs_for: Any = None
+        self._plain_logs = False
         self._objects: dict[str, Any] = dict.fromkeys(_HANDLER_OBJECTS)
         self._timings: dict[tuple[str, str], list[float]] = {}
         self._callbacks = _CallbackList(self)
@@ -420,16 +460,20 @@ class CallbackHandler(TrainerCallback):
         return "\n".join(type(cb).__name__ for cb in self._callbacks)
 
     def dispatch_table(self, hook: str) -> tuple[Any, ...]:
-        """The callbacks called for ``hook``, in order: those that implement it."""
+        """The callbacks called for ``hook``, in order: those that implement it (for
+        :data:`BOUND_HOOKS` as bound at the last rebuild, for the others as of now)."""
         if hook not in _OUR_NOOPS:
             raise ValueError(f"unknown hook {hook!r}; hooks are {', '.join(HOOKS)}")
-        return self._tables[hook]
+        if hook in _BOUND:
+            return self._tables[hook]
+        return tuple(cb for cb in self._callbacks if overrides(cb, hook))
 
     def _rebuild(self) -> None:
-        # One tuple of (callable, ignores kwargs) per hook, stored as an attribute
-        # (_d_<hook>) so the hook methods read it with a single attribute lookup.
+        # One tuple of (callable, ignores kwargs) per per-step hook, stored as an
+        # attribute (_d_<hook>) so the hook methods read it with a single attribute
+        # lookup. The other hooks are looked up at each call (_call_live).
         tables: dict[str, tuple[Any, ...]] = {}
-        for hook in HOOKS:
+        for hook in BOUND_HOOKS:
             cbs = tuple(cb for cb in self._callbacks if overrides(cb, hook))
             tables[hook] = cbs
             fns = []
@@ -447,8 +491,13 @@ class CallbackHandler(TrainerCallback):
         self._l_on_step_end = tuple(fn for fn, _ in step_end) if all(lean for _, lean in step_end) else None
 
     def refresh(self) -> None:
-        """Rebuild the dispatch tables (needed only after replacing a hook method on
-        a callback instance that is already in the list)."""
+        """Re-read the per-step hooks (:data:`BOUND_HOOKS`) of every callback.
+
+        Those are bound when a callback is added (or the list is edited); call this
+        after replacing one of them on a callback already in the list (assigning a
+        method to the instance or its class, ``mock.patch.object(cb, "on_log")``),
+        and again after the patch is undone. The other hooks are looked up at every
+        call and need no refresh."""
         self._rebuild()
 
     # -- profiling ------------------------------------------------------------------
@@ -572,10 +621,34 @@ class CallbackHandler(TrainerCallback):
                 control = result
         return control
 
+    def _call_live(self, hook: str, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> Any:
+        # The hooks that run a few times per run: looked up on every callback now,
+        # as transformers does, so a hook patched after add_callback is the one called.
+        objects = self._objects
+        for cb in tuple(self._callbacks):
+            fn = _implementation(cb, hook)
+            if fn is None:
+                continue
+            lean = getattr(fn, "__eventbus_ignores_kwargs__", False) is True
+            if self._profile:
+                fn = _timed(fn, self._timings.setdefault((type(cb).__name__, hook), [0, 0.0]))
+            if lean:
+                result = fn(args, state, control)
+            else:
+                result = fn(args, state, control, **objects, **kwargs)
+            # A callback may return None when it did not replace the control.
+            if result is not None:
+                control = result
+        return control
+
     def call_event(self, event: str, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         """Call ``event`` on the callbacks that implement it (no control reset, no
-        publishing), as transformers' method of the same name."""
-        return self._call(getattr(self, "_d_" + event), args, state, control, kwargs)
+        publishing), as transformers' method of the same name. Any name works: one
+        that is not a hook (a custom event) is looked up on every callback, and
+        callbacks without it are skipped."""
+        if event in _BOUND:
+            return self._call(getattr(self, "_d_" + event), args, state, control, kwargs)
+        return self._call_live(event, args, state, control, kwargs)
 
     def _header(self, state: Any) -> dict[str, Any]:
         return {"run_id": self._run_id, "rank": self._rank, "step": state.global_step, "epoch": state.epoch}
@@ -641,18 +714,19 @@ class CallbackHandler(TrainerCallback):
                 control = result
         return control
 
-    # The other hooks run a few times per run (or per evaluation): clarity first.
+    # The other hooks run a few times per run (or per evaluation): clarity first, and
+    # looked up on every callback at each call (_call_live), as transformers does.
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self._p_on_init_end:
             self._bus.publish(InitEnd(**self._header(state)))
-        return self._call(self._d_on_init_end, args, state, control, kwargs)
+        return self._call_live("on_init_end", args, state, control, kwargs)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         control.should_training_stop = False
         if self._p_on_train_begin:
             self._bus.publish(self._train_begin_event(args, state, kwargs))
-        return self._call(self._d_on_train_begin, args, state, control, kwargs)
+        return self._call_live("on_train_begin", args, state, control, kwargs)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self._p_on_train_end:
@@ -668,18 +742,18 @@ class CallbackHandler(TrainerCallback):
                     best_model_checkpoint=state.best_model_checkpoint,
                 )
             )
-        return self._call(self._d_on_train_end, args, state, control, kwargs)
+        return self._call_live("on_train_end", args, state, control, kwargs)
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         control.should_epoch_stop = False
         if self._p_on_epoch_begin:
             self._bus.publish(EpochBegin(**self._header(state)))
-        return self._call(self._d_on_epoch_begin, args, state, control, kwargs)
+        return self._call_live("on_epoch_begin", args, state, control, kwargs)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self._p_on_epoch_end:
             self._bus.publish(EpochEnd(**self._header(state)))
-        return self._call(self._d_on_epoch_end, args, state, control, kwargs)
+        return self._call_live("on_epoch_end", args, state, control, kwargs)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any, **kwargs: Any) -> Any:
         control.should_evaluate = False
@@ -689,14 +763,14 @@ class CallbackHandler(TrainerCallback):
             self._bus.publish(
                 Evaluate(**self._header(state), metrics=_copy_values(metrics), prefix=kwargs.get("metric_key_prefix") or "eval")
             )
-        return self._call(self._d_on_evaluate, args, state, control, {"metrics": metrics, **kwargs})
+        return self._call_live("on_evaluate", args, state, control, {"metrics": metrics, **kwargs})
 
     def on_predict(self, args: Any, state: Any, control: Any, metrics: Any, **kwargs: Any) -> Any:
         if self._p_on_predict:
             self._bus.publish(
                 Predict(**self._header(state), metrics=_copy_values(metrics), prefix=kwargs.get("metric_key_prefix") or "test")
             )
-        return self._call(self._d_on_predict, args, state, control, {"metrics": metrics, **kwargs})
+        return self._call_live("on_predict", args, state, control, {"metrics": metrics, **kwargs})
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         control.should_save = False
@@ -708,7 +782,7 @@ class CallbackHandler(TrainerCallback):
                     is_best=bool(kwargs.get("is_best", False)),
                 )
             )
-        return self._call(self._d_on_save, args, state, control, kwargs)
+        return self._call_live("on_save", args, state, control, kwargs)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any, **kwargs: Any) -> Any:
         control.should_log = False
@@ -730,8 +804,24 @@ class CallbackHandler(TrainerCallback):
                 values = _copy_values(logs, self.logs_are_fresh)
                 self._bus.publish(Log(run_id=self._run_id, rank=self._rank, step=state.global_step, epoch=state.epoch, values=values))
         if fns:
+            if self.wants_plain_logs and logs:
+                if self._p_on_log is False and type(logs) is Snapshot:
+                    logs = dict(logs)  # the trainer's: not changed in place
+                _read_values(logs)
             return self._call(fns, args, state, control, {"logs": logs, **kwargs})
         return control
+
+    @property
+    def wants_plain_logs(self) -> bool:
+        """True when some ``on_log`` callback expects plain numbers in ``logs`` (every
+        callback but those whose class sets ``accepts_tensor_logs = True``): tensors
+        in ``logs`` are then read before the callbacks run. The trainer asks it too,
+        and reads its logged losses before recording them in ``state.log_history``."""
+        fns = self._d_on_log
+        if fns is not self._plain_logs_for:
+            self._plain_logs_for = fns
+            self._plain_logs = any(not getattr(cb, "accepts_tensor_logs", False) for cb in self._tables.get("on_log", ()))
+        return self._plain_logs
 
     def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self._p_on_prediction_step:
@@ -750,7 +840,7 @@ class CallbackHandler(TrainerCallback):
         if self._p_on_push_begin:
             destination = kwargs.get("destination")
             self._bus.publish(PushBegin(**self._header(state), destination=None if destination is None else str(destination)))
-        return self._call(self._d_on_push_begin, args, state, control, kwargs)
+        return self._call_live("on_push_begin", args, state, control, kwargs)
 
     def _train_begin_event(self, args: Any, state: Any, kwargs: Mapping[str, Any]) -> TrainBegin:
         to_dict = getattr(args, "to_dict", None)
@@ -767,6 +857,19 @@ class CallbackHandler(TrainerCallback):
             num_train_epochs=int(state.num_train_epochs),
             resumed_from=None if resumed_from is None else str(resumed_from),
         )
+
+
+def _read_values(logs: dict[str, Any]) -> None:
+    """Replace, in place, each tensor (or numpy scalar) in ``logs`` with its Python
+    value, as transformers' Trainer logs them: for an accelerator tensor, a device sync."""
+    torch = sys.modules.get("torch")
+    tensor = torch.Tensor if torch is not None else ()
+    for k, v in logs.items():
+        kind = type(v)
+        if kind is float or kind is int or kind is str:
+            continue
+        if isinstance(v, tensor) or isinstance(v, Deferred) or kind.__module__ == "numpy":
+            logs[k] = resolve(v)
 
 
 def _copy_values(mapping: Mapping[str, Any] | None, fresh: bool = False) -> dict[str, Any]:

@@ -4,6 +4,7 @@ early stopping, with transformers' behaviour."""
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any
 
 from trainer.arguments import IntervalStrategy, SaveStrategy
@@ -20,9 +21,12 @@ _STEPS = IntervalStrategy.STEPS
 _SAVE_STEPS = SaveStrategy.STEPS
 
 
-class EarlyStoppingConfigError(ValueError):
+class EarlyStoppingConfigError(ValueError, AssertionError):
     """:class:`EarlyStoppingCallback` is used without what it needs; the message says
-    which training argument to set."""
+    which training argument to set.
+
+    Also an :class:`AssertionError`: transformers asserts these requirements, so code
+    written against it (``except AssertionError``) still catches them."""
 
 
 class DefaultFlowCallback(TrainerCallback):
@@ -85,24 +89,41 @@ class EarlyStoppingCallback(TrainerCallback, ExportableState):
     the direction of ``greater_is_better``) by more than ``early_stopping_threshold``.
     Needs ``metric_for_best_model`` (the ``eval_`` prefix is added when missing) and
     an ``eval_strategy`` other than ``"no"``; without ``load_best_model_at_end`` it
-    warns that the best model will not be loaded at the end. Its patience counter is
-    saved in checkpoints and restored on resume.
+    warns that the best model will not be loaded at the end (a missing requirement
+    raises :class:`EarlyStoppingConfigError`, which is both a ``ValueError`` and the
+    ``AssertionError`` transformers raises). As transformers, a patience of 0 stops
+    at the first evaluation that reports the metric. Its patience counter is saved in
+    checkpoints and restored on resume.
     """
 
     def __init__(self, early_stopping_patience: int = 1, early_stopping_threshold: float | None = 0.0) -> None:
-        if isinstance(early_stopping_patience, bool) or not isinstance(early_stopping_patience, int) or early_stopping_patience < 1:
+        # As transformers, patience 0 is allowed (stop at the first evaluation); any
+        # integer type (numpy's too) is accepted and stored as an int, any real number
+        # (numpy's too) as a float threshold.
+        try:
+            if isinstance(early_stopping_patience, bool):
+                raise TypeError
+            patience = operator.index(early_stopping_patience)
+        except TypeError:
+            patience = None
+        if patience is None or patience < 0:
             raise EarlyStoppingConfigError(
-                f"early_stopping_patience must be an integer >= 1 (evaluations without improvement), "
+                f"early_stopping_patience must be an integer >= 0 (evaluations without improvement), "
                 f"got {early_stopping_patience!r}"
             )
-        if early_stopping_threshold is not None and (
-            isinstance(early_stopping_threshold, bool)
-            or not isinstance(early_stopping_threshold, (int, float))
-            or early_stopping_threshold < 0
-        ):
-            raise EarlyStoppingConfigError(
-                f"early_stopping_threshold must be a number >= 0, got {early_stopping_threshold!r}"
-            )
+        threshold = early_stopping_threshold
+        if threshold is not None:
+            try:
+                if isinstance(threshold, (bool, str, bytes)):
+                    raise TypeError
+                threshold = float(threshold)
+            except (TypeError, ValueError):
+                threshold = None
+            if threshold is None or not threshold >= 0:  # rejects NaN too
+                raise EarlyStoppingConfigError(
+                    f"early_stopping_threshold must be a number >= 0, got {early_stopping_threshold!r}"
+                )
+        early_stopping_patience, early_stopping_threshold = patience, threshold
         self.early_stopping_patience = early_stopping_patience
         self.early_stopping_threshold = early_stopping_threshold
         # The number of evaluations in a row whose metric did not improve.
@@ -126,6 +147,12 @@ class EarlyStoppingCallback(TrainerCallback, ExportableState):
     def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Check the training arguments early stopping depends on."""
         self._warned_missing = False
+        # The warning first, then the checks: transformers' order.
+        if not args.load_best_model_at_end:
+            logger.warning(
+                "Using EarlyStoppingCallback without load_best_model_at_end=True. "
+                "Once training is finished, the best model will not be loaded automatically."
+            )
         if args.metric_for_best_model is None:
             raise EarlyStoppingConfigError(
                 "EarlyStoppingCallback needs TrainingArguments(metric_for_best_model=...) to know which evaluation "
@@ -136,11 +163,6 @@ class EarlyStoppingCallback(TrainerCallback, ExportableState):
             raise EarlyStoppingConfigError(
                 'EarlyStoppingCallback needs evaluations, but eval_strategy="no"; set '
                 'TrainingArguments(eval_strategy="steps") or "epoch"'
-            )
-        if not args.load_best_model_at_end:
-            logger.warning(
-                "Using EarlyStoppingCallback without load_best_model_at_end=True. "
-                "Once training is finished, the best model will not be loaded automatically."
             )
 
     def on_evaluate(self, args: Any, state: TrainerState, control: TrainerControl, metrics: Any = None, **kwargs: Any) -> None:

@@ -85,7 +85,10 @@ class _DeferredWriter:
 
 class _DeferredLogs:
     """Gives a callback its :class:`_DeferredWriter`, created on first use (so that
-    subclasses with an ``__init__`` of their own keep working)."""
+    subclasses with an ``__init__`` of their own keep working). Such a callback reads
+    logged tensors off the training thread: it takes them in ``logs`` as they are."""
+
+    accepts_tensor_logs = True
 
     @property
     def _deferred(self) -> _DeferredWriter:

@@ -4,10 +4,13 @@ an event bus and nothing on the step path that waits for the device.
 The loop mirrors transformers' ``_inner_training_loop``/``_run_epoch``/
 ``_maybe_log_save_evaluate`` hook for hook, so that callbacks written for transformers
 see the same sequence of calls. What differs is what happens to values: the running
-loss, the logged loss and the gradient norm stay tensors, and reach ``on_log`` and the
-``Log`` event as tensors; the bus turns them into numbers on its own thread. The
-NaN/inf filter is a ``torch.where`` on the device. Evaluation is the one place where
-values come to the host.
+loss, the logged loss and the gradient norm stay tensors, and reach the ``Log`` event
+as tensors; the bus turns them into numbers on its own thread. ``on_log`` callbacks
+get plain numbers, as in transformers, unless every one of them takes tensors
+(``accepts_tensor_logs``, as the progress bar and the printer do): only then is
+nothing read on the training thread (see :meth:`Trainer.log`). The NaN/inf filter is
+a ``torch.where`` on the device. Evaluation is the one place where values come to the
+host.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer.arguments import TrainingArguments, TrainingArgumentsError
 from trainer._callback_watch import CallbackTimeWatch
-from trainer.callbacks import CallbackHandler, TrainerCallback
+from trainer.callbacks import CallbackHandler, TrainerCallback, _read_values
 from trainer.flow import DefaultFlowCallback
 from trainer.progress import PrinterCallback, ProgressCallback
 from trainer.state import TrainerControl, TrainerState
@@ -487,8 +490,16 @@ class Trainer:
         self._logs_on_cpu = True  # the training loss lives on the CPU (set when training starts)
         self._total_loss: torch.Tensor | None = None
         self._globalstep_last_logged = 0
+        self._history_settled = 0  # state.log_history[:n] holds no tensor
         self.current_gradient_accumulation_steps = 1
+        self._record_device()
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    def _record_device(self) -> None:
+        """Tell our arguments the device this trainer runs on (its model's), which
+        ``args.device``/``args.n_gpu`` report to callbacks, as transformers' do."""
+        if isinstance(self.args, TrainingArguments):
+            self.args._trainer_device = self._device
 
     # -- process identity -------------------------------------------------------------
 
@@ -901,6 +912,7 @@ class Trainer:
         handler.model = self.model
         handler.optimizer = self.optimizer
         handler.lr_scheduler = self.lr_scheduler
+        self._record_device()
 
         logger.info(
             "***** Running training ***** examples=%s epochs=%s steps/epoch=%s batch=%s accumulation=%s steps=%s",
@@ -922,6 +934,13 @@ class Trainer:
         self._last_checkpoint_dir = resume_from_checkpoint
         self.model.zero_grad(set_to_none=True)
 
+        # As transformers, callbacks get the training DataLoader as train_dataloader=
+        # from on_train_begin on: the first epoch's here, each epoch's own from its
+        # on_epoch_begin (this loop draws a new one per epoch).
+        loader: torch.utils.data.DataLoader | None = self._train_loader(
+            epochs_trained, steps_trained_in_current_epoch if resume_from_checkpoint is not None else 0
+        )
+        handler.train_dataloader = loader
         self.control = handler.on_train_begin(args, self.state, self.control, resumed_from=resume_from_checkpoint)
         self._callback_watch.start(self.state.global_step)
         if getattr(args, "eval_on_start", False):
@@ -929,8 +948,12 @@ class Trainer:
 
         for epoch in range(epochs_trained, num_train_epochs):
             skip = steps_trained_in_current_epoch if epoch == epochs_trained else 0
+            if loader is None:
+                loader = self._train_loader(epoch, skip if epoch == epochs_trained and resume_from_checkpoint is not None else 0)
+                handler.train_dataloader = loader
             self.control = handler.on_epoch_begin(args, self.state, self.control)
-            self._run_epoch(epoch, skip, steps_in_epoch, nuspe, resume_from_checkpoint, epochs_trained)
+            self._run_epoch(epoch, skip, steps_in_epoch, nuspe, resume_from_checkpoint, epochs_trained, loader=loader)
+            loader = None
             if self.control.should_training_stop:
                 break
             self._check_interrupt()
@@ -982,6 +1005,7 @@ class Trainer:
         nuspe: int,
         resume_from_checkpoint: str | None,
         epochs_trained: int,
+        loader: torch.utils.data.DataLoader | None = None,
     ) -> None:
         args = self.args
         handler = self.callback_handler
@@ -999,7 +1023,9 @@ class Trainer:
         if resuming_this_epoch and skip_batches > 0:
             step = skip_batches - 1
             num_update_steps_trained = skip_batches // ga
-        loader = self._train_loader(epoch, skip_batches if resuming_this_epoch else 0)
+        if loader is None:
+            loader = self._train_loader(epoch, skip_batches if resuming_this_epoch else 0)
+            handler.train_dataloader = loader
         if resuming_this_epoch:
             # The generators continue exactly where the checkpoint left them (dropout
             # masks and any other randomness in the step).
@@ -1215,9 +1241,18 @@ class Trainer:
 
     def log(self, logs: dict[str, Any], start_time: float | None = None) -> None:
         """Record ``logs`` in ``state.log_history`` (with the epoch and step) and call
-        ``on_log`` (which publishes the ``Log`` event). Values may be tensors."""
+        ``on_log`` (which publishes the ``Log`` event).
+
+        The loop logs its loss and grad norm as tensors, read off the training thread
+        by the bus. When some ``on_log`` callback wants plain numbers
+        (:attr:`CallbackHandler.wants_plain_logs`, as transformers gives), they are read
+        here first, for the callbacks and ``log_history`` alike; otherwise
+        ``log_history`` keeps them until the next evaluation, checkpoint or the end of
+        training, which read them (they wait for the device anyway)."""
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
+        if self.callback_handler.wants_plain_logs:
+            _read_values(logs)
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
 
@@ -1240,6 +1275,7 @@ class Trainer:
         )
         metrics["total_flos"] = float(self.state.total_flos)
         metrics["train_loss"] = train_loss
+        self._settle_log_history()
         self.log(metrics)
 
         if getattr(args, "load_best_model_at_end", False) and self.state.best_model_checkpoint is not None:
@@ -1274,8 +1310,17 @@ class Trainer:
 
         return [cb for cb in self.callback_handler.callbacks + [self.control] if is_exportable(cb)]
 
+    def _settle_log_history(self) -> None:
+        """Read the tensors left in ``state.log_history`` (see :meth:`log`)."""
+        history = self.state.log_history
+        start = self._history_settled if self._history_settled <= len(history) else 0
+        for entry in history[start:]:
+            _read_values(entry)
+        self._history_settled = len(history)
+
     def _save_checkpoint(self) -> str:
         """Write ``checkpoint-<global_step>`` (atomically) and rotate old ones."""
+        self._settle_log_history()
         args = self.args
         state = self.state
         final = ckpt.checkpoint_path(args.output_dir, state.global_step)
@@ -1349,6 +1394,7 @@ class Trainer:
                     metric_key_prefix, start, num_samples=n, num_steps=math.ceil(n / self.args.per_device_eval_batch_size)
                 )
             )
+            self._settle_log_history()
             self.log(output.metrics)
             self.control = self.callback_handler.on_evaluate(
                 self.args, self.state, self.control, metrics=output.metrics, metric_key_prefix=metric_key_prefix
@@ -1406,6 +1452,7 @@ class Trainer:
         model = self.model
         model.eval()
         self.callback_handler.eval_dataloader = dataloader
+        self._record_device()
         device = self._device
         losses: list[torch.Tensor] = []
         loss_weights: list[float] = []

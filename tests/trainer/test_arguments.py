@@ -214,3 +214,120 @@ def test_ddp_fields_are_validated(tmp_path):
         TrainingArguments(output_dir=str(tmp_path), ddp_backend="mpi")
     with pytest.raises(TrainingArgumentsError, match="ddp_timeout must be > 0"):
         TrainingArguments(output_dir=str(tmp_path), ddp_timeout=0)
+
+
+# -- attributes transformers-written callbacks read -------------------------------------------------
+
+_PROCESS_PROPERTIES = ("should_save", "should_log", "process_index", "local_process_index", "world_size", "device", "n_gpu")
+_HF_FIELDS = ("label_names", "push_to_hub", "hub_model_id", "include_num_input_tokens_seen", "local_rank",
+              "log_on_each_node", "save_on_each_node")
+
+
+def _single_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_process_attributes_in_a_single_process(monkeypatch):
+    import torch
+
+    _single_process(monkeypatch)
+    a = TrainingArguments()
+    assert (a.should_save, a.should_log, a.process_index, a.local_process_index, a.world_size) == (True, True, 0, 0, 1)
+    assert isinstance(a.device, torch.device)
+    assert a.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert a.n_gpu == (1 if a.device.type == "cuda" else 0)
+    assert (a.label_names, a.push_to_hub, a.hub_model_id, a.include_num_input_tokens_seen, a.local_rank) == (
+        None, False, None, "no", -1)
+
+
+def test_process_attributes_follow_the_torchrun_environment(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    a = TrainingArguments(ddp_backend="gloo")
+    assert (a.process_index, a.local_process_index, a.world_size) == (5, 1, 8)
+    assert a.should_save is False and a.should_log is False
+    assert a.device == torch.device("cpu") and a.n_gpu == 0
+    monkeypatch.setenv("LOCAL_RANK", "0")  # the first process of the second node
+    assert a.should_log is True and a.should_save is False
+    assert TrainingArguments(log_on_each_node=False).should_log is False
+    monkeypatch.setenv("RANK", "0")
+    assert a.should_save is True and TrainingArguments(log_on_each_node=False).should_log is True
+    assert a.local_rank == -1  # transformers' deprecated parser field, not the environment
+
+
+def test_process_attributes_match_transformers_in_a_single_process(monkeypatch):
+    ta = require_module("transformers.training_args")
+    _single_process(monkeypatch)
+    theirs = ta.TrainingArguments(output_dir="o", use_cpu=True, report_to="none")
+    ours = TrainingArguments(output_dir="o")
+    ours._trainer_device = theirs.device  # as a Trainer whose model is on the CPU records it
+    for name in _PROCESS_PROPERTIES + _HF_FIELDS:
+        assert getattr(ours, name) == getattr(theirs, name), name
+
+
+def test_new_fields_are_serialised_like_transformers_and_properties_are_not(monkeypatch):
+    ta = require_module("transformers.training_args")
+    _single_process(monkeypatch)
+    theirs = ta.TrainingArguments(output_dir="o", use_cpu=True, report_to="none", label_names=["y"], hub_model_id="me/m")
+    ours = TrainingArguments(output_dir="o", label_names=["y"], hub_model_id="me/m")
+    d, t = ours.to_dict(), theirs.to_dict()
+    for name in _HF_FIELDS:
+        assert d[name] == t[name], name
+    for name in _PROCESS_PROPERTIES:
+        assert name not in d and name not in t
+    assert json.loads(ours.to_json_string())["label_names"] == ["y"]
+    ours.device  # noqa: B018 - reading the properties changes nothing that is compared or serialised
+    ours._trainer_device = "cpu"
+    again = TrainingArguments(**json.loads(ours.to_json_string()))
+    assert again == ours and again.to_dict() == d
+    assert dataclasses.replace(ours) == ours
+
+
+def test_transformers_field_values_are_normalised_or_refused():
+    assert TrainingArguments(include_num_input_tokens_seen=False).include_num_input_tokens_seen == "no"
+    assert TrainingArguments(label_names=("y", "z")).label_names == ["y", "z"]
+    assert TrainingArguments(local_rank=3).local_rank == 3
+    for kwargs, message in (
+        ({"push_to_hub": True}, "push_to_hub"),
+        ({"save_on_each_node": True}, "save_on_each_node"),
+        ({"include_num_input_tokens_seen": True}, "include_num_input_tokens_seen"),
+        ({"include_num_input_tokens_seen": "non_padding"}, "include_num_input_tokens_seen"),
+        ({"include_num_input_tokens_seen": "some"}, "include_num_input_tokens_seen"),
+        ({"label_names": "labels"}, "label_names"),
+        ({"hub_model_id": 3}, "hub_model_id"),
+        ({"local_rank": "0"}, "local_rank"),
+        ({"log_on_each_node": "yes"}, "log_on_each_node"),
+    ):
+        with pytest.raises(TrainingArgumentsError, match=message):
+            TrainingArguments(**kwargs)
+
+
+def test_the_trainer_records_its_device_and_label_names_are_used(tmp_path):
+    import torch
+
+    from tests.trainer._loop_helpers import TinyClassifier
+    from trainer import Trainer, TrainerCallback
+
+    seen = []
+
+    class MainOnly(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            seen.append((args.should_save, args.process_index, args.device, args.n_gpu))
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, save_steps=1, report_to="none", label_names=["y"])
+    data = [{"x": torch.randn(4), "y": torch.tensor(1)} for _ in range(4)]
+
+    class YModel(TinyClassifier):
+        def forward(self, x, y=None):
+            return super().forward(x, labels=y)
+
+    t = Trainer(YModel(), args, train_dataset=data, eval_dataset=data, callbacks=[MainOnly()])
+    assert t.label_names == ["y"]
+    t.train()
+    assert seen == [(True, 0, torch.device("cpu"), 0)]
+    assert t.predict(data).label_ids is not None

@@ -368,6 +368,8 @@ def test_log_tensors_are_snapshotted_and_the_callers_dict_is_not_shared():
     bus = EventBus([sink], flush_interval=0.01)
 
     class Popper(TrainerCallback):  # edits the logs after the event is built
+        accepts_tensor_logs = True  # takes the loop's tensors as they are
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs.pop("total_flos", None)
 
@@ -780,4 +782,150 @@ def test_a_hook_marked_ignores_kwargs_is_called_without_them_and_others_get_them
 def test_default_flow_per_step_hooks_are_called_without_kwargs():
     h = CallbackHandler([DefaultFlowCallback()], None, None, None, None)
     assert [lean for _, lean in h._d_on_step_end] == [True]
-    assert [lean for _, lean in h._d_on_epoch_end] == [True]
+    # on_epoch_end is looked up at each call; @ignores_kwargs is honoured there too.
+    assert DefaultFlowCallback.on_epoch_end.__eventbus_ignores_kwargs__ is True
+    from trainer.callbacks import ignores_kwargs
+
+    seen = []
+
+    class LeanEpoch(TrainerCallback):
+        @ignores_kwargs
+        def on_epoch_end(self, args, state, control, **kwargs):
+            seen.append(kwargs)
+
+    CallbackHandler([LeanEpoch()], "m", None, None, None).on_epoch_end(TrainingArguments(), TrainerState(), TrainerControl())
+    assert seen == [{}]
+
+
+# -- hook lookup: live for the occasional hooks, bound for the per-step ones -------------------------
+
+from unittest import mock  # noqa: E402
+
+from trainer.callbacks import BOUND_HOOKS, ignores_kwargs  # noqa: E402
+
+_LIVE_HOOKS = [h for h in HOOKS if h not in BOUND_HOOKS]
+
+
+def test_bound_hooks_are_the_per_step_ones():
+    assert set(BOUND_HOOKS) == {"on_step_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end",
+                                "on_substep_end", "on_log", "on_prediction_step"}
+    assert set(_LIVE_HOOKS) == {"on_init_end", "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end",
+                                "on_evaluate", "on_predict", "on_save", "on_push_begin"}
+
+
+def test_mock_patch_object_on_an_added_callback_is_called():
+    class Real(TrainerCallback):
+        def __init__(self):
+            self.real_calls = 0
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.real_calls += 1
+
+    cb = Real()
+    h = handler(cb)
+    with mock.patch.object(cb, "on_evaluate") as patched:
+        h.on_evaluate(TrainingArguments(), TrainerState(), TrainerControl(), {"eval_loss": 1.0})
+    assert patched.called and cb.real_calls == 0
+    assert patched.call_args.kwargs["metrics"] == {"eval_loss": 1.0}
+    h.on_evaluate(TrainingArguments(), TrainerState(), TrainerControl(), {"eval_loss": 1.0})
+    assert cb.real_calls == 1  # the patch undone: the real method again
+
+
+@pytest.mark.parametrize("hook", _LIVE_HOOKS)
+def test_occasional_hooks_set_after_add_callback_are_called(hook):
+    calls = []
+
+    class Plain(TrainerCallback):
+        pass
+
+    on_instance = Plain()
+    h = handler(on_instance)
+    on_instance_hook = lambda args, state, control, **kw: calls.append(("instance", sorted(kw)))  # noqa: E731
+    setattr(on_instance, hook, on_instance_hook)
+    call_hook(h, hook, TrainingArguments(), TrainerState(), TrainerControl())
+    assert [c[0] for c in calls] == ["instance"]
+    assert {"model", "optimizer", "train_dataloader", "eval_dataloader"} <= set(calls[0][1])
+    assert h.dispatch_table(hook)[-1] is on_instance
+
+    class Later(TrainerCallback):
+        pass
+
+    h2 = handler(Later())
+    setattr(Later, hook, lambda self, args, state, control, **kw: calls.append(("class", hook)))
+    call_hook(h2, hook, TrainingArguments(), TrainerState(), TrainerControl())
+    assert calls[-1] == ("class", hook)
+
+
+def test_live_hooks_keep_returned_control_ignores_kwargs_and_profiling():
+    replacement = TrainerControl()
+    seen = []
+
+    class Replace(TrainerCallback):
+        pass
+
+    class Look(TrainerCallback):
+        @ignores_kwargs
+        def on_save(self, args, state, control, **kwargs):
+            seen.append((control is replacement, kwargs))
+
+    r = Replace()
+    h = CallbackHandler([r, Look()], "m", None, None, None)
+    h.profile = True
+    r.on_save = lambda args, state, control, **kw: replacement  # after the last rebuild
+    out = h.on_save(TrainingArguments(), TrainerState(), TrainerControl(), checkpoint_dir="x")
+    assert out is replacement and seen == [(True, {})]
+    assert {key for key in h.profile_report()} == {("Replace", "on_save"), ("Look", "on_save")}
+
+
+def test_bound_hooks_are_reread_by_refresh():
+    class Plain(TrainerCallback):
+        pass
+
+    cb = Plain()
+    h = handler(cb)
+    calls = []
+    cb.on_log = lambda args, state, control, **kw: calls.append(dict(kw["logs"]))
+    h.on_log(TrainingArguments(), TrainerState(), TrainerControl(), {"loss": 1.0})
+    assert calls == []  # bound when added: documented, refresh() re-reads
+    h.refresh()
+    h.on_log(TrainingArguments(), TrainerState(), TrainerControl(), {"loss": 2.0})
+    assert calls == [{"loss": 2.0}]
+    assert "refresh" in CallbackHandler.__doc__ and "on_step_end" in CallbackHandler.__doc__
+    assert "bound" in CallbackHandler.refresh.__doc__
+
+
+def test_call_event_dispatches_any_event_name_like_transformers():
+    calls = []
+
+    class Custom(TrainerCallback):
+        def on_custom(self, args, state, control, **kwargs):
+            calls.append(sorted(kwargs))
+            control.should_save = True
+            return control
+
+    h = handler(Custom())  # DefaultFlowCallback has no on_custom: skipped
+    out = h.call_event("on_custom", TrainingArguments(), TrainerState(), TrainerControl(), extra=1)
+    assert out.should_save and calls == [sorted(["model", "processing_class", "optimizer", "lr_scheduler",
+                                                 "train_dataloader", "eval_dataloader", "extra"])]
+    assert h.call_event("on_nobody_has_this", TrainingArguments(), TrainerState(), TrainerControl()) is not None
+    # Known hooks still go through call_event, bound or live.
+    cb = h.callbacks[-1]
+    with mock.patch.object(cb, "on_evaluate") as patched:
+        h.call_event("on_evaluate", TrainingArguments(), TrainerState(), TrainerControl(), metrics={})
+    assert patched.called
+
+
+def test_call_event_matches_transformers_for_a_custom_event():
+    tcb = require_module("transformers.trainer_callback")
+    results = []
+    for TC, H, S, C in ((TrainerCallback, CallbackHandler, TrainerState, TrainerControl),
+                        (tcb.TrainerCallback, tcb.CallbackHandler, tcb.TrainerState, tcb.TrainerControl)):
+        calls = []
+
+        class Custom(TC):
+            def on_custom(self, args, state, control, **kwargs):
+                calls.append(sorted(kwargs))
+
+        H([Custom()], None, None, None, None).call_event("on_custom", SimpleNamespace(), S(), C())
+        results.append(calls)
+    assert results[0] == results[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import random
 
@@ -231,9 +232,59 @@ def test_requirements_are_clear_errors_not_asserts():
         cb.on_train_begin(TrainingArguments(metric_for_best_model="loss"), TrainerState(), TrainerControl())
     assert issubclass(EarlyStoppingConfigError, ValueError)
     with pytest.raises(EarlyStoppingConfigError, match="early_stopping_patience"):
-        EarlyStoppingCallback(0)
+        EarlyStoppingCallback(-1)
     with pytest.raises(EarlyStoppingConfigError, match="early_stopping_threshold"):
         EarlyStoppingCallback(1, -0.5)
+
+
+def test_config_errors_are_also_assertion_errors_like_transformers():
+    # transformers asserts these requirements: `except AssertionError` must keep working.
+    assert issubclass(EarlyStoppingConfigError, AssertionError)
+    assert issubclass(EarlyStoppingConfigError, ValueError)
+    with pytest.raises(AssertionError):
+        EarlyStoppingCallback(1).on_train_begin(TrainingArguments(eval_strategy="epoch"), TrainerState(), TrainerControl())
+    with pytest.raises(AssertionError):
+        EarlyStoppingCallback(1).on_train_begin(TrainingArguments(metric_for_best_model="loss"), TrainerState(), TrainerControl())
+
+
+@pytest.mark.parametrize("bad_patience", [-1, 1.5, "2", None, True])
+def test_nonsense_patience_is_rejected(bad_patience):
+    with pytest.raises(EarlyStoppingConfigError, match="early_stopping_patience"):
+        EarlyStoppingCallback(bad_patience)
+
+
+@pytest.mark.parametrize("bad_threshold", [-0.1, float("nan"), "0.1", [0.1], True])
+def test_nonsense_threshold_is_rejected(bad_threshold):
+    with pytest.raises(EarlyStoppingConfigError, match="early_stopping_threshold"):
+        EarlyStoppingCallback(1, bad_threshold)
+
+
+def test_patience_zero_stops_at_first_evaluation_like_transformers():
+    tcb = require_module("transformers.trainer_callback")
+    args = es_args()
+    mine = run_early_stopping(EarlyStoppingCallback(0), args, [1.0, 1.1])
+    theirs = run_early_stopping(tcb.EarlyStoppingCallback(0), args, [1.0, 1.1],
+                                state=tcb.TrainerState(), control=tcb.TrainerControl())
+    assert mine == theirs == (0, [0])
+
+
+def test_numpy_patience_and_threshold_are_accepted():
+    np = pytest.importorskip("numpy")
+    cb = EarlyStoppingCallback(np.int64(2), np.float32(0.05))
+    assert cb.early_stopping_patience == 2 and type(cb.early_stopping_patience) is int
+    assert cb.early_stopping_threshold == pytest.approx(0.05) and type(cb.early_stopping_threshold) is float
+    json.dumps(cb.state())  # plain Python numbers: checkpoint state stays JSON
+    stop, counters = run_early_stopping(EarlyStoppingCallback(np.int64(1), np.float32(0.05)), es_args(), [1.0, 0.99])
+    assert (stop, counters) == (1, [0, 1])
+
+
+def test_load_best_model_warning_comes_before_the_config_error(caplog):
+    # transformers warns about load_best_model_at_end, then asserts.
+    args = TrainingArguments(eval_strategy="epoch")
+    assert args.metric_for_best_model is None and not args.load_best_model_at_end
+    with caplog.at_level(logging.WARNING, logger="trainer"), pytest.raises(EarlyStoppingConfigError):
+        EarlyStoppingCallback(1).on_train_begin(args, TrainerState(), TrainerControl())
+    assert any("load_best_model_at_end" in r.getMessage() for r in caplog.records)
 
 
 def test_without_load_best_model_at_end_it_warns(caplog):

@@ -228,10 +228,12 @@ def test_recording_sink_receives_logs_with_float_values(tmp_path):
     assert end.status == "completed" and end.step == 4
 
 
-def test_on_log_receives_tensors_and_log_history_keeps_them(tmp_path):
+def test_on_log_receives_tensors_when_it_accepts_them_and_log_history_ends_as_numbers(tmp_path):
     seen = []
 
     class Peek(TrainerCallback):
+        accepts_tensor_logs = True
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if "loss" in logs:
                 seen.append(dict(logs))
@@ -243,7 +245,8 @@ def test_on_log_receives_tensors_and_log_history_keeps_them(tmp_path):
         assert isinstance(logs["loss"], torch.Tensor) and logs["loss"].dim() == 0
         assert isinstance(logs["grad_norm"], torch.Tensor)
         assert isinstance(logs["learning_rate"], float)
-    assert float(seen[0]["loss"]) == pytest.approx(float(t.state.log_history[0]["loss"]))
+    assert float(seen[0]["loss"]) == pytest.approx(t.state.log_history[0]["loss"])
+    assert type(t.state.log_history[0]["loss"]) is float and type(t.state.log_history[0]["grad_norm"]) is float
 
 
 @pytest.fixture
@@ -638,3 +641,68 @@ def test_inconsistent_rank_environment_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(ValueError, match="RANK must be an integer"):
         distributed.get_info()
+
+
+# -- the objects callbacks receive as keywords ------------------------------------------------------
+
+
+class _LoaderSpy(TrainerCallback):
+    """Records the train/eval DataLoader each hook receives, and the batches the loop
+    actually iterates (through the train loader's sampler)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, object, object]] = []
+
+    def _rec(self, hook, state, kwargs):
+        self.seen.append((hook, state.global_step, kwargs.get("train_dataloader"), kwargs.get("eval_dataloader")))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._rec("on_train_begin", state, kwargs)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._rec("on_epoch_begin", state, kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._rec("on_step_end", state, kwargs)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._rec("on_evaluate", state, kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._rec("on_train_end", state, kwargs)
+
+
+def test_callbacks_receive_the_train_and_eval_dataloaders(tmp_path):
+    spy = _LoaderSpy()
+    t = Trainer(TinyClassifier(), _args(tmp_path, num_train_epochs=2, eval_strategy="epoch"),
+                train_dataset=TRAIN, eval_dataset=EVAL, callbacks=[spy])
+    t.train()
+    DataLoader = torch.utils.data.DataLoader
+    for hook, _, train_dl, _ in spy.seen:
+        assert isinstance(train_dl, DataLoader), hook
+        assert train_dl.dataset is TRAIN
+    begin = [train_dl for hook, _, train_dl, _ in spy.seen if hook == "on_epoch_begin"]
+    assert len(begin) == 2 and begin[0] is not begin[1]  # each epoch's own loader
+    # on_train_begin gets the loader the first epoch iterates; each step the loader of its epoch.
+    assert spy.seen[0][0] == "on_train_begin" and spy.seen[0][2] is begin[0]
+    for hook, step, train_dl, _ in spy.seen:
+        if hook == "on_step_end":
+            assert train_dl is begin[0 if step <= 5 else 1]
+    evals = [eval_dl for hook, _, _, eval_dl in spy.seen if hook == "on_evaluate"]
+    assert len(evals) == 2 and all(isinstance(e, DataLoader) and e.dataset is EVAL for e in evals)
+    assert t.callback_handler.train_dataloader is begin[1]
+
+
+def test_resumed_training_passes_the_resumed_epochs_dataloader(tmp_path):
+    args = _args(tmp_path, num_train_epochs=2, save_strategy="steps", save_steps=3)
+    Trainer(TinyClassifier(), args, train_dataset=TRAIN).train()
+    spy = _LoaderSpy()
+    t = Trainer(TinyClassifier(), args, train_dataset=TRAIN, callbacks=[spy])
+    t.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-3"))
+    first = spy.seen[0]
+    assert first[0] == "on_train_begin" and isinstance(first[2], torch.utils.data.DataLoader)
+    # The first loader skips the 3 batches trained before the checkpoint.
+    assert len(first[2]) == 2
+    steps = [(step, dl) for hook, step, dl, _ in spy.seen if hook == "on_step_end"]
+    assert [s for s, _ in steps] == list(range(4, 11))
+    assert all(dl is first[2] for s, dl in steps if s <= 5)

@@ -1,0 +1,81 @@
+"""What ``on_log`` callbacks and ``state.log_history`` hold: plain numbers, as in
+transformers, for every callback that has not said it takes tensors; the loop's
+tensors, unread on the training thread, when every ``on_log`` callback takes them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from tests.trainer._loop_helpers import RecordingSink, TinyClassifier, make_dataset, tiny_args
+from trainer import PrinterCallback, Trainer, TrainerCallback
+from eventbus import Log
+
+
+class JsonLogger(TrainerCallback):
+    """A callback written for transformers: each log as a JSON line, and the history
+    as JSON at every evaluation and at the end."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.history_at: dict[str, Any] = {}
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        self.lines.append(json.dumps(logs))
+        assert state.log_history[-1]["step"] == state.global_step
+        json.dumps(state.log_history[-1])
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.history_at[f"eval@{state.global_step}"] = json.dumps(state.log_history)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.history_at["end"] = json.dumps(state.log_history)
+
+
+class TakesTensors(TrainerCallback):
+    accepts_tensor_logs = True
+
+    def __init__(self) -> None:
+        self.kinds: list[type] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if "loss" in logs:
+            self.kinds.append(type(logs["loss"]))
+
+
+def history_kinds(trainer: Trainer) -> set[type]:
+    return {type(v) for h in trainer.state.log_history for v in h.values()}
+
+
+def test_a_transformers_style_on_log_callback_gets_plain_numbers(tmp_path) -> None:
+    cb = JsonLogger()
+    sink = RecordingSink()
+    args = tiny_args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=3)
+    trainer = Trainer(TinyClassifier(), args, train_dataset=make_dataset(64), eval_dataset=make_dataset(16, seed=1), callbacks=[cb], sinks=[sink])
+    trainer.train()
+    logged = [json.loads(line) for line in cb.lines]
+    train_logs = [d for d in logged if "loss" in d]
+    assert len(train_logs) == 6 and all(type(d["loss"]) is float and type(d["grad_norm"]) is float for d in train_logs)
+    assert set(cb.history_at) == {"eval@3", "eval@6", "end"}
+    assert history_kinds(trainer) <= {float, int}
+    # the sinks got the same numbers
+    got = [ev.values["loss"] for ev in sink.of(Log) if "loss" in ev.values]
+    assert got == [d["loss"] for d in train_logs]
+
+
+def test_callbacks_that_take_tensors_spare_the_read_and_the_history_is_read_at_the_end(tmp_path) -> None:
+    cb = TakesTensors()
+    args = tiny_args(tmp_path, max_steps=5)
+    trainer = Trainer(TinyClassifier(), args, train_dataset=make_dataset(64), callbacks=[cb])
+    assert trainer.callback_handler.wants_plain_logs is False  # PrinterCallback takes them too
+    assert any(isinstance(c, PrinterCallback) for c in trainer.callback_handler.callbacks)
+    trainer.train()
+    assert cb.kinds == [torch.Tensor] * 5  # handed over unread: no read on the training thread
+    # after train() the history is plain numbers, as transformers leaves it
+    assert history_kinds(trainer) <= {float, int}
+    json.dumps(trainer.state.log_history)
+    # adding a callback that did not say so switches the handler to plain numbers
+    trainer.add_callback(JsonLogger())
+    assert trainer.callback_handler.wants_plain_logs is True
