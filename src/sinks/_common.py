@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Mapping
 from eventbus.errors import MissingDependencyError, SinkConfigError
 from eventbus.redact import is_secret_key
 
-__all__ = ["BATCH_SIZE", "import_sdk", "rewrite_name", "rewrite_logs", "prefixed_name", "prefixed", "ScalarFilter", "flatten", "is_number", "check_option_types"]
+__all__ = ["BATCH_SIZE", "import_sdk", "rewrite_name", "rewrite_logs", "prefixed_name", "evaluation_names", "ScalarFilter", "flatten", "is_number", "check_option_types"]
 
 logger = logging.getLogger("sinks")
 
@@ -59,9 +59,19 @@ def prefixed_name(name: str, prefix: str) -> str:
     return f"{prefix}/{name[len(head):]}" if name.startswith(head) else f"{prefix}/{name}"
 
 
-def prefixed(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """:func:`prefixed_name` applied to every key of ``metrics``."""
-    return {prefixed_name(k, prefix): v for k, v in metrics.items()}
+def evaluation_names(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """An ``Evaluate``/``Predict``'s metrics under the names transformers' Comet and
+    Neptune callbacks give them (they log them through ``on_log``, named by
+    :func:`rewrite_logs`), so the same evaluation arriving as ``Log`` and as
+    ``Evaluate`` is one series: ``eval_loss`` -> ``eval/loss``, ``test_acc`` ->
+    ``test/acc``, ``epoch`` -> ``train/epoch`` (no ``eval/epoch``), a custom
+    ``metric_key_prefix``'s ``val_loss`` -> ``train/val_loss``; a name without the
+    prefix gets it (``loss`` -> ``eval/loss``)."""
+    head = prefix + "_"
+    return {
+        rewrite_name(k) if k == "epoch" or k.startswith(head) else prefixed_name(k, prefix): v
+        for k, v in metrics.items()
+    }
 
 
 def is_number(value: Any) -> bool:

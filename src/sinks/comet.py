@@ -10,7 +10,9 @@ What it logs, as transformers' ``CometCallback`` does:
 - parameters ``args/<name>`` (the training arguments, secrets redacted) and
   ``config/<name>`` (the model config); beyond transformers, ``hparams/<name>``;
 - metrics from ``Log`` (``loss`` -> ``train/loss``, ``eval_loss`` -> ``eval/loss``),
-  ``Evaluate`` and ``Predict`` (``test/<name>``), each with ``step`` (the global step)
+  ``Evaluate`` and ``Predict`` (``test/<name>``), named as transformers names them
+  (a custom ``metric_key_prefix="val"``'s ``val_loss`` -> ``train/val_loss``, an
+  evaluation's ``epoch`` -> ``train/epoch``), each with ``step`` (the global step)
   and ``epoch``; NaN and inf are logged as such (Comet stores them); the same
   evaluation arriving as ``Log`` and as ``Evaluate`` is logged once;
 - at the end, the output directory as assets when ``COMET_LOG_ASSETS`` is true.
@@ -47,7 +49,7 @@ from eventbus.errors import SinkConfigError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, TrainBegin, TrainEnd
 from eventbus.redact import Secret, redact, redact_text
 from eventbus.sink import RunInfo, ThreadedSink
-from sinks._common import BATCH_SIZE, ScalarFilter, check_option_types, import_sdk, prefixed, rewrite_logs
+from sinks._common import BATCH_SIZE, ScalarFilter, check_option_types, evaluation_names, import_sdk, rewrite_logs
 
 __all__ = ["CometSink"]
 
@@ -167,7 +169,8 @@ class CometSink(ThreadedSink):
         self._online = False
         self._run: RunInfo | None = None
         self._scalars = ScalarFilter(self.name)
-        self._last_step: dict[str, int] = {}
+        self._last_step: dict[str, tuple[int, float]] = {}
+        """Per metric name, the step and value last logged."""
 
     @staticmethod
     def _parse_mode(mode: str | None) -> tuple[str | None, bool | None, bool]:
@@ -304,7 +307,7 @@ class CometSink(ThreadedSink):
             if isinstance(event, Log):
                 self._log_metrics(rewrite_logs(event.values), event)
             elif isinstance(event, (Evaluate, Predict)):
-                self._log_metrics(prefixed(event.metrics, event.prefix), event)
+                self._log_metrics(evaluation_names(event.metrics, event.prefix), event)
             elif isinstance(event, TrainBegin):
                 self._train_begin(event)
             elif isinstance(event, TrainEnd):
@@ -341,10 +344,13 @@ class CometSink(ThreadedSink):
     def _log_metrics(self, values: Mapping[str, Any], event: BaseEvent) -> None:
         metrics: dict[str, float] = {}
         for key, value in self._scalars.scalars(values):
-            if self._last_step.get(key) == event.step:
-                # Already logged at this step (an evaluation arrives as Log and as Evaluate).
+            last = self._last_step.get(key)
+            if last is not None and last[0] == event.step and _same(last[1], value):
+                # Already logged at this step (an evaluation arrives as Log and as
+                # Evaluate). Another value at the same step is logged: an evaluate()
+                # after train() on other data, at the step of the last evaluation.
                 continue
-            self._last_step[key] = event.step
+            self._last_step[key] = (event.step, value)
             metrics[key] = value
         if metrics:
             self._experiment.log_metrics(metrics, step=event.step, epoch=event.epoch)
@@ -383,6 +389,10 @@ def _find_archive(experiment: Any) -> str | None:
         return None
     found = glob.glob(os.path.join(glob.escape(directory), f"{glob.escape(key)}*.zip"))
     return max(found, key=os.path.getmtime) if found else None
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
 
 
 def _clean(value: Any) -> Any:

@@ -15,8 +15,10 @@ under the same namespaces, so dashboards built for it keep working:
   store are stringified, as transformers does with ``stringify_unsupported``).
 - ``<base_namespace>/train/<name>``, ``eval/<name>``, ``test/<name>``: metric series,
   appended with ``step=<global step>`` and the event's time (one ``extend`` per series
-  per batch); ``<base_namespace>/train/epoch`` is a single value, overwritten with the
-  last one logged (transformers' ``flat_metrics``).
+  per batch), ``Evaluate``/``Predict`` metrics named as transformers names them (a
+  custom ``metric_key_prefix="val"``'s ``val_loss`` -> ``train/val_loss``, an
+  evaluation's ``epoch`` -> ``train/epoch``); ``<base_namespace>/train/epoch`` is a
+  single value, overwritten with the last one logged (transformers' ``flat_metrics``).
 - ``<base_namespace>/checkpoints`` (``log_checkpoints="same"``),
   ``checkpoints/last`` or ``checkpoints/best``: checkpoint uploads.
 - ``source_code/integrations/eventbus-telemetry``: this package's version.
@@ -29,7 +31,8 @@ Beyond transformers: the eventbus run id as a tag and as ``<base_namespace>/run_
 (``source_files=[...]``). NaN and inf cannot be stored by Neptune: they are skipped
 with one warning per metric. A metric step that is not above the last one logged for
 that metric (Neptune's rule) is skipped too, so the same evaluation arriving both as
-``Log`` and as ``Evaluate`` is logged once.
+``Log`` and as ``Evaluate`` is logged once (another value at a step already logged is
+skipped with a warning).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from eventbus.errors import SinkConfigError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
 from eventbus.redact import Secret, redact, redact_text
 from eventbus.sink import RunInfo, ThreadedSink
-from sinks._common import BATCH_SIZE, check_option_types, import_sdk, is_number, prefixed, rewrite_logs
+from sinks._common import BATCH_SIZE, check_option_types, evaluation_names, import_sdk, is_number, rewrite_logs
 
 __all__ = ["NeptuneSink", "clean_path"]
 
@@ -194,6 +197,7 @@ class NeptuneSink(ThreadedSink):
             self.isolate = False  # the user's run object lives in this process
         self._run: Any = None
         self._last_step: dict[str, float] = {}
+        self._last_value: dict[str, float] = {}
         # The batch being written (until it succeeds) and each series' last step before
         # it: the bus retries a failed batch with the very same list.
         self._attempt: tuple[Sequence[BaseEvent], dict[str, float]] | None = None
@@ -249,6 +253,7 @@ class NeptuneSink(ThreadedSink):
         """Create (or adopt) the Neptune run and tag it with the bus run id."""
         neptune = import_sdk("neptune", "neptune", "neptune")
         self._last_step.clear()
+        self._last_value.clear()
         self._attempt = None
         self._previous_checkpoint = None
         if self._user_run is not None:
@@ -307,7 +312,7 @@ class NeptuneSink(ThreadedSink):
             if isinstance(event, Log):
                 self._gather(rewrite_logs(event.values), event, pending)
             elif isinstance(event, (Evaluate, Predict)):
-                self._gather(prefixed(event.metrics, event.prefix), event, pending)
+                self._gather(evaluation_names(event.metrics, event.prefix), event, pending)
             else:
                 self._send(pending)  # what came before this event is logged before it
                 if isinstance(event, TrainBegin):
@@ -349,6 +354,7 @@ class NeptuneSink(ThreadedSink):
 
     def _gather(self, values: Mapping[str, Any], event: BaseEvent, pending: _Pending) -> None:
         step = event.step
+        clashes: list[str] = []
         for key, value in values.items():
             if not is_number(value) and not isinstance(value, bool):
                 self._warn_once(
@@ -382,12 +388,26 @@ class NeptuneSink(ThreadedSink):
                         step,
                         last,
                     )
+                elif step == last:
+                    logged = series[0][-1] if series else self._last_value.get(key)
+                    if logged is not None and logged != value:
+                        # E.g. evaluate() on other data after train(), at the step of
+                        # the last evaluation (transformers' callback loses it too).
+                        clashes.append(key)
                 continue
             if series is None:
                 series = pending.series[key] = ([], [], [])
             series[0].append(value)
             series[1].append(step)
             series[2].append(event.time_ns / 1e9)
+        if clashes:
+            self._warn_once(
+                f"step {step}",
+                "%s: other values at step %d, which already has them logged; Neptune keeps one value per step "
+                "(an evaluate() after train() at the step of the last evaluation?), not logged",
+                ", ".join(clashes),
+                step,
+            )
 
     def _send(self, pending: _Pending) -> None:
         """Send what ``pending`` gathered, and empty it. A series' last step is noted
@@ -398,6 +418,7 @@ class NeptuneSink(ThreadedSink):
         for key, (values, steps, timestamps) in pending.series.items():
             self._ns(key).extend(values, steps=steps, timestamps=timestamps)
             self._last_step[key] = steps[-1]
+            self._last_value[key] = values[-1]
         pending.series.clear()
 
     def _save(self, event: Save) -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import atexit
 import enum
+import functools
 import importlib
+import logging
 import math
 import os
 import threading
-import weakref
+import time
 from typing import Any, Iterable, Mapping, Sequence
 
 from eventbus.bus import EventBus
@@ -22,6 +24,8 @@ from eventbus.sink import RunInfo, Sink
 from eventbus.stats import BusStats
 
 __all__ = ["BusHolder", "import_framework", "jsonable", "safe_config", "scalar_params"]
+
+logger = logging.getLogger("eventbus.bridges")
 
 
 def import_framework(module: str, extra: str) -> Any:
@@ -39,10 +43,12 @@ class BusHolder:
     """Owns the bus a bridge publishes to.
 
     A bridge is built before the run is known (output dir, rank), so the bus is
-    created on first use with the run's :class:`RunInfo`. Frameworks close their
-    loggers after every ``fit``/``test``/``train`` call and may be called again
-    (``trainer.evaluate()`` after ``trainer.train()``): a closed bus cannot restart,
-    so the next use creates a fresh bus over the same sinks and the same ``run_id``.
+    created on first use with the run's :class:`RunInfo`. A closed bus cannot
+    restart: after :meth:`close`, the next use creates a fresh bus over the same sinks
+    and the same ``run_id`` (the sinks are opened again; an SDK sink then starts a new
+    experiment). A bridge that expects more events for the same run (transformers'
+    ``trainer.evaluate()`` after ``trainer.train()``) calls :meth:`flush` instead, and
+    the bus is closed by :meth:`close` or at interpreter exit.
 
     A bus passed in by the caller is the caller's: it is started if needed but never
     closed here.
@@ -92,7 +98,7 @@ class BusHolder:
         self.pending = False
         """A bus was created by :meth:`prepare` and is not started yet."""
         self._lock = threading.Lock()
-        self._atexit_registered = False
+        self._exit_hook: Any = None
 
     def prepare(self, run: RunInfo) -> EventBus:
         """The bus for ``run``, created (or re-created after a close) but not started
@@ -133,17 +139,54 @@ class BusHolder:
             if self.pending:
                 bus.start()
                 self.pending = False
-                if not self._atexit_registered:
-                    # A run that crashes never reaches on_train_end/finalize: still
-                    # flush what was published, within the deadline, at exit.
-                    atexit.register(_close_at_exit, weakref.ref(self))
-                    self._atexit_registered = True
+                # A run that crashes never reaches on_train_end/finalize, and a bus
+                # left open for a later evaluate() is closed by nobody else: deliver
+                # what was published and close the sinks, within the deadline, at exit.
+                # The hook holds the bus itself (its thread keeps it alive anyway), not
+                # this holder: a bridge dropped by the user still gets its bus closed.
+                hook = functools.partial(_close_at_exit, bus, self.close_timeout)
+                atexit.register(hook)
+                self._exit_hook = hook
             return bus
 
     @property
     def running(self) -> bool:
         """Whether the bus exists and is running."""
         return self.bus is not None and self.bus.running
+
+    def flush(self, timeout: float | None = None) -> BusStats | None:
+        """Wait, within ``timeout`` (default ``close_timeout``) seconds, until the
+        sinks were handed everything published so far (written, or dropped/spooled
+        as the bus decides), without closing anything: the sinks keep their files,
+        experiments and runs open for what comes next. Returns the stats then (also
+        kept as ``last_stats``).
+
+        What a sink buffers inside itself is its own: the file sinks flush on
+        ``TrainEnd``/``Evaluate``; an SDK sink finishes its experiment (Comet's
+        offline archive, Neptune's last operations) when the bus closes."""
+        bus = self.bus
+        if bus is None:
+            return self.last_stats
+        if not self.owns or not bus.running:
+            return bus.stats() if not self.owns else self.last_stats
+        deadline = time.monotonic() + (self.close_timeout if timeout is None else timeout)
+        stats = bus.stats()
+        target = stats.published - stats.ingress_dropped  # accepted before this call
+        settled: int | None = None
+        while True:
+            taken = stats.published - stats.ingress_dropped - stats.ingress_depth
+            idle = taken >= target and all(s.queue_depth == 0 or s.circuit_open for s in stats.sinks.values())
+            received = sum(s.received for s in stats.sinks.values())
+            if idle and settled == received:
+                break  # idle twice in a row: nothing was between the pump and a queue
+            settled = received if idle else None
+            if time.monotonic() >= deadline:
+                logger.warning("eventbus: flush: the sinks were not handed everything within the deadline")
+                break
+            time.sleep(0.002 if idle else 0.01)
+            stats = bus.stats()
+        self.last_stats = stats
+        return stats
 
     def close(self, timeout: float | None = None) -> BusStats | None:
         """Close the bus if this holder owns it and it runs; returns its final stats."""
@@ -156,13 +199,15 @@ class BusHolder:
             # A prepared bus never started: closing it counts what was published.
             self.pending = False
             self.last_stats = bus.close(self.close_timeout if timeout is None else timeout)
+        hook, self._exit_hook = self._exit_hook, None
+        if hook is not None:
+            atexit.unregister(hook)
         return self.last_stats
 
 
-def _close_at_exit(ref: weakref.ReferenceType[BusHolder]) -> None:
-    holder = ref()
-    if holder is not None:
-        holder.close()
+def _close_at_exit(bus: EventBus, timeout: float) -> None:
+    if bus.running:
+        bus.close(timeout)
 
 
 def jsonable(value: Any, _depth: int = 0) -> Any:

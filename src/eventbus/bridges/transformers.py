@@ -72,10 +72,17 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
     The bus is created and started at ``on_init_end`` (or at the first hook, when the
     callback was added after the ``Trainer`` was built), with a :class:`RunInfo` built
     from ``args`` (``output_dir``, ``logging_dir``, ``run_name``) and ``state``:
-    sinks run on world process zero only, unless a sink sets ``all_ranks``. It is
-    closed at ``on_train_end`` within ``close_timeout`` seconds (``last_stats`` then
-    holds its final counters); a later ``trainer.evaluate()``/``predict()`` opens a
-    fresh bus over the same sinks, closed by :meth:`close` or at interpreter exit.
+    sinks run on world process zero only, unless a sink sets ``all_ranks``.
+
+    At ``on_train_end`` the bus is flushed, not closed: before ``train()`` returns,
+    the sinks were handed everything (within ``close_timeout`` seconds; ``last_stats``
+    then holds the counters), and they stay open, so that a later
+    ``trainer.evaluate()``/``predict()`` lands in the same experiment or run as the
+    training (a Comet experiment, a Neptune run), as with transformers' own
+    callbacks. The bus is closed (sinks finish: Comet writes its offline archive,
+    Neptune stops its run) by :meth:`close`, or at interpreter exit. In a
+    hyperparameter search each trial's bus is closed at its ``on_train_end``, so
+    each trial is an experiment of its own, as transformers does.
 
     Only events some sink subscribes to are built. ``Log``, ``Evaluate`` and
     ``Predict`` values are copied, so transformers changing its dicts later does not
@@ -117,8 +124,11 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
         return self._holder.last_stats
 
     def close(self, timeout: float | None = None) -> BusStats | None:
-        """Close the bus now (deliver, close sinks, within ``timeout`` or
-        ``close_timeout``). Only needed after events published outside ``train()``."""
+        """Close the bus now (deliver, close the sinks, within ``timeout`` or
+        ``close_timeout``): call it when done with the trainer (after the last
+        ``evaluate()``/``predict()``); otherwise interpreter exit does it. A later
+        hook opens a fresh bus over the same sinks (a new Comet experiment or
+        Neptune run)."""
         return self._holder.close(timeout)
 
     def __repr__(self) -> str:
@@ -207,7 +217,8 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
         )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Publish :class:`TrainEnd`, then close the bus within ``close_timeout``."""
+        """Publish :class:`TrainEnd`, then flush the bus within ``close_timeout``
+        (closed instead in a hyperparameter search: one experiment per trial)."""
         if TrainEnd in self._holder.wanted or self._holder.bus is None:
             max_steps = int(getattr(state, "max_steps", 0) or 0)
             stopped = max_steps > 0 and state.global_step < max_steps
@@ -220,7 +231,14 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
                 best_metric=float(best) if isinstance(best, (int, float)) else None,
                 best_model_checkpoint=state.best_model_checkpoint,
             )
-        self._holder.close()
+        if getattr(state, "is_hyper_param_search", False):
+            self._holder.close()
+        else:
+            # Not closed: an evaluate()/predict() after train() must reach the same
+            # Comet experiment / Neptune run. A sink closed and reopened starts a new
+            # one (its experiment object lived in its isolated child, which a close
+            # stops), and Neptune cannot continue an offline run once stopped.
+            self._holder.flush()
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Publish :class:`EpochBegin`."""
@@ -251,17 +269,21 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
         self._simple(StepEnd, args, state)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> None:
-        """Publish :class:`Evaluate` with a copy of ``metrics``."""
+        """Publish :class:`Evaluate` with a copy of ``metrics``, its ``prefix`` the
+        ``metric_key_prefix`` the evaluation used (``"eval"`` unless told otherwise)."""
         self._pred_batches = 0
         if Evaluate in self._holder.wanted or self._holder.bus is None:
-            self._emit(Evaluate, args, state, metrics=dict(metrics or {}), prefix="eval")
+            metrics = dict(metrics or {})
+            prefix = _metric_key_prefix(metrics) or "eval"
+            self._emit(Evaluate, args, state, metrics=metrics, prefix=prefix)
 
     def on_predict(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> None:
-        """Publish :class:`Predict` with a copy of ``metrics``."""
+        """Publish :class:`Predict` with a copy of ``metrics``, its ``prefix`` the
+        ``metric_key_prefix`` the prediction used (``"test"`` unless told otherwise)."""
         self._pred_batches = 0
         if Predict in self._holder.wanted or self._holder.bus is None:
             metrics = dict(metrics or {})
-            prefix = _common_prefix(metrics) or "test"
+            prefix = _metric_key_prefix(metrics) or "test"
             self._emit(Predict, args, state, metrics=metrics, prefix=prefix)
 
     def on_prediction_step(self, args: Any, state: Any, control: Any, eval_dataloader: Any = None, **kwargs: Any) -> None:
@@ -294,6 +316,26 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
         """Publish :class:`PushBegin` with the hub repository as destination."""
         if PushBegin in self._holder.wanted or self._holder.bus is None:
             self._emit(PushBegin, args, state, destination=getattr(args, "hub_model_id", None))
+
+
+_SPEED = ("_runtime", "_samples_per_second", "_steps_per_second")
+
+
+def _metric_key_prefix(metrics: Mapping[str, Any]) -> str | None:
+    """The ``metric_key_prefix`` of an ``evaluate()``/``predict()`` (transformers
+    passes it to no callback). Its ``speed_metrics`` always add ``<prefix>_runtime``,
+    ``<prefix>_samples_per_second`` and ``<prefix>_steps_per_second``: the prefix
+    those three share (``val``, ``eval_squad``...); else the ``<prefix>_`` every
+    other key but ``epoch`` shares; else ``None``."""
+    found = {
+        k[: -len(_SPEED[0])]
+        for k in metrics
+        if k.endswith(_SPEED[0]) and all(k[: -len(_SPEED[0])] + s in metrics for s in _SPEED[1:])
+    }
+    found.discard("")
+    if len(found) == 1:
+        return found.pop()
+    return _common_prefix({k: v for k, v in metrics.items() if k != "epoch"})
 
 
 def _common_prefix(metrics: Mapping[str, Any]) -> str | None:

@@ -17,6 +17,7 @@ from eventbus import (
     InitEnd,
     Log,
     OptimizerStep,
+    Predict,
     Save,
     SinkConfigError,
     StepBegin,
@@ -121,13 +122,16 @@ def test_sinks_receive_what_transformers_logs_at_the_same_steps(tmp_path):
     cb = EventBusCallback([sink])
     trainer = _train(tmp_path, cb)
 
-    # on_train_end closed the bus: everything was delivered before train() returned.
-    assert cb.bus is not None and not cb.bus.running
+    # on_train_end flushed the bus: everything was delivered before train() returned,
+    # and the sinks stay open for a later evaluate() (same experiment / run).
+    assert cb.bus is not None and cb.bus.running
     stats = cb.last_stats
     assert stats is not None
     assert stats.sinks["recording"].dropped == 0
     assert stats.sinks["recording"].delivered == len(sink.received) > 0
-    assert sink.closed == 1
+    assert sink.closed == 0
+    cb.close()
+    assert sink.closed == 1 and not cb.bus.running
 
     history = trainer.state.log_history
     assert len(history) >= 6  # 4 training logs, 2 eval logs, the train summary
@@ -164,7 +168,9 @@ def test_sinks_receive_what_transformers_logs_at_the_same_steps(tmp_path):
 
 def test_train_begin_carries_redacted_arguments_and_hparams(tmp_path):
     sink = RecordingSink()
-    _train(tmp_path, EventBusCallback([sink]))
+    cb = EventBusCallback([sink])
+    _train(tmp_path, cb)
+    cb.close()
     (begin,) = sink.of(TrainBegin)
     assert begin.config["learning_rate"] == 0.05
     assert begin.config["output_dir"] == str(tmp_path / "out")
@@ -182,6 +188,7 @@ def test_jsonl_sink_by_report_to_name_reads_back_log_history(tmp_path):
 
     cb = EventBusCallback(report_to=["jsonl"], sink_options={"jsonl": {"path": str(tmp_path / "events.jsonl")}})
     trainer = _train(tmp_path, cb)
+    # Read before close: the flush at train end got TrainEnd written, which flushes the file.
     events = read_jsonl(tmp_path / "events.jsonl")
     got = [(e.step, dict(e.values)) for e in events if isinstance(e, Log)]
     expected = [(h["step"], {k: v for k, v in h.items() if k != "step"}) for h in trainer.state.log_history]
@@ -189,6 +196,7 @@ def test_jsonl_sink_by_report_to_name_reads_back_log_history(tmp_path):
     lines = (tmp_path / "events.jsonl").read_text()
     assert SECRET not in lines
     assert json.loads(lines.splitlines()[-1])["type"] == "TrainEnd"
+    cb.close()
 
 
 def test_only_subscribed_events_are_built(tmp_path):
@@ -201,21 +209,68 @@ def test_only_subscribed_events_are_built(tmp_path):
     assert sink.received and all(type(e) is Log for e in sink.received)
     # Nothing else entered the bus at all: StepEnd etc. were never built.
     assert cb.last_stats.published == len(sink.received)
+    cb.close()
 
 
-def test_evaluate_after_train_opens_a_fresh_bus_on_the_same_run(tmp_path):
+def test_evaluate_after_train_goes_to_the_same_bus_and_open_sinks(tmp_path):
     sink = RecordingSink()
     cb = EventBusCallback([sink])
     trainer = _train(tmp_path, cb)
+    bus = cb.bus
     first_run = sink.runs[0].run_id
     metrics = trainer.evaluate()
-    assert cb.bus.running  # reopened for the evaluation
+    assert cb.bus is bus and bus.running  # the training's bus: its sinks were never closed
     cb.close()
     last = sink.of(Evaluate)[-1]
     assert last.metrics == metrics
     assert last.step == 8
+    assert [r.run_id for r in sink.runs] == [first_run]
+    assert sink.closed == 1
+    assert cb.last_stats.sinks["recording"].delivered == len(sink.received)
+
+    # After an explicit close, the next use opens a fresh bus over the same sinks and run.
+    trainer.evaluate()
+    assert cb.bus is not bus and cb.bus.running
+    cb.close()
     assert [r.run_id for r in sink.runs] == [first_run, first_run]
     assert sink.closed == 2
+
+
+def test_a_hyperparameter_search_trial_closes_its_bus_at_train_end(tmp_path):
+    """As transformers' CometCallback makes one experiment per trial."""
+    sink = RecordingSink()
+    cb = EventBusCallback([sink])
+    args = _args(tmp_path)
+    state, control = TrainerState(is_hyper_param_search=True), TrainerControl()
+    cb.on_train_begin(args, state, control, model=TinyRegressor())
+    cb.on_log(args, state, control, logs={"loss": 1.0})
+    cb.on_train_end(args, state, control)
+    assert not cb.bus.running and sink.closed == 1
+    assert [type(e) for e in sink.received] == [TrainBegin, Log, TrainEnd]
+
+
+@pytest.mark.parametrize(
+    ("call", "prefix"),
+    [
+        (lambda t: t.evaluate(), "eval"),
+        (lambda t: t.evaluate(metric_key_prefix="val"), "val"),
+        (lambda t: t.evaluate(eval_dataset={"squad": _Data(8, 2)}), "eval_squad"),
+        (lambda t: t.predict(_Data(8, 2)), "test"),
+        (lambda t: t.predict(_Data(8, 2), metric_key_prefix="holdout_set"), "holdout_set"),
+    ],
+    ids=["evaluate", "evaluate-val", "evaluate-dict", "predict", "predict-custom"],
+)
+def test_evaluate_and_predict_carry_the_metric_key_prefix_used(tmp_path, call, prefix):
+    """transformers passes no metric_key_prefix to callbacks: it is read off the
+    speed metrics every evaluate()/predict() adds (<prefix>_runtime...)."""
+    sink = RecordingSink()
+    cb = EventBusCallback([sink])
+    trainer = _train(tmp_path, cb, eval_strategy="no", save_strategy="no")
+    call(trainer)
+    cb.close()
+    (event,) = sink.of(Evaluate) + sink.of(Predict)
+    assert event.prefix == prefix
+    assert f"{prefix}_loss" in event.metrics and f"{prefix}_runtime" in event.metrics
 
 
 def test_no_sink_runs_off_world_process_zero(tmp_path):
