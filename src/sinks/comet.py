@@ -28,6 +28,21 @@ older ``ONLINE``/``OFFLINE``/``DISABLED``), ``COMET_START_ONLINE``,
 experiment is offline (a ``.zip`` under the offline directory, to send later with
 ``comet upload``) when ``COMET_START_ONLINE`` is false or no API key is configured.
 
+One experiment per bus run: our ``Trainer`` closes its bus at the end of ``train()``,
+and ``evaluate()``/``predict()`` open a new bus over the same sink with the same run
+id. Opened again for the run id it last logged (``last_bus_run_id``), the sink
+continues that experiment (``last_experiment_key``, plain strings that survive
+process isolation): ``comet_ml.start(experiment_key=..., mode="get")``, an
+``ExistingExperiment`` online; offline, another archive ``<key>-<suffix>.zip`` with
+resume strategy ``get`` that ``comet upload`` appends to the experiment, once the
+experiment's first archive is uploaded (upload them oldest first; ``archive_path`` is
+the latest). Parameters come with ``TrainBegin`` and are logged once. An offline
+experiment is continued only once its archive is written (a continuation of an
+archive never written could not be uploaded): a reopen before that, or for another
+run id, starts a new experiment, as does one online whose experiment is not on the
+server. An open with an experiment still open (a failed open, a close that did not
+run) closes it first.
+
 The SDK's own error reporting (Sentry, ``COMET_ERROR_TRACKING_ENABLE``), its usage
 reporting (``COMET_INTERNAL_REPORTING``) and its framework auto-logging import hooks
 (``COMET_DISABLE_AUTO_LOGGING``) are off unless those variables say otherwise; source
@@ -66,6 +81,27 @@ _SDK_DEFAULTS = {
     "COMET_INTERNAL_REPORTING": "false",
     "COMET_DISABLE_AUTO_LOGGING": "1",
 }
+
+
+_START_LOGGERS = tuple(
+    f"comet_ml.comet_start.{m}" for m in ("comet_start", "config_manager", "experiment_factory", "experiment_status")
+)
+
+
+class _RedactFilter(logging.Filter):
+    """Replaces the API key in the records of the logger it is added to."""
+
+    def __init__(self, secret: str | None) -> None:
+        super().__init__()
+        self._secret = Secret(secret)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secret = self._secret.get()
+        if secret:
+            message = record.getMessage()
+            if secret in message:
+                record.msg, record.args = redact_text(message, secret), None
+        return True
 
 
 def _env_bool(name: str, default: bool | None = None) -> bool | None:
@@ -164,9 +200,17 @@ class CometSink(ThreadedSink):
         self.log_env_details = log_env_details
         self.display_summary_level = display_summary_level
         self.archive_path: str | None = None
-        """The offline archive (``.zip``) once the experiment has ended offline."""
+        """The offline archive (``.zip``) the last offline end wrote: after a reopen for
+        the same run (``train()`` then ``evaluate()``), the continuation's archive."""
+        self.last_experiment_key: str | None = None
+        """The key of the experiment a reopen for :attr:`last_bus_run_id` continues: set
+        when an online experiment starts, and when an offline one's archive is written
+        (a plain string, so it survives process isolation's copy-back)."""
+        self.last_bus_run_id: str | None = None
+        """The eventbus run id :attr:`last_experiment_key` belongs to."""
         self._experiment: Any = None
         self._online = False
+        self._continued = False  # the experiment continues one an earlier open started
         self._run: RunInfo | None = None
         self._scalars = ScalarFilter(self.name)
         self._last_step: dict[str, tuple[int, float]] = {}
@@ -222,7 +266,9 @@ class CometSink(ThreadedSink):
     # -- lifecycle -----------------------------------------------------------------
 
     def open_sync(self, run: RunInfo) -> None:
-        """Import the SDK and start the experiment, on this sink's thread."""
+        """Import the SDK and start the experiment, on this sink's thread; opened again
+        for the same bus run (``train()`` then ``evaluate()``), continue its experiment."""
+        self._end_stale()
         self._run = run
         self._last_step.clear()
         if self.disabled:
@@ -270,21 +316,63 @@ class CometSink(ThreadedSink):
             auto_metric_logging=False,
             display_summary_level=self.display_summary_level,
         )
+        continued = self.last_experiment_key if self.last_bus_run_id == run.run_id else None
+        if continued is None:
+            self.last_experiment_key = self.last_bus_run_id = None
+
+        def start(key: str | None, mode: str | None) -> Any:
+            # comet_ml.start logs its init parameters, API key included, at ERROR when
+            # it cannot get or create the experiment (a key not found with "get").
+            loggers = [logging.getLogger(n) for n in _START_LOGGERS]
+            redacting = _RedactFilter(api_key)
+            for lg in loggers:
+                lg.addFilter(redacting)
+            try:
+                return comet_ml.start(
+                    api_key=api_key if online else None,
+                    workspace=self.workspace,
+                    project_name=self.project_name,
+                    experiment_key=key,
+                    mode=mode,
+                    online=online,
+                    experiment_config=config,
+                )
+            finally:
+                for lg in loggers:
+                    lg.removeFilter(redacting)
+
         try:
-            self._experiment = comet_ml.start(
-                api_key=api_key if online else None,
-                workspace=self.workspace,
-                project_name=self.project_name,
-                experiment_key=self.experiment_key,
-                mode=self.mode,
-                online=online,
-                experiment_config=config,
-            )
+            if continued is None:
+                self._experiment = start(self.experiment_key, self.mode)
+            else:
+                # The same bus run opened again (our Trainer closes its bus at the end of
+                # train(); evaluate() opens a new one): continue its experiment. "get"
+                # online is an ExistingExperiment; offline, an archive that `comet upload`
+                # appends to that experiment (once the first archive is uploaded).
+                try:
+                    self._experiment = start(continued, "get")
+                except comet_ml.exceptions.ExperimentNotFound:
+                    # E.g. started offline, now online: that experiment is not on the server.
+                    logger.warning(
+                        "comet_ml sink: experiment %s of run %s is not on the server (logged offline and not "
+                        "uploaded?); starting a new experiment",
+                        continued,
+                        run.run_id,
+                    )
+                    continued = None
+                    self._experiment = start(self.experiment_key, self.mode)
+                else:
+                    logger.info("comet_ml sink: continuing experiment %s of run %s", continued, run.run_id)
         except (ValueError, comet_ml.exceptions.InvalidExperimentMode, comet_ml.exceptions.InvalidAPIKey) as exc:
             # Configuration mistakes; anything else (a server error) goes to the bus's retry logic.
             raise SinkConfigError(f"comet_ml sink: could not start the experiment: {self._redact(str(exc))}") from None
         self._online = online
-        self._experiment.log_other("eventbus_run_id", run.run_id)
+        self._continued = continued is not None
+        if online:
+            # On the server from now on: a reopen continues it even if this close fails.
+            self.last_experiment_key, self.last_bus_run_id = self._experiment.get_key(), run.run_id
+        if continued is None:
+            self._experiment.log_other("eventbus_run_id", run.run_id)
 
     def _import(self) -> Any:
         for name, value in _SDK_DEFAULTS.items():
@@ -320,10 +408,29 @@ class CometSink(ThreadedSink):
             experiment.end()
             if not self._online:
                 self.archive_path = _find_archive(experiment)
+                if self.archive_path and self._run is not None:
+                    # Written: a reopen for this run continues the experiment.
+                    self.last_experiment_key, self.last_bus_run_id = experiment.get_key(), self._run.run_id
             if self.archive_path:
                 logger.info(
-                    "comet_ml sink: offline experiment saved to %s (send it with `comet upload`)", self.archive_path
+                    "comet_ml sink: offline experiment saved to %s (send it with `comet upload`%s)",
+                    self.archive_path,
+                    ", after the archives written before it for this experiment" if self._continued else "",
                 )
+
+    def _end_stale(self) -> None:
+        """End the experiment an open that failed after starting it, or a close that did
+        not run, left behind (in this process): as a close would (an offline archive
+        written is then continued), never failing the open."""
+        if self._experiment is None:
+            return
+        try:
+            self.close_sync()
+        except Exception as exc:
+            self._experiment = None
+            logger.warning(
+                "comet_ml sink: could not end the previous experiment: %s: %s", type(exc).__name__, self._redact(str(exc))
+            )
 
     # -- events --------------------------------------------------------------------
 
@@ -387,6 +494,11 @@ def _find_archive(experiment: Any) -> str | None:
     key = getattr(experiment, "id", None)
     if not directory or not key:
         return None
+    # Its exact name when the SDK says it (a continued experiment's archives share the key).
+    suffix = getattr(experiment, "offline_archive_name_suffix", None)
+    exact = os.path.join(directory, f"{key}-{suffix}.zip" if isinstance(suffix, str) and suffix else f"{key}.zip")
+    if os.path.isfile(exact):
+        return exact
     found = glob.glob(os.path.join(glob.escape(directory), f"{glob.escape(key)}*.zip"))
     return max(found, key=os.path.getmtime) if found else None
 

@@ -33,6 +33,21 @@ with one warning per metric. A metric step that is not above the last one logged
 that metric (Neptune's rule) is skipped too, so the same evaluation arriving both as
 ``Log`` and as ``Evaluate`` is logged once (another value at a step already logged is
 skipped with a warning).
+
+One run per bus run where the client allows it: our ``Trainer`` closes its bus at the
+end of ``train()``, and ``evaluate()``/``predict()`` open a new bus over the same sink
+with the same run id. Opened again for the run id it last logged
+(``last_bus_run_id``), the sink continues its Neptune run online with
+``neptune.init_run(with_id=<sys/id>)`` (``last_sys_id``, plain strings that survive
+process isolation; ``custom_run_id`` is not passed then: the client refuses it with
+``with_id``), as transformers' ``NeptuneCallback`` does; a run the server no longer
+has gives a new run. The offline mode cannot continue a stopped run (``with_id``
+needs the server: the client raises ``RunNotFound``): the evaluation goes to a new
+offline run, tagged with the same bus run id, and a warning says so. An open with a
+run still open (a failed open, a close that did not run) stops it first. A ``run=``
+passed in is used as before. The steps already logged are not known after a reopen:
+in a continued run, a value at a step not above a series' last is refused by the
+server (the client logs it), not skipped here.
 """
 
 from __future__ import annotations
@@ -92,6 +107,28 @@ def _config_errors() -> tuple[type[BaseException], ...]:
         "ProjectNotFound",
     )
     return tuple(getattr(nexc, n) for n in names if isinstance(getattr(nexc, n, None), type))
+
+
+def _not_found_errors() -> tuple[type[BaseException], ...]:
+    """The client's exceptions for ``init_run(with_id=...)`` of a run the server does not have."""
+    import neptune.exceptions as nexc
+
+    found = getattr(nexc, "RunNotFound", None)
+    return (found,) if isinstance(found, type) else ()
+
+
+def _sys_id(run: Any) -> str | None:
+    """The run's ``sys/id`` (e.g. ``"PROJ-12"``): the client keeps it from the server's
+    answer at init (no request); else fetched, as transformers' NeptuneCallback does."""
+    sys_id = getattr(run, "_sys_id", None)
+    if isinstance(sys_id, str) and sys_id:
+        return str(sys_id)
+    try:
+        fetched = run["sys/id"].fetch()
+    except Exception as exc:  # a reopen then creates a new run; this one is kept
+        logger.warning("neptune sink: could not read the run's sys/id (%s); a reopen creates a new run", type(exc).__name__)
+        return None
+    return fetched if isinstance(fetched, str) and fetched else None
 
 
 def _package_version() -> str:
@@ -195,6 +232,12 @@ class NeptuneSink(ThreadedSink):
         self._user_run = run
         if run is not None:
             self.isolate = False  # the user's run object lives in this process
+        self.last_sys_id: str | None = None
+        """``sys/id`` of the server run a reopen for :attr:`last_bus_run_id` continues
+        (``with_id``); never set offline, where a stopped run cannot be continued (a plain
+        string, so it survives process isolation's copy-back)."""
+        self.last_bus_run_id: str | None = None
+        """The eventbus run id of the run this sink last created."""
         self._run: Any = None
         self._last_step: dict[str, float] = {}
         self._last_value: dict[str, float] = {}
@@ -250,8 +293,10 @@ class NeptuneSink(ThreadedSink):
             )
 
     def open_sync(self, run: RunInfo) -> None:
-        """Create (or adopt) the Neptune run and tag it with the bus run id."""
+        """Create (or adopt) the Neptune run and tag it with the bus run id; opened again
+        for the same bus run (``train()`` then ``evaluate()``), continue that run online."""
         neptune = import_sdk("neptune", "neptune", "neptune")
+        self._stop_stale()
         self._last_step.clear()
         self._last_value.clear()
         self._attempt = None
@@ -281,21 +326,69 @@ class NeptuneSink(ThreadedSink):
             kwargs.update(self.neptune_run_kwargs)
             extra_tags = kwargs.pop("tags", None) or ()
             kwargs["tags"] = [*self.tags, *([extra_tags] if isinstance(extra_tags, str) else extra_tags), run.run_id]
-            try:
-                self._run = neptune.init_run(
-                    project=self.project,
-                    api_token=self._api_token.get(),
-                    name=self.run_name or run.run_name or run.run_id,
-                    mode=self.mode,
-                    **kwargs,
+            same_run = self.last_bus_run_id == run.run_id
+            with_id = self.last_sys_id if same_run and self.mode not in _LOCAL_MODES else None
+            if same_run and self.mode == "offline":
+                # The client's offline mode has no server to resume from: init_run(with_id=...)
+                # raises RunNotFound there.
+                logger.warning(
+                    "neptune sink: offline mode cannot continue a stopped run: run %s continues in a new offline "
+                    "run (tagged %s as well); `neptune sync` uploads them as separate runs",
+                    run.run_id,
+                    run.run_id,
                 )
-            except _config_errors() as exc:
-                raise SinkConfigError(
-                    f"neptune sink: could not create a run in project {self.project!r}: "
-                    f"{redact_text(str(exc), self._api_token.get())}"
-                ) from None
+            self._run = None
+            if with_id is not None:
+                # The same bus run opened again (our Trainer closes its bus at the end of
+                # train(); evaluate() opens a new one): continue its run, as transformers'
+                # NeptuneCallback does. with_id and custom_run_id cannot go together.
+                resume = {k: v for k, v in kwargs.items() if k != "custom_run_id"}
+                try:
+                    self._run = self._init_run(neptune, run, with_id=with_id, **resume)
+                except _not_found_errors():
+                    logger.warning(
+                        "neptune sink: Neptune run %s of run %s was not found on the server (deleted?); creating a "
+                        "new one",
+                        with_id,
+                        run.run_id,
+                    )
+                else:
+                    logger.info("neptune sink: continuing Neptune run %s of run %s", with_id, run.run_id)
+            if self._run is None:
+                self._run = self._init_run(neptune, run, **kwargs)
+            self.last_bus_run_id = run.run_id
+            self.last_sys_id = None if self.mode in _LOCAL_MODES else _sys_id(self._run)
         self._run[INTEGRATION_VERSION_KEY] = _package_version()
         self._ns("run_id").assign(run.run_id)
+
+    def _init_run(self, neptune: Any, run: RunInfo, **kwargs: Any) -> Any:
+        try:
+            return neptune.init_run(
+                project=self.project,
+                api_token=self._api_token.get(),
+                name=self.run_name or run.run_name or run.run_id,
+                mode=self.mode,
+                **kwargs,
+            )
+        except _config_errors() as exc:
+            raise SinkConfigError(
+                f"neptune sink: could not create a run in project {self.project!r}: "
+                f"{redact_text(str(exc), self._api_token.get())}"
+            ) from None
+
+    def _stop_stale(self) -> None:
+        """Close the run an open that failed after creating it, or a close that did not
+        run, left behind (in this process), never failing the open."""
+        if self._run is None:
+            return
+        try:
+            self.close_sync()
+        except Exception as exc:
+            self._run = None
+            logger.warning(
+                "neptune sink: could not stop the previous run: %s",
+                redact_text(f"{type(exc).__name__}: {exc}", self._api_token.get()),
+            )
 
     def write_sync(self, batch: Sequence[BaseEvent]) -> None:
         """Log each event, in order. Metric values are gathered per series and sent with

@@ -413,3 +413,167 @@ def test_missing_sdk_names_the_extra(comet_env: Path, monkeypatch: pytest.Monkey
     assert not CometSink.available()
     with pytest.raises(MissingDependencyError, match=r"pip install 'eventbus-telemetry\[comet\]'"):
         CometSink().open_sync(RunInfo())
+
+
+# -- train() then evaluate(): one experiment ------------------------------------------
+
+
+def _trainer(sink: Any, out: Path) -> Any:
+    from tests.trainer._loop_helpers import TinyClassifier, make_dataset, tiny_args
+    from trainer import Trainer
+
+    args = tiny_args(out, max_steps=4, eval_strategy="steps", eval_steps=2)
+    return Trainer(TinyClassifier(), args, train_dataset=make_dataset(16), eval_dataset=make_dataset(8, seed=1), sinks=[sink])
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["isolated", "in-process"])
+def test_evaluate_after_train_continues_the_experiment(comet_env: Path, monkeypatch: pytest.MonkeyPatch, isolate: bool) -> None:
+    """Our Trainer closes its bus at the end of train(); evaluate() and predict() open new
+    ones over the same sink. They continue the training's experiment: offline, each
+    writes another archive with the same experiment key and resume strategy "get"
+    (`comet upload` appends it to that experiment); the parameters are in the first
+    only. Another Trainer (another run id) with another sink gets another experiment."""
+    from sinks.comet import CometSink
+    from tests.trainer._loop_helpers import make_dataset
+
+    monkeypatch.setenv("COMET_START_ONLINE", "0")
+    sink = CometSink()
+    sink.isolate = isolate
+    trainer = _trainer(sink, comet_env / "out")
+    trainer.train()
+    first, key = sink.archive_path, sink.last_experiment_key
+    assert first and key and sink.last_bus_run_id == trainer.run_id
+    metrics = trainer.evaluate(make_dataset(8, seed=2))
+    second = sink.archive_path
+    predicted = trainer.predict(make_dataset(8, seed=3)).metrics
+    third = sink.archive_path
+    assert len({first, second, third}) == 3
+    assert {Path(p).parent for p in (first, second, third)} == {comet_env / "out" / "comet"}
+    train, evaluation, prediction = (Archive(p) for p in (first, second, third))
+
+    assert [a.experiment["offline_id"] for a in (train, evaluation, prediction)] == [key] * 3
+    assert train.experiment["user_provided_experiment_key"] is False
+    assert train.experiment["resume_strategy"] != "get"
+    for continued in (evaluation, prediction):
+        assert continued.experiment["resume_strategy"] == "get"
+        assert continued.experiment["user_provided_experiment_key"] is True
+        assert trainer.run_id in continued.experiment["tags"]
+        assert continued.params == {}, "parameters are logged once, with the training"
+        assert "train/loss" not in continued.metrics
+        assert "eventbus_run_id" not in continued.others
+    assert train.params["args|max_steps"] == 4
+    assert train.others["eventbus_run_id"] == trainer.run_id
+    assert [m[1] for m in train.metrics["train/loss"]] == [1, 2, 3, 4]
+    assert evaluation.metrics["eval/loss"] == [(metrics["eval_loss"], 4, 1.0)]
+    assert prediction.metrics["test/loss"][0][:2] == (predicted["test_loss"], 4)
+    assert "test/loss" not in train.metrics and "eval/loss" not in prediction.metrics
+
+    # A new Trainer (a new run id) with a new sink: a new experiment.
+    other = CometSink()
+    other.isolate = isolate
+    other_trainer = _trainer(other, comet_env / "out")
+    assert other_trainer.run_id != trainer.run_id
+    other_trainer.evaluate()
+    fresh = Archive(other.archive_path)
+    assert other.last_experiment_key != key and fresh.experiment["offline_id"] == other.last_experiment_key
+    assert fresh.experiment["resume_strategy"] != "get" and fresh.experiment["user_provided_experiment_key"] is False
+
+
+def test_reopen_after_a_close_that_did_not_run(comet_env: Path) -> None:
+    """Opened again without a close (a failed open, a close that never ran): the
+    experiment left open is ended as a close would (its archive written) and the
+    reopen continues it; another run id starts another experiment."""
+    from sinks.comet import CometSink
+
+    sink = CometSink(online=False, offline_directory=comet_env / "off")
+    sink.open_sync(RunInfo(run_id="left-open"))
+    sink.write_sync([Log(step=1, values={"loss": 1.0})])
+    key = sink.experiment.get_key()
+    sink.open_sync(RunInfo(run_id="left-open"))  # no close in between
+    first = sink.archive_path
+    assert first and sink.last_experiment_key == key
+    sink.write_sync([Evaluate(step=1, metrics={"eval_loss": 0.5})])
+    sink.close_sync()
+    assert sink.archive_path != first
+    assert Archive(first).metrics["train/loss"] == [(1.0, 1, None)]
+    continued = Archive(sink.archive_path)
+    assert (continued.experiment["offline_id"], continued.experiment["resume_strategy"]) == (key, "get")
+    assert continued.metrics["eval/loss"] == [(0.5, 1, None)]
+
+    sink.open_sync(RunInfo(run_id="another-run"))
+    try:
+        assert sink.experiment.get_key() != key
+        assert sink.last_experiment_key is None  # until this experiment's archive is written
+    finally:
+        sink.close_sync()
+    assert Archive(sink.archive_path).experiment["resume_strategy"] != "get"
+
+
+class _FakeExperiment:
+    """What the sink uses of an online experiment (the real one needs a server)."""
+
+    def __init__(self, key: str) -> None:
+        self.key, self.others, self.ended = key, {}, False
+
+    def get_key(self) -> str:
+        return self.key
+
+    def log_other(self, key: str, value: Any) -> None:
+        self.others[key] = value
+
+    def log_metrics(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def end(self) -> None:
+        self.ended = True
+
+
+def test_online_reopen_continues_with_an_existing_experiment(
+    comet_env: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Online, through the real comet_ml.start with only its server calls replaced: a
+    reopen for the same run asks for the experiment's key with mode "get", which the
+    SDK serves as an ExistingExperiment. An experiment the server does not have (logged
+    offline, not uploaded) gives a new experiment instead, and the SDK's error log of
+    its start arguments does not show the API key."""
+    from sinks.comet import CometSink
+
+    CometSink()._import()
+    from comet_ml.comet_start import experiment_factory
+
+    made: list[tuple[Any, Any, bool]] = []
+
+    def create(experiment_config: Any, init_parameters: Any, existing: bool) -> _FakeExperiment:
+        made.append((init_parameters.experiment_key, init_parameters.mode, existing))
+        return _FakeExperiment(init_parameters.experiment_key or f"{len(made):032d}")
+
+    on_server = [True]
+    monkeypatch.setattr(experiment_factory, "_create_online_experiment", create)
+    monkeypatch.setattr(experiment_factory, "check_experiment_already_exists", lambda params: on_server[0])
+    for name in ("comet_ml", "comet_ml.comet_start"):
+        monkeypatch.setattr(logging.getLogger(name), "propagate", True)
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("COMET_API_KEY", SECRET)
+    sink = CometSink()
+    sink.open_sync(RunInfo(run_id="online"))
+    first = sink.experiment
+    assert sink.last_experiment_key == first.key and sink.last_bus_run_id == "online"
+    assert first.others["eventbus_run_id"] == "online"
+    sink.close_sync()
+    assert first.ended
+    sink.open_sync(RunInfo(run_id="online"))
+    sink.close_sync()
+    assert made == [(None, "get_or_create", False), (first.key, "get", True)]
+
+    on_server[0] = False  # e.g. started offline, now online
+    sink.open_sync(RunInfo(run_id="online"))
+    sink.close_sync()
+    assert made[-1] == (None, "get_or_create", False) and len(made) == 3
+    assert "is not on the server" in caplog.text
+    assert "doesn't exists at Comet" in caplog.text  # the SDK's own error log, redacted
+    assert SECRET not in caplog.text
+    assert SECRET not in "".join(capfd.readouterr())
+    sink.open_sync(RunInfo(run_id="another"))
+    sink.close_sync()
+    assert made[-1] == (None, "get_or_create", False) and len(made) == 4

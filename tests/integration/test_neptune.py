@@ -70,13 +70,22 @@ class Offline:
 
 def read_offline(root: Path) -> Offline:
     """Decode the single offline run under ``root/.neptune`` with the client's own classes."""
+    runs = sorted((root / ".neptune" / "offline").glob("run__*"))
+    assert len(runs) == 1, f"expected one offline run, found {runs}"
+    return _decode_run(runs[0])
+
+
+def read_offline_runs(root: Path) -> list[Offline]:
+    """Every offline run under ``root/.neptune``, decoded."""
+    return [_decode_run(d) for d in sorted((root / ".neptune" / "offline").glob("run__*"))]
+
+
+def _decode_run(run_dir: Path) -> Offline:
     from neptune.core.components.queue.disk_queue import DiskQueue
     from neptune.internal.operation import Operation
 
-    runs = sorted((root / ".neptune" / "offline").glob("run__*"))
-    assert len(runs) == 1, f"expected one offline run, found {runs}"
     queue = DiskQueue(
-        data_path=runs[0],
+        data_path=run_dir,
         to_dict=lambda op: op.to_dict(),
         from_dict=Operation.from_dict,
         lock=threading.RLock(),
@@ -482,3 +491,189 @@ def test_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not NeptuneSink.available()
     with pytest.raises(MissingDependencyError, match=r"pip install 'eventbus-telemetry\[neptune\]'"):
         NeptuneSink().open_sync(RunInfo())
+
+
+# -- train() then evaluate(): the same run online, a new one offline ----------------------
+
+
+def _trainer(sink: Any, out: Path) -> Any:
+    from tests.trainer._loop_helpers import TinyClassifier, make_dataset, tiny_args
+    from trainer import Trainer
+
+    args = tiny_args(out, max_steps=4, eval_strategy="steps", eval_steps=2)
+    return Trainer(TinyClassifier(), args, train_dataset=make_dataset(16), eval_dataset=make_dataset(8, seed=1), sinks=[sink])
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["isolated", "in-process"])
+def test_offline_evaluate_after_train_is_a_new_run_and_says_so(offline: Path, caplog: pytest.LogCaptureFixture, isolate: bool) -> None:
+    """Our Trainer closes its bus at the end of train() and evaluate() opens a new one.
+    The client's offline mode cannot continue a stopped run (init_run(with_id=...)
+    needs the server): the evaluation goes to a new offline run, tagged with the same
+    bus run id, and one warning says so."""
+    from sinks.neptune import NeptuneSink
+    from tests.trainer._loop_helpers import make_dataset
+
+    caplog.set_level(logging.INFO, logger="sinks")
+    sink = NeptuneSink(mode="offline", capture_hardware_metrics=False)
+    sink.isolate = isolate
+    trainer = _trainer(sink, offline / "out")
+    trainer.train()
+    assert sink.last_bus_run_id == trainer.run_id and sink.last_sys_id is None
+    assert "cannot continue" not in caplog.text
+    metrics = trainer.evaluate(make_dataset(8, seed=2))
+    said = [r.getMessage() for r in caplog.records if "cannot continue a stopped run" in r.getMessage()]
+    assert len(said) == 1 and trainer.run_id in said[0]
+    runs = read_offline_runs(offline)
+    assert len(runs) == 2
+    [train] = [r for r in runs if "finetuning/train/loss" in r.series]
+    [evaluation] = [r for r in runs if r is not train]
+    assert [s for _, s in train.series["finetuning/train/loss"]] == [1, 2, 3, 4]
+    assert evaluation.series["finetuning/eval/loss"] == [(metrics["eval_loss"], 4)]
+    assert trainer.run_id in train.tags and trainer.run_id in evaluation.tags
+    assert evaluation.values["finetuning/run_id"] == trainer.run_id
+    assert not [p for p in evaluation.values if "trainer_parameters" in p]
+
+
+class _FakeHandler:
+    def __init__(self, run: "_FakeRun", path: str) -> None:
+        self.run, self.path = run, path
+
+    def assign(self, value: Any) -> None:
+        self.run.values[self.path] = value
+
+    def extend(self, values: Any, steps: Any = None, timestamps: Any = None) -> None:
+        self.run.series.setdefault(self.path, []).extend(zip(values, steps))
+
+    def add(self, values: Any) -> None:
+        self.run.values.setdefault(self.path, []).extend(values)
+
+
+class _FakeRun:
+    """What the sink uses of a neptune.Run (a real online one needs a server)."""
+
+    def __init__(self, sys_id: str) -> None:
+        self._sys_id = sys_id  # as the client keeps it from the server's answer
+        self.values: dict[str, Any] = {}
+        self.series: dict[str, list[Any]] = {}
+        self.stopped = 0
+        self.fail_stop = False
+
+    def __getitem__(self, path: str) -> _FakeHandler:
+        return _FakeHandler(self, path)
+
+    def __setitem__(self, path: str, value: Any) -> None:
+        self.values[path] = value
+
+    def wait(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.stopped += 1
+        if self.fail_stop:
+            raise ConnectionError("the server did not answer")
+
+
+@pytest.fixture
+def fake_init_run(monkeypatch: pytest.MonkeyPatch, no_network: list[Any]) -> list[dict[str, Any]]:
+    """neptune.init_run replaced: records its keyword arguments; a new run is
+    ``PROJ-<n>``, one asked for ``with_id`` has that id."""
+    require_module("neptune")
+    import neptune
+
+    calls: list[dict[str, Any]] = []
+
+    def init_run(**kwargs: Any) -> _FakeRun:
+        calls.append(kwargs)
+        return _FakeRun(kwargs.get("with_id") or f"PROJ-{len(calls)}")
+
+    monkeypatch.setattr(neptune, "init_run", init_run)
+    return calls
+
+
+def test_online_evaluate_after_train_continues_the_run(tmp_path: Path, fake_init_run: list[dict[str, Any]]) -> None:
+    """Online (in-process: neptune.init_run is replaced), evaluate() after train()
+    continues the training's run with init_run(with_id=<its sys/id>), as transformers'
+    NeptuneCallback does, with the same arguments but custom_run_id (which Neptune
+    refuses with with_id). Another Trainer (another run id) gets another run."""
+    from sinks.neptune import NeptuneSink
+    from tests.trainer._loop_helpers import make_dataset
+
+    options = dict(api_token=_token("https://neptune.internal.example"), project="team/project", custom_run_id="mine")
+    sink = NeptuneSink(**options)
+    sink.isolate = False
+    trainer = _trainer(sink, tmp_path / "out")
+    trainer.train()
+    assert (sink.last_sys_id, sink.last_bus_run_id) == ("PROJ-1", trainer.run_id)
+    metrics = trainer.evaluate(make_dataset(8, seed=2))
+    trainer.predict(make_dataset(8, seed=3))
+    assert [c.get("with_id") for c in fake_init_run] == [None, "PROJ-1", "PROJ-1"]
+    first, again = fake_init_run[0], fake_init_run[1]
+    assert first["custom_run_id"] == "mine" and "custom_run_id" not in again
+    assert {k: v for k, v in again.items() if k != "with_id"} == {k: v for k, v in first.items() if k != "custom_run_id"}
+    assert sink.last_sys_id == "PROJ-1"
+
+    other = NeptuneSink(**options)
+    other.isolate = False
+    other_trainer = _trainer(other, tmp_path / "out")
+    other_trainer.evaluate()
+    assert "with_id" not in fake_init_run[-1] and other.last_sys_id == "PROJ-4"
+    assert len(fake_init_run) == 4 and metrics["eval_loss"]
+
+
+def test_online_reopen_after_a_failed_close(
+    fake_init_run: list[dict[str, Any]], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close whose stop() failed, or an open with no close before it: the reopen
+    continues the run (the one left open is stopped first, its failure only logged);
+    a run the server no longer has gives a new run; the token is in no log line."""
+    import neptune
+    from neptune.exceptions import RunNotFound
+
+    from sinks.neptune import NeptuneSink
+
+    caplog.set_level(logging.DEBUG)
+    token = _token("https://neptune.internal.example")
+    sink = NeptuneSink(api_token=token, project="team/project", mode="sync")
+    sink.open_sync(RunInfo(run_id="r"))
+    first = sink.neptune_run
+    first.fail_stop = True
+    with pytest.raises(ConnectionError):
+        sink.close_sync()
+    sink.open_sync(RunInfo(run_id="r"))
+    assert fake_init_run[-1]["with_id"] == "PROJ-1"
+    left_open = sink.neptune_run
+    left_open.fail_stop = True
+    sink.open_sync(RunInfo(run_id="r"))  # no close in between
+    assert left_open.stopped == 1 and "could not stop the previous run" in caplog.text
+    assert fake_init_run[-1]["with_id"] == "PROJ-1" and sink.neptune_run is not left_open
+    sink.close_sync()
+
+    real = neptune.init_run
+
+    def gone(**kwargs: Any) -> Any:
+        if kwargs.get("with_id"):
+            fake_init_run.append(kwargs)
+            raise RunNotFound(f"team/project/{kwargs['with_id']}")
+        return real(**kwargs)
+
+    monkeypatch.setattr(neptune, "init_run", gone)
+    sink.open_sync(RunInfo(run_id="r"))
+    sink.close_sync()
+    assert [c.get("with_id") for c in fake_init_run[-2:]] == ["PROJ-1", None]
+    assert sink.last_sys_id == f"PROJ-{len(fake_init_run)}"
+    assert "was not found on the server" in caplog.text
+    assert SECRET not in caplog.text and token not in caplog.text
+
+
+def test_user_run_is_reused_on_reopen(fake_init_run: list[dict[str, Any]]) -> None:
+    """run=<neptune.Run>: every open logs into it; none creates or continues a run."""
+    from sinks.neptune import NeptuneSink
+
+    mine = _FakeRun("MINE-1")
+    sink = NeptuneSink(run=mine)
+    for _ in range(2):
+        sink.open_sync(RunInfo(run_id="r"))
+        assert sink.neptune_run is mine
+        sink.close_sync()
+    assert fake_init_run == [] and mine.stopped == 0
+    assert sink.last_sys_id is None
