@@ -20,6 +20,7 @@ import asyncio
 import collections
 import logging
 import math
+import operator
 import random
 import threading
 import time
@@ -29,10 +30,10 @@ import anyio
 import msgspec
 
 from eventbus import values as _values
-from eventbus.errors import BusStateError, SinkConfigError
+from eventbus.errors import BusStateError, SinkConfigError, SpoolError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainEnd
 from eventbus.overflow import Overflow
-from eventbus.sink import RunInfo, Sink
+from eventbus.sink import RunInfo, Sink, retry_after_seconds
 from eventbus.stats import BusStats, LagRecorder, SinkStats
 
 __all__ = ["EventBus", "DEFAULT_URGENT"]
@@ -94,6 +95,11 @@ class _SinkWorker:
         self.log = _RateLimitedLog()
         self.opened = False
         self.closing = False
+        self.finished = False  # run() got to the end: the sink was closed (or never opened)
+        self.broken = False  # run() failed unexpectedly: see run()
+        self.abandoned = False  # close() gave up on the bus thread: see abandon()
+        self.released = False  # see release()
+        self.is_transient_failed = False  # sink.is_transient() raised (logged once)
         self.urgent = False
         self.waiting_for_batch = False
         self.consecutive_failures = 0
@@ -115,6 +121,15 @@ class _SinkWorker:
 
     def offer(self, events: list[BaseEvent], urgent: bool) -> None:
         st = self.stats
+        if self.broken or self.abandoned:
+            # Its worker failed (see run), or close() gave up on it: nothing will deliver these.
+            st.received += len(events)
+            st.dropped += len(events)
+            if self.broken:
+                st.failed += len(events)
+            else:
+                st.abandoned += len(events)
+            return
         st.received += len(events)
         q = self.queue
         cap = self.sink.capacity
@@ -197,6 +212,9 @@ class _SinkWorker:
         if self.spool_batch is None:
             try:
                 self.spool_batch = self.spool.read(self.sink.max_batch_size)
+            except SpoolError:  # closed: close() gave up on this thread meanwhile
+                self.abandoned = True
+                return
             except OSError as exc:
                 # The spool cannot be read back (removed, permissions): what it holds is
                 # lost to this run (counted as failed), and the sink goes on without it.
@@ -210,6 +228,10 @@ class _SinkWorker:
         batch = self.spool_batch
         if batch.events and not await self._attempt(batch.events):
             return  # still on disk; tried again after the backoff/circuit
+        if self.abandoned:
+            # close() gave up on this thread meanwhile and closed the spool: what it
+            # holds stays there, as the final stats count it.
+            return
         self.spool_batch = None
         st = self.stats
         st.spooled -= len(batch.events)
@@ -233,6 +255,10 @@ class _SinkWorker:
         try:
             await self._try_open()
             while True:
+                if self.abandoned:
+                    # close() gave up on this thread (a sink blocked the loop) and
+                    # accounted for what it held; the spool is closed: touch nothing.
+                    break
                 if not self.queue:
                     if self.spool is not None and self.spool.pending:
                         if self.closing and time.monotonic() < self.circuit_until:
@@ -272,7 +298,20 @@ class _SinkWorker:
                 # must stay in in_flight so that abandon() counts (or spools) it.
                 await self._deliver(batch)
                 self.in_flight = []
-            await self._close_sink()
+            if not self.abandoned:  # else release() saw to the sink
+                await self._close_sink()
+                self.finished = True
+        except Exception:
+            # Not a sink's error (those are counted where they are raised) but a bug, or
+            # a sink misbehaving in a way not foreseen: it takes this sink out, never the
+            # bus thread and the other sinks.
+            logger.exception("eventbus: the worker of sink %r failed; its events are counted as failed from now on", self.name)
+            self.broken = True
+            left = self.in_flight + list(self.queue)
+            self.queue.clear()
+            self.in_flight = []
+            self.stats.failed += len(left)
+            self.stats.dropped += len(left)
         finally:
             if self.done is not None:
                 self.done.set()
@@ -308,11 +347,27 @@ class _SinkWorker:
         self.log(logging.WARNING, "eventbus: sink %r failed in %s: %r", self.name, what, exc)
 
     def _backoff(self, attempt: int, exc: BaseException) -> float:
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None and retry_after >= 0:
-            return float(retry_after)
+        retry_after = retry_after_seconds(exc)
+        if retry_after is not None:
+            return retry_after
         base = min(self.sink.retry_backoff_max, self.sink.retry_backoff * (2 ** (attempt - 1)))
         return base * random.uniform(0.5, 1.0)
+
+    def _is_transient(self, exc: BaseException) -> bool:
+        """``sink.is_transient(exc)``; a classifier that raises (e.g. reads
+        ``exc.response`` of an exception without one) means not transient, logged."""
+        try:
+            return bool(self.sink.is_transient(exc))
+        except Exception as bug:
+            if not self.is_transient_failed:  # a bug in the sink: once is enough
+                self.is_transient_failed = True
+                logger.warning(
+                    "eventbus: sink %r: is_transient() raised %r for %r; such errors are treated as not transient",
+                    self.name,
+                    bug,
+                    exc,
+                )
+            return False
 
     async def _deliver(self, batch: list[BaseEvent]) -> None:
         now = time.monotonic()
@@ -338,8 +393,8 @@ class _SinkWorker:
                         await sink.write(batch)
             except Exception as exc:
                 self._record_error("write", exc)
-                if sink.is_transient(exc) or isinstance(exc, TimeoutError):
-                    if attempt < sink.max_retries:
+                if isinstance(exc, TimeoutError) or self._is_transient(exc):
+                    if attempt < sink.max_retries and not self.abandoned:
                         attempt += 1
                         st.retries += 1
                         await anyio.sleep(self._backoff(attempt, exc))
@@ -349,6 +404,8 @@ class _SinkWorker:
                     self.circuit_until = time.monotonic() + sink.circuit_cooldown
                     st.circuit_open = True
                 return False
+            if self.abandoned:
+                return True  # close() gave up on this thread and counted (or spooled) these already
             skipped = len(events) - len(batch)
             st.delivered += len(batch)
             st.skipped += skipped
@@ -356,11 +413,16 @@ class _SinkWorker:
             self.consecutive_failures = 0
             st.circuit_open = False
             done_ns = time.time_ns()
-            self.lag.add_batch(done_ns, batch)
+            try:
+                self.lag.add_batch(done_ns, batch)
+            except Exception:  # a time_ns that is not a number (events are not type-checked when built)
+                self.lag.add_batch(done_ns, [ev for ev in batch if type(ev.time_ns) is int])
             steps = [ev.step for ev in batch if type(ev) in _METRIC_TYPES]
-            if steps and (self.mark is None or max(steps) > self.mark):
-                self.mark = max(steps)
-                if self.spool is not None:
+            # The pump lets only int steps through to here (EventBus._bad_step).
+            top = max(steps) if steps else None
+            if top is not None and (self.mark is None or top > self.mark):
+                self.mark = top
+                if self.spool is not None and not self.abandoned:
                     self.spool.marks[self.name] = self.mark
                     try:
                         self.spool.save_state()
@@ -369,6 +431,8 @@ class _SinkWorker:
             return True
 
     def _give_up(self, batch: list[BaseEvent]) -> None:
+        if self.abandoned:
+            return  # abandon() counted (or spooled) it already, as in_flight
         if self.spool is not None and self.spool.pending:
             # Newer events are on disk already: these older ones stay in memory, in
             # front, and are tried again first (the queue takes nothing new meanwhile).
@@ -385,7 +449,9 @@ class _SinkWorker:
         self.stats.dropped += len(batch)
 
     def abandon(self) -> int:
-        """Count what is still queued as dropped (the close deadline passed)."""
+        """Count what is still queued as dropped (the close deadline passed). The
+        worker does nothing more afterwards, should its thread ever run again."""
+        self.abandoned = True
         left = self.in_flight + list(self.queue)
         self.queue.clear()
         self.in_flight = []
@@ -403,6 +469,18 @@ class _SinkWorker:
             self.stats.dropped += n
         return n
 
+    def release(self) -> None:
+        """Once the worker is stopped: a sink it did not close (the close deadline cut
+        it off, or it failed) is told to let go of its thread or child process
+        (``Sink._release``), without waiting for it."""
+        if self.finished or self.released:
+            return
+        self.released = True
+        try:
+            self.sink._release(self.opened)
+        except Exception as exc:
+            self._record_error("release", exc)
+
     def close_spool(self) -> None:
         """fsync and close the spool (what it holds stays for a replay or a resume)."""
         if self.spool is not None:
@@ -412,8 +490,20 @@ class _SinkWorker:
                 self._record_error("spool close", exc)
 
     def snapshot(self) -> SinkStats:
-        st = msgspec.structs.replace(self.stats)
-        st.queue_depth = len(self.queue) + len(self.in_flight)
+        # The bus thread moves events between the queue, in_flight and the counters
+        # a few bytecodes apart (received before the queue grows, the queue emptied
+        # before in_flight is set, delivered counted before in_flight is cleared), and
+        # a reader on another thread copies the counters and reads the queue at two
+        # moments: no order of those steps keeps the identity for every interleaving.
+        # So the reader checks it and, in the rare case it fell between two such
+        # steps, lets the bus thread finish them and reads again. The bus thread pays
+        # nothing for it.
+        for _ in range(_SNAPSHOT_TRIES):
+            st = msgspec.structs.replace(self.stats)
+            st.queue_depth = len(self.queue) + len(self.in_flight)
+            if st.received == st.delivered + st.dropped + st.spooled + st.queue_depth:
+                break
+            time.sleep(_SNAPSHOT_RETRY_WAIT)
         st.lag_p50_ms = self.lag.percentile(0.50)
         st.lag_p99_ms = self.lag.percentile(0.99)
         st.circuit_open = time.monotonic() < self.circuit_until
@@ -464,10 +554,19 @@ class EventBus:
         close_timeout: float = 30.0,
         resume_marks: dict[str, int] | None = None,
     ) -> None:
-        if ingress_capacity < 1:
-            raise ValueError(f"ingress_capacity must be >= 1, got {ingress_capacity}")
-        if flush_interval <= 0:
-            raise ValueError(f"flush_interval must be > 0 seconds, got {flush_interval}")
+        if isinstance(ingress_capacity, bool) or not isinstance(ingress_capacity, int) or ingress_capacity < 1:
+            raise SinkConfigError(f"EventBus: ingress_capacity must be an int >= 1, got {ingress_capacity!r}")
+        if not _is_number(flush_interval) or not 0 < flush_interval < math.inf:
+            raise SinkConfigError(f"EventBus: flush_interval must be a number of seconds > 0, got {flush_interval!r}")
+        _check_timeout("EventBus: close_timeout", close_timeout)
+        if run is not None and not isinstance(run, RunInfo):
+            raise SinkConfigError(f"EventBus: run must be an eventbus.RunInfo or None, got {type(run).__name__}: {run!r}")
+        try:
+            urgent_types = frozenset(urgent)
+        except TypeError:
+            urgent_types = None
+        if urgent_types is None or not all(isinstance(t, type) and issubclass(t, BaseEvent) for t in urgent_types):
+            raise SinkConfigError(f"EventBus: urgent must be an iterable of event classes, e.g. (Evaluate, Save), got {urgent!r}")
         self.run = run or RunInfo()
         self.close_timeout = close_timeout
         self._ingress: collections.deque[BaseEvent] = collections.deque()
@@ -477,7 +576,7 @@ class EventBus:
         # burst fills the sinks' queues instead of the ingress while it sleeps.
         self._wake_depth = max(1, ingress_capacity // 8)
         self._deep_wake = False  # a wake for a deep ingress is pending
-        self._urgent = frozenset(urgent)
+        self._urgent = urgent_types
         self._log_urgent = Log in self._urgent
         self._workers: list[_SinkWorker] = []
         self._skipped: list[Sink] = []
@@ -492,10 +591,12 @@ class EventBus:
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._closing = False
+        self._close_on_exit = False  # close() was called on the bus thread: see close()
         self._closed = False
         self._deadline = math.inf
         self._final_stats: BusStats | None = None
         self._resume_marks = _check_marks(resume_marks)
+        self._bad_steps: set[tuple[type, type]] = set()  # (event type, step type) warned about
         for sink in sinks:
             self.add_sink(sink)
 
@@ -626,11 +727,17 @@ class EventBus:
         return self._thread is not None and not self._closed
 
     def start(self) -> EventBus:
-        """Start the bus thread and open every sink on it. Idempotent."""
+        """Start the bus thread and open every sink on it. Idempotent while the bus
+        runs; a closed bus does not start again (:class:`BusStateError`). Each sink's
+        settings are checked again first, as :meth:`add_sink` checks them: they may be
+        changed after attaching (:class:`SinkConfigError`, and the bus stays unstarted)."""
+        if self._closing or self._closed:
+            raise BusStateError("this EventBus was closed; create a new one")
         if self._thread is not None:
             return self
-        if self._closed:
-            raise BusStateError("this EventBus was closed; create a new one")
+        for w in self._workers:
+            _validate_sink(w.sink)
+        self._build_routes()  # ``events`` may have changed too
         self._thread = threading.Thread(target=self._thread_main, name="eventbus", daemon=True)
         self._thread.start()
         self._started.wait()
@@ -646,39 +753,68 @@ class EventBus:
 
     def close(self, timeout: float | None = None) -> BusStats:
         """Deliver what is queued, close every sink, and stop, all within ``timeout``
-        seconds (default ``close_timeout``). Returns the final :meth:`stats`; events a
-        sink did not get by the deadline are counted in its ``dropped``/``abandoned``
-        (or ``spooled``) and named in a warning."""
+        seconds (default ``close_timeout``; ``math.inf``: no deadline). Returns the
+        final :meth:`stats`; events a sink did not get by the deadline are counted in
+        its ``dropped``/``abandoned`` (or ``spooled``) and named in a warning. A sink
+        the deadline cut off is told to let go of its thread or child process
+        (a ``ThreadedSink``'s ``close_sync`` then runs on its thread once its hung
+        call returns; an isolated sink's idle child closes the sink and exits, a busy
+        one is terminated).
+
+        Called on the bus thread itself (from a sink's hook), it cannot wait for that
+        thread: it only starts the close, with the same deadline, and returns the
+        current :meth:`stats` at once; the bus stops once that hook returns."""
+        if timeout is not None:
+            _check_timeout("EventBus.close(): timeout", timeout)
         if self._final_stats is not None:
             return self.stats()
         timeout = self.close_timeout if timeout is None else timeout
-        self._deadline = time.monotonic() + max(0.0, timeout)
-        self._closing = True
+        on_bus_thread = self._thread is not None and self._thread is threading.current_thread()
+        if not self._closing:
+            self._deadline = time.monotonic() + max(0.0, timeout)
+            self._close_on_exit = on_bus_thread
+            self._closing = True
         if self._thread is None:
             self._closed = True
             self._final_stats = self._finish_without_thread()
             return self._final_stats
+        if on_bus_thread:
+            self._wake_pump()
+            return self.stats()
         if self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(self._wake_pump)
             except RuntimeError:
                 pass
-        self._thread.join(max(0.0, self._deadline - time.monotonic()) + 0.25)
+        left = self._deadline - time.monotonic()
+        self._thread.join(None if left == math.inf else max(0.0, left) + 0.25)
         self._closed = True
         if self._thread.is_alive():
             # A sink blocked the loop itself (sync work inside an async write). The
             # thread is a daemon: abandon it and account for what it held.
             logger.error("eventbus: the bus thread did not stop by the close deadline; a sink is blocking its loop")
             self._abandon_all()
+        return self._finish()
+
+    def _finish(self) -> BusStats:
+        """The final stats, once (by close(), or by the bus thread when a sink closed
+        the bus from it)."""
+        with self._drop_lock:
+            if self._final_stats is not None:
+                return self._final_stats
+            self._closed = True
         # Published from another thread after the final drain: no sink will get
         # these any more, so they are counted as refused rather than left "queued".
         self._drop_ingress()
         stats = self.stats()
         stats.running = False
         lost = {n: s.abandoned for n, s in stats.sinks.items() if s.abandoned}
+        with self._drop_lock:
+            if self._final_stats is not None:  # the other caller was first
+                return self._final_stats
+            self._final_stats = stats
         if lost:
             logger.warning("eventbus: close deadline passed; events not delivered per sink: %s", lost)
-        self._final_stats = stats
         return stats
 
     def _finish_without_thread(self) -> BusStats:
@@ -696,6 +832,7 @@ class EventBus:
         for w in self._workers:
             w.abandon()
             w.close_spool()
+            w.release()
 
     # -- the bus thread ------------------------------------------------------------
 
@@ -709,6 +846,8 @@ class EventBus:
             else:
                 logger.exception("eventbus: the bus thread crashed")
             self._abandon_all()
+        if self._close_on_exit:  # a sink closed the bus from this thread: nobody joins it
+            self._finish()
 
     def _wake_pump(self) -> None:
         if self._wake is not None:
@@ -733,9 +872,7 @@ class EventBus:
                     assert w.done is not None
                     await w.done.wait()
             tg.cancel_scope.cancel()
-        for w in self._workers:
-            w.abandon()
-            w.close_spool()
+        self._abandon_all()
 
     async def _pump(self) -> None:
         while True:
@@ -778,15 +915,19 @@ class EventBus:
         for ev in taken:
             t = type(ev)
             if t is tuple:  # publish_log's: the Log is built here, its values read
-                t = Log
-                workers = routes.get(t)
+                workers = routes.get(Log)
                 if workers:
-                    routed.append((_pending_log(ev), workers))
+                    ev = _pending_log(ev)
+                    if ev is not None and (type(ev.step) is int or (ev := self._bad_step(ev, workers)) is not None):
+                        routed.append((ev, workers))
                 continue
             workers = routes.get(t)
             if not workers:
                 continue
             if t in _VALUE_TYPES:
+                # The metric events: their step is compared with each sink's marks.
+                if type(ev.step) is not int and (ev := self._bad_step(ev, workers)) is None:
+                    continue
                 try:
                     ev = resolve_event(ev)
                 except Exception as exc:
@@ -810,6 +951,38 @@ class EventBus:
             if mine:
                 w.offer(mine, w in urgent)
 
+    def _bad_step(self, ev: BaseEvent, workers: tuple[_SinkWorker, ...]) -> BaseEvent | None:
+        """A metric event whose ``step`` is not an int (msgspec does not check types
+        when an event is built): one whose step is an integer of another type (a numpy
+        int) goes on with it as an int; any other (``None``, ``"7"``, ``7.5``) is
+        counted as failed for each sink it was for, with one warning per event type
+        and kind of value. Such a step cannot be compared with a sink's high-water
+        mark, and no sink could log it at a step."""
+        step = ev.step
+        if not isinstance(step, bool):
+            try:
+                return msgspec.structs.replace(ev, step=operator.index(step))
+            except Exception:
+                pass
+        kind = (type(ev), type(step))
+        if kind not in self._bad_steps:
+            self._bad_steps.add(kind)
+            logger.warning(
+                "eventbus: a %s event with step=%r (%s) is not delivered: step must be an int. It is counted as "
+                "failed for each sink it was for; further %s events with a %s step are counted without a warning",
+                type(ev).__name__,
+                step,
+                type(step).__name__,
+                type(ev).__name__,
+                type(step).__name__,
+            )
+        for w in workers:
+            st = w.stats
+            st.received += 1
+            st.failed += 1
+            st.dropped += 1
+        return None
+
     # -- introspection ---------------------------------------------------------------
 
     def high_water_marks(self) -> dict[str, int]:
@@ -822,7 +995,8 @@ class EventBus:
         return {w.name: w.mark for w in self._workers if w.mark is not None}
 
     def stats(self) -> BusStats:
-        """A snapshot of the bus's and every sink's counters (safe from any thread)."""
+        """A snapshot of the bus's and every sink's counters (safe from any thread;
+        each sink's identity holds in it, see :class:`~eventbus.stats.SinkStats`)."""
         final = self._final_stats
         depth = len(self._ingress)
         return BusStats(
@@ -843,6 +1017,11 @@ class EventBus:
         return f"<EventBus {state} sinks=[{names}]>"
 
 
+_SNAPSHOT_TRIES = 20
+_SNAPSHOT_RETRY_WAIT = 50e-6
+"""How often, and how long apart, a stats() reader reads a sink's counters again when
+it caught the bus thread between two steps of moving events (see snapshot())."""
+
 _DRAIN_CHUNK = 4096
 """Events the pump routes at a time (bounds its temporary lists)."""
 
@@ -862,22 +1041,33 @@ def _safe_values(mapping: dict[str, Any]) -> dict[str, Any]:
 
 
 def _unresolvable(event: BaseEvent) -> BaseEvent:
-    if isinstance(event, Log):
-        return msgspec.structs.replace(event, values=_safe_values(event.values))
-    if isinstance(event, (Evaluate, Predict)):
-        return msgspec.structs.replace(event, metrics=_safe_values(event.metrics))
+    try:
+        if isinstance(event, Log):
+            return msgspec.structs.replace(event, values=_safe_values(event.values))
+        if isinstance(event, (Evaluate, Predict)):
+            return msgspec.structs.replace(event, metrics=_safe_values(event.metrics))
+    except Exception:  # not a mapping at all: the sinks get it as it is (and may fail on it)
+        pass
     return event
 
 
-def _pending_log(item: tuple[str, int, int, float | None, int, Any]) -> Log:
-    """The Log event :meth:`EventBus.publish_log` queued as a tuple, its values read."""
-    run_id, rank, step, epoch, time_ns, values = item
+_malformed_log = _RateLimitedLog()
+
+
+def _pending_log(item: tuple[str, int, int, float | None, int, Any]) -> Log | None:
+    """The Log event :meth:`EventBus.publish_log` queued as a tuple, its values read
+    (``None``, with a warning, for a tuple that is not one: ``publish()`` given a tuple)."""
     try:
-        values = _values.resolve_mapping(values) or values
+        run_id, rank, step, epoch, time_ns, values = item
+        try:
+            values = _values.resolve_mapping(values) or values
+        except Exception as exc:
+            logger.warning("eventbus: could not resolve the tensor values of Log: %r", exc)
+            values = _values.Snapshot(_safe_values(values))
+        return Log(run_id=run_id, rank=rank, step=step, epoch=epoch, time_ns=time_ns, values=values)
     except Exception as exc:
-        logger.warning("eventbus: could not resolve the tensor values of Log: %r", exc)
-        values = _values.Snapshot(_safe_values(values))
-    return Log(run_id=run_id, rank=rank, step=step, epoch=epoch, time_ns=time_ns, values=values)
+        _malformed_log(logging.WARNING, "eventbus: a Log that cannot be built from %.200r (%r) is not delivered", item, exc)
+        return None
 
 
 def _isolated(sink: Sink) -> Sink:
@@ -907,6 +1097,17 @@ def _isolated(sink: Sink) -> Sink:
             raise
         logger.info("eventbus: sink %r runs in this process: %s", sink.name, exc)
         return sink
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_timeout(what: str, timeout: Any) -> None:
+    """A close deadline: a number of seconds (``math.inf``: no deadline; a negative
+    one is 0)."""
+    if not _is_number(timeout) or math.isnan(timeout):
+        raise SinkConfigError(f"{what} must be a number of seconds, got {timeout!r}")
 
 
 def _check_marks(marks: Any) -> dict[str, int]:

@@ -29,8 +29,9 @@ class SinkError(EventBusError):
 class TransientSinkError(SinkError):
     """A failure worth retrying (a timeout, a 429 or 5xx, a reset connection).
 
-    ``retry_after`` (seconds), when the backend said how long to wait, overrides the
-    computed backoff for the next attempt.
+    ``retry_after`` (seconds: a non-negative number, or a string of one as an HTTP
+    ``Retry-After`` header gives it), when the backend said how long to wait, overrides
+    the computed backoff for the next attempt; any other value is ignored.
     """
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:

@@ -25,7 +25,9 @@ The child:
 - ignores SIGINT (the parent handles Ctrl-C and shuts the bus down in order), writes
   to the parent's stdout/stderr, forwards its log records to the parent's loggers
   (the parent's logger levels apply), and exits when the parent dies (closing the
-  sink first, within ``ORPHAN_CLOSE_TIMEOUT`` seconds, so an SDK can save what it has).
+  sink first, within ``ORPHAN_CLOSE_TIMEOUT`` seconds, so an SDK can save what it has),
+  also while one of the sink's hooks hangs (a thread checks every second that the
+  parent is alive; the close then runs on a thread of its own).
   The parent's ``warnings`` filters are not carried over.
 
 POSIX only (Linux, macOS). The child's start costs its imports (an SDK such as
@@ -58,6 +60,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 from typing import Any, Sequence
@@ -73,7 +76,7 @@ from eventbus.errors import (
     TransientSinkError,
 )
 from eventbus.events import BaseEvent, Event, encode_lenient
-from eventbus.sink import RunInfo, Sink, ThreadedSink
+from eventbus.sink import RunInfo, Sink, ThreadedSink, retry_after_seconds
 
 __all__ = ["ProcessSink", "KILL_GRACE", "ORPHAN_CLOSE_TIMEOUT"]
 
@@ -148,6 +151,7 @@ class ProcessSink(Sink):
         self._conn: Connection | None = None
         self._run: RunInfo | None = None
         self._opened = False
+        self._busy = False  # a request is on its way (its answer not read yet)
 
     def _pickle(self) -> bytes:
         sink = self.sink
@@ -267,6 +271,7 @@ class ProcessSink(Sink):
         conn, proc = self._conn, self._proc
         if conn is None or proc is None:
             raise ConnectionError(f"sink {self.name!r}: no child process")
+        self._busy = True
         try:
             reply = await anyio.to_thread.run_sync(_roundtrip, conn, payload, abandon_on_cancel=True)
         except (EOFError, OSError):
@@ -284,6 +289,8 @@ class ProcessSink(Sink):
             # busy with this request, so its next answer would be this one's. Stop it.
             self._stop_child()
             raise
+        finally:
+            self._busy = False
         if reply[0] == "ok":
             if attrs and len(reply) > 1:
                 self._copy_back(reply[1])
@@ -301,6 +308,18 @@ class ProcessSink(Sink):
                 setattr(self.sink, k, v)
             except Exception:  # a read-only property: the child's value stays there
                 pass
+
+    def _release(self, opened: bool) -> None:
+        """The bus stopped without closing the sink (the close deadline passed during a
+        retry backoff, say): a child that is idle is asked to close the sink and exit,
+        in the background (terminated when that takes over ``ORPHAN_CLOSE_TIMEOUT``
+        seconds); a busy one is terminated at once."""
+        proc, conn = self._proc, self._conn
+        if proc is None or conn is None or self._busy or not self._opened:
+            self._stop_child()
+            return
+        self._proc, self._conn, self._opened = None, None, False
+        threading.Thread(target=_close_late, args=(proc, conn), name=f"eventbus-close-{self.name}", daemon=True).start()
 
     def _stop_child(self) -> None:
         """Terminate the child, if any, without waiting (a thread reaps it)."""
@@ -358,6 +377,31 @@ def _emit(fields: dict[str, Any]) -> None:
     target = logging.getLogger(None if record.name == "root" else record.name)
     if target.isEnabledFor(record.levelno):
         target.handle(record)
+
+
+def _close_late(proc: subprocess.Popen[bytes], conn: Connection) -> None:
+    """Ask an idle child to close its sink, wait up to ``ORPHAN_CLOSE_TIMEOUT`` seconds
+    for that, then for it to exit (in a thread: see ``ProcessSink._release``)."""
+    answered = False
+    try:
+        conn.send_bytes(_CLOSE)
+        deadline = time.monotonic() + ORPHAN_CLOSE_TIMEOUT
+        while conn.poll(max(0.0, deadline - time.monotonic())):
+            msg = conn.recv()
+            if msg[0] != "log":
+                answered = True
+                break
+            _emit(msg[1])
+    except (EOFError, OSError):
+        pass  # it died meanwhile
+    finally:
+        conn.close()
+    if not answered and proc.poll() is None:
+        try:
+            proc.terminate()
+        except OSError:
+            pass
+    _reap(proc, _EXIT_WAIT if answered else KILL_GRACE)
 
 
 def _reap(proc: subprocess.Popen[bytes], grace: float) -> None:
@@ -471,6 +515,15 @@ class _Runner:
             self._run(self.sink.write(batch))
 
     def close(self) -> None:
+        loop = self.loop
+        if loop is not None and loop.is_running():
+            # Orphaned while the main thread is stuck in a hook on that loop: the close
+            # runs on this thread, an async one on a loop of its own.
+            if self.sync_close:
+                self.sink.close_sync()  # type: ignore[attr-defined]
+            else:
+                asyncio.run(self.sink.close())
+            return
         try:
             if self.sync_close:
                 self.sink.close_sync()  # type: ignore[attr-defined]
@@ -496,10 +549,7 @@ def _error_reply(sink: Sink, exc: BaseException) -> tuple[Any, ...]:
         transient = bool(sink.is_transient(exc)) or isinstance(exc, TimeoutError)
     except Exception:
         transient = False
-    retry_after = getattr(exc, "retry_after", None)
-    if not isinstance(retry_after, (int, float)) or isinstance(retry_after, bool):
-        retry_after = None
-    return ("error", type(exc).__name__, transient, retry_after, str(exc))
+    return ("error", type(exc).__name__, transient, retry_after_seconds(exc), str(exc))
 
 
 def _apply_levels(levels: dict[str, int]) -> None:
@@ -536,7 +586,10 @@ def _child_main(conn: Connection, init: dict[str, Any]) -> None:
         _serve_error(conn, reply, ppid)
         return
     runner = _Runner(sink)
-    opened = False
+    life = _Lifeline(runner, root, handler)
+    # The request loop sees the parent go only between requests: a thread watches it
+    # during a hook that hangs (a write or an open to a stuck server) as well.
+    threading.Thread(target=life.watch, args=(ppid,), name="eventbus-parent-watch", daemon=True).start()
     # The batch of the last write that failed, with its encoding: when the bus retries
     # it, the sink gets the very same list again, as it would in-process (Sink.write).
     failed: tuple[bytes, list[BaseEvent]] | None = None
@@ -555,14 +608,18 @@ def _child_main(conn: Connection, init: dict[str, Any]) -> None:
                 reply = ("ok",)
             elif kind == _OPEN:
                 runner.open(msgspec.msgpack.decode(payload, type=RunInfo))
-                opened = True
+                life.opened = True
                 # An SDK imported by open() may have set its loggers' levels: the
                 # parent's explicit choices win, as they would in-process.
                 _apply_levels(init["levels"])
                 reply = ("ok", _public_attrs(sink))
             elif kind == _CLOSE:
-                opened = False
-                runner.close()
+                life.opened = False
+                life.closing = True
+                try:
+                    runner.close()
+                finally:
+                    life.closed.set()
                 reply = ("ok", _public_attrs(sink))
             else:
                 reply = ("error", "SinkError", False, None, f"unknown request {kind!r}")
@@ -576,13 +633,48 @@ def _child_main(conn: Connection, init: dict[str, Any]) -> None:
         if kind == _CLOSE:
             root.removeHandler(handler)
             return
-    # The parent is gone: give the sink a bounded chance to save what it has.
-    root.removeHandler(handler)
-    if opened:
-        t = threading.Thread(target=_quiet_close, args=(runner,), daemon=True)
-        t.start()
-        t.join(ORPHAN_CLOSE_TIMEOUT)
-    os._exit(0)
+    life.parent_gone()
+
+
+_PARENT_POLL = 1.0
+"""Seconds between a child's checks that its parent is alive."""
+
+
+class _Lifeline:
+    """What a child does when its parent is gone, decided once, by whichever thread
+    sees it first: the request loop (the pipe closed, or the parent died while the
+    child was idle) or the watcher thread (it died while a hook hangs)."""
+
+    def __init__(self, runner: _Runner, root: logging.Logger, handler: logging.Handler) -> None:
+        self.runner = runner
+        self.root = root
+        self.handler = handler
+        self.opened = False  # the sink is open: it is closed before the child exits
+        self.closing = False  # the parent asked for the close, which runs now
+        self.closed = threading.Event()  # ... and is done
+        self._once = threading.Lock()
+
+    def watch(self, ppid: int) -> None:
+        # Reparented: the parent died (its pipe may live on in a fork of it).
+        while os.getppid() == ppid:
+            time.sleep(_PARENT_POLL)
+        self.parent_gone()
+
+    def parent_gone(self) -> None:
+        """Give the sink a bounded chance to save what it has, then exit. Never returns."""
+        if not self._once.acquire(blocking=False):
+            while True:  # the other thread does it, and ends the process
+                time.sleep(3600)
+        self.root.removeHandler(self.handler)
+        if self.closing:
+            self.closed.wait(ORPHAN_CLOSE_TIMEOUT)
+        elif self.opened:
+            # On a thread of its own: the close may hang too, and the thread that
+            # called this may be stuck in a hook.
+            t = threading.Thread(target=_quiet_close, args=(self.runner,), daemon=True)
+            t.start()
+            t.join(ORPHAN_CLOSE_TIMEOUT)
+        os._exit(0)
 
 
 def _quiet_close(runner: _Runner) -> None:

@@ -10,6 +10,8 @@ training.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import os
 import queue
 import threading
@@ -25,6 +27,8 @@ from eventbus.overflow import Overflow
 __all__ = ["RunInfo", "Sink", "ThreadedSink"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("eventbus")
 
 
 class RunInfo(msgspec.Struct, kw_only=True):
@@ -44,7 +48,8 @@ class Sink:
 
     Subclasses set ``name`` and ``events`` and implement :meth:`write`; :meth:`open`
     and :meth:`close` are optional. Class attributes are defaults that an instance may
-    override (e.g. ``sink.capacity = 100``) before the bus starts.
+    override (e.g. ``sink.capacity = 100``) before the bus starts (which checks them
+    again, as attaching does).
 
     Queueing follows OpenTelemetry's BatchSpanProcessor: at most ``capacity`` events
     wait (``overflow`` says what happens past that), a write gets at most
@@ -148,11 +153,35 @@ class Sink:
         """Flush and release resources. Called once, within the bus's close deadline."""
 
     def is_transient(self, exc: BaseException) -> bool:
-        """Whether a failed write is worth retrying."""
+        """Whether a failed write is worth retrying (one that raises means no)."""
         return isinstance(exc, (TransientSinkError, ConnectionError, TimeoutError))
+
+    def _release(self, opened: bool) -> None:
+        """Called (from any thread, never awaited) when the bus stopped without closing
+        this sink: the close deadline cut its worker off (a hung write, a retry
+        backoff), or the worker failed. ``opened``: whether its ``open`` had
+        succeeded. A sink with a thread or a process of its own lets it go here
+        (:class:`ThreadedSink`, the isolation proxy); an asynchronous sink has nothing
+        to release."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r}>"
+
+
+def retry_after_seconds(exc: BaseException) -> float | None:
+    """The delay ``exc`` asks for before the next attempt (its ``retry_after``, as
+    :class:`~eventbus.errors.TransientSinkError` carries it): a non-negative finite
+    number of seconds, or a string of one (an HTTP ``Retry-After`` header passed as it
+    came). Anything else (none, a date, a negative or non-finite value, a bool) is
+    ``None``: the computed backoff applies."""
+    try:
+        value = getattr(exc, "retry_after", None)
+        if value is None or isinstance(value, bool):
+            return None
+        seconds = float(value)  # also parses "5", as a header gives it
+    except Exception:
+        return None
+    return seconds if 0.0 <= seconds < math.inf else None
 
 
 # (the bus loop, the future the call settles, the function, its arguments)
@@ -184,6 +213,9 @@ class _SinkThread:
             if job is None:
                 return
             loop, future, fn, args = job
+            if future is None:  # posted: nobody waits for it (see post)
+                fn(*args)
+                continue
             if future.cancelled():  # the caller gave up (a timeout, the close deadline) first
                 continue
             try:
@@ -200,6 +232,11 @@ class _SinkThread:
         future: asyncio.Future[T] = loop.create_future()
         self._jobs.put((loop, future, fn, args))
         return await future
+
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the thread after the calls before it, waiting for nothing
+        (``fn`` must not raise)."""
+        self._jobs.put((None, None, fn, ()))  # type: ignore[arg-type]
 
     def stop(self) -> None:
         self._jobs.put(None)
@@ -249,3 +286,20 @@ class ThreadedSink(Sink):
         finally:
             worker.stop()
             self._thread = None
+
+    def _release(self, opened: bool) -> None:
+        """The bus stopped without closing this sink (see :meth:`Sink._release`): its
+        thread runs ``close_sync`` (when it was opened) once the call it is in returns,
+        if ever, and then ends, instead of waiting for work forever."""
+        worker, self._thread = self._thread, None
+        if worker is None:
+            return
+        if opened:
+            worker.post(self._late_close)
+        worker.stop()
+
+    def _late_close(self) -> None:
+        try:
+            self.close_sync()
+        except Exception as exc:
+            logger.warning("eventbus: sink %r failed in close_sync after the close deadline: %r", self.name, exc)

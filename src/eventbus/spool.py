@@ -14,8 +14,9 @@ The checksum covers the length, so a bad length is caught as surely as a bad pay
 A reader that meets a frame that does not check out searches forward for the next
 ``RECORD_MARK`` that starts a valid frame ("resync") and warns; when no valid frame
 follows, the bad bytes are a torn final record (a write cut short by a crash) and
-are skipped with one warning. Reading never raises for bad data, only for a file of
-another format version (:class:`~eventbus.errors.SpoolError`).
+are skipped with one warning. Reading never raises for bad data; a file whose header
+is bad or of another format version is skipped with a warning when a whole spool is
+read, and is a :class:`~eventbus.errors.SpoolError` only when read alone.
 
 Durability: every append is written to the OS at once (one ``write``), so a process
 killed with SIGKILL loses nothing it appended; ``fsync`` runs every
@@ -223,7 +224,9 @@ def read_spool(path: str | os.PathLike[str], *, from_cursor: bool = True, warn: 
 
     For a directory, ``from_cursor`` starts where the run that wrote it stopped
     delivering (its ``state.json`` cursor); ``False`` reads every file from the start.
-    Bad records are skipped with a warning (``warn``), as the module docstring says.
+    Bad records are skipped with a warning (``warn``), as the module docstring says;
+    so is a whole file of a directory whose header is bad or of another format
+    version. Given such a file alone, it is a :class:`SpoolError`.
     """
     p = Path(path)
     if p.is_dir():
@@ -240,7 +243,13 @@ def read_spool(path: str | os.PathLike[str], *, from_cursor: bool = True, warn: 
             if _seq(name) < _seq(start.file):
                 continue
             offset = start.offset if name == start.file else 0
-            yield from _events_of(p / name, offset, warn)
+            try:
+                yield from _events_of(p / name, offset, warn)
+            except SpoolError as exc:
+                # Not a spool file (a bad header) or another format version: skipped,
+                # as the bus's own drain (Spool.read) skips it; the others are read.
+                if warn:
+                    logger.warning("eventbus: %s; skipped", exc)
     elif p.is_file():
         yield from _events_of(p, 0, warn)
     else:
@@ -406,8 +415,7 @@ class Spool:
     def append(self, events: Sequence[BaseEvent]) -> None:
         """Append ``events`` as records, in order. Raises ``OSError`` (e.g. ENOSPC)
         and then holds none of them: a partly written batch is cut off again."""
-        if self._closed:
-            raise SpoolError(f"the spool at {self.directory} is closed")
+        self._check_open()
         if not events:
             return
         buf = bytearray()
@@ -450,7 +458,10 @@ class Spool:
     # -- reading and consuming -----------------------------------------------------------
 
     def read(self, max_events: int) -> SpoolBatch:
-        """Up to ``max_events`` events from the cursor on, without consuming them."""
+        """Up to ``max_events`` events from the cursor on, without consuming them.
+        A closed spool cannot be read (:class:`SpoolError`): what it holds is left for
+        a replay or the next run, not for a thread that outlived the close."""
+        self._check_open()
         events: list[Event] = []
         corrupt = 0
         pos = self.cursor
@@ -485,7 +496,9 @@ class Spool:
     def consume(self, batch: SpoolBatch) -> int:
         """Mark ``batch`` as delivered: move the cursor past it, delete files read to
         the end, persist the cursor. Returns how many pending records turned out to be
-        unreadable (only known once the end of the spool is reached)."""
+        unreadable (only known once the end of the spool is reached). A closed spool
+        cannot be consumed (:class:`SpoolError`)."""
+        self._check_open()
         self.pending -= len(batch.events)
         self.cursor = batch.end
         lost = 0
@@ -506,6 +519,10 @@ class Spool:
         except OSError as exc:  # e.g. a full disk: the cursor lives on in memory
             logger.warning("eventbus: could not save the spool state in %s: %s", self.directory, exc)
         return lost
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SpoolError(f"the spool at {self.directory} is closed")
 
     def _at_end(self, files: list[str]) -> bool:
         later = [n for n in files if _seq(n) > _seq(self.cursor.file)]

@@ -16,7 +16,8 @@ class SinkStats(msgspec.Struct, kw_only=True):
     Identity, always: ``received == delivered + dropped + spooled + queue_depth``.
     ``dropped`` counts every event that sink will never get: ``overflow`` (its queue was
     full), ``failed`` (its write kept failing with no spool to keep it, its spool could
-    not be written, e.g. a full disk, or its spooled copy turned out unreadable),
+    not be written, e.g. a full disk, its spooled copy turned out unreadable, or it was
+    a metric event whose ``step`` is not an int),
     ``abandoned`` (still queued when the close deadline passed) and ``skipped`` (a
     metric event at or below the sink's resume high-water mark: the sink already has
     that step, so it is not sent twice).

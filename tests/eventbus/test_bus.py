@@ -4,6 +4,8 @@ bus tests."""
 
 from __future__ import annotations
 
+import math
+import re
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -385,3 +387,106 @@ def test_events_published_during_close_are_counted_not_left_queued():
     assert sink.received == sink.delivered + sink.dropped + sink.spooled + sink.queue_depth
     assert final.published == sink.received + final.ingress_dropped
     assert stats.ingress_depth == 0
+
+
+def test_a_metric_event_with_a_step_that_is_not_an_int_is_counted_and_breaks_nothing(caplog) -> None:
+    """msgspec does not check types when an event is built: Log(step=None) (a callback
+    logging before global_step is set) or step="7" reaches the bus. Such an event is
+    counted as failed for each sink it was for, with one warning per kind; a numpy
+    integer step goes on as an int. Nothing else changes: the other events, the
+    marks (also a sink's resume mark, compared with each step) and the identity."""
+    import numpy as np
+
+    plain = Recorder("plain", max_delay=0.0)
+    resumed = Recorder("resumed", events=(Log, Evaluate), max_delay=0.0)
+    bus = EventBus([plain, resumed], flush_interval=0.01, resume_marks={"resumed": 0}).start()
+    with caplog.at_level("WARNING", logger="eventbus"):
+        bus.publish(Log(step=1, values={"loss": 1.0}))
+        bus.publish(Log(step=None, values={"loss": 2.0}))  # type: ignore[arg-type]
+        bus.publish(Log(step="7", values={"loss": 2.0}))  # type: ignore[arg-type]
+        bus.publish(Log(step="8", values={"loss": 2.0}))  # type: ignore[arg-type]  # same kind: no second warning
+        bus.publish(Evaluate(step=2.5, metrics={"eval_loss": 1.0}))  # type: ignore[arg-type]
+        bus.publish_log("", 0, None, None, Snapshot(loss=3.0))  # type: ignore[arg-type]
+        bus.publish(Log(step=np.int64(3), values={"loss": 1.0}))  # type: ignore[arg-type]
+        bus.publish(StepEnd(step=3, time_ns=None))  # type: ignore[arg-type]  # not a metric: delivered, no lag
+        bus.publish(("not", "an", "event"))  # type: ignore[arg-type]
+        for i in range(4, 10):
+            bus.publish(Log(step=i, values={"loss": 1.0}))
+        wait_for(lambda: plain.steps[-1:] == [9] and resumed.steps[-1:] == [9], what="the events after the bad ones")
+        assert bus.running
+        stats = bus.close(timeout=5)
+    assert plain.steps == [1, 3, 3] + list(range(4, 10))
+    assert resumed.steps == [1, 3] + list(range(4, 10))
+    assert all(type(e.step) is int for e in plain.got)
+    assert (stats.sinks["plain"].failed, stats.sinks["resumed"].failed) == (5, 5)
+    assert bus.high_water_marks() == {"plain": 9, "resumed": 9}
+    assert_identity(stats)
+    warnings = [r.getMessage() for r in caplog.records if "is not delivered" in r.getMessage()]
+    assert len(warnings) == 4, warnings  # Log/None (publish and publish_log), Log/str, Evaluate/float, the tuple
+    assert any("Log event with step=None (NoneType)" in w for w in warnings)
+    assert any("step='7' (str)" in w for w in warnings)
+    assert any("Evaluate event with step=2.5 (float)" in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"ingress_capacity": "1000"}, "ingress_capacity must be an int >= 1, got '1000'"),
+        ({"ingress_capacity": 0}, "ingress_capacity must be an int >= 1, got 0"),
+        ({"flush_interval": "0.2"}, "flush_interval must be a number of seconds > 0, got '0.2'"),
+        ({"flush_interval": 0}, "flush_interval must be a number of seconds > 0, got 0"),
+        ({"close_timeout": "5"}, "close_timeout must be a number of seconds, got '5'"),
+        ({"close_timeout": None}, "close_timeout must be a number of seconds, got None"),
+        ({"urgent": Save}, "urgent must be an iterable of event classes"),
+        ({"urgent": ("Save",)}, "urgent must be an iterable of event classes"),
+        ({"run": {"output_dir": "x"}}, "run must be an eventbus.RunInfo or None, got dict"),
+    ],
+)
+def test_bus_options_of_the_wrong_type_are_clear_errors(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(SinkConfigError, match="EventBus: " + re.escape(message)):
+        EventBus([Recorder()], **kwargs)
+
+
+def test_close_checks_its_timeout_before_doing_anything() -> None:
+    rec = Recorder(max_delay=0.0)
+    bus = EventBus([rec], flush_interval=0.01).start()
+    bus.publish(StepEnd(step=1))
+    for bad in ("5", float("nan"), True):
+        with pytest.raises(SinkConfigError, match=r"close\(\): timeout must be a number of seconds"):
+            bus.close(bad)  # type: ignore[arg-type]
+    assert bus.running
+    bus.publish(StepEnd(step=2))
+    stats = bus.close(math.inf)  # no deadline
+    assert rec.steps == [1, 2] and not bus.running
+    assert_identity(stats)
+
+
+def test_start_after_close_is_an_error() -> None:
+    bus = EventBus([Recorder()]).start()
+    bus.close(timeout=5)
+    with pytest.raises(BusStateError, match="this EventBus was closed; create a new one"):
+        bus.start()
+    assert not bus.running
+
+
+def test_close_from_a_sink_on_the_bus_thread_starts_the_close_and_returns() -> None:
+    """A sink's hook runs on the bus thread, which close() cannot join: it starts the
+    close and returns the current stats at once; the bus stops after the hook."""
+
+    class SelfCloser(Recorder):
+        async def write(self, batch: Sequence[BaseEvent]) -> None:
+            await super().write(batch)
+            self.returned = self.bus.close(timeout=5)
+            self.still_running = self.bus.running
+
+    sink = SelfCloser("selfcloser", max_delay=0.0)
+    bus = EventBus([sink], flush_interval=0.01).start()
+    sink.bus = bus
+    bus.publish(StepEnd(step=1))
+    wait_for(lambda: not bus.running, what="the bus to stop")
+    assert isinstance(sink.returned, BusStats) and sink.still_running
+    assert sink.closed and sink.steps == [1]
+    bus.publish(StepEnd(step=2))  # closed: counted as refused
+    stats = bus.close(timeout=5)  # the final stats, at once
+    assert stats.sinks["selfcloser"].delivered == 1 and stats.ingress_dropped == 1
+    assert_identity(stats)

@@ -130,6 +130,70 @@ def test_backoff_is_exponential_capped_and_jittered() -> None:
     assert w._backoff(1, TransientSinkError("429", retry_after=7.0)) == 7.0
 
 
+def test_retry_after_is_a_non_negative_number_of_seconds_or_ignored() -> None:
+    from eventbus.bus import _SinkWorker
+
+    w = _SinkWorker(Recorder(retry_backoff=0.1, retry_backoff_max=0.1), EventBus())
+    # A Retry-After header passed on as it came: a number in a string counts.
+    assert w._backoff(1, TransientSinkError("429", retry_after="5")) == 5.0  # type: ignore[arg-type]
+    assert w._backoff(1, TransientSinkError("429", retry_after=0)) == 0.0
+    for bad in ("Wed, 21 Oct 2015 07:28:00 GMT", "-1", -3, float("nan"), float("inf"), True, b"x", object()):
+        assert 0.05 <= w._backoff(1, TransientSinkError("429", retry_after=bad)) <= 0.1, bad  # type: ignore[arg-type]
+
+
+class Misbehaving(Sink):
+    """A sink whose error handling is itself broken: ``is_transient`` raises, or its
+    ``TransientSinkError`` carries a ``retry_after`` that is not a number."""
+
+    def __init__(self, mode: str) -> None:
+        self.name = "bad"  # type: ignore[misc]
+        self.mode = mode
+        self.max_delay = 0.0
+        self.retry_backoff = 0.001
+        self.max_retries = 2
+        self.calls = 0
+
+    async def write(self, batch: Sequence[BaseEvent]) -> None:
+        self.calls += 1
+        if self.mode == "is_transient":
+            raise ValueError("HTTP 400: bad metric name")
+        raise TransientSinkError("HTTP 429", retry_after="soon")  # type: ignore[arg-type]
+
+    def is_transient(self, exc: BaseException) -> bool:
+        if self.mode == "is_transient":
+            return exc.response.status_code >= 500  # type: ignore[attr-defined]  # AttributeError
+        return super().is_transient(exc)
+
+
+@pytest.mark.parametrize("mode", ["is_transient", "retry_after"])
+def test_a_sink_whose_error_handling_raises_takes_down_neither_the_bus_nor_the_other_sinks(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = Misbehaving(mode)
+    good = Recorder("good", max_delay=0.0)
+    bus = EventBus([bad, good], flush_interval=0.01).start()
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        bus.publish(StepEnd(step=0))
+        wait_for(lambda: bus.stats().sinks["bad"].failed == 1, what="the first batch to fail")
+        for i in range(1, 50):
+            bus.publish(StepEnd(step=i))
+        wait_for(lambda: good.steps == list(range(50)), what="the good sink to get every event")
+        wait_for(lambda: settled(bus, "bad", 50), what="the bad sink's events to be accounted for")
+        assert bus.running and any(t.name == "eventbus" for t in threading.enumerate())
+        stats = bus.close(timeout=5)
+    b = stats.sinks["bad"]
+    assert b.delivered == 0 and b.failed == 50
+    if mode == "is_transient":
+        # The classifier raised: not transient, so not retried; the log says why.
+        assert b.retries == 0
+        assert "is_transient() raised AttributeError" in caplog.text
+    else:
+        # Transient, retried with the computed backoff instead of the bad retry_after.
+        assert b.retries == 2 * bad.calls // 3
+    assert stats.sinks["good"].delivered == 50
+    assert_identity(stats)
+
+
 def test_sink_errors_are_logged_at_a_bounded_rate(caplog: pytest.LogCaptureFixture) -> None:
     bad = Raising("bad", ValueError("boom"), max_batch_size=1, max_delay=0.0, circuit_threshold=10**6)
     with caplog.at_level(logging.WARNING, logger="eventbus"):
@@ -216,3 +280,37 @@ def test_sink_whose_open_fails_is_counted_and_retried() -> None:
     st = bus.stats().sinks["late"]
     assert sink.steps == [1] and st.errors >= 1 and st.delivered == 1
     assert_identity(bus.stats())
+
+
+def test_a_threaded_sink_the_close_deadline_cut_off_is_closed_on_its_thread_which_then_ends() -> None:
+    """The deadline passes during a retry backoff (the backend answers 503): close()
+    returns on time, and the sink's thread is not left waiting for work forever: it
+    runs close_sync and ends."""
+
+    class Unavailable(ThreadedSink):
+        name = "unavailable"  # type: ignore[misc]
+        max_delay = 0.0
+        retry_backoff = 30.0
+
+        def __init__(self) -> None:
+            self.closed_on: str | None = None
+
+        def write_sync(self, batch: Sequence[BaseEvent]) -> None:
+            raise TransientSinkError("HTTP 503")
+
+        def close_sync(self) -> None:
+            self.closed_on = threading.current_thread().name
+
+    sink = Unavailable()
+    bus = EventBus([sink], flush_interval=0.01).start()
+    for i in range(5):
+        bus.publish(StepEnd(step=i))
+    wait_for(lambda: bus.stats().sinks["unavailable"].retries == 1, what="the first retry backoff")
+    thread = sink._thread._thread  # type: ignore[union-attr]
+    elapsed, stats = _close_with_deadline(bus, 0.5)
+    assert elapsed < 0.5 + 2.0
+    assert stats.sinks["unavailable"].abandoned == 5
+    assert_identity(stats)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert sink.closed_on == thread.name

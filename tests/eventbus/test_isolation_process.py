@@ -392,15 +392,33 @@ def test_an_async_sink_runs_on_one_loop_in_the_child(tmp_path: Path) -> None:
 def test_the_child_closes_its_sink_and_exits_when_the_parent_dies(tmp_path: Path) -> None:
     # A parent process that opens an isolated sink and is then SIGKILLed.
     path = str(tmp_path / "events.txt")
+    child = _child_of_a_killed_parent(f'FileSink("file", {path!r})', path)
+    wait_for(lambda: _gone(child), timeout=20, what="the orphaned child to exit")
+    assert read_lines(path) == [["Log", "1", str(child)]]
+    assert read_lines(path + ".closed") == [[str(child)]]  # it closed the sink first
+
+
+class HangsInWrite(FileSink):
+    """Its write hangs (a stuck tracking server), after touching ``<path>.writing``."""
+
+    def write_sync(self, batch: Sequence[BaseEvent]) -> None:
+        Path(self.path + ".writing").touch()
+        time.sleep(3600)
+
+
+def _child_of_a_killed_parent(sink: str, wait_for_file: str) -> int:
+    """Run a parent process that attaches ``sink`` (source text, a class of this
+    module) to a bus, publishes one Log, waits for ``wait_for_file`` to exist, and is
+    then SIGKILLed; returns the pid of the isolated sink's child it left behind."""
     script = textwrap.dedent(
         f"""
         import os, signal, sys, time
         sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "src")!r}]
         from eventbus import EventBus, Log
-        from tests.eventbus.test_isolation_process import FileSink
-        bus = EventBus([FileSink("file", {path!r})]).start()
+        from tests.eventbus.test_isolation_process import FileSink, HangsInWrite
+        bus = EventBus([{sink}]).start()
         bus.publish(Log(step=1, values={{}}))
-        while not os.path.exists({path!r}):
+        while not os.path.exists({wait_for_file!r}):
             time.sleep(0.01)
         print(bus.sinks[0].pid, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -408,21 +426,61 @@ def test_the_child_closes_its_sink_and_exits_when_the_parent_dies(tmp_path: Path
     )
     parent = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert parent.returncode == -signal.SIGKILL, parent.stderr
-    child = int(parent.stdout.split()[0])
+    return int(parent.stdout.split()[0])
 
-    def gone() -> bool:
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            return True
-        try:  # exited but not reaped yet (a zombie): gone as well
-            return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except OSError:
-            return True
 
-    wait_for(gone, timeout=20, what="the orphaned child to exit")
-    assert read_lines(path) == [["Log", "1", str(child)]]
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # exited but not reaped yet (a zombie): gone as well
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_the_child_exits_when_the_parent_dies_during_a_write_that_hangs(tmp_path: Path) -> None:
+    # The request loop cannot see the parent go while the sink's write hangs: a
+    # thread of the child watches it, closes the sink (on a thread of its own) and exits.
+    path = str(tmp_path / "events.txt")
+    child = _child_of_a_killed_parent(f'HangsInWrite("file", {path!r}, write_timeout=None)', path + ".writing")
+    try:
+        wait_for(lambda: _gone(child), timeout=20, what="the orphaned child stuck in a write to exit")
+    finally:
+        if not _gone(child):
+            os.kill(child, signal.SIGKILL)
     assert read_lines(path + ".closed") == [[str(child)]]  # it closed the sink first
+
+
+class Unavailable(FileSink):
+    """A backend that answers 503 to every write."""
+
+    def write_sync(self, batch: Sequence[BaseEvent]) -> None:
+        raise TransientSinkError("HTTP 503")
+
+
+def test_the_close_deadline_during_a_retry_backoff_closes_the_sink_in_its_child_which_exits(tmp_path: Path) -> None:
+    path = str(tmp_path / "events.txt")
+    bus = EventBus([Unavailable("unavailable", path, retry_backoff=30.0)], flush_interval=0.01).start()
+    [proxy] = bus.sinks
+    for i in range(5):
+        bus.publish(Log(step=i, values={}))
+    wait_for(lambda: bus.stats().sinks["unavailable"].retries == 1, what="the first retry backoff")
+    proc = proxy.process
+    assert proc is not None
+    try:
+        t0 = time.monotonic()
+        stats = bus.close(timeout=1.0)
+        assert time.monotonic() - t0 < 3.0  # generous: the deadline is 1 s
+        assert stats.sinks["unavailable"].abandoned == 5
+        # Not left behind: the idle child is asked to close the sink, and exits.
+        wait_for(lambda: proc.poll() is not None, timeout=15, what="the child to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert read_lines(path + ".closed") == [[str(proc.pid)]]
 
 
 def test_a_sink_class_defined_in_a_script_runs_isolated(tmp_path: Path) -> None:

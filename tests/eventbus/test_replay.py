@@ -106,6 +106,30 @@ def test_replay_one_spool_file(tmp_path):
     assert res.sent == 6 and [e.step for e in t.got[1:]] == list(range(5))
 
 
+def test_replay_skips_a_spool_file_with_a_bad_header_with_a_warning_as_the_bus_does(tmp_path, registered, capsys, caplog):
+    d = tmp_path / "spool"
+    sp = Spool(d, max_file_bytes=1024)
+    for i in range(60):
+        sp.append([Log(step=i, values={"pad": "y" * 20})])
+    sp.close()
+    names = sorted(p.name for p in d.glob("*.spool"))
+    assert len(names) >= 3
+    bad = d / names[1]
+    lost = sum(1 for _ in read_events(bad))
+    with open(bad, "r+b") as f:
+        f.write(b"\0" * 8)  # bit rot, a partial copy: not a spool file any more
+    assert Spool(d).read(10_000).corrupt == 1  # the bus's own drain skips it
+    t = Target()
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        res = replay(d, t)
+    assert [e.step for e in t.got] == [i for i in range(60) if not lost <= i < 2 * lost]
+    assert (res.read, res.sent, res.failed, res.unreadable) == (60 - lost, 60 - lost, 0, 1)
+    assert f"{bad} is not an eventbus spool file" in caplog.text and "skipped" in caplog.text
+    # The CLI reports it as it reports any unreadable record: counted, exit status 0.
+    assert main(["replay", str(d), "--to", "replay-target", "--resume-mark", "-1"]) == 0
+    assert f"read {60 - lost}, sent {60 - lost}" in capsys.readouterr().out
+
+
 def test_replay_a_jsonl_file_skipping_a_bad_line_with_a_warning(tmp_path, caplog):
     path = tmp_path / "events.jsonl"
     lines = [encode_json(Log(step=i, values={"loss": float(i)})) for i in range(4)]

@@ -104,6 +104,40 @@ def test_bad_sink_settings_are_rejected_with_the_setting_named(attr: str, value:
         EventBus([s])
 
 
+@pytest.mark.parametrize("attr, value", [("max_batch_size", 0), ("max_batch_size", "5"), ("capacity", 0.5), ("overflow", "spool")])
+def test_settings_changed_after_attaching_are_checked_when_the_bus_starts(attr: str, value: object) -> None:
+    """A sink's settings may be changed after it is attached, before the bus starts:
+    start() checks them again (max_batch_size = 0 would make the sink's worker spin,
+    "5" would crash the bus thread)."""
+    from eventbus import BusStateError, SinkConfigError
+
+    s = Threaded()
+    other = Threaded()
+    other.name = "other"  # type: ignore[misc]
+    bus = EventBus([s, other], flush_interval=0.01)
+    good = getattr(s, attr)
+    setattr(s, attr, value)
+    with pytest.raises(SinkConfigError, match=f"sink 'threaded': {attr} must be"):
+        bus.start()
+    assert not bus.running
+    setattr(s, attr, good)  # fixed: the bus starts
+    with bus:
+        bus.publish(StepEnd(step=1))
+    assert [c[2] for c in s.calls if c[0] == "write"] == [[1]]
+    with pytest.raises(BusStateError):
+        bus.start()
+
+
+def test_subscriptions_changed_after_attaching_apply_when_the_bus_starts() -> None:
+    s = Threaded()
+    bus = EventBus([s], flush_interval=0.01)
+    s.events = (Log,)  # type: ignore[misc]
+    with bus:
+        bus.publish(StepEnd(step=1))
+        bus.publish(Log(step=2))
+    assert [c[2] for c in s.calls if c[0] == "write"] == [[2]]
+
+
 def test_a_sampled_event_must_be_one_the_sink_subscribes_to() -> None:
     from eventbus import SinkConfigError
 

@@ -67,6 +67,20 @@ def test_read_does_not_consume_and_consume_advances(tmp_path):
     sp.close()
 
 
+def test_a_closed_spool_is_neither_read_nor_consumed(tmp_path):
+    # What a closed spool holds is left for a replay or the next run, not for a
+    # thread that outlived the close (see EventBus.close).
+    sp = Spool(tmp_path)
+    sp.append(logs(3))
+    batch = sp.read(2)
+    sp.close()
+    with pytest.raises(SpoolError, match="is closed"):
+        sp.read(10)
+    with pytest.raises(SpoolError, match="is closed"):
+        sp.consume(batch)
+    assert sp.pending == 3 and Spool(tmp_path).pending == 3
+
+
 def test_directory_and_files_are_owner_only(tmp_path):
     root = tmp_path / "out"
     sp = Spool(root / "spool" / "sinkname")

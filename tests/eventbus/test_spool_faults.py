@@ -16,7 +16,7 @@ import anyio
 
 from eventbus import EventBus, Log, Overflow, RunInfo, Sink, StepEnd
 from eventbus.events import BaseEvent
-from eventbus.spool import MAGIC, Spool
+from eventbus.spool import MAGIC, Spool, read_spool
 
 
 class Recorder(Sink):
@@ -113,6 +113,42 @@ def test_sink_still_down_at_close_keeps_everything_on_disk_counted_as_spooled(tm
     s = st.sinks["flaky"]
     assert (s.received, s.delivered, s.spooled, s.dropped) == (30, 0, 30, 0)
     assert Spool(tmp_path / "spool" / "flaky").pending == 30
+
+
+class LoopBlocker(Recorder):
+    """Wrongly blocks the bus loop in its async write (a synchronous HTTP call)."""
+
+    spool = True
+    max_delay = 0.0
+
+    def __init__(self, block: float) -> None:
+        super().__init__("blocker")
+        self.block = block
+
+    async def write(self, batch: Sequence[BaseEvent]) -> None:
+        time.sleep(self.block)
+        self.got.extend(batch)
+
+
+def test_a_loop_blocker_abandoned_at_close_does_not_drain_its_spool_again(tmp_path):
+    """close() cannot stop a thread stuck in a sink's write: it spools what that sink
+    held and closes the spool. When the write returns after all, the thread must not
+    read that spool and send it again: it stays on disk, as the final stats say."""
+    sink = LoopBlocker(block=1.5)
+    bus = EventBus([sink], run=RunInfo(output_dir=str(tmp_path)), flush_interval=0.01).start()
+    for i in range(5):
+        bus.publish(StepEnd(step=i))
+        bus.publish(Log(step=i, values={}))
+    time.sleep(0.3)  # the first batch is in the blocked write
+    st = bus.close(timeout=0.5)
+    s = st.sinks["blocker"]
+    assert (s.received, s.delivered, s.spooled) == (10, 0, 10)
+    time.sleep(2.5)  # the write returns; the abandoned thread runs on
+    assert 0 < len(sink.got) <= 10
+    on_disk = list(read_spool(tmp_path / "spool" / "blocker"))
+    assert len(on_disk) == 10  # the in-flight batch too: whether it got through was unknown at close
+    assert len({(type(e), e.step) for e in sink.got}) == len(sink.got)  # nothing delivered twice
+    assert bus.stats() == st
 
 
 class Slow(Recorder):

@@ -99,3 +99,47 @@ def test_lag_recorder_samples_a_large_batch_boundedly_across_its_whole_span() ->
     small = LagRecorder()
     small.add_batch(done, batch[:10])
     assert sorted(small._samples) == [float(i) for i in range(10)]  # small batches: every event
+
+
+def test_stats_read_from_another_thread_while_events_flow_always_keep_the_identity() -> None:
+    """The bus thread moves events between a sink's queue and its counters in steps;
+    a reader on another thread that falls between two of them must not see the
+    identity broken (the thread switch interval is made tiny to make that likely)."""
+    import sys
+    import threading
+    import time
+
+    from eventbus import Log
+
+    rec = Recorder("rec", max_batch_size=64, capacity=100_000, max_delay=0.0)
+    bus = EventBus([rec], flush_interval=0.005).start()
+    stop = threading.Event()
+
+    def produce() -> None:
+        i = 0
+        while not stop.is_set():
+            bus.publish(Log(step=i, values={"a": 1.0}))
+            i += 1
+            if i % 200 == 0:
+                time.sleep(0.001)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    producer = threading.Thread(target=produce)
+    broken: list[SinkStats] = []
+    polls = 0
+    try:
+        producer.start()
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            s = bus.stats().sinks["rec"]
+            polls += 1
+            if s.received != s.delivered + s.dropped + s.spooled + s.queue_depth:
+                broken.append(s)
+    finally:
+        stop.set()
+        producer.join()
+        sys.setswitchinterval(interval)
+    assert_identity(bus.close(timeout=10))
+    assert polls > 100 and rec.got
+    assert not broken, f"{len(broken)} of {polls} reads broke the identity, e.g. {broken[0]}"
