@@ -98,3 +98,20 @@ def test_training_script_prints_steps_per_second_and_the_ratio() -> None:
     assert re.search(r"full garbage collections inside our runs' timed windows: \d+", out), out
     # With repeats, the ratio within each repeat too (the machine drifts between them).
     assert re.search(r"\(paired, all sinks / no sinks within each repeat: median \d\.\d{3} \[\d\.\d{3}-\d\.\d{3}\]\)", out), out
+
+
+def test_gpu_sync_guard_leaves_the_loops_tensors_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard implements on_log: were the handler to read the logged tensors for it
+    (as for any callback that wants plain numbers), a GPU run would sync every step and
+    fail in the "error" sync debug mode. It declares it takes them as they are."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_sync
+    from _common import TinyModel, log_every_step_args, make_dataset
+
+    from trainer import Trainer
+
+    trainer = Trainer(
+        TinyModel(gpu_sync.DIM, 32), log_every_step_args(str(tmp_path), 4, 8),
+        train_dataset=make_dataset(32, dim=gpu_sync.DIM), callbacks=[gpu_sync.SyncGuard(4)],
+    )
+    assert trainer.callback_handler.wants_plain_logs is False
