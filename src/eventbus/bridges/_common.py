@@ -45,8 +45,9 @@ class BusHolder:
     A bridge is built before the run is known (output dir, rank), so the bus is
     created on first use with the run's :class:`RunInfo`. A closed bus cannot
     restart: after :meth:`close`, the next use creates a fresh bus over the same sinks
-    and the same ``run_id`` (the sinks are opened again; an SDK sink then starts a new
-    experiment). A bridge that expects more events for the same run (transformers'
+    and the same ``run_id`` (the sinks are opened again for the same run: the Comet
+    sink continues its experiment, the Neptune sink its run where Neptune allows it,
+    online). A bridge that expects more events for the same run (transformers'
     ``trainer.evaluate()`` after ``trainer.train()``) calls :meth:`flush` instead, and
     the bus is closed by :meth:`close` or at interpreter exit.
 

@@ -127,8 +127,8 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
         """Close the bus now (deliver, close the sinks, within ``timeout`` or
         ``close_timeout``): call it when done with the trainer (after the last
         ``evaluate()``/``predict()``); otherwise interpreter exit does it. A later
-        hook opens a fresh bus over the same sinks (a new Comet experiment or
-        Neptune run)."""
+        hook opens a fresh bus over the same sinks, for the same run (the Comet sink
+        continues its experiment; offline, Neptune starts a new run)."""
         return self._holder.close(timeout)
 
     def __repr__(self) -> str:
