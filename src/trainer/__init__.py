@@ -11,10 +11,11 @@ from trainer.callbacks import CallbackHandler, TrainerCallback
 from trainer.flow import DefaultFlowCallback, EarlyStoppingCallback
 from trainer.progress import PrinterCallback, ProgressCallback
 from trainer.state import ExportableState, TrainerControl, TrainerState
-from trainer.trainer import Trainer
+from trainer.trainer import Trainer, TrainingInterrupted
 
 __all__ = [
     "Trainer",
+    "TrainingInterrupted",
     "TrainingArguments",
     "TrainerCallback",
     "CallbackHandler",

@@ -93,6 +93,8 @@ class _Shared:
         self.training = False
         self.error: BaseException | None = None
         self.output_dir: str | None = None
+        self.log_dir: str | None = None
+        """The logger's ``<save_dir>/<name>/<version>``: where the file sinks' logs go."""
         self.world_size = 1
         self.last_step = 0
         """The trainer's global step at the last hook (for events a logger publishes)."""
@@ -103,7 +105,7 @@ class _Shared:
             run_id=self.run_id,
             run_name=self.name,
             output_dir=out,
-            logging_dir=self.save_dir,
+            logging_dir=self.log_dir or self.save_dir,
             rank=_rank(),
             world_size=self.world_size,
         )
@@ -156,7 +158,9 @@ class EventBusLogger(Logger):  # type: ignore[misc]
     Give it sinks, ``report_to`` names (the ``eventbus.sinks`` registry), or a bus
     you own (``bus=``; then you close it). ``save_dir`` becomes the run's
     ``output_dir`` (where spools and file sinks write; default: the working
-    directory) and is what Lightning puts checkpoints under, as with its own loggers.
+    directory) and is what Lightning puts checkpoints under, as with its own loggers;
+    the file sinks' logs (TensorBoard) go to :attr:`log_dir`,
+    ``<save_dir>/<name>/<version>`` (the version: as given, else the run id).
 
     - ``log_metrics(metrics, step)`` -> :class:`Log` at ``step`` (Lightning's own
       logging step, the same one its CSV/TensorBoard loggers use).
@@ -195,6 +199,9 @@ class EventBusLogger(Logger):  # type: ignore[misc]
         self._name = name
         self._version = version
         self._callback: EventBusLightningCallback | None = None
+        # As Lightning's own loggers: each logger (each version) logs to a directory
+        # of its own, so two fits under one save_dir are two TensorBoard runs.
+        self._shared.log_dir = self.log_dir
 
     # -- Lightning's Logger surface -----------------------------------------------------
 

@@ -291,3 +291,25 @@ def test_no_sink_runs_off_rank_zero(tmp_path):
         rank_zero_only.rank = saved
     assert sink.runs == [] and sink.received == []
     assert ours.last_stats.published == 0  # nothing was even built on that rank
+
+
+def test_two_loggers_under_one_save_dir_log_tensorboard_to_their_own_log_dirs(tmp_path):
+    # As Lightning's own loggers: <save_dir>/<name>/<version>, so two fits are two runs.
+    require_module("tensorboard")
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    dirs = []
+    for seed in (0, 1):
+        ours = EventBusLogger(report_to="tensorboard", save_dir=str(tmp_path / "runs"))
+        trainer = _trainer(tmp_path, [ours], [ours.callback()], max_epochs=1, enable_checkpointing=False)
+        trainer.fit(TinyModule(), _loader(32, seed), _loader(16, 1))
+        assert ours.log_dir == os.path.join(str(tmp_path / "runs"), "eventbus", str(ours.version))
+        dirs.append(ours.log_dir)
+    assert dirs[0] != dirs[1]
+    for d in dirs:
+        events = [f for f in os.listdir(d) if f.startswith("events.out.tfevents")]
+        assert len(events) == 1, os.listdir(d)
+        acc = ea.EventAccumulator(d)
+        acc.Reload()
+        assert acc.Tags()["scalars"], "the run's scalars are in its own log_dir"
+    assert not [f for f in os.listdir(tmp_path / "runs") if f.startswith("events.out.tfevents")]
