@@ -95,19 +95,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="PATH", help="also draw the results as a PNG bar chart (needs matplotlib)")
 
 
+class _BadOption(ValueError):
+    """A bad value of a ``bench`` option: exit status 2."""
+
+
 def _sizes(args: argparse.Namespace) -> dict[str, Any]:
     steps = args.steps if args.steps is not None else (QUICK["steps"] if args.quick else 2000)
     repeats = args.repeats if args.repeats is not None else (QUICK["repeats"] if args.quick else 5)
     gap_us = args.gap_us if args.gap_us is not None else (0.0 if args.quick else 200.0)
     if steps < 1:
-        raise SystemExit(f"eventbus bench: --steps must be >= 1, got {steps}")
+        raise _BadOption(f"--steps must be >= 1, got {steps}")
     if repeats < 1:
-        raise SystemExit(f"eventbus bench: --repeats must be >= 1, got {repeats}")
+        raise _BadOption(f"--repeats must be >= 1, got {repeats}")
     if gap_us < 0:
-        raise SystemExit(f"eventbus bench: --gap-us must be >= 0, got {gap_us}")
+        raise _BadOption(f"--gap-us must be >= 0, got {gap_us}")
     ls = args.logging_steps or [1, 50]
     if any(n < 1 for n in ls):
-        raise SystemExit(f"eventbus bench: --logging-steps must be >= 1, got {ls}")
+        raise _BadOption(f"--logging-steps must be >= 1, got {ls}")
     return {
         "steps": steps,
         "repeats": repeats,
@@ -133,7 +137,11 @@ def run(args: argparse.Namespace) -> int:
     """Run the overhead benchmark or, with ``--callbacks``, the profiler; print tables."""
     from eventbus import _bench
 
-    sizes = _sizes(args)
+    try:
+        sizes = _sizes(args)
+    except _BadOption as exc:
+        print(f"eventbus bench: {exc}", file=sys.stderr)
+        return 2
     if args.callbacks:
         try:
             callbacks = [_bench.load_callback(spec) for spec in args.callbacks]
@@ -159,6 +167,17 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not configs:
         print(f"eventbus bench: --configs {args.configs!r}: choose among {', '.join(_bench.CONFIGS)}", file=sys.stderr)
         return 2
+    isolate = _isolate_names(args.isolate)
+    bad = [n for n in isolate or () if n not in _bench.BENCH_SINK_NAMES]
+    if bad or (args.isolate is not None and not args.isolate.strip(" ,")):
+        # Said before minutes of measuring, not as a traceback once (c) is set up.
+        what = f"{', '.join(bad)}: not a sink of (c) or (d)" if bad else "no names given"
+        print(
+            f"eventbus bench: --isolate {args.isolate!r}: {what}; "
+            f"give 'none' or comma-separated names among {', '.join(_bench.BENCH_SINK_NAMES)}",
+            file=sys.stderr,
+        )
+        return 2
     result = _bench.run_overhead(
         configs=configs,
         logging_steps=sizes["logging_steps"],
@@ -169,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         max_block_s=sizes["max_block_s"],
         with_transformers=not args.no_transformers,
         log_floats=args.log_floats,
-        isolate=_isolate_names(args.isolate),
+        isolate=isolate,
         progress=_say,
     )
     argv = getattr(args, "_argv", None)

@@ -34,13 +34,30 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argpar
     return parser, handlers
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name`` (``parser`` itself if there is none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return action.choices[name]
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``eventbus`` console script."""
     parser, handlers = _build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extras = parser.parse_known_args(argv)
     if not args.command:
+        if extras:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
         parser.print_help()
         return 2
+    if extras:
+        # Unknown arguments after the command are that command's to report, with its
+        # own usage line; those before it (`eventbus --bogus train`) are ours.
+        before = argv[: argv.index(args.command)]
+        owner = parser if any(a in before for a in extras) else _subparser(parser, args.command)
+        owner.error(f"unrecognized arguments: {' '.join(extras)}")
     return int(handlers[args.command](args) or 0)
 
 

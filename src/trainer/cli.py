@@ -6,9 +6,6 @@ open them, the best metric and what every sink received.
 The task: three interleaved spiral arms in the plane, one class per arm, generated
 deterministically from the seed. A small MLP learns it to high accuracy in a few
 hundred steps on a laptop CPU.
-
-Exit status: 0 when training completed (or early stopping ended it), 130 on SIGINT,
-143 on SIGTERM (a checkpoint is saved first), 1 on any other failure.
 """
 
 from __future__ import annotations
@@ -23,6 +20,17 @@ from typing import Any, Callable
 __all__ = ["add_train_parser", "run_train", "SpiralDataset", "SpiralMLP", "make_spirals", "accuracy"]
 
 DEFAULT_REPORT_TO = "tensorboard,jsonl"
+
+EXIT_STATUS = """\
+exit status:
+  0    training completed, or early stopping ended it (also --resume from a
+       checkpoint already at or past --max-steps: nothing is trained)
+  1    training failed (the summary says so)
+  2    a bad option, or a checkpoint --resume cannot use
+  130  interrupted by SIGINT (Ctrl-C): the current step finishes, a checkpoint is
+       saved and --resume continues (a second Ctrl-C stops at once, unsaved)
+  143  interrupted by SIGTERM: a checkpoint is saved first, as for SIGINT
+"""
 
 
 def make_spirals(n_per_class: int, n_classes: int = 3, noise: float = 0.25, seed: int = 0) -> tuple[Any, Any]:
@@ -104,6 +112,7 @@ def add_train_parser(subparsers: Any) -> Callable[[argparse.Namespace], int]:
         "train",
         help="train a small model on generated data, logging through the event bus",
         description=__doc__,
+        epilog=EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--output-dir", default="runs/demo", help="where checkpoints and logs go (default: runs/demo)")
@@ -149,6 +158,11 @@ def run_train(ns: argparse.Namespace) -> int:
     from trainer.trainer import TrainingInterrupted
 
     output_dir = os.path.abspath(ns.output_dir)
+    if ns.resume:
+        done = _resumed_step(output_dir)
+        if done is not None and done[1] >= ns.max_steps:
+            _print_nothing_to_train(output_dir, ns.max_steps, *done)
+            return 0
     logging_dir = _prepare_output_dir(output_dir, resume=bool(ns.resume))
     try:
         args = TrainingArguments(
@@ -201,24 +215,26 @@ def run_train(ns: argparse.Namespace) -> int:
         return 2
 
     status = 0
+    outcome = ""
     try:
         result = trainer.train(resume_from_checkpoint=True if ns.resume else None)
     except TrainingInterrupted as exc:
         print(f"\neventbus train: {exc}", file=sys.stderr)
         status = 128 + int(exc.signum)
         result = None
+        outcome = f"interrupted by {signal.Signals(int(exc.signum)).name} at step {trainer.state.global_step}"
     except CheckpointError as exc:
         print(f"eventbus train: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\neventbus train: interrupted (second Ctrl-C); no checkpoint was saved for the last step", file=sys.stderr)
-        _print_summary(trainer, args, None)
+        _print_summary(trainer, args, None, outcome=f"interrupted by a second Ctrl-C at step {trainer.state.global_step} (not saved)")
         return 128 + signal.SIGINT
     except Exception as exc:  # the bus was closed with TrainEnd(status="failed")
         print(f"eventbus train: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        _print_summary(trainer, args, None)
+        _print_summary(trainer, args, None, outcome=f"FAILED at step {trainer.state.global_step}: {type(exc).__name__} (see the error above)")
         return 1
-    _print_summary(trainer, args, result)
+    _print_summary(trainer, args, result, outcome=outcome)
     return status
 
 
@@ -250,32 +266,81 @@ def _prepare_output_dir(output_dir: str, *, resume: bool) -> str:
     return os.path.join(logs_root, time.strftime("%Y%m%d-%H%M%S"))
 
 
-def _print_summary(trainer: Any, args: Any, result: Any) -> None:
+def _resumed_step(output_dir: str) -> tuple[str, int] | None:
+    """(the checkpoint ``--resume`` continues, its global step), or ``None`` when there
+    is none or its state cannot be read (the trainer then says why)."""
+    import json
+
+    from trainer.checkpoint import TRAINER_STATE_NAME, get_last_checkpoint
+
+    last = get_last_checkpoint(output_dir)
+    if last is None:
+        return None
+    try:
+        with open(os.path.join(last, TRAINER_STATE_NAME)) as f:
+            return last, int(json.load(f)["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _print_nothing_to_train(output_dir: str, max_steps: int, checkpoint: str, step: int) -> None:
+    lines = ["", "=" * 64, "eventbus train: summary", "=" * 64]
+    lines.append(
+        f"training      : nothing trained: the checkpoint to resume ({checkpoint}) is already at step {step}, "
+        f"at or past --max-steps {max_steps}; pass a larger --max-steps to train further"
+    )
+    lines.append(f"output dir    : {output_dir}")
+    print("\n".join(lines), flush=True)
+
+
+def _tensorboard_command() -> str:
+    """The ``tensorboard`` of this interpreter's environment (``.venv/bin/tensorboard``)
+    when it has one: it need not be on PATH. Else the bare name."""
+    import shutil
+
+    here = shutil.which("tensorboard", path=os.path.dirname(sys.executable))
+    return here or "tensorboard"
+
+
+def _print_summary(trainer: Any, args: Any, result: Any, outcome: str = "") -> None:
+    """What the run did and where its files are. ``result`` is ``None`` when training
+    did not complete; ``outcome`` then says how it ended. Only paths that exist are
+    printed: after a failure, what was never written is said to be missing."""
     state = trainer.state
     lines = ["", "=" * 64, "eventbus train: summary", "=" * 64]
     if result is not None:
         stopped_early = state.global_step < state.max_steps
         how = f"stopped early at step {state.global_step}/{state.max_steps}" if stopped_early else f"{state.global_step} steps"
         lines.append(f"training      : {how}, mean train loss {result.training_loss:.4f}")
+    elif outcome:
+        lines.append(f"training      : {outcome}")
     best = state.best_metric
     metric = args.metric_for_best_model
     if best is not None:
-        lines.append(f"best {metric:<9}: {best:.4f} at step {state.best_global_step} ({state.best_model_checkpoint})")
+        best_dir = state.best_model_checkpoint
+        where = best_dir if best_dir and os.path.isdir(best_dir) else "its checkpoint was not saved"
+        lines.append(f"best {metric:<9}: {best:.4f} at step {state.best_global_step} ({where})")
     else:
         lines.append(f"best {metric:<9}: (no evaluation ran)")
-    lines.append(f"output dir    : {args.output_dir}")
+    made = os.path.isdir(args.output_dir)
+    lines.append(f"output dir    : {args.output_dir}" if made else f"output dir    : not created ({args.output_dir})")
     sinks = {s.name: s for s in trainer.bus.sinks}
     if "tensorboard" in sinks:
         logdir = getattr(sinks["tensorboard"], "log_dir", None) or args.logging_dir
-        lines.append(f"tensorboard   : {logdir}")
-        # The parent holds every run of this output dir: TensorBoard shows them side by side.
-        lines.append(f"open with     : tensorboard --logdir {os.path.dirname(logdir.rstrip(os.sep))}")
+        if os.path.isdir(logdir) and os.listdir(logdir):
+            lines.append(f"tensorboard   : {logdir}")
+            # The parent holds every run of this output dir: TensorBoard shows them side by side.
+            lines.append(f"open with     : {_tensorboard_command()} --logdir {os.path.dirname(logdir.rstrip(os.sep))}")
+        else:
+            lines.append("tensorboard   : nothing written")
     if "jsonl" in sinks:
         path = getattr(sinks["jsonl"], "path", None)
-        lines.append(f"json lines    : {path or args.output_dir}")
+        lines.append(f"json lines    : {path}" if path and os.path.isfile(path) else "json lines    : nothing written")
     for name, sink in sinks.items():
         if name not in ("tensorboard", "jsonl"):
             where = getattr(sink, "path", None) or getattr(sink, "log_dir", None)
+            if where and not os.path.exists(where):
+                where = None
             lines.append(f"{name:<14}: {where or 'see the backend'}")
     if not sinks:
         lines.append("sinks         : none (report_to='none'); pass --report-to tensorboard,jsonl to keep logs")

@@ -184,3 +184,40 @@ def test_isolate_option_names_exactly_the_isolated_sinks() -> None:
     assert _isolate_names(None) is None  # the sinks' own defaults
     assert _isolate_names("none") == []
     assert _isolate_names("neptune, comet_ml") == ["neptune", "comet_ml"]
+
+
+def test_bench_isolate_unknown_sink_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    # Before anything is set up or measured: no traceback once (c)'s sinks are open.
+    rc = main(["bench", "--quick", "--configs", "c", "--isolate", "tensorboard,bogus", "--no-transformers", "--no-imports"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--isolate 'tensorboard,bogus': bogus: not a sink of (c) or (d)" in err
+    assert "'none'" in err and all(name in err for name in _bench.BENCH_SINK_NAMES)
+    assert main(["bench", "--quick", "--configs", "c", "--isolate", ",", "--no-imports"]) == 2
+    assert "no names given" in capsys.readouterr().err
+
+
+def test_bench_sink_names_are_those_bench_sinks_builds() -> None:
+    from sinks.comet import CometSink
+    from sinks.console import ProgressSink
+    from sinks.jsonl import JSONLSink
+    from sinks.mlflow import MLflowSink
+    from sinks.neptune import NeptuneSink
+    from sinks.tensorboard import TensorBoardSink
+
+    classes = (ProgressSink, TensorBoardSink, JSONLSink, NeptuneSink, CometSink, MLflowSink, _bench.SlowSink)
+    assert _bench.BENCH_SINK_NAMES == tuple(c.name for c in classes)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--gap-us", "-1"], "--gap-us must be >= 0"),
+        (["--logging-steps", "0"], "--logging-steps must be >= 1"),
+    ],
+)
+def test_bench_bad_sizes_exit_2(option: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--quick", "--no-imports", *option]) == 2
+    assert message in capsys.readouterr().err

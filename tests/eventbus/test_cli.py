@@ -50,3 +50,30 @@ def test_importing_the_cli_imports_no_backend_sdk() -> None:
     )
     out = _run(sys.executable, "-c", code)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--bogus"],
+        ["replay", "some.jsonl", "--to", "jsonl", "--bogus"],
+        ["bench", "--quick", "--bogus", "1"],
+    ],
+)
+def test_unknown_option_of_a_subcommand_is_reported_by_that_subcommand(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: eventbus {argv[0]} "), err  # its own usage line, not `eventbus COMMAND ...`
+    assert f"eventbus {argv[0]}: error: unrecognized arguments: " in err and "--bogus" in err
+
+
+def test_unknown_option_before_the_command_is_the_top_level_parsers(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--bogus", "train"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: eventbus [-h] COMMAND") and "eventbus: error: unrecognized arguments: --bogus" in err

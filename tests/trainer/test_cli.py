@@ -45,6 +45,9 @@ def test_train_with_sinks_reports_where_the_logs_are(tmp_path, capsys):
     text = capsys.readouterr().out
     logdir = str(out / "logs")
     assert f"tensorboard --logdir {logdir}" in text
+    venv_tensorboard = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    if os.path.exists(venv_tensorboard):  # the environment's own, not whatever is on PATH
+        assert f"open with     : {venv_tensorboard} --logdir {logdir}" in text
     assert "json lines" in text
     # The per-sink stats table.
     assert "tensorboard" in text.split("event bus")[-1] and "jsonl" in text.split("event bus")[-1]
@@ -113,3 +116,61 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path):
     assert saved, "a checkpoint must be saved on SIGTERM"
     step = int(saved[-1].split("-")[1])
     assert f"checkpoint-{step}" in stderr
+
+
+def test_help_lists_the_exit_statuses(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    epilog = out.split("exit status:", 1)[1]
+    for code, words in [("0", "completed"), ("1", "failed"), ("2", "bad option"), ("130", "SIGINT"), ("143", "SIGTERM")]:
+        assert any(line.split()[:1] == [code] and words in line for line in epilog.splitlines()), (code, epilog)
+
+
+def test_failed_run_says_so_and_names_only_what_exists(tmp_path, capsys):
+    from eventbus.registry import available_sinks
+
+    if not {"tensorboard", "jsonl"} <= set(available_sinks()):
+        pytest.fail("the tensorboard and jsonl sinks must be registered (pip install -e '.[tensorboard]')")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "demo"  # cannot be created: its parent is a file
+    code = main(["train", "--output-dir", str(out), "--max-steps", "20", "--eval-steps", "10", "--no-progress"])
+    assert code == 1
+    summary = capsys.readouterr().out.split("eventbus train: summary", 1)[1].split("event bus", 1)[0]
+    assert "training      : FAILED at step" in summary
+    assert "checkpoint was not saved" in summary
+    assert f"output dir    : not created ({out})" in summary
+    assert "tensorboard   : nothing written" in summary and "json lines    : nothing written" in summary
+    assert "open with" not in summary and "checkpoint-" not in summary and f"{out}{os.sep}" not in summary
+
+
+def test_resume_at_or_past_max_steps_trains_nothing_and_says_so(tmp_path, capsys):
+    out = tmp_path / "demo"
+    base = ["train", "--output-dir", str(out), "--eval-steps", "10", "--report-to", "none", "--no-progress"]
+    assert main(base + ["--max-steps", "30"]) == 0
+    before = checkpoints(str(out))
+    state_before = (out / "checkpoint-30" / "trainer_state.json").read_text()
+    capsys.readouterr()
+    for max_steps in ("20", "30"):
+        assert main(base + ["--max-steps", max_steps, "--resume"]) == 0
+        text = capsys.readouterr().out
+        assert f"nothing trained: the checkpoint to resume ({out / 'checkpoint-30'}) is already at step 30" in text
+        assert f"--max-steps {max_steps}" in text
+        assert "mean train loss" not in text
+    assert checkpoints(str(out)) == before
+    assert (out / "checkpoint-30" / "trainer_state.json").read_text() == state_before
+
+
+def test_summary_opens_tensorboard_with_the_environments_own(tmp_path, monkeypatch):
+    from trainer.cli import _tensorboard_command
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))
+    assert _tensorboard_command() == "tensorboard"  # none there: the bare name, from PATH
+    exe = bindir / ("tensorboard.exe" if os.name == "nt" else "tensorboard")
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    assert os.path.samefile(_tensorboard_command(), exe)
