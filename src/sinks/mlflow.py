@@ -27,6 +27,21 @@ twice. When that resume state is lost (an isolated sink's child process killed i
 middle of a batch: the next child sends the whole batch again), each metric carries
 its event's own timestamp, so a resent one is identical to the one stored, and
 MLflow's SQL store keeps one of them.
+
+Resuming: each run the sink creates is tagged ``eventbus.run_id`` with the bus's run
+id. A resumed bus run (``RunInfo.resumed``, same run id: ``trainer.train(
+resume_from_checkpoint=...)``, ``eventbus train --resume``) continues the MLflow run
+so tagged (``runs/search`` in the experiment, the latest started that is not
+deleted, whatever its status) instead of starting another; ``MLFLOW_RUN_ID`` still
+wins, and a run that is not resumed starts a new one. The tag is on the server, so
+this works from any machine and output directory, and one can find the MLflow run
+of an eventbus run in the UI. A run continued by a resumed bus run (either way) is
+asked what it already holds (``runs/get``: the latest step of each metric): a metric
+at a step at or below that, for its key, is not sent again. ``MLFLOW_RUN_ID`` given
+to a run that is not a resume (another phase of training logged into the same run)
+gets every metric, as with transformers' callback. After a SIGKILL the checkpoint's high-water
+mark is all the trainer has, so the resumed process publishes the steps between the
+checkpoint and the kill again; MLflow would store them twice (new timestamps).
 """
 
 from __future__ import annotations
@@ -43,7 +58,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 
-from eventbus.errors import SinkConfigError, SinkError
+from eventbus.errors import SinkConfigError, SinkError, TransientSinkError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
 from eventbus.redact import redact
 from eventbus.sink import RunInfo, Sink
@@ -57,6 +72,7 @@ __all__ = [
     "MAX_PARAMS_TAGS_PER_BATCH",
     "MAX_ENTITIES_PER_BATCH",
     "MAX_PARAM_VAL_LENGTH",
+    "RUN_ID_TAG",
 ]
 
 logger = logging.getLogger("sinks.mlflow")
@@ -71,6 +87,10 @@ MAX_PARAM_VAL_LENGTH = 6000
 ``max_param_length`` to match yours)."""
 MAX_TAG_VAL_LENGTH = 8000
 MAX_ENTITY_KEY_LENGTH = 250
+
+RUN_ID_TAG = "eventbus.run_id"
+"""The tag holding the bus's run id on each MLflow run the sink creates; a resumed bus
+run continues the run so tagged."""
 
 _TRUE = {"1", "TRUE", "YES", "ON", "Y"}
 _API = "/api/2.0/mlflow"
@@ -120,7 +140,9 @@ class MLflowSink(Sink):
     Arguments default to the ``MLFLOW_*`` environment variables (see the module
     docstring). ``tracking_uri`` is ``http(s)://host[:port][/prefix]`` (or an Azure ML
     ``azureml://`` URI, see :class:`sinks.azureml.AzureMLSink`). ``run_id`` resumes that
-    run (params already set on it are not sent again). ``nested`` creates a child run of
+    run (params already set on it are not sent again, nor metrics at a step it already
+    has); without it, a resumed bus run (``RunInfo.resumed``) continues the run tagged
+    with its run id (:data:`RUN_ID_TAG`), if there is one. ``nested`` creates a child run of
     ``parent_run_id``, or of ``run_id`` when only that is given (as
     ``mlflow.start_run(nested=True)`` inside that run would). ``token`` / ``token_provider`` / ``username``
     + ``password`` authenticate; ``allow_insecure_token`` permits a credential over
@@ -227,6 +249,13 @@ class MLflowSink(Sink):
         self._name_cache: dict[str, str] = {}
         self._last: dict[str, tuple[int, float]] = {}
         self._params_set: set[str] = set()
+        self.continued = False
+        """Whether the run existed before this sink opened it (``MLFLOW_RUN_ID`` or a
+        resumed bus run)."""
+        self._floor: dict[str, int] | None = None
+        """For a continued run: metric name -> the latest step the run held when opened
+        (None until read; an entry goes once a later step of that metric is sent)."""
+        self._skipped = 0
         self._pending: list[tuple[str, dict[str, Any]]] = []
         self._pending_for: Sequence[BaseEvent] | None = None
         self._ended = False
@@ -307,33 +336,53 @@ class MLflowSink(Sink):
     # -- lifecycle ------------------------------------------------------------------------
 
     async def open(self, run: RunInfo) -> None:
-        """Find or create the experiment, then create the run (or resume one)."""
+        """Find or create the experiment, then create the run, or continue one:
+        ``MLFLOW_RUN_ID``'s, else for a resumed bus run the one tagged with its run id."""
         if self.run_id is not None:
+            if self.continued and self._floor is None:
+                # A new child process of an isolated sink (the last one died): what the
+                # run holds, now including what the last child sent, is read again
+                # (for a resumed bus run; otherwise only its params).
+                await self._read_run(self.run_id, "continued")
+                if not run.resumed:
+                    self._floor = {}
             return
         http = self.http
-        if self.resume_run_id:
-            try:
-                data = await http.json("GET", f"{_API}/runs/get", params={"run_id": self.resume_run_id})
-            except SinkError as exc:
-                if "RESOURCE_DOES_NOT_EXIST" not in str(exc):
-                    raise
-                raise SinkConfigError(
-                    f"{self.name} sink: run {self.resume_run_id!r} (MLFLOW_RUN_ID) does not exist on "
-                    f"{self.base_url}; unset MLFLOW_RUN_ID to start a new run"
-                ) from None
-            existing = data.get("run", {}).get("data", {}).get("params", []) or []
-            self._params_set = {p["key"] for p in existing if "key" in p}
-            self.run_id = self.resume_run_id
+        resume, source = self.resume_run_id, "MLFLOW_RUN_ID"
+        experiment_id: str | None = None
+        if not resume and run.resumed and run.run_id:
+            experiment_id = self.experiment_id or await self._experiment_id()
+            resume, source = await self._find_run(experiment_id, run.run_id), f"{RUN_ID_TAG}={run.run_id}"
+        if resume:
+            data = await self._read_run(resume, source)
+            if not run.resumed:
+                # MLFLOW_RUN_ID for a run that is not a resume (another phase of
+                # training logged into the same run, its steps counted anew): every
+                # metric is sent, as transformers' callback does.
+                self._floor = {}
+            self.run_id = resume
+            self.continued = True
             await http.json("POST", f"{_API}/runs/update", json={"run_id": self.run_id, "status": "RUNNING"})
-            if self.tags:
-                await http.json("POST", f"{_API}/runs/log-batch", json={"run_id": self.run_id, "tags": _kv(self.tags)})
-            logger.info("%s sink: resuming MLflow run %s", self.name, self.run_id)
+            tags = dict(self.tags)
+            held = {t.get("key") for t in data.get("tags") or []}
+            if run.run_id and RUN_ID_TAG not in held:
+                tags[RUN_ID_TAG] = run.run_id  # so that a resume without MLFLOW_RUN_ID finds it too
+            if tags:
+                await http.json("POST", f"{_API}/runs/log-batch", json={"run_id": self.run_id, "tags": _kv(tags)})
+            logger.info(
+                "%s sink: continuing MLflow run %s (%s); metrics at a step it already has are not sent again",
+                self.name,
+                self.run_id,
+                source,
+            )
             return
-        experiment_id = self.experiment_id or await self._experiment_id()
+        experiment_id = experiment_id or self.experiment_id or await self._experiment_id()
         tags = dict(self.tags)
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         tags.setdefault("mlflow.source.name", "eventbus-telemetry")
+        if run.run_id:
+            tags[RUN_ID_TAG] = run.run_id
         name = self.run_name or run.run_name
         body: dict[str, Any] = {"experiment_id": experiment_id, "start_time": _ms(time.time_ns()), "tags": _kv(tags)}
         if name:
@@ -344,6 +393,71 @@ class MLflowSink(Sink):
         except (KeyError, TypeError):
             raise SinkError(f"{self.name} sink: runs/create answered without a run id: {str(data)[:200]}") from None
         logger.info("%s sink: MLflow run %s in experiment %s", self.name, self.run_id, experiment_id)
+
+    async def _find_run(self, experiment_id: str, bus_run_id: str) -> str | None:
+        """The latest started run of the experiment tagged with ``bus_run_id`` that is
+        not deleted, whatever its status (an interrupted run ended KILLED, a killed
+        one is still RUNNING); ``None`` when there is none or the server cannot say."""
+        if "'" in bus_run_id or "\\" in bus_run_id:
+            # MLflow's filter syntax has no escape for a quote inside a value.
+            logger.warning(
+                "%s sink: cannot search for the run tagged %s=%r (quote or backslash): starting a new run",
+                self.name,
+                RUN_ID_TAG,
+                bus_run_id,
+            )
+            return None
+        body = {
+            "experiment_ids": [experiment_id],
+            "filter": f"tags.`{RUN_ID_TAG}` = '{bus_run_id}'",
+            "run_view_type": "ACTIVE_ONLY",
+            "max_results": 1,
+            "order_by": ["attributes.start_time DESC"],
+        }
+        try:
+            data = await self.http.json("POST", f"{_API}/runs/search", json=body)
+        except TransientSinkError:
+            raise
+        except SinkError as exc:
+            # A server without tag search: what this sink did before it tagged runs.
+            logger.warning(
+                "%s sink: could not search for the run of resumed run %s, starting a new run: %s", self.name, bus_run_id, exc
+            )
+            return None
+        for found in data.get("runs") or []:
+            run_id = (found.get("info") or {}).get("run_id")
+            if run_id:
+                return str(run_id)
+        logger.info(
+            "%s sink: no MLflow run tagged %s=%s in experiment %s: starting one", self.name, RUN_ID_TAG, bus_run_id, experiment_id
+        )
+        return None
+
+    async def _read_run(self, run_id: str, source: str) -> dict[str, Any]:
+        """``runs/get``: note the params the run has (they cannot change) and the latest
+        step of each of its metrics (nothing at or below it is sent again); returns
+        the run's ``data``."""
+        try:
+            data = await self.http.json("GET", f"{_API}/runs/get", params={"run_id": run_id})
+        except SinkError as exc:
+            if isinstance(exc, TransientSinkError) or "RESOURCE_DOES_NOT_EXIST" not in str(exc):
+                raise
+            raise SinkConfigError(
+                f"{self.name} sink: run {run_id!r} ({source}) does not exist on {self.base_url}"
+                + ("; unset MLFLOW_RUN_ID to start a new run" if source == "MLFLOW_RUN_ID" else "")
+            ) from None
+        held = ((data.get("run") or {}).get("data") or {}) if isinstance(data, dict) else {}
+        self._params_set = {p["key"] for p in held.get("params") or [] if "key" in p}
+        floor: dict[str, int] = {}
+        for m in held.get("metrics") or []:
+            try:
+                key, step = m["key"], int(m.get("step") or 0)  # a step of 0 may be left out of the JSON
+            except (KeyError, TypeError, ValueError):
+                continue
+            if step >= floor.get(key, step):
+                floor[key] = step
+        self._floor = floor
+        return held
 
     async def _experiment_id(self) -> str:
         if not self.experiment_name:
@@ -388,6 +502,13 @@ class MLflowSink(Sink):
     async def close(self) -> None:
         """End the run, if a ``TrainEnd`` did not get through, with the status it
         carried (``FINISHED`` without one), and close the connection pool."""
+        if self._skipped:
+            logger.info(
+                "%s sink: %d metric values were not sent: MLflow run %s already had their steps",
+                self.name,
+                self._skipped,
+                self.run_id,
+            )
         try:
             if self.run_id is not None and not self._ended:
                 body = {"run_id": self.run_id, "status": self._final_status, "end_time": _ms(time.time_ns())}
@@ -453,8 +574,28 @@ class MLflowSink(Sink):
         step = ev.step
         names = self._name_cache
         last_of = self._last
+        floor = self._floor
         for key, value in self._filter.scalars(values):
             name = names.get(key) or self._metric_name(key)
+            if floor:
+                # A continued run: a step it already holds for this metric was sent by
+                # an earlier process (resent after a SIGKILL, say): not again. Per key,
+                # so an evaluation at a step the training metrics reached still goes.
+                held = floor.get(name)
+                if held is not None:
+                    if step <= held:
+                        if not self._skipped:
+                            logger.info(
+                                "%s sink: MLflow run %s already has %r up to step %d: not sending it again "
+                                "at the steps it has (for each metric)",
+                                self.name,
+                                self.run_id,
+                                name,
+                                held,
+                            )
+                        self._skipped += 1
+                        continue
+                    del floor[name]  # past it: what follows is new
             last = last_of.get(name)
             # The trainer may publish eval metrics both as a Log and as an Evaluate at
             # the same step (transformers does): log them once.

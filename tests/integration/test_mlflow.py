@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from eventbus import EventBus, Evaluate, Log, RunInfo, Save, TrainBegin, TrainEnd
-from sinks.mlflow import MLflowSink
+from sinks.mlflow import RUN_ID_TAG, MLflowSink
 
 pytestmark = pytest.mark.integration
 
@@ -51,8 +51,8 @@ def history(url: str, run_id: str, key: str) -> list[tuple[int, Any, int]]:
     return sorted((m["step"], m["value"], m["timestamp"]) for m in ms)
 
 
-def publish_all(sink: MLflowSink, events: list[Any], run_name: str | None = None) -> Any:
-    with EventBus([sink], run=RunInfo(run_name=run_name)) as bus:
+def publish_all(sink: MLflowSink, events: list[Any], run_name: str | None = None, run: RunInfo | None = None) -> Any:
+    with EventBus([sink], run=run or RunInfo(run_name=run_name)) as bus:
         for ev in events:
             bus.publish(ev)
     stats = bus.stats().sinks[sink.name]
@@ -187,6 +187,144 @@ def test_mlflow_run_id_resume_appends(mlflow_server: str, monkeypatch: pytest.Mo
     assert [(s, v) for s, v, _ in history(mlflow_server, run_id or "", "loss")] == [(s, 1.0 / s) for s in range(1, 11)]
 
 
+def runs_of(url: str, experiment_name: str) -> list[str]:
+    exp = get(url, "experiments/get-by-name", experiment_name=experiment_name)["experiment"]["experiment_id"]
+    r = httpx.post(f"{url}{API}/runs/search", json={"experiment_ids": [exp]}, timeout=30)
+    r.raise_for_status()
+    return sorted(run["info"]["run_id"] for run in r.json().get("runs", []))
+
+
+def killed_at_15(bus_run_id: str) -> tuple[list[Any], RunInfo]:
+    """What a first process published before it was killed in the evaluation at step
+    15: training metrics through step 15, evaluations at 5 and 10 (not 15), a NaN."""
+    events: list[Any] = [TrainBegin(step=0, config={"lr": 0.1})]
+    for s in range(1, 16):
+        events.append(Log(step=s, time_ns=T0 + s * 10**6, values={"loss": 1.0 / s, "grad_norm": float("nan") if s == 13 else 1.0}))
+        if s % 5 == 0 and s < 15:
+            events.append(Evaluate(step=s, time_ns=T0 + s * 10**6, metrics={"eval_loss": 2.0 / s}))
+    return events, RunInfo(run_id=bus_run_id)
+
+
+def resumed_from_10(bus_run_id: str, end: int = 20) -> tuple[list[Any], RunInfo]:
+    """The resumed process (checkpoint 10): steps 11-15 again, with new timestamps and
+    other values (they must not reach MLflow), then new steps, evaluations at 15, 20."""
+    t1 = T0 + 10**12
+    events: list[Any] = [TrainBegin(step=10, config={"lr": 0.2, "resumed": True}, resumed_from="/out/checkpoint-10")]
+    for s in range(11, end + 1):
+        events.append(Log(step=s, time_ns=t1 + s * 10**6, values={"loss": 1.0 / s + (1.0 if s <= 15 else 0.0), "grad_norm": 1.0}))
+        if s % 5 == 0:
+            events.append(Evaluate(step=s, time_ns=t1 + s * 10**6, metrics={"eval_loss": 2.0 / s}))
+    events.append(TrainEnd(step=end))
+    return events, RunInfo(run_id=bus_run_id, resumed=True)
+
+
+def assert_continued_once(url: str, run_id: str, end: int = 20) -> None:
+    """Each step once; 1-15 as the first process sent them (its values and timestamps)."""
+    got = run_data(url, run_id)
+    assert got["status"] == "FINISHED"
+    assert got["params"] == {"lr": "0.1", "resumed": "True"}
+    first = [(s, 1.0 / s, (T0 + s * 10**6) // 10**6) for s in range(1, 16)]
+    then = [(s, 1.0 / s, (T0 + 10**12 + s * 10**6) // 10**6) for s in range(16, end + 1)]
+    assert history(url, run_id, "loss") == first + then
+    # per key: the evaluation at 15 the first process never sent goes, though the
+    # run already had the training metrics of step 15
+    assert [(s, v) for s, v, _ in history(url, run_id, "eval_loss")] == [(s, 2.0 / s) for s in range(5, end + 1, 5)]
+    grad = history(url, run_id, "grad_norm")
+    assert [s for s, _, _ in grad] == list(range(1, end + 1))
+    assert grad[12][1] == "NaN" or math.isnan(grad[12][1])
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["in-a-child-process", "in-process"])
+def test_a_resumed_bus_run_continues_its_mlflow_run_without_resending_steps(
+    mlflow_server: str, monkeypatch: pytest.MonkeyPatch, isolate: bool
+) -> None:
+    # The eventbus run (one run id) is killed after step 15 and resumed from its
+    # checkpoint at step 10, without MLFLOW_RUN_ID: one MLflow run, each step once.
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name := experiment())
+    bus_run_id = uuid.uuid4().hex[:12]
+    first = MLflowSink(mlflow_server)
+    first.isolate = isolate
+    events, run = killed_at_15(bus_run_id)
+    publish_all(first, events, run=run)
+    assert run_data(mlflow_server, first.run_id or "")["tags"][RUN_ID_TAG] == bus_run_id
+    # (a SIGKILL would have left it RUNNING; any status is continued)
+    httpx.post(f"{mlflow_server}{API}/runs/update", json={"run_id": first.run_id, "status": "RUNNING"}, timeout=30)
+
+    second = MLflowSink(mlflow_server)
+    second.isolate = isolate
+    events, run = resumed_from_10(bus_run_id)
+    publish_all(second, events, run=run)
+    assert second.run_id == first.run_id and second.continued
+    assert runs_of(mlflow_server, name) == [first.run_id]
+    assert_continued_once(mlflow_server, first.run_id or "")
+    if not isolate:
+        assert second._skipped == 2 * 5  # loss and grad_norm at 11..15
+
+    # Resumed once more (from step 20, say): still the same run.
+    third = MLflowSink(mlflow_server)
+    publish_all(third, [Log(step=21, values={"loss": 0.01}), TrainEnd(step=21)], run=RunInfo(run_id=bus_run_id, resumed=True))
+    assert third.run_id == first.run_id and runs_of(mlflow_server, name) == [first.run_id]
+
+
+def test_a_new_or_not_resumed_bus_run_starts_a_new_mlflow_run(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name := experiment())
+    bus_run_id = uuid.uuid4().hex[:12]
+    first = MLflowSink(mlflow_server)
+    publish_all(first, [Log(step=1, values={"loss": 1.0}), TrainEnd(step=1)], run=RunInfo(run_id=bus_run_id))
+    # the same run id, not resumed (a fresh start that reuses an id): a new run
+    again = MLflowSink(mlflow_server)
+    publish_all(again, [Log(step=1, values={"loss": 0.5}), TrainEnd(step=1)], run=RunInfo(run_id=bus_run_id))
+    # another run id, resumed (its MLflow run was never created): a new run
+    other = MLflowSink(mlflow_server)
+    publish_all(other, [Log(step=1, values={"loss": 0.25}), TrainEnd(step=1)], run=RunInfo(run_id="other", resumed=True))
+    assert len({first.run_id, again.run_id, other.run_id}) == 3
+    assert not (first.continued or again.continued or other.continued)
+    assert runs_of(mlflow_server, name) == sorted([first.run_id, again.run_id, other.run_id])
+    assert run_data(mlflow_server, other.run_id or "")["tags"][RUN_ID_TAG] == "other"
+    for sink, v in ((first, 1.0), (again, 0.5), (other, 0.25)):
+        assert [(s, x) for s, x, _ in history(mlflow_server, sink.run_id or "", "loss")] == [(1, v)]
+
+
+def test_mlflow_run_id_wins_over_the_tagged_run_and_is_not_sent_steps_again(
+    mlflow_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name := experiment())
+    bus_run_id = uuid.uuid4().hex[:12]
+    tagged = MLflowSink(mlflow_server)
+    publish_all(tagged, [Log(step=1, values={"loss": 1.0}), TrainEnd(step=1)], run=RunInfo(run_id=bus_run_id))
+    # the run the user names: one an earlier process (another bus run id) killed at 15
+    named = MLflowSink(mlflow_server)
+    events, run = killed_at_15("someone-else")
+    publish_all(named, events, run=run)
+
+    monkeypatch.setenv("MLFLOW_RUN_ID", named.run_id or "")
+    second = MLflowSink(mlflow_server)
+    events, run = resumed_from_10(bus_run_id)
+    publish_all(second, events, run=run)
+    assert second.run_id == named.run_id and second.continued
+    assert runs_of(mlflow_server, name) == sorted([tagged.run_id, named.run_id])
+    assert_continued_once(mlflow_server, named.run_id or "")
+    assert run_data(mlflow_server, named.run_id or "")["tags"][RUN_ID_TAG] == "someone-else"  # kept
+    assert [(s, v) for s, v, _ in history(mlflow_server, tagged.run_id or "", "loss")] == [(1, 1.0)]  # untouched
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["in-a-child-process", "in-process"])
+def test_mlflow_run_id_for_a_run_that_is_not_a_resume_gets_every_metric(
+    mlflow_server: str, monkeypatch: pytest.MonkeyPatch, isolate: bool
+) -> None:
+    # Another phase of training logged into the same run, its steps counted anew: the
+    # steps the run already holds are not a resume's duplicates, and nothing is held back.
+    first = MLflowSink(mlflow_server, experiment_name=experiment())
+    publish_all(first, [Log(step=s, time_ns=T0 + s, values={"loss": 1.0 / s}) for s in range(1, 6)] + [TrainEnd(step=5)])
+    monkeypatch.setenv("MLFLOW_RUN_ID", first.run_id or "")
+    second = MLflowSink(mlflow_server)
+    second.isolate = isolate
+    publish_all(second, [Log(step=s, time_ns=T0 + 100 + s, values={"loss": 10.0 + s}) for s in range(1, 4)] + [TrainEnd(step=3)])
+    assert second.run_id == first.run_id
+    got = [(s, v) for s, v, _ in history(mlflow_server, first.run_id or "", "loss")]
+    assert sorted(got) == sorted([(s, 1.0 / s) for s in range(1, 6)] + [(s, 10.0 + s) for s in range(1, 4)])
+
+
 def test_nested_run_and_flattened_limited_params(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     parent = MLflowSink(mlflow_server, experiment_name=(name := experiment()))
     publish_all(parent, [TrainEnd(step=0)])
@@ -254,3 +392,70 @@ def test_a_child_killed_mid_batch_resends_it_without_duplicate_metrics(mlflow_se
     for key, v in values.items():
         # every step once, with its own value and timestamp
         assert history(mlflow_server, sink.run_id or "", key) == [(s, v * s, T0 // 10**6 + s) for s in steps], key
+
+
+def test_a_continued_run_s_new_child_reads_again_what_the_run_has(mlflow_server: str, tmp_path: Any) -> None:
+    # A resumed bus run continues its MLflow run (which has steps 1-15) and resends
+    # 11-15; its child process dies after the first log-batch request of that batch.
+    # The next child learns again what the run holds (params included: lr changed and
+    # MLflow refuses to change a param), so neither 11-15 (new timestamps) nor what the
+    # dead child sent reach MLflow twice.
+    name = experiment()
+    bus_run_id = uuid.uuid4().hex[:12]
+    values = {f"m{i:02d}": float(i) for i in range(50)}
+    first = MLflowSink(mlflow_server, experiment_name=name)
+    publish_all(
+        first,
+        [TrainBegin(step=0, config={"lr": 0.1})]
+        + [Log(step=s, time_ns=T0 + s * 10**6, values={k: v * s for k, v in values.items()}) for s in range(1, 16)],
+        run=RunInfo(run_id=bus_run_id),
+    )
+    marker = str(tmp_path / "died")
+    sink = DiesMidBatch(mlflow_server, experiment_name=name, marker=marker)
+    sink.isolate = True
+    sink.max_delay = 0.2
+    t1 = T0 + 10**12
+    with EventBus([sink], run=RunInfo(run_id=bus_run_id, resumed=True)) as bus:
+        bus.publish(TrainBegin(step=10, config={"lr": 0.2}, resumed_from="/out/checkpoint-10"))
+        for s in range(11, 61):  # 2250 new metrics: three log-batch requests
+            bus.publish(Log(step=s, time_ns=t1 + s * 10**6, values={k: v * s + 0.5 for k, v in values.items()}))
+        bus.publish(TrainEnd(step=60))
+    stats = bus.stats().sinks[sink.name]
+    assert os.path.exists(marker)
+    assert stats.retries >= 1 and (stats.delivered, stats.dropped, stats.failed) == (stats.received, 0, 0), stats
+    assert sink.run_id == first.run_id and sink.continued
+    got = run_data(mlflow_server, sink.run_id or "")
+    assert (got["status"], got["params"]) == ("FINISHED", {"lr": "0.1"})
+    for key, v in values.items():
+        assert history(mlflow_server, sink.run_id or "", key) == [(s, v * s, T0 // 10**6 + s) for s in range(1, 16)] + [
+            (s, v * s + 0.5, t1 // 10**6 + s) for s in range(16, 61)
+        ], key
+
+
+def test_trainer_resumed_after_a_kill_continues_its_mlflow_run(mlflow_server: str, tmp_path: Any) -> None:
+    # Our Trainer, end to end: trained to step 10 (checkpoints 5 and 10), then, as
+    # after a SIGKILL at step 10 (only the checkpoint's high-water mark survives),
+    # resumed from checkpoint-5 to step 15: one MLflow run, each step once.
+    from tests.trainer._loop_helpers import TinyClassifier, make_dataset, tiny_args
+    from trainer import Trainer
+
+    name = experiment()
+    data = make_dataset(64)
+
+    def trainer() -> tuple[Trainer, MLflowSink]:
+        sink = MLflowSink(mlflow_server, experiment_name=name)
+        args = tiny_args(tmp_path, max_steps=15, save_strategy="steps", save_steps=5, seed=0)
+        return Trainer(TinyClassifier(), args, train_dataset=data, sinks=[sink]), sink
+
+    t, first = trainer()
+    t.args.max_steps = 10
+    t.train()
+    marks = tmp_path / "eventbus_marks.json"  # what a SIGKILL would not have written
+    if marks.exists():
+        marks.unlink()
+    t, second = trainer()
+    t.train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
+    assert second.run_id == first.run_id and second.continued
+    assert runs_of(mlflow_server, name) == [first.run_id]
+    assert [s for s, _, _ in history(mlflow_server, first.run_id or "", "loss")] == list(range(1, 16))
+    assert run_data(mlflow_server, first.run_id or "")["tags"][RUN_ID_TAG] == t.run_id
