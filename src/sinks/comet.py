@@ -151,6 +151,8 @@ class CometSink(ThreadedSink):
     """
 
     name = "comet_ml"
+    requires = ("comet_ml", "comet")
+    """The SDK (module, extra): ``create_sink``/``report_to`` check it is installed."""
     events = (TrainBegin, Log, Evaluate, Predict, TrainEnd)
     # The SDK's per-metric bookkeeping (~350 µs of CPU per logged step) runs in a
     # child process, off the training process's GIL (eventbus.isolation); POSIX only.

@@ -181,6 +181,8 @@ class NeptuneSink(ThreadedSink):
     """
 
     name = "neptune"
+    requires = ("neptune", "neptune")
+    """The SDK (module, extra): ``create_sink``/``report_to`` check it is installed."""
     events = (TrainBegin, Log, Evaluate, Predict, Save, TrainEnd)
     # The client (its import, its own threads, ~35 µs of CPU per logged step with one
     # extend per series per batch) runs in a child process, off the training

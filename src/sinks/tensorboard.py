@@ -145,6 +145,8 @@ class TensorBoardSink(ThreadedSink):
     """
 
     name = "tensorboard"
+    requires = ("tensorboard", "tensorboard")
+    """The SDK (module, extra): ``create_sink``/``report_to`` check it is installed."""
     events = (TrainBegin, Log, Evaluate, Predict, Save, TrainEnd)
     # Building and writing each point's protobuf (~7 µs of Python per logged value
     # set) runs in a child process, off the training process's GIL

@@ -4,6 +4,7 @@ registrations, clear errors, and transformers-style report_to."""
 from __future__ import annotations
 
 import importlib.metadata
+import sys
 from typing import Iterator, Sequence
 
 import pytest
@@ -136,3 +137,16 @@ def test_sinks_from_report_to(fake_entry_points: object) -> None:
         registry.sinks_from_report_to(["dummy", "needs_sdk"])
     with pytest.raises(UnknownSinkError):
         registry.sinks_from_report_to("nope")
+
+
+@pytest.mark.parametrize(("name", "module", "extra"), [("neptune", "neptune", "neptune"), ("comet_ml", "comet_ml", "comet"), ("tensorboard", "tensorboard", "tensorboard")])
+def test_a_shipped_sink_whose_sdk_is_missing_is_an_error_when_it_is_created(
+    monkeypatch: pytest.MonkeyPatch, name: str, module: str, extra: str
+) -> None:
+    # Not when the bus opens it, hours into training with nothing logged: at report_to.
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    with pytest.raises(MissingDependencyError, match=rf"pip install 'eventbus-telemetry\[{extra}\]'"):
+        registry.sinks_from_report_to(["jsonl", name])
+    with pytest.raises(MissingDependencyError):
+        registry.create_sink(name)
+    assert name not in [s.name for s in registry.sinks_from_report_to("all")]
