@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 import anyio
 import msgspec
 
+from eventbus import _marks
 from eventbus import values as _values
 from eventbus.errors import BusStateError, SinkConfigError, SpoolError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainEnd
@@ -45,6 +46,7 @@ _METRIC_EVENTS = (Log, Evaluate, Predict)  # step-keyed: what the high-water mar
 # msgspec Struct classes when the event does not match (measured: 56 vs 790 ns). Events
 # are routed by exact type, so the two agree.
 _METRIC_TYPES = frozenset(_METRIC_EVENTS)
+_metric_names = _marks.names_of  # a metric event's names: "Log/loss", "Evaluate/eval_loss"
 
 DEFAULT_URGENT: tuple[type[BaseEvent], ...] = (Evaluate, Save, TrainEnd)
 """Event types that wake the pump at once instead of waiting for the flush interval."""
@@ -111,11 +113,17 @@ class _SinkWorker:
         self.spool_batch: Any = None  # read from the spool, not yet delivered
         self.spool_failing = False  # the last spool append failed (logged once per streak)
         self.leftover = 0  # records an earlier run left in the spool, still to drain
-        # No duplicates: metric events (Log/Evaluate/Predict) at or below ``floor`` are
-        # skipped (a resumed run's or a replay's starting mark); ``mark`` is the highest
-        # step of such an event delivered so far.
+        # No duplicates: metric events (Log/Evaluate/Predict) below ``floor`` are
+        # skipped (a resumed run's or a replay's starting mark), and so are those at
+        # ``floor`` whose names (eventbus._marks) are all in ``floor_names`` (None: not
+        # known, all of them). ``mark`` is the highest step of such an event delivered
+        # so far; ``mark_names`` is ``(step, names)``: the names delivered at that step,
+        # set before ``mark`` moves, in one assignment (read from other threads: see
+        # EventBus.high_water_names). None, or an older step: not known.
         self.floor: int | None = None
+        self.floor_names: frozenset[str] | None = None
         self.mark: int | None = None
+        self.mark_names: tuple[int, frozenset[str]] | None = None
 
     # -- on the loop, called by the pump -------------------------------------------
 
@@ -245,7 +253,14 @@ class _SinkWorker:
             if not self.leftover and self.floor is not None and self.mark is not None:
                 # An earlier run's spool is delivered: this run's replays of those
                 # steps would be duplicates.
-                self.floor = max(self.floor, self.mark)
+                if self.mark > self.floor:
+                    self.floor, self.floor_names = self.mark, self._names_at_mark()
+                elif self.mark == self.floor and self.floor_names is not None:
+                    self.floor_names = self._names_at_mark()
+
+    def _names_at_mark(self) -> frozenset[str] | None:
+        mn = self.mark_names
+        return mn[1] if mn is not None and mn[0] == self.mark else None
 
     # -- the worker task --------------------------------------------------------------
 
@@ -375,14 +390,26 @@ class _SinkWorker:
             self._give_up(batch)
 
     async def _attempt(self, events: list[BaseEvent]) -> bool:
-        """Write ``events`` (less the duplicates below ``floor``) with retries; count
+        """Write ``events`` (less the duplicates: see ``floor``) with retries; count
         them on success. On failure count nothing and return False."""
         sink = self.sink
         st = self.stats
         batch = events
         floor = self.floor
         if floor is not None:
-            batch = [ev for ev in events if not (type(ev) in _METRIC_TYPES and ev.step <= floor)]
+            known = self.floor_names
+            if known is None:
+                batch = [ev for ev in events if not (type(ev) in _METRIC_TYPES and ev.step <= floor)]
+            else:
+                # Names are looked at only for the events at the floor's own step.
+                batch = [
+                    ev
+                    for ev in events
+                    if not (
+                        type(ev) in _METRIC_TYPES
+                        and (ev.step < floor or (ev.step == floor and _metric_names(ev) <= known))
+                    )
+                ]
         attempt = 0
         while True:
             try:
@@ -417,18 +444,39 @@ class _SinkWorker:
                 self.lag.add_batch(done_ns, batch)
             except Exception:  # a time_ns that is not a number (events are not type-checked when built)
                 self.lag.add_batch(done_ns, [ev for ev in batch if type(ev.time_ns) is int])
-            steps = [ev.step for ev in batch if type(ev) in _METRIC_TYPES]
-            # The pump lets only int steps through to here (EventBus._bad_step).
-            top = max(steps) if steps else None
-            if top is not None and (self.mark is None or top > self.mark):
-                self.mark = top
-                if self.spool is not None and not self.abandoned:
-                    self.spool.marks[self.name] = self.mark
-                    try:
-                        self.spool.save_state()
-                    except OSError as exc:
-                        self._record_error("spool state", exc)
+            metric = [ev for ev in batch if type(ev) in _METRIC_TYPES]
+            if metric:
+                self._raise_mark(metric)
             return True
+
+    def _raise_mark(self, metric: list[BaseEvent]) -> None:
+        """Raise the mark after ``metric`` (a delivered batch's metric events) were
+        delivered: to their top step, or add the names delivered at the mark's step.
+        Names are computed only for the events at the top step."""
+        # The pump lets only int steps through to here (EventBus._bad_step).
+        top = max([ev.step for ev in metric])
+        mark = self.mark
+        if mark is not None and top < mark:
+            return
+        names: set[str] = set()
+        for ev in metric:
+            if ev.step == top:
+                names |= _metric_names(ev)
+        if mark is None or top > mark:
+            self.mark_names = (top, frozenset(names))  # first: see __init__
+            self.mark = top
+        else:
+            had = self.mark_names
+            if had is None or had[0] != top or names <= had[1]:
+                return  # names at the mark not known (an int mark): they stay so
+            self.mark_names = (top, had[1] | names)
+        if self.spool is not None and not self.abandoned:
+            self.spool.marks[self.name] = top
+            self.spool.mark_names[self.name] = _marks.names_entry(self.mark_names)
+            try:
+                self.spool.save_state()
+            except OSError as exc:
+                self._record_error("spool state", exc)
 
     def _give_up(self, batch: list[BaseEvent]) -> None:
         if self.abandoned:
@@ -536,11 +584,13 @@ class EventBus:
     spool is delivered first (counted as received). Whatever is still spooled at
     close stays on disk for ``eventbus replay`` or a resumed run.
 
-    ``resume_marks``: per sink name, the high-water mark a resumed run starts from
-    (what :meth:`high_water_marks` returned when the checkpoint was saved); metric
-    events at or below it are not delivered again to that sink. A sink with a spool
-    also keeps its mark in the spool's ``state.json``, used when ``run.resumed`` (or
-    the run id matches); the higher mark wins.
+    ``resume_marks``: per sink name, the high-water mark a resumed run starts from:
+    the step :meth:`high_water_marks` returned when the checkpoint was saved, or the
+    ``{"step": int, "names": [...]}`` entry :meth:`high_water_names` returned. Metric
+    events below that step are not delivered again to that sink, nor those at the step
+    whose names it already got (all of them for a bare step). A sink with a spool also
+    keeps its mark in the spool's ``state.json``, used when ``run.resumed`` (or the
+    run id matches); the higher mark wins, the names of equal ones are united.
     """
 
     def __init__(
@@ -552,7 +602,7 @@ class EventBus:
         flush_interval: float = 0.2,
         urgent: Iterable[type[BaseEvent]] = DEFAULT_URGENT,
         close_timeout: float = 30.0,
-        resume_marks: dict[str, int] | None = None,
+        resume_marks: dict[str, int | dict[str, Any]] | None = None,
     ) -> None:
         if isinstance(ingress_capacity, bool) or not isinstance(ingress_capacity, int) or ingress_capacity < 1:
             raise SinkConfigError(f"EventBus: ingress_capacity must be an int >= 1, got {ingress_capacity!r}")
@@ -624,7 +674,7 @@ class EventBus:
         if sink.isolate:
             sink = _isolated(sink)
         worker = _SinkWorker(sink, self)
-        mark = self._resume_marks.get(sink.name)
+        mark = self._resume_marks.get(sink.name)  # (step, names): eventbus._marks
         if sink.overflow is Overflow.SPOOL or getattr(sink, "spool", False) is True:
             from eventbus.spool import Spool
 
@@ -635,13 +685,19 @@ class EventBus:
                 worker.leftover = spool.pending
                 worker.stats.received += spool.pending
                 worker.stats.spooled += spool.pending
-            saved = spool.marks.get(sink.name)
+            saved = _marks.combine(
+                _marks.parse(spool.marks.get(sink.name)), _marks.parse_names_entry(spool.mark_names.get(sink.name))
+            )
             if saved is not None and (self.run.resumed or spool.run_id == self.run.run_id):
-                mark = saved if mark is None else max(mark, saved)
+                mark = _marks.merge(mark, saved)
             if spool.run_id is None:
                 spool.run_id = self.run.run_id
         if mark is not None:
-            worker.floor = worker.mark = mark
+            step, names = mark
+            self.run.resume_marks[sink.name] = step
+            worker.floor, worker.floor_names = step, names
+            worker.mark_names = None if names is None else (step, names)
+            worker.mark = step
         elif self.run.resumed:
             worker.floor = -1  # raised to the earlier run's mark once its spool is drained
         self._workers.append(worker)
@@ -991,8 +1047,28 @@ class EventBus:
         from. Store it with the checkpoint and pass it back as
         ``EventBus(resume_marks=...)`` on resume: metric events at or below a sink's
         mark are then skipped for that sink (counted in ``skipped``), so no step is
-        logged twice. Sinks with a spool also keep it in their spool's ``state.json``."""
+        logged twice; with the names of :meth:`high_water_names`, those at the mark
+        only when the sink got all of their names. Sinks with a spool also keep it in their spool's ``state.json``.
+        What each sink got at that step: :meth:`high_water_names`."""
         return {w.name: w.mark for w in self._workers if w.mark is not None}
+
+    def high_water_names(self) -> dict[str, dict[str, Any]]:
+        """Per sink whose mark's names are known, ``{"step": int, "names": [...]}``:
+        the names (``"Log/loss"``, ``"Evaluate/eval_loss"``: the event type and a value
+        key) of the metric events it was delivered at ``step``, its mark (or a step
+        this call saw it move to: each entry is consistent on its own). Store it next
+        to :meth:`high_water_marks` and pass the entry back as the sink's
+        ``resume_marks`` value: the resumed run's metric events at that step are then
+        skipped only when the sink got all of their names (a crash during the
+        evaluation at a step whose training ``Log`` was delivered still gets the
+        evaluation to the sink). A sink whose names are not known (a bare step it
+        resumed from, not moved since) is left out: all of that step counts as sent."""
+        out: dict[str, dict[str, Any]] = {}
+        for w in self._workers:
+            entry = _marks.names_entry(w.mark_names)
+            if entry is not None:
+                out[w.name] = entry
+        return out
 
     def stats(self) -> BusStats:
         """A snapshot of the bus's and every sink's counters (safe from any thread;
@@ -1110,16 +1186,16 @@ def _check_timeout(what: str, timeout: Any) -> None:
         raise SinkConfigError(f"{what} must be a number of seconds, got {timeout!r}")
 
 
-def _check_marks(marks: Any) -> dict[str, int]:
+def _check_marks(marks: Any) -> dict[str, _marks.Mark]:
     if marks is None:
         return {}
-    if not isinstance(marks, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in marks.items()
-    ):
+    parsed = {k: _marks.parse(v) for k, v in marks.items()} if isinstance(marks, dict) else None
+    if parsed is None or not all(isinstance(k, str) and m is not None for k, m in parsed.items()):
         raise SinkConfigError(
-            f"resume_marks must map sink names to steps (dict[str, int]), as bus.high_water_marks() returns; got {marks!r}"
+            "resume_marks must map sink names to steps (dict[str, int]), as bus.high_water_marks() returns, "
+            f'or to {{"step": int, "names": [str, ...]}} entries, as bus.high_water_names() returns; got {marks!r}'
         )
-    return dict(marks)
+    return parsed  # type: ignore[return-value]
 
 
 def _validate_sink(sink: Sink) -> None:

@@ -12,7 +12,9 @@ Python::
 
 The events go through a fresh :class:`~eventbus.EventBus`, so the sink sees them as it
 would in a live run (batches, retries). No duplicates: metric events (``Log``,
-``Evaluate``, ``Predict``) at or below the sink's high-water mark are skipped. The mark
+``Evaluate``, ``Predict``) below the sink's high-water mark are skipped, and those at
+the mark that it already got (by name, when the marks file knows the names delivered
+at that step: see :mod:`eventbus._marks`; all of them for ``resume_mark``). The mark
 comes from ``resume_mark``, else from the marks file: the spool's ``state.json`` for a
 spool directory, ``<file>.marks.json`` next to a spool or JSONL file. After the replay
 the new mark is written back there, so replaying twice sends nothing twice.
@@ -32,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 import msgspec
 
+from eventbus import _marks
 from eventbus.errors import EventBusError, SinkConfigError, SpoolError
 from eventbus.events import Event, TrainBegin, decode_json
 from eventbus.overflow import Overflow
@@ -45,7 +48,7 @@ logger = logging.getLogger("eventbus.replay")
 
 class ReplayResult(msgspec.Struct, kw_only=True):
     """What a replay did. ``read`` events were read; of those ``sent`` reached the
-    sink, ``skipped`` were at or below its high-water mark (it already had them) and
+    sink, ``skipped`` were held back by its high-water mark (it already had them) and
     ``failed`` could not be delivered. ``superseded`` were not sent because a resumed
     run redid their step later in the same file (see :func:`replay`). ``unreadable``
     counts records or lines that did not decode (warned about, never fatal). ``mark``
@@ -120,18 +123,21 @@ def read_events(
 def _superseded(path: Path) -> Callable[[int, Event], bool]:
     """Whether the i-th event was superseded by a resumed run: a later ``TrainBegin``
     with ``resumed_from`` at step S restarts from S, so what came before it with a step
-    above S and was written again after it (the same event type and step) was redone,
-    as TensorBoard purges orphaned steps. What the resumed run did not write again is
-    kept: a Trainer resume skips the metric steps a sink already has (its high-water
-    mark), so those are the only copy."""
+    above S and was written again after it (the same event type and step; for a metric
+    event, each of its names: ``"Log/loss"``) was redone, as TensorBoard purges
+    orphaned steps. What the resumed run did not write again is kept: a Trainer resume
+    skips the metric steps a sink already has (its high-water mark), and at the mark's
+    step the metrics it has, so those are the only copy."""
     points: list[tuple[int, int]] = []
-    # (type, step) -> the last index it occurs at, from the first resume point on.
-    last_at: dict[tuple[type, int], int] = {}
+    # (type, step) or (step, name) -> the last index it occurs at, from the first
+    # resume point on.
+    last_at: dict[tuple[Any, int], int] = {}
     for i, ev in enumerate(read_events(path, warn=False)):
         if isinstance(ev, TrainBegin) and ev.resumed_from:
             points.append((i, ev.step))
         if points:
-            last_at[(type(ev), ev.step)] = i
+            for key in _keys(ev):
+                last_at[key] = i
     if not points:
         return lambda i, ev: False
     suffix_min = [s for _, s in points]
@@ -144,9 +150,19 @@ def _superseded(path: Path) -> Callable[[int, Event], bool]:
         while k < len(points) and points[k][0] <= i:
             k += 1
         state["k"] = k
-        return k < len(points) and ev.step > suffix_min[k] and last_at.get((type(ev), ev.step), -1) >= points[k][0]
+        if k >= len(points) or ev.step <= suffix_min[k]:
+            return False
+        start = points[k][0]
+        return all(last_at.get(key, -1) >= start for key in _keys(ev))
 
     return check
+
+
+def _keys(ev: Event) -> list[tuple[Any, int]]:
+    names = _marks.names_of(ev)
+    if names is None:
+        return [(type(ev), ev.step)]
+    return [(name, ev.step) for name in names]
 
 
 def _marks_path(path: Path) -> Path:
@@ -174,8 +190,10 @@ def replay(
     timeout: float = 300.0,
 ) -> ReplayResult:
     """Send the events stored at ``path`` (see :func:`read_events`) to ``sink``, in
-    order, through a fresh bus. Metric events at or below the sink's high-water mark
-    (``resume_mark``, else the one kept next to ``path``) are skipped. When the file
+    order, through a fresh bus. Metric events below the sink's high-water mark
+    (``resume_mark``, else the one kept next to ``path``) are skipped, and at it those
+    the sink already got (all of them for ``resume_mark``; by name for a mark kept
+    with the names it got there). When the file
     holds a resumed run (a ``TrainBegin`` with ``resumed_from`` at step S), events the
     interrupted run wrote before it with a step above S are not sent: the resumed run
     redid those steps. ``timeout``
@@ -187,10 +205,11 @@ def replay(
     p = Path(path)
     marks_file = _marks_path(p) if p.exists() else None
     state = _load_marks(marks_file) if marks_file is not None else {}
+    start: Any = resume_mark
     if resume_mark is None:
-        saved = (state.get("marks") or {}).get(sink.name)
-        if isinstance(saved, int) and not isinstance(saved, bool):
-            resume_mark = saved
+        saved = _marks.from_saved(state.get("marks"), state.get("mark_names")).get(sink.name)
+        if saved is not None:
+            start = _marks.to_value(saved)
     # A replay is the catch-up itself: no spool of its own, and backpressure below
     # keeps the queue from overflowing.
     sink.spool = False  # type: ignore[misc]
@@ -201,7 +220,7 @@ def replay(
     def unreadable() -> None:
         result.unreadable += 1
 
-    marks = {sink.name: resume_mark} if resume_mark is not None else None
+    marks = {sink.name: start} if start is not None else None
     deadline = time.monotonic() + timeout
     # A short flush interval: the replay loop waits on the pump for backpressure.
     bus = EventBus([sink], run=RunInfo(run_name="replay"), resume_marks=marks, close_timeout=timeout, flush_interval=0.005)
@@ -236,6 +255,13 @@ def replay(
         if not isinstance(state["marks"], dict):
             state["marks"] = {}
         state["marks"][sink.name] = result.mark
+        names = bus.high_water_names().get(sink.name)
+        if not isinstance(state.get("mark_names"), dict):
+            state["mark_names"] = {}
+        if names is not None:
+            state["mark_names"][sink.name] = names
+        else:
+            state["mark_names"].pop(sink.name, None)
         try:
             write_json_atomic(marks_file, state, fsync=True)
         except OSError as exc:

@@ -41,6 +41,13 @@ class RunInfo(msgspec.Struct, kw_only=True):
     rank: int = 0
     world_size: int = 1
     resumed: bool = False
+    resume_marks: dict[str, int] = msgspec.field(default_factory=dict)
+    """Per sink name, the step of the high-water mark it starts from (the bus fills it
+    in as sinks attach; see ``EventBus(resume_marks=...)``): this run's metric events
+    below it are held back (the sink has them), and at it those whose names the sink
+    got. A sink that marks a restart in its own storage (TensorBoard's
+    ``SessionLog.START``, which hides what came before at or after its step) puts it
+    after this step."""
 
 
 class Sink:

@@ -296,7 +296,8 @@ class Spool:
 
     ``pending`` is the number of records appended (or found at open) and not yet
     consumed; ``marks`` the per-sink high-water marks kept in ``state.json`` (the
-    highest step of a delivered ``Log``/``Evaluate``/``Predict`` event, per sink name).
+    highest step of a delivered ``Log``/``Evaluate``/``Predict`` event, per sink name),
+    ``mark_names`` the names each sink got at that step (see :mod:`eventbus._marks`).
     """
 
     def __init__(
@@ -324,6 +325,10 @@ class Spool:
         self.marks: dict[str, int] = {
             str(k): int(v) for k, v in (state.get("marks") or {}).items() if isinstance(v, int) and not isinstance(v, bool)
         }
+        # Alongside: per sink, the names it got at its mark's step ({"step", "names"};
+        # eventbus._marks). Absent from a state.json of an older version.
+        names = state.get("mark_names")
+        self.mark_names: dict[str, Any] = dict(names) if isinstance(names, dict) else {}
         files = _spool_files(self.directory)
         cur = state.get("cursor") or {}
         if cur.get("file") in files:
@@ -546,6 +551,7 @@ class Spool:
                 "run_id": self.run_id,
                 "cursor": {"file": self.cursor.file, "offset": self.cursor.offset},
                 "marks": self.marks,
+                "mark_names": self.mark_names,
             },
             fsync=fsync,
         )

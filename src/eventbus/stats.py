@@ -19,8 +19,8 @@ class SinkStats(msgspec.Struct, kw_only=True):
     not be written, e.g. a full disk, its spooled copy turned out unreadable, or it was
     a metric event whose ``step`` is not an int),
     ``abandoned`` (still queued when the close deadline passed) and ``skipped`` (a
-    metric event at or below the sink's resume high-water mark: the sink already has
-    that step, so it is not sent twice).
+    metric event below the sink's resume high-water mark, or at it with only names the
+    sink got there: the sink already has it, so it is not sent twice).
     ``spooled`` is what is on disk now, not yet delivered: an event that goes to the
     spool adds one, and leaves it again when drained to the sink (then counted in
     ``delivered`` or ``skipped``) or found unreadable (``failed``). Events an earlier

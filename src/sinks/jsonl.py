@@ -25,6 +25,7 @@ from typing import Any, BinaryIO, Iterator, Sequence
 
 import msgspec
 
+from eventbus._marks import names_of
 from eventbus.errors import SinkConfigError
 from eventbus.events import (
     EVENT_BY_NAME,
@@ -153,10 +154,13 @@ def read_jsonl(path: str | os.PathLike[str], *, purge_orphans: bool = True, stri
 
     With ``purge_orphans`` (the default), a resumed run's ``TrainBegin`` (its
     ``resumed_from`` set, at step ``S``) drops what the interrupted run wrote after
-    step ``S`` and the resumed run wrote again (same event type and step), as
-    TensorBoard does with its event files: each step appears once. What the resumed
-    run did not write again is kept: a Trainer resume skips the metric steps a sink
-    already has (its high-water mark), so those lines are the only copy.
+    step ``S`` and the resumed run wrote again (same event type and step; for a
+    ``Log``, ``Evaluate`` or ``Predict``, with all of its value keys), as TensorBoard
+    does with its event files: each step appears once. What the resumed run did not
+    write again is kept: a Trainer resume skips the metric steps a sink already has
+    (its high-water mark), and at the mark's step the metrics it already has (the
+    training loss of a step whose evaluation the interrupted run died in), so those
+    lines are the only copy.
     A line that does not decode (torn when a process died mid-write) is skipped with
     a warning, or raises with ``strict=True``.
     """
@@ -179,16 +183,24 @@ def read_jsonl(path: str | os.PathLike[str], *, purge_orphans: bool = True, stri
     # Backwards: an event is dropped when it is an orphan of a later resume (after that
     # resume's step) and a line at or after that resume holds the same (type, step).
     kept: list[Event] = []
-    later: set[tuple[type, int]] = set()  # (type, step) written at or after the resume
+    # (type, step) written at or after the resume -> the names written there (metric
+    # events: "Log/loss", see eventbus._marks; None for the others).
+    later: dict[tuple[type, int], set[str] | None] = {}
     resume_step: int | None = None  # the lowest step of a resume met so far (backwards)
     for ev in reversed(events):
         key = (type(ev), ev.step)
+        keys = names_of(ev)
         if resume_step is not None and ev.step > resume_step and key in later:
-            continue
+            seen = later[key]
+            if keys is None or seen is None or keys <= seen:
+                continue
         kept.append(ev)
         if isinstance(ev, TrainBegin) and ev.resumed_from:
             resume_step = ev.step if resume_step is None else min(resume_step, ev.step)
-        later.add(key)
+        if keys is None or key not in later:
+            later[key] = keys if keys is None else set(keys)
+        elif later[key] is not None:
+            later[key] |= keys  # type: ignore[operator]
     kept.reverse()
     return kept
 

@@ -17,8 +17,10 @@ uses:
 
 The file is flushed on an interval (``flush_secs``), on ``Save``, ``Evaluate`` and
 ``TrainEnd``, and at close, never per event. A resumed run (``TrainBegin.resumed_from``
-set) writes a ``SessionLog.START`` just after the resume step: TensorBoard's readers
-then drop what the interrupted run wrote after that step, so no step appears twice.
+set) writes a ``SessionLog.START`` just before its first point, after the sink's
+high-water mark (``RunInfo.resume_marks``): TensorBoard's readers then drop what the
+interrupted run wrote at or after that step, which the resumed run writes again, so no
+step appears twice, and keep what the sink had up to its mark.
 """
 
 from __future__ import annotations
@@ -181,6 +183,7 @@ class TensorBoardSink(ThreadedSink):
         # A resumed run's SessionLog START, written just before its first point (see
         # _train_begin); (checkpoint path, wall time ns).
         self._pending_start: tuple[str, int] | None = None
+        self._resume_mark: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # For process isolation (sink.isolate): modules and open files do not travel;
@@ -225,6 +228,8 @@ class TensorBoardSink(ThreadedSink):
         log_dir = self.resolve_log_dir(run)
         os.makedirs(log_dir, exist_ok=True)
         self.log_dir = log_dir
+        # The high-water mark this run starts from: a resumed run's START goes after it.
+        self._resume_mark = run.resume_marks.get(self.name)
         self.path = os.path.join(log_dir, self._file_name(log_dir))
         self._file = open(self.path, "wb", buffering=1 << 18)  # noqa: SIM115 - closed in close_sync
         self._writer = self._tb.RecordWriter(self._file)
@@ -359,6 +364,11 @@ class TensorBoardSink(ThreadedSink):
         tb = self._tb
         checkpoint, time_ns = self._pending_start
         self._pending_start = None
+        if self._resume_mark is not None and step <= self._resume_mark:
+            # This first point is at the mark's step, of a name the sink did not get
+            # there (an evaluation the interrupted run died in): what it got at that
+            # step stays.
+            step = self._resume_mark + 1
         start = tb.event_pb2.SessionLog(status=tb.event_pb2.SessionLog.START, checkpoint_path=checkpoint)
         self._write_event(tb.event_pb2.Event(wall_time=time_ns / 1e9, step=step, session_log=start))
 
@@ -371,9 +381,9 @@ class TensorBoardSink(ThreadedSink):
         if ev.resumed_from:
             # Readers purge every earlier point with a step >= the START's: what the
             # interrupted run logged after its checkpoint. Written just before this
-            # run's first point, at its step: a Trainer resume skips the steps this
-            # sink already has (its high-water mark), so those points are not redone
-            # and must stay.
+            # run's first point, at its step (after the sink's high-water mark, when
+            # that point is at the mark's step): a Trainer resume skips the steps this
+            # sink already has (its mark), so those points are not redone and must stay.
             self._pending_start = (ev.resumed_from, ev.time_ns)
         values = []
         if ev.config:

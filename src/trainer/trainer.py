@@ -529,7 +529,7 @@ class Trainer:
 
     def _new_bus(self) -> EventBus:
         args = self.args
-        sinks = list(sinks_from_report_to(getattr(args, "report_to", None))) + self._user_sinks
+        sinks = self._report_to_sinks(getattr(args, "report_to", None)) + self._user_sinks
         isolate = getattr(args, "isolate_sinks", None)
         if isolate is not None:
             # Exactly the named sinks run in a child process each (eventbus.isolation);
@@ -560,6 +560,18 @@ class Trainer:
             flush_interval=float(getattr(self.args, "bus_flush_interval", TrainingArguments.bus_flush_interval)),
             resume_marks=marks or None,
         )
+
+    def _report_to_sinks(self, report_to: Any) -> list[Sink]:
+        """The sinks ``report_to`` names, built once and reused by every bus of this
+        trainer (train(), then evaluate()/predict()), as sinks passed by the user are:
+        a sink that is opened again for the same run continues what it started (the
+        MLflow run, the Comet experiment, the Neptune run). Built again only when
+        ``args.report_to`` changes."""
+        key = repr(report_to)
+        cached = getattr(self, "_report_to_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._report_to_cache = (key, list(sinks_from_report_to(report_to)))
+        return list(cached[1])
 
     def _close_timeout(self) -> float:
         return float(getattr(self.args, "bus_close_timeout", TrainingArguments.bus_close_timeout))
@@ -597,7 +609,7 @@ class Trainer:
         output_dir = getattr(self.args, "output_dir", None)
         marks = self.bus.high_water_marks()
         if output_dir and marks and self.is_world_process_zero():
-            _marks.write_latest(output_dir, self.run_id, marks)
+            _marks.write_latest(output_dir, self.run_id, marks, self.bus.high_water_names())
 
     def _publish_train_end(self, status: str, error: str | None = None) -> None:
         if not self.bus.wants(TrainEnd):
@@ -795,7 +807,7 @@ class Trainer:
                 self.run_id = info["run_id"]  # sinks continue the same run
             self._resumed = True
             self._resume_marks = _marks.merge(
-                _marks.clean_marks(info.get(_marks.RUN_INFO_KEY)), _marks.read_latest(args.output_dir, self.run_id)
+                _marks.read_run_info(info), _marks.read_latest(args.output_dir, self.run_id)
             )
         else:
             self._resumed = False
@@ -803,6 +815,10 @@ class Trainer:
         self._signal_received = None
         previous_handlers = self._install_signal_handlers()
         owns_bus = self._open_bus()
+        # The marks hold back what an earlier process already sent, which this call
+        # publishes again: its bus has them. An evaluate() or predict() after it
+        # publishes new metrics, whatever their step: its bus gets none.
+        self._resume_marks = {}
         self.is_in_train = True
         try:
             try:
@@ -1329,6 +1345,7 @@ class Trainer:
             if state.best_global_step == state.global_step or os.path.isdir(best_dir):
                 state.best_model_checkpoint = best_dir
         marks: dict[str, int] = {}
+        names: dict[str, Any] = {}
         if self.is_world_process_zero():
             os.makedirs(args.output_dir, exist_ok=True)
             tmp = ckpt.staging_dir(final)
@@ -1341,8 +1358,15 @@ class Trainer:
             state.stateful_callbacks = self.callback_handler.export_callback_states(control=self.control)
             state.save_to_json(os.path.join(tmp, ckpt.TRAINER_STATE_NAME))
             marks = self.bus.high_water_marks()
+            names = self.bus.high_water_names()
             ckpt.write_run_info(
-                tmp, {"run_id": self.run_id, "global_step": state.global_step, _marks.RUN_INFO_KEY: marks}
+                tmp,
+                {
+                    "run_id": self.run_id,
+                    "global_step": state.global_step,
+                    _marks.RUN_INFO_KEY: marks,
+                    _marks.RUN_INFO_NAMES_KEY: names,
+                },
             )
             ckpt.commit_staging_dir(tmp, final)
         # The seam for distributed runs: the other ranks add their RNG files once rank 0
@@ -1354,7 +1378,7 @@ class Trainer:
         if self.is_world_process_zero():
             ckpt.rotate_checkpoints(args.output_dir, getattr(args, "save_total_limit", None), state.best_model_checkpoint)
         if self.is_world_process_zero() and marks:
-            _marks.write_latest(args.output_dir, self.run_id, marks)
+            _marks.write_latest(args.output_dir, self.run_id, marks, names)
         self._last_saved_step = state.global_step
         self._last_checkpoint_dir = final
         return final

@@ -185,3 +185,118 @@ def test_bad_resume_marks_are_a_clear_error():
         EventBus([Recorder()], resume_marks={"rec": "12"})  # type: ignore[dict-item]
     with pytest.raises(SinkConfigError, match=r"dict\[str, int\]"):
         EventBus([Recorder()], resume_marks=[("rec", 1)])  # type: ignore[arg-type]
+
+
+def test_a_mark_with_names_holds_back_at_its_step_only_what_the_sink_got():
+    # The interrupted run delivered the training Log of step 5, then died in the
+    # evaluation at step 5: the resumed run's Evaluate and eval Log at 5 go out, its
+    # training Log at 5 does not.
+    rec, plain = Recorder(), Recorder("plain")
+    entry = {"step": 5, "names": ["Log/epoch", "Log/loss"]}
+    bus = EventBus([rec, plain], resume_marks={"rec": entry, "plain": 5}, flush_interval=0.01)
+    with bus:
+        for i in range(4, 7):
+            bus.publish(Log(step=i, values={"loss": 1.0, "epoch": 0.1}))
+        bus.publish(Evaluate(step=5, metrics={"eval_loss": 1.0}))
+        bus.publish(Log(step=5, values={"eval_loss": 1.0, "epoch": 0.1}))
+        bus.publish(Log(step=5, values={"loss": 1.0}))  # a subset of what it got: held back
+        bus.publish(Predict(step=4, metrics={"test_loss": 1.0}))  # below the mark: held back
+    assert [(type(e).__name__, e.step) for e in rec.got] == [("Log", 6), ("Evaluate", 5), ("Log", 5)]
+    assert bus.stats().sinks["rec"].skipped == 4
+    # A bare step: everything at it counts as delivered, as before.
+    assert metric_steps(plain.got) == [6]
+    assert bus.high_water_marks() == {"rec": 6, "plain": 6}
+    assert bus.high_water_names() == {
+        "rec": {"step": 6, "names": ["Log/epoch", "Log/loss"]},
+        "plain": {"step": 6, "names": ["Log/epoch", "Log/loss"]},
+    }
+
+
+def test_names_at_the_mark_grow_while_it_stays_and_restart_when_it_moves():
+    rec = Recorder()
+    bus = EventBus([rec], flush_interval=0.01).start()
+    bus.publish(Log(step=3, values={"loss": 1.0}))
+    wait_for(lambda: bus.high_water_names().get("rec", {}).get("names") == ["Log/loss"])
+    bus.publish(Evaluate(step=3, metrics={"eval_loss": 1.0}))
+    bus.publish(Log(step=2, values={"late": 1.0}))  # below the mark: names unchanged
+    bus.publish(Log(step=3, values={}))  # no values: named by its type
+    wait_for(lambda: len(rec.got) == 4)
+    assert bus.high_water_names() == {"rec": {"step": 3, "names": ["Evaluate/eval_loss", "Log", "Log/loss"]}}
+    bus.publish(Log(step=4, values={"loss": 1.0}))
+    bus.close(timeout=5)
+    assert bus.high_water_names() == {"rec": {"step": 4, "names": ["Log/loss"]}}
+    assert bus.high_water_marks() == {"rec": 4}
+
+
+def test_a_bare_resume_mark_stays_without_names_until_it_moves():
+    rec = Recorder()
+    bus = EventBus([rec], resume_marks={"rec": 5}, flush_interval=0.01)
+    with bus:
+        bus.publish(Evaluate(step=5, metrics={"eval_loss": 1.0}))
+    assert rec.got == [] and bus.high_water_marks() == {"rec": 5}
+    assert bus.high_water_names() == {}  # not known: a resume from it holds back all of step 5
+
+
+def test_names_at_the_mark_are_kept_next_to_the_spool_and_used_on_resume(tmp_path):
+    out = str(tmp_path)
+    first = Recorder(spool=True)
+    bus = EventBus([first], run=RunInfo(run_id="run1", output_dir=out), flush_interval=0.01)
+    with bus:
+        for i in range(6):
+            bus.publish(Log(step=i, values={"loss": 1.0}))
+    state = json.loads((tmp_path / "spool" / "rec" / STATE_FILE).read_text())
+    assert state["marks"] == {"rec": 5}
+    assert state["mark_names"] == {"rec": {"step": 5, "names": ["Log/loss"]}}
+
+    # As after a SIGKILL in the evaluation at step 5 (the checkpoint at step 3): the
+    # spool's state.json is all that knows the sink got the training Log of step 5.
+    second = Recorder(spool=True)
+    run = RunInfo(run_id="run1", output_dir=out, resumed=True)
+    bus2 = EventBus([second], run=run, resume_marks={"rec": 3}, flush_interval=0.01)
+    assert run.resume_marks == {"rec": 5}
+    with bus2:
+        for i in range(4, 7):
+            bus2.publish(Log(step=i, values={"loss": 1.0}))
+            if i == 5:
+                bus2.publish(Evaluate(step=5, metrics={"eval_loss": 1.0}))
+    assert [(type(e).__name__, e.step) for e in second.got] == [("Evaluate", 5), ("Log", 6)]
+
+    # A state.json of an older version (steps only): the whole step is held back.
+    state = json.loads((tmp_path / "spool" / "rec" / STATE_FILE).read_text())
+    assert state["mark_names"] == {"rec": {"step": 6, "names": ["Log/loss"]}}
+    del state["mark_names"]
+    (tmp_path / "spool" / "rec" / STATE_FILE).write_text(json.dumps(state))
+    third = Recorder(spool=True)
+    bus3 = EventBus([third], run=RunInfo(run_id="run1", output_dir=out, resumed=True), flush_interval=0.01)
+    with bus3:
+        bus3.publish(Evaluate(step=6, metrics={"eval_loss": 1.0}))
+        bus3.publish(Log(step=7, values={"loss": 1.0}))
+    assert metric_steps(third.got) == [7]
+
+
+def test_replay_uses_the_names_kept_with_the_mark(tmp_path):
+    from eventbus.events import encode_json
+
+    path = tmp_path / "events.jsonl"
+    events = [Log(step=1, values={"loss": 1.0}), Log(step=2, values={"loss": 1.0}), Evaluate(step=2, metrics={"eval_loss": 1.0})]
+    path.write_bytes(b"\n".join(encode_json(e) for e in events) + b"\n")
+    marks_file = tmp_path / "events.jsonl.marks.json"
+    marks_file.write_text(json.dumps({"marks": {"rec": 2}, "mark_names": {"rec": {"step": 2, "names": ["Log/loss"]}}}))
+    rec = Recorder()
+    res = replay(path, rec)
+    assert [(type(e).__name__, e.step) for e in rec.got] == [("Evaluate", 2)]
+    assert (res.sent, res.skipped, res.mark) == (1, 2, 2)
+    saved = json.loads(marks_file.read_text())
+    assert saved["mark_names"] == {"rec": {"step": 2, "names": ["Evaluate/eval_loss", "Log/loss"]}}
+    assert replay(path, Recorder()).sent == 0  # twice: nothing twice
+
+
+def test_resume_marks_take_names_entries_and_refuse_malformed_ones():
+    import pytest
+
+    from eventbus.errors import SinkConfigError
+
+    EventBus([Recorder()], resume_marks={"rec": {"step": 3, "names": ["Log/loss"]}})
+    for bad in ({"step": "3", "names": []}, {"step": 3}, {"step": 3, "names": "Log/loss"}, {"step": 3, "names": [1]}, True):
+        with pytest.raises(SinkConfigError, match=r"resume_marks must map sink names to steps"):
+            EventBus([Recorder()], resume_marks={"rec": bad})

