@@ -284,13 +284,42 @@ def read_run_info(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+_STAGING = re.compile(r"^checkpoint-\d+\.tmp-(\d+)$")
+
+
 def staging_dir(final: str) -> str:
-    """A fresh temporary sibling of ``final`` to write a checkpoint into."""
+    """A fresh temporary sibling of ``final`` to write a checkpoint into. Staging
+    directories that a process killed while writing a checkpoint left beside it
+    (``checkpoint-<step>.tmp-<pid>`` of a process no longer running on this machine)
+    are removed first: they are never a checkpoint a resume could use."""
     tmp = f"{final}.tmp-{os.getpid()}"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
+    _remove_stale_staging(os.path.dirname(final) or ".")
     os.makedirs(tmp)
     return tmp
+
+
+def _remove_stale_staging(parent: str) -> None:
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        m = _STAGING.match(name)
+        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def commit_staging_dir(tmp: str, final: str) -> str:

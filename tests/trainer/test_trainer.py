@@ -94,6 +94,23 @@ def test_should_save_forces_a_checkpoint(tmp_path):
     assert checkpoints(t.args.output_dir) == ["checkpoint-4"]
 
 
+def test_a_checkpoint_save_removes_what_a_killed_save_left_behind(tmp_path):
+    import subprocess
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process that is no longer running: its half-written checkpoint is junk
+    (out / f"checkpoint-2.tmp-{dead.pid}" / "model").mkdir(parents=True)
+    # One whose process still runs (another training writing here) is left alone.
+    (out / f"checkpoint-2.tmp-{os.getppid()}").mkdir()
+    t = Trainer(TinyClassifier(), _args(tmp_path, max_steps=5), train_dataset=TRAIN, callbacks=[SetFlag("should_save", 4)])
+    t.train()
+    assert sorted(os.listdir(out)) == sorted(["checkpoint-4", f"checkpoint-2.tmp-{os.getppid()}"] + [
+        n for n in os.listdir(out) if not n.startswith("checkpoint-")
+    ])
+
+
 def test_flags_reset_after_their_action(tmp_path):
     seen = []
 
