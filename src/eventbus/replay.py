@@ -317,7 +317,8 @@ def add_parser(subparsers: Any) -> Callable[[argparse.Namespace], int]:
         metavar="KEY=VALUE",
         help="a sink option (repeatable); VALUE is parsed as JSON when it can be",
     )
-    p.add_argument("--resume-mark", type=int, default=None, help="skip metric events at or below this step")
+    p.add_argument("--resume-mark", type=int, default=None, help="skip metric events at or below this step, instead of the mark kept next to PATH for this sink name "
+        "(-1: send everything, e.g. to another destination of the same sink)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole replay (default 300)")
     return _run
 
