@@ -49,7 +49,7 @@ from eventbus.events import (
     TrainEnd,
 )
 from eventbus.redact import redact
-from eventbus.values import Deferred, Snapshot, resolve, snapshot
+from eventbus.values import Snapshot, resolve, snapshot
 from trainer.state import CallbackStateError, TrainerControl, TrainerState, _add_state, is_exportable, load_state_into
 
 __all__ = ["TrainerCallback", "CallbackHandler", "HOOKS", "STEP_HOOKS", "BOUND_HOOKS", "ignores_kwargs"]
@@ -805,7 +805,7 @@ class CallbackHandler(TrainerCallback):
                 self._bus.publish(Log(run_id=self._run_id, rank=self._rank, step=state.global_step, epoch=state.epoch, values=values))
         if fns:
             if self.wants_plain_logs and logs:
-                if self._p_on_log is False and type(logs) is Snapshot:
+                if not self._p_on_log and type(logs) is Snapshot:
                     logs = dict(logs)  # the trainer's: not changed in place
                 _read_values(logs)
             return self._call(fns, args, state, control, {"logs": logs, **kwargs})
@@ -861,15 +861,15 @@ class CallbackHandler(TrainerCallback):
 
 def _read_values(logs: dict[str, Any]) -> None:
     """Replace, in place, each tensor (or numpy scalar) in ``logs`` with its Python
-    value, as transformers' Trainer logs them: for an accelerator tensor, a device sync."""
-    torch = sys.modules.get("torch")
-    tensor = torch.Tensor if torch is not None else ()
+    value (:func:`eventbus.values.resolve`), as transformers' Trainer logs them: for an
+    accelerator tensor, a device sync."""
     for k, v in logs.items():
         kind = type(v)
         if kind is float or kind is int or kind is str:
             continue
-        if isinstance(v, tensor) or isinstance(v, Deferred) or kind.__module__ == "numpy":
-            logs[k] = resolve(v)
+        plain = resolve(v)
+        if plain is not v:
+            logs[k] = plain
 
 
 def _copy_values(mapping: Mapping[str, Any] | None, fresh: bool = False) -> dict[str, Any]:
