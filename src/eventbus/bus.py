@@ -96,6 +96,7 @@ class _SinkWorker:
         self.lag = LagRecorder()
         self.log = _RateLimitedLog()
         self.opened = False
+        self.open_error: str | None = None
         self.closing = False
         self.finished = False  # run() got to the end: the sink was closed (or never opened)
         self.broken = False  # run() failed unexpectedly: see run()
@@ -344,6 +345,7 @@ class _SinkWorker:
                 await self.sink.open(self.bus.run)
         except Exception as exc:
             self._record_error("open", exc)
+            self.open_error = repr(exc)
             return False
         self.opened = True
         return True
@@ -1051,6 +1053,11 @@ class EventBus:
         only when the sink got all of their names. Sinks with a spool also keep it in their spool's ``state.json``.
         What each sink got at that step: :meth:`high_water_names`."""
         return {w.name: w.mark for w in self._workers if w.mark is not None}
+
+    def open_errors(self) -> dict[str, str]:
+        """Per sink not open because its ``open()`` failed, that failure (the last
+        attempt's: a sink whose open failed is tried again with its next batch)."""
+        return {w.name: w.open_error for w in self._workers if not w.opened and w.open_error is not None}
 
     def high_water_names(self) -> dict[str, dict[str, Any]]:
         """Per sink whose mark's names are known, ``{"step": int, "names": [...]}``:

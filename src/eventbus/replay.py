@@ -35,11 +35,11 @@ from typing import Any, Callable, Iterator
 import msgspec
 
 from eventbus import _marks
-from eventbus.errors import EventBusError, SinkConfigError, SpoolError
+from eventbus.errors import EventBusError, SinkConfigError, SinkError, SpoolError
 from eventbus.events import Event, TrainBegin, decode_json
 from eventbus.overflow import Overflow
 from eventbus.sink import RunInfo, Sink
-from eventbus.spool import MAGIC, STATE_FILE, read_spool, write_json_atomic
+from eventbus.spool import MAGIC, STATE_FILE, _spool_files, read_spool, write_json_atomic
 
 __all__ = ["replay", "ReplayResult", "read_events", "decode_jsonl_line", "add_parser"]
 
@@ -101,8 +101,7 @@ def read_events(
     ``encode_json(event)`` per line, see :func:`decode_jsonl_line`). Lines that do not
     decode are skipped with a warning (and reported to ``on_unreadable``)."""
     p = Path(path)
-    if not p.exists():
-        raise SpoolError(f"nothing to replay at {p}: give a spool directory, a .spool file or a .jsonl file")
+    _check_source(p)
     if p.is_dir() or _is_spool_file(p):
         yield from read_spool(p, warn=warn)
         return
@@ -118,6 +117,41 @@ def read_events(
                     logger.warning("eventbus: %s line %d is not an event (%s); skipped", p, lineno, exc)
                 if on_unreadable is not None:
                     on_unreadable()
+
+
+def _replayable_under(directory: Path, limit: int = 8) -> list[str]:
+    """What under ``directory`` (a run's output dir, or a spool root) could be
+    replayed: JSON-lines files of the jsonl sink and spool directories, shortest
+    paths first."""
+    found: list[str] = []
+    try:
+        for root, dirs, files in os.walk(directory):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("checkpoint-"))
+            here = Path(root)
+            if root != str(directory) and (STATE_FILE in files or _spool_files(here)):
+                found.append(str(here))
+                dirs[:] = []
+                continue
+            found.extend(str(here / f) for f in sorted(files) if f.endswith(".jsonl"))
+            if len(here.relative_to(directory).parts) >= 3:
+                dirs[:] = []
+    except OSError:
+        return found
+    return sorted(found, key=lambda s: (s.count(os.sep), s))[:limit]
+
+
+def _check_source(p: Path) -> None:
+    """A clear error when ``p`` is nothing :func:`read_events` can read, naming what
+    to give instead."""
+    if not p.exists():
+        parent = next((q for q in p.parents if q.is_dir()), None)
+        near = _replayable_under(parent) if parent is not None and parent != Path(p.anchor) else []
+        hint = f"; found under {parent}: {', '.join(near)}" if near else ""
+        raise SpoolError(f"nothing to replay at {p}: no such file or directory (give a spool directory, a .spool file or a .jsonl file){hint}")
+    if p.is_dir() and not _spool_files(p) and not (p / STATE_FILE).exists():
+        near = _replayable_under(p)
+        hint = f"; replay one of: {', '.join(near)}" if near else "; it holds no spool files or .jsonl files either"
+        raise SpoolError(f"{p} is not a spool directory (a run's spool is <output_dir>/spool/<sink name>){hint}")
 
 
 def _superseded(path: Path) -> Callable[[int, Event], bool]:
@@ -202,7 +236,10 @@ def replay(
 
     if not isinstance(sink, Sink):
         raise SinkConfigError(f"replay needs an eventbus.Sink instance, got {type(sink).__name__}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"replay's timeout must be a positive number of seconds, got {timeout!r}")
     p = Path(path)
+    _check_source(p)  # before a bus opens the sink: the first error is the one to read
     marks_file = _marks_path(p) if p.exists() else None
     state = _load_marks(marks_file) if marks_file is not None else {}
     start: Any = resume_mark
@@ -245,6 +282,13 @@ def replay(
                     time.sleep(0.005)
         stats = bus.close(max(0.0, deadline - time.monotonic()))
     s = stats.sinks[sink.name]
+    open_error = bus.open_errors().get(sink.name)
+    if open_error is not None and not s.delivered:
+        # Nothing was sent and no mark moves: an error, not a count of failures.
+        raise SinkError(
+            f"the {sink.name} sink could not be opened, so nothing was replayed: {open_error}; "
+            "check its options (--option key=value) and that its backend is reachable"
+        )
     result.sent = s.delivered
     result.skipped = s.skipped
     result.failed = s.dropped - s.skipped + stats.ingress_dropped
@@ -272,7 +316,7 @@ def replay(
 def _spool_unreadable(path: Path) -> int:
     # read_spool warns about bad records as it goes; counting them means a second,
     # quiet pass (cheap next to sending the events).
-    from eventbus.spool import _frames, _spool_files
+    from eventbus.spool import _frames
 
     if path.is_dir():
         files = [path / n for n in _spool_files(path)]
@@ -300,6 +344,16 @@ def _parse_option(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"a positive number of seconds, got {text!r}")
+    return value
+
+
 def add_parser(subparsers: Any) -> Callable[[argparse.Namespace], int]:
     """Add ``eventbus replay`` to the CLI; returns its handler."""
     p = subparsers.add_parser(
@@ -319,7 +373,7 @@ def add_parser(subparsers: Any) -> Callable[[argparse.Namespace], int]:
     )
     p.add_argument("--resume-mark", type=int, default=None, help="skip metric events at or below this step, instead of the mark kept next to PATH for this sink name "
         "(-1: send everything, e.g. to another destination of the same sink)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole replay (default 300)")
+    p.add_argument("--timeout", type=_seconds, default=300.0, help="seconds for the whole replay (default 300)")
     return _run
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from eventbus import EventBus, Log, RunInfo, Sink, StepEnd, TrainBegin
 from eventbus.cli import main
-from eventbus.errors import SinkConfigError, SpoolError
+from eventbus.errors import SinkConfigError, SinkError, SpoolError
 from eventbus.events import BaseEvent, encode_json
 from eventbus.registry import register_sink, unregister_sink
 from eventbus.replay import read_events, replay
@@ -253,3 +253,73 @@ def test_console_script_replays_a_spool_into_the_real_jsonl_sink(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "skipped 12" in again.stdout
     assert [e.step for e in jsonl.read_jsonl(dest) if isinstance(e, Log)] == list(range(12))
+
+
+def test_a_missing_path_is_the_first_error_and_names_what_there_is_to_replay(tmp_path, registered, caplog):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "events-abc.jsonl").write_bytes(encode_json(Log(step=1, values={"loss": 1.0})) + b"\n")
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        with pytest.raises(SpoolError, match="no such file") as info:
+            replay(run / "events.jsonl", Target())
+    assert str(run / "events-abc.jsonl") in str(info.value)
+    # Checked before a bus opens the sink: nothing else is logged first.
+    assert not [r for r in caplog.records if r.name.startswith("eventbus")]
+    assert Target.instances[0].got == []
+
+
+def test_a_runs_output_dir_is_not_read_as_an_empty_spool(tmp_path, registered, capsys):
+    d = spool_of(tmp_path, 3)  # tmp_path is the run's output dir; its spool is spool/mlflow
+    (tmp_path / "events-1.jsonl").write_bytes(b"")
+    with pytest.raises(SpoolError, match="not a spool directory") as info:
+        replay(tmp_path, Target())
+    assert str(d) in str(info.value) and str(tmp_path / "events-1.jsonl") in str(info.value)
+    assert main(["replay", str(tmp_path), "--to", "replay-target"]) == 2
+    err = capsys.readouterr().err
+    assert "not a spool directory" in err and str(d) in err
+    # An empty directory says there is nothing in it either.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpoolError, match="holds no spool files or .jsonl files"):
+        replay(tmp_path / "empty", Target())
+    # A spool directory that was fully delivered (state.json, no files left) still reads as empty.
+    assert replay(d, Target()).read == 4
+
+
+class CannotOpen(Sink):
+    name = "replay-cannot-open"
+
+    async def open(self, run):
+        raise SinkConfigError("no destination; pass --option path=...")
+
+    async def write(self, batch):
+        raise AssertionError("never opened")
+
+
+def test_a_sink_that_cannot_open_is_an_error_not_a_count_and_moves_no_mark(tmp_path, capsys):
+    d = spool_of(tmp_path, 3)
+    state = (d / "state.json").read_bytes()
+    with pytest.raises(SinkError, match="could not be opened.*no destination; pass --option path="):
+        replay(d, CannotOpen(), timeout=30)
+    assert (d / "state.json").read_bytes() == state
+    register_sink("replay-cannot-open", CannotOpen)
+    try:
+        assert main(["replay", str(d), "--to", "replay-cannot-open", "--timeout", "30"]) == 2
+    finally:
+        unregister_sink("replay-cannot-open")
+    err = capsys.readouterr().err
+    assert "eventbus replay: error: the replay-cannot-open sink could not be opened" in err
+
+
+@pytest.mark.parametrize("bad", [-5, 0, math.inf, math.nan, "10", True])
+def test_replay_timeout_must_be_a_positive_number_of_seconds(tmp_path, bad):
+    d = spool_of(tmp_path, 1)
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        replay(d, Target(), timeout=bad)
+
+
+@pytest.mark.parametrize("bad", ["-5", "0", "inf", "nan", "soon"])
+def test_cli_timeout_must_be_a_positive_number_of_seconds(tmp_path, registered, capsys, bad):
+    with pytest.raises(SystemExit) as info:
+        main(["replay", str(tmp_path), "--to", "replay-target", "--timeout", bad])
+    assert info.value.code == 2
+    assert "--timeout: a positive number of seconds" in capsys.readouterr().err
