@@ -199,6 +199,30 @@ def _keys(ev: Event) -> list[tuple[Any, int]]:
     return [(name, ev.step) for name in names]
 
 
+_REPLAYED_KEY = "replayed_ns"
+"""The marks file's key for, per sink name, the ``time_ns`` of the last event a
+replay that delivered everything read: its non-metric events are not sent again."""
+
+
+def _source_run(path: Path) -> tuple[str | None, str | None]:
+    """The run id of the run that wrote ``path`` (a spool's ``state.json``, else its
+    first event's), and its name when its ``TrainBegin`` config has one."""
+    run_id: str | None = None
+    if path.is_dir():
+        state = _load_marks(path / STATE_FILE)
+        run_id = state.get("run_id") if isinstance(state.get("run_id"), str) else None
+    run_name: str | None = None
+    for ev in read_events(path, warn=False):
+        run_id = run_id or ev.run_id or None
+        if isinstance(ev, TrainBegin):
+            name = ev.config.get("run_name")
+            run_name = name if isinstance(name, str) and name else None
+            break
+        if run_id:
+            break
+    return run_id, run_name
+
+
 def _marks_path(path: Path) -> Path:
     return path / STATE_FILE if path.is_dir() else path.with_name(path.name + ".marks.json")
 
@@ -257,18 +281,35 @@ def replay(
     def unreadable() -> None:
         result.unreadable += 1
 
+    # Events other than metrics carry no step a mark could hold back: a replay to this
+    # sink name that delivered everything keeps the time of the last event it read,
+    # and a later one skips the non-metric events up to it.
+    replayed_ns = state.get(_REPLAYED_KEY) if isinstance(state.get(_REPLAYED_KEY), dict) else {}
+    done_ns = replayed_ns.get(sink.name) if resume_mark is None else None
+    if not isinstance(done_ns, int) or isinstance(done_ns, bool):
+        done_ns = None
+    already = 0
+    last_ns = 0
     marks = {sink.name: start} if start is not None else None
     deadline = time.monotonic() + timeout
+    # The source's run: a replay continues it where the sink can (an MLflow sink finds
+    # the run tagged with its id), instead of starting a run of its own.
+    run_id, run_name = _source_run(p)
+    run = RunInfo(run_id=run_id, run_name=run_name or "replay", resumed=True) if run_id else RunInfo(run_name="replay")
     # A short flush interval: the replay loop waits on the pump for backpressure.
-    bus = EventBus([sink], run=RunInfo(run_name="replay"), resume_marks=marks, close_timeout=timeout, flush_interval=0.005)
+    bus = EventBus([sink], run=run, resume_marks=marks, close_timeout=timeout, flush_interval=0.005)
     window = max(1, min(sink.capacity, 4 * sink.max_batch_size) // 2)
     with bus:
         sent_to_bus = 0
         superseded = _superseded(p)
         for i, ev in enumerate(read_events(p, on_unreadable=unreadable)):
             result.read += 1
+            last_ns = max(last_ns, ev.time_ns)
             if superseded(i, ev):
                 result.superseded += 1
+                continue
+            if done_ns is not None and ev.time_ns <= done_ns and _marks.names_of(ev) is None:
+                already += 1
                 continue
             bus.publish(ev)
             sent_to_bus += 1
@@ -290,22 +331,26 @@ def replay(
             "check its options (--option key=value) and that its backend is reachable"
         )
     result.sent = s.delivered
-    result.skipped = s.skipped
+    result.skipped = s.skipped + already
     result.failed = s.dropped - s.skipped + stats.ingress_dropped
     result.unreadable += _spool_unreadable(p)
     result.mark = bus.high_water_marks().get(sink.name)
-    if save_mark and marks_file is not None and result.mark is not None:
-        state.setdefault("marks", {})
-        if not isinstance(state["marks"], dict):
-            state["marks"] = {}
-        state["marks"][sink.name] = result.mark
-        names = bus.high_water_names().get(sink.name)
-        if not isinstance(state.get("mark_names"), dict):
-            state["mark_names"] = {}
-        if names is not None:
-            state["mark_names"][sink.name] = names
-        else:
-            state["mark_names"].pop(sink.name, None)
+    delivered_all = not result.failed and last_ns > 0
+    if save_mark and marks_file is not None and (result.mark is not None or delivered_all):
+        if result.mark is not None:
+            if not isinstance(state.get("marks"), dict):
+                state["marks"] = {}
+            state["marks"][sink.name] = result.mark
+            names = bus.high_water_names().get(sink.name)
+            if not isinstance(state.get("mark_names"), dict):
+                state["mark_names"] = {}
+            if names is not None:
+                state["mark_names"][sink.name] = names
+            else:
+                state["mark_names"].pop(sink.name, None)
+        if delivered_all:
+            replayed_ns[sink.name] = max(last_ns, done_ns or 0)
+            state[_REPLAYED_KEY] = replayed_ns
         try:
             write_json_atomic(marks_file, state, fsync=True)
         except OSError as exc:

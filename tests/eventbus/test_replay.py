@@ -251,8 +251,9 @@ def test_console_script_replays_a_spool_into_the_real_jsonl_sink(tmp_path):
         cmd + ["replay", str(d), "--to", "jsonl", "--option", f"path={dest}"], capture_output=True, text=True, timeout=120
     )
     assert again.returncode == 0, again.stderr
-    assert "skipped 12" in again.stdout
-    assert [e.step for e in jsonl.read_jsonl(dest) if isinstance(e, Log)] == list(range(12))
+    # Nor the TrainBegin: the first replay delivered everything it read.
+    assert "sent 0, skipped 13" in again.stdout
+    assert [type(e).__name__ for e in jsonl.read_jsonl(dest)] == ["TrainBegin"] + ["Log"] * 12
 
 
 def test_a_missing_path_is_the_first_error_and_names_what_there_is_to_replay(tmp_path, registered, caplog):
@@ -323,3 +324,63 @@ def test_cli_timeout_must_be_a_positive_number_of_seconds(tmp_path, registered, 
         main(["replay", str(tmp_path), "--to", "replay-target", "--timeout", bad])
     assert info.value.code == 2
     assert "--timeout: a positive number of seconds" in capsys.readouterr().err
+
+
+class Opened(Target):
+    name = "replay-opened"
+    runs: list[RunInfo] = []
+
+    async def open(self, run):
+        Opened.runs.append(run)
+
+
+def test_a_replay_continues_the_run_that_wrote_its_source(tmp_path):
+    d = spool_of(tmp_path, 2)
+    Opened.runs = []
+    replay(d, Opened())
+    run_id = Spool(d).run_id
+    assert run_id and Opened.runs[-1].run_id == run_id and Opened.runs[-1].resumed
+    # A JSONL file: the run id of its events, the run name of its TrainBegin's config.
+    f = tmp_path / "events.jsonl"
+    f.write_bytes(
+        encode_json(TrainBegin(run_id="abc123", step=0, config={"run_name": "sweep-7"})) + b"\n"
+        + encode_json(Log(run_id="abc123", step=1, values={"loss": 1.0})) + b"\n"
+    )
+    replay(f, Opened())
+    assert (Opened.runs[-1].run_id, Opened.runs[-1].run_name, Opened.runs[-1].resumed) == ("abc123", "sweep-7", True)
+    # Events that name no run: a run of the replay's own.
+    g = tmp_path / "anonymous.jsonl"
+    g.write_bytes(encode_json(Log(step=1, values={"loss": 1.0})) + b"\n")
+    replay(g, Opened())
+    assert Opened.runs[-1].run_name == "replay" and not Opened.runs[-1].resumed
+
+
+class Flaky(Target):
+    """Fails every write while ``down``."""
+
+    name = "replay-flaky"
+    max_retries = 0
+    down = True
+
+    async def write(self, batch):
+        if Flaky.down:
+            raise ConnectionError("down")
+        await super().write(batch)
+
+
+def test_non_metric_events_are_sent_again_only_until_a_replay_delivered_everything(tmp_path):
+    d = spool_of(tmp_path, 3)
+    Flaky.down = True
+    assert replay(d, Flaky(), timeout=30).failed == 4
+    Flaky.down = False
+    first = Flaky()
+    res = replay(d, first, timeout=30)
+    # The failed replay recorded nothing: everything goes, TrainBegin included.
+    assert [type(e).__name__ for e in first.got] == ["TrainBegin", "Log", "Log", "Log"] and res.failed == 0
+    again = Flaky()
+    res = replay(d, again, timeout=30)
+    assert again.got == [] and (res.read, res.sent, res.skipped) == (4, 0, 4)
+    # --resume-mark -1 (another destination): everything, TrainBegin included.
+    other = Flaky()
+    replay(d, other, resume_mark=-1, timeout=30)
+    assert [type(e).__name__ for e in other.got] == ["TrainBegin", "Log", "Log", "Log"]

@@ -459,3 +459,38 @@ def test_trainer_resumed_after_a_kill_continues_its_mlflow_run(mlflow_server: st
     assert runs_of(mlflow_server, name) == [first.run_id]
     assert [s for s, _, _ in history(mlflow_server, first.run_id or "", "loss")] == list(range(1, 16))
     assert run_data(mlflow_server, first.run_id or "")["tags"][RUN_ID_TAG] == t.run_id
+
+
+def test_replaying_an_outage_s_spool_continues_the_run_it_belongs_to(mlflow_server: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Steps 1-5 reach the server; then it is down and steps 6-10 (and the end) are
+    # spooled; `eventbus replay` later puts them into the same MLflow run.
+    from eventbus import Sink
+    from eventbus.replay import replay
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name := experiment())
+    bus_run_id = uuid.uuid4().hex[:12]
+    live = MLflowSink(mlflow_server)
+    publish_all(live, [TrainBegin(step=0, config={"lr": 0.1})] + [Log(step=s, values={"loss": 1.0 / s}) for s in range(1, 6)],
+                run=RunInfo(run_id=bus_run_id, output_dir=str(tmp_path)))
+
+    class Down(Sink):
+        name = "mlflow"
+        spool = True
+        max_retries = 0
+        circuit_threshold = 1
+        circuit_cooldown = 3600
+
+        async def write(self, batch: Any) -> None:
+            raise ConnectionError("server down")
+
+    with EventBus([Down()], run=RunInfo(run_id=bus_run_id, output_dir=str(tmp_path)), flush_interval=0.01) as bus:
+        for s in range(6, 11):
+            bus.publish(Log(run_id=bus_run_id, step=s, values={"loss": 1.0 / s}))
+        bus.publish(TrainEnd(run_id=bus_run_id, step=10))
+    assert bus.stats().sinks["mlflow"].spooled == 6
+
+    result = replay(tmp_path / "spool" / "mlflow", MLflowSink(mlflow_server), timeout=120)
+    assert (result.sent, result.failed) == (6, 0)
+    assert runs_of(mlflow_server, name) == [live.run_id]
+    assert [s for s, _, _ in history(mlflow_server, live.run_id or "", "loss")] == list(range(1, 11))
+    assert run_data(mlflow_server, live.run_id or "")["status"] == "FINISHED"
