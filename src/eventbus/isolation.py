@@ -22,7 +22,10 @@ The child:
   is attached) and the parent's ``sys.path``;
 - runs at a lower CPU priority than the parent (``Sink.isolate_nice``, ``os.nice``
   +10 by default), so that it uses the CPU training leaves idle;
-- ignores SIGINT (the parent handles Ctrl-C and shuts the bus down in order), writes
+- runs in a session of its own, so a signal to the training process's group
+  (torchrun stopping its workers, a scheduler's preemption, `timeout`) does not
+  kill it with what its SDK buffers: the parent handles the signal and closes the
+  sink in order; it also ignores SIGINT sent to it directly; it writes
   to the parent's stdout/stderr, forwards its log records to the parent's loggers
   (the parent's logger levels apply), and exits when the parent dies (closing the
   sink first, within ``ORPHAN_CLOSE_TIMEOUT`` seconds, so an SDK can save what it has),
@@ -249,6 +252,12 @@ class ProcessSink(Sink):
                 pass_fds=(fd,),
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
+                # A session of its own: a signal to the training process's group
+                # (torchrun's killpg of a worker, SLURM, `timeout`, a terminal's
+                # Ctrl-C or hangup) is the parent's to handle, which then closes the
+                # sink in order; a child killed with it would lose what its SDK buffers.
+                # The parent-watch thread still ends a child whose parent is gone.
+                start_new_session=True,
             )
         finally:
             # The parent keeps no copy of the child's end: a dead child is then an EOF.

@@ -557,3 +557,35 @@ def test_the_child_runs_below_the_training_process_cpu_priority() -> None:
 def test_a_bad_isolate_nice_is_a_clear_error(value: Any) -> None:
     with pytest.raises(SinkConfigError, match="isolate_nice"):
         EventBus([NicenessSink("bad", isolate_nice=value)])
+
+
+def test_a_signal_to_the_training_process_s_group_does_not_reach_the_child(tmp_path: Path) -> None:
+    # torchrun stops a worker with killpg(SIGTERM); a trainer handles SIGTERM and
+    # closes its bus in order. The isolated child must still be there to get the
+    # events and close its sink (with what its SDK buffers).
+    path = str(tmp_path / "events.txt")
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "src")!r}]
+        from eventbus import EventBus, Log
+        from tests.eventbus.test_isolation_process import FileSink
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+        bus = EventBus([FileSink("file", {path!r})]).start()
+        while not bus.sinks[0].opened:
+            time.sleep(0.01)
+        os.killpg(os.getpgrp(), signal.SIGTERM)  # as torchrun does to a worker
+        while not stop:
+            time.sleep(0.01)
+        bus.publish(Log(step=1, values={{}}))
+        s = bus.close(30).sinks["file"]
+        print(s.delivered, s.failed, s.errors)
+        """
+    )
+    # In a session of its own, so that its killpg reaches nothing of this test's.
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90, start_new_session=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "0", "0"], done.stderr
+    [[_, _, child]] = read_lines(path)
+    assert read_lines(path + ".closed") == [[child]]  # closed in order, not killed
