@@ -219,7 +219,8 @@ class JSONLSink(ThreadedSink):
 
     Options:
 
-    - ``path``: the file to append to. Default: ``<dir>/events-<run_id>.jsonl``.
+    - ``path``: the file to append to. Default: ``<dir>/events-<run_id>.jsonl``
+      (on a rank other than 0, with ``all_ranks``: ``events-<run_id>-rank<N>.jsonl``).
     - ``dir``: the directory for the default file name; default the run's
       ``output_dir``.
     - ``flush_secs``: the longest time written lines may sit in the buffer while
@@ -271,13 +272,20 @@ class JSONLSink(ThreadedSink):
         self._last_flush = 0.0
 
     def resolve_path(self, run: RunInfo) -> str:
-        """The file this sink writes for ``run``."""
+        """The file this sink writes for ``run``; on a rank other than 0 (a sink with
+        ``all_ranks``), ``-rank<N>`` goes before its extension: ranks never share a file."""
         if self.path:
-            return os.path.expanduser(self.path)
-        base = self.dir or run.output_dir
-        if not base:
-            raise SinkConfigError("jsonl sink: no directory to write to; pass JSONLSink(dir=...) or path=..., or give the run an output_dir")
-        return os.path.join(os.path.expanduser(base), f"events-{run.run_id}.jsonl")
+            path = os.path.expanduser(self.path)
+        else:
+            base = self.dir or run.output_dir
+            if not base:
+                raise SinkConfigError("jsonl sink: no directory to write to; pass JSONLSink(dir=...) or path=..., or give the run an output_dir")
+            path = os.path.join(os.path.expanduser(base), f"events-{run.run_id}.jsonl")
+        stem, ext = os.path.splitext(path)
+        # Once only: open keeps the resolved file in path for the next open.
+        if run.rank and not stem.endswith(f"-rank{run.rank}"):
+            path = f"{stem}-rank{run.rank}{ext}"
+        return path
 
     def open_sync(self, run: RunInfo) -> None:
         """Open (append to) the run's file."""

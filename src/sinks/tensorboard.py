@@ -208,20 +208,26 @@ class TensorBoardSink(ThreadedSink):
     # -- lifecycle ---------------------------------------------------------------------
 
     def resolve_log_dir(self, run: RunInfo) -> str:
-        """The directory this sink writes to for ``run`` (see the class docstring)."""
+        """The directory this sink writes to for ``run`` (see the class docstring); on a
+        rank other than 0 (a sink with ``all_ranks``), its ``rank<N>`` subdirectory:
+        TensorBoard shows each rank as a run of its own instead of every point twice."""
         if self.log_dir:
-            return os.path.expanduser(self.log_dir)
-        env = os.environ.get("TENSORBOARD_LOGGING_DIR")
-        if env:
-            return os.path.expanduser(env)
-        if run.logging_dir:
-            return os.path.expanduser(run.logging_dir)
-        if run.output_dir:
-            return os.path.join(os.path.expanduser(run.output_dir), "logs")
-        raise SinkConfigError(
-            "tensorboard sink: no directory to write to; pass TensorBoardSink(log_dir=...) "
-            "or give the run an output_dir or logging_dir"
-        )
+            log_dir = os.path.expanduser(self.log_dir)
+        elif os.environ.get("TENSORBOARD_LOGGING_DIR"):
+            log_dir = os.path.expanduser(os.environ["TENSORBOARD_LOGGING_DIR"])
+        elif run.logging_dir:
+            log_dir = os.path.expanduser(run.logging_dir)
+        elif run.output_dir:
+            log_dir = os.path.join(os.path.expanduser(run.output_dir), "logs")
+        else:
+            raise SinkConfigError(
+                "tensorboard sink: no directory to write to; pass TensorBoardSink(log_dir=...) "
+                "or give the run an output_dir or logging_dir"
+            )
+        # Once only: open keeps the resolved directory in log_dir for the next open.
+        if run.rank and os.path.basename(os.path.normpath(log_dir)) != f"rank{run.rank}":
+            log_dir = os.path.join(log_dir, f"rank{run.rank}")
+        return log_dir
 
     def open_sync(self, run: RunInfo) -> None:
         """Create the log directory and a new event file in it."""

@@ -305,7 +305,10 @@ def _tensorboard_command() -> str:
 def _print_summary(trainer: Any, args: Any, result: Any, outcome: str = "") -> None:
     """What the run did and where its files are. ``result`` is ``None`` when training
     did not complete; ``outcome`` then says how it ended. Only paths that exist are
-    printed: after a failure, what was never written is said to be missing."""
+    printed: after a failure, what was never written is said to be missing. Printed
+    by world rank 0 only (under torchrun, the other ranks have no sinks to report)."""
+    if not trainer.is_world_process_zero():
+        return
     state = trainer.state
     lines = ["", "=" * 64, "eventbus train: summary", "=" * 64]
     if result is not None:

@@ -225,3 +225,16 @@ def test_a_batch_is_encoded_in_one_call_unless_it_holds_null(monkeypatch):
     assert [type(e) for e in back] == [Log, Log, Log, Log, TrainBegin]
     assert math.isnan(back[2].values["loss"]) and back[2].values["gn"] == math.inf
     assert back[3].values == {"note": None} and back[4].config["obj"].startswith("<object object")
+
+
+def test_a_sink_on_every_rank_writes_a_file_per_rank(tmp_path):
+    for rank in (0, 1):
+        for path in (None, str(tmp_path / "given.jsonl")):
+            sink = JSONLSink(path=path)
+            sink.all_ranks = True
+            run = RunInfo(run_id=RUN_ID, output_dir=str(tmp_path), rank=rank, world_size=2)
+            run_bus(sink, [Log(run_id=RUN_ID, rank=rank, step=1, values={"loss": float(rank)})], run)
+            assert sink.resolve_path(run) == sink.path  # opened again: the same file
+    for name in (f"events-{RUN_ID}", "given"):
+        assert [e.rank for e in read_jsonl(tmp_path / f"{name}.jsonl")] == [0]
+        assert [e.rank for e in read_jsonl(tmp_path / f"{name}-rank1.jsonl")] == [1]

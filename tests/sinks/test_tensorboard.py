@@ -272,3 +272,21 @@ def test_names_are_cleaned_into_tags_on_every_step(tmp_path):
     assert text(acc, "train/msg/text_summary") == [(1, "step 1"), (2, "step 2"), (3, "step 3")]
     assert scalars(acc, "train/x_y") == [(1, 3.0), (2, 3.0), (3, 3.0)]
     assert "train/x_y/text_summary" not in acc.Tags()["tensors"]
+
+
+def test_a_sink_on_every_rank_writes_each_rank_to_a_run_of_its_own(tmp_path, monkeypatch):
+    # all_ranks: rank 0 and rank 1 of one run, one log dir; TensorBoard shows two
+    # runs ("." and "rank1"), each step once in each, not every point twice.
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    for rank in (0, 1):
+        sink = TensorBoardSink()
+        sink.all_ranks = True
+        events = [Log(run_id=RUN_ID, rank=rank, step=s, values={"loss": float(10 * rank + s)}) for s in (1, 2)]
+        run_bus(sink, events, RunInfo(run_id=RUN_ID, output_dir=str(tmp_path), rank=rank, world_size=2))
+        # Opened again (evaluate() after train(), a restarted child): the same directory.
+        again = sink.resolve_log_dir(RunInfo(run_id=RUN_ID, output_dir=str(tmp_path), rank=rank, world_size=2))
+        assert again == sink.log_dir
+    logs = tmp_path / "logs"
+    assert sink.log_dir == str(logs / "rank1")
+    assert scalars(accumulate(str(logs)), "train/loss") == [(1, 1.0), (2, 2.0)]
+    assert scalars(accumulate(str(logs / "rank1")), "train/loss") == [(1, 11.0), (2, 12.0)]

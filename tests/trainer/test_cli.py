@@ -174,3 +174,19 @@ def test_summary_opens_tensorboard_with_the_environments_own(tmp_path, monkeypat
     exe.write_text("#!/bin/sh\n")
     exe.chmod(0o755)
     assert os.path.samefile(_tensorboard_command(), exe)
+
+
+def test_only_world_rank_zero_prints_the_summary(capsys):
+    # Under torchrun every rank runs `eventbus train`; the other ranks have no sinks,
+    # and their summary said "sinks : none" and "0 events published".
+    from types import SimpleNamespace
+
+    from trainer.cli import _print_summary
+
+    def rank(zero: bool) -> SimpleNamespace:
+        return SimpleNamespace(is_world_process_zero=lambda: zero, state=None)
+
+    _print_summary(rank(False), None, None, outcome="FAILED")
+    assert capsys.readouterr().out == ""
+    with pytest.raises(AttributeError):  # rank 0 goes on to read the state
+        _print_summary(rank(True), None, None, outcome="FAILED")
