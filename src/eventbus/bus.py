@@ -95,6 +95,7 @@ class _SinkWorker:
         self.stats = SinkStats(name=sink.name)
         self.lag = LagRecorder()
         self.log = _RateLimitedLog()
+        self.log_drop = _RateLimitedLog()  # queue overflow drops: not hidden behind write errors
         self.opened = False
         self.open_error: str | None = None
         self.closing = False
@@ -139,34 +140,19 @@ class _SinkWorker:
             else:
                 st.abandoned += len(events)
             return
-        st.received += len(events)
         q = self.queue
-        cap = self.sink.capacity
-        policy = self.sink.overflow
         spool = self.spool
-        # While the spool holds events, newer ones go behind them on disk: order is kept.
-        spill: list[BaseEvent] | None = [] if spool is not None and spool.pending else None
-        if spill is None and len(q) + len(events) <= cap:
+        n = len(events)
+        if len(q) + n <= self.sink.capacity and (spool is None or spool.pending <= 0):
             # Room for all of them (the usual case): one C-level extend, no per-event loop.
+            st.received += n
             q.extend(events)
-            events = []
-        for ev in events:
-            if spill is not None:
-                spill.append(ev)
-            elif len(q) < cap:
-                q.append(ev)
-            elif policy is Overflow.DROP_OLDEST:
-                q.popleft()
-                q.append(ev)
-                st.overflow += 1
-                st.dropped += 1
-            elif policy is Overflow.SPOOL and spool is not None:
-                spill = [ev]
-            else:
-                st.overflow += 1
-                st.dropped += 1
-        if spill:
-            self._to_spool(spill)
+        elif spool is not None:
+            # The spool holds events (these go behind them), or the queue overflows.
+            self._spill(events)
+        else:
+            st.received += n
+            self._overflow(events)
         depth = len(q) + len(self.in_flight)
         if depth > st.queue_high_water:
             st.queue_high_water = depth
@@ -179,11 +165,73 @@ class _SinkWorker:
         ):
             self.wakeup.set()
 
-    def _to_spool(self, events: Sequence[BaseEvent], count_failed: int | None = None) -> bool:
-        """Append ``events`` to the spool and count them as spooled. When that fails,
-        count ``count_failed`` of them (default: all) as failed and dropped."""
+    def _spill(self, events: list[BaseEvent]) -> None:
+        """``events`` (just arrived) to the spool, in publish order. While the spool
+        holds events they go behind them (whatever the queue holds then is older than
+        the spool's: see _give_up). Else the queue overflows: what it holds goes first,
+        then ``events``, and the queue is empty; the worker drains the spool from there.
+        A batch in flight is older still: should it fail, _give_up keeps it in front."""
+        if self.spool.pending > 0:
+            self._to_spool(events, received=len(events))
+            return
+        q = self.queue
+        # Counted only once written (received for ``events``, spooled for all): a
+        # stats() reader meanwhile sees the queue and the counters as they were.
+        if self._to_spool(list(q) + events, count_failed=len(events), received=len(events)):
+            q.clear()
+
+    def _overflow(self, events: list[BaseEvent]) -> None:
+        """A queue without a spool is full: its overflow policy, counted and logged."""
+        q = self.queue
+        cap = self.sink.capacity
+        st = self.stats
+        oldest = self.sink.overflow is Overflow.DROP_OLDEST
+        before = st.overflow
+        for ev in events:
+            if len(q) < cap:
+                q.append(ev)
+            elif oldest:
+                q.popleft()
+                q.append(ev)
+                st.overflow += 1
+                st.dropped += 1
+            else:
+                st.overflow += 1
+                st.dropped += 1
+        self.log_drop(
+            logging.WARNING,
+            "eventbus: the queue of sink %r is full (capacity %d): %d events dropped (%s), %d in all; the sink is "
+            "down or slower than the training loop (give it a larger capacity, or spool=True to keep them on disk)",
+            self.name,
+            cap,
+            st.overflow - before,
+            "the oldest" if oldest else "the newest",
+            st.overflow,
+        )
+
+    def _unspool(self, n: int) -> None:
+        """``n`` spooled events left the spool (delivered, skipped or lost; the caller
+        counts that). Never below 0: records this bus did not count (another writer's)
+        are counted as received now, so that the identity holds."""
+        st = self.stats
+        if n > st.spooled:
+            st.received += n - st.spooled
+            st.spooled = 0
+        else:
+            st.spooled -= n
+
+    def _to_spool(
+        self, events: Sequence[BaseEvent], count_failed: int | None = None, *, received: int = 0, front: bool = False
+    ) -> bool:
+        """Append ``events`` to the spool (``front``: in front of what it holds, for
+        events older than those) and count them as spooled, and the last ``received``
+        of them (new arrivals) as received, once written. When that fails, count
+        ``count_failed`` of them (default: all) as failed and dropped."""
         try:
-            self.spool.append(events)
+            if front:
+                self.spool.prepend(events)
+            else:
+                self.spool.append(events)
         except Exception as exc:  # a full disk must not stop training: count it
             self.stats.errors += 1
             self.stats.last_error = f"spool: {exc!r}"
@@ -200,11 +248,13 @@ class _SinkWorker:
                     why,
                 )
             lost = len(events) if count_failed is None else count_failed
+            self.stats.received += received
             self.stats.failed += lost
             self.stats.dropped += lost
             return False
         self.spool_failing = False
         self.stats.spooled += len(events)
+        self.stats.received += received
         return True
 
     async def _wait_circuit(self) -> None:
@@ -229,13 +279,14 @@ class _SinkWorker:
                 # lost to this run (counted as failed), and the sink goes on without it.
                 self._record_error("spool read", exc)
                 st = self.stats
-                lost, self.spool.pending, self.leftover = self.spool.pending, 0, 0
-                st.spooled -= lost
+                lost, self.spool.pending, self.leftover = max(0, self.spool.pending), 0, 0
                 st.failed += lost
                 st.dropped += lost
+                self._unspool(lost)
                 return
         batch = self.spool_batch
-        if batch.events and not await self._attempt(batch.events):
+        # Counted as delivered and no longer spooled together (see _attempt).
+        if batch.events and not await self._attempt(batch.events, spooled=True):
             return  # still on disk; tried again after the backoff/circuit
         if self.abandoned:
             # close() gave up on this thread meanwhile and closed the spool: what it
@@ -243,12 +294,11 @@ class _SinkWorker:
             return
         self.spool_batch = None
         st = self.stats
-        st.spooled -= len(batch.events)
         lost = self.spool.consume(batch)
         if lost:  # records the spool counted but could not read back (corruption)
-            st.spooled -= lost
             st.failed += lost
             st.dropped += lost
+            self._unspool(lost)
         if self.leftover:
             self.leftover = max(0, self.leftover - len(batch.events) - lost)
             if not self.leftover and self.floor is not None and self.mark is not None:
@@ -258,6 +308,93 @@ class _SinkWorker:
                     self.floor, self.floor_names = self.mark, self._names_at_mark()
                 elif self.mark == self.floor and self.floor_names is not None:
                     self.floor_names = self._names_at_mark()
+
+    def set_leftover(self, n: int) -> None:
+        """What an earlier run left in the spool: ``n`` records, counted as received
+        and spooled (replacing an earlier count)."""
+        n = max(0, n)
+        d = n - self.leftover
+        self.leftover = n
+        self.stats.spooled += d
+        self.stats.received += d
+
+    def claim_spool(self) -> None:
+        """At start, before the bus thread runs: lock the spool directory for this bus.
+
+        - Another live bus holds it (a second run launched with the same output_dir):
+          this one spools to a directory of its own, ``<dir>.<run_id>``, with a warning.
+        - It holds an earlier run's leftovers and this run is not a resume of that
+          run (``run.resumed``, or the same run id): they are not this run's to
+          deliver. They are moved to ``<dir>.<their run id>``, for ``eventbus
+          replay``, with a warning that names the command.
+        """
+        from eventbus.spool import Spool
+
+        spool = self.spool
+        run = self.bus.run
+        base = spool.directory
+        tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(run.run_id))[:64] or "run"
+        for k in range(1, 101):
+            try:
+                if spool.lock():
+                    break
+            except (OSError, SpoolError) as exc:
+                logger.warning(
+                    "eventbus: cannot lock the spool directory %s of sink %r (%r); it is used without a lock",
+                    spool.directory,
+                    self.name,
+                    exc,
+                )
+                break
+            other = base.with_name(f"{base.name}.{tag}" + ("" if k == 1 else f".{k}"))
+            if k == 1:
+                logger.warning(
+                    "eventbus: the spool %s of sink %r is in use by another live bus (another run with the same "
+                    "output_dir?); this run (%s) spools to %s instead",
+                    base,
+                    self.name,
+                    run.run_id,
+                    other,
+                )
+            spool = self.spool = Spool(other, max_file_bytes=spool.max_file_bytes, fsync_interval=spool.fsync_interval)
+        if spool.pending > 0 and not run.resumed:
+            source = spool.run_id or spool.first_run_id()
+            if source != run.run_id:
+                n = spool.pending
+                try:
+                    aside = spool.move_aside(source or "unknown-run")
+                except (OSError, SpoolError) as exc:
+                    logger.error(
+                        "eventbus: sink %r: %d events an earlier run (%s) left in the spool %s could not be moved "
+                        "aside (%r); they are delivered to this run",
+                        self.name,
+                        spool.pending,
+                        source,
+                        spool.directory,
+                        exc,
+                    )
+                else:
+                    logger.warning(
+                        "eventbus: sink %r: the spool %s held %d events of another run (%s), which this run (%s, "
+                        "not a resume of it) does not deliver; they were moved to %s. To send them: "
+                        "eventbus replay %s --to %s",
+                        self.name,
+                        spool.directory,
+                        n,
+                        source or "unknown",
+                        run.run_id,
+                        aside,
+                        aside,
+                        self.name,
+                    )
+        if spool.run_id != run.run_id:
+            if not run.resumed:
+                # Another run's marks are not this run's (see EventBus.add_sink).
+                spool.marks.clear()
+                spool.mark_names.clear()
+                spool.replayed_ns.clear()
+            spool.run_id = run.run_id
+        self.set_leftover(spool.pending)
 
     def _names_at_mark(self) -> frozenset[str] | None:
         mn = self.mark_names
@@ -276,7 +413,7 @@ class _SinkWorker:
                     # accounted for what it held; the spool is closed: touch nothing.
                     break
                 if not self.queue:
-                    if self.spool is not None and self.spool.pending:
+                    if self.spool is not None and self.spool.pending > 0:
                         if self.closing and time.monotonic() < self.circuit_until:
                             break  # still down: the spool keeps them for a replay
                         await self._drain_spool()
@@ -285,7 +422,7 @@ class _SinkWorker:
                         break
                     await self._wait()
                     continue
-                if self.spool is not None and self.spool.pending and time.monotonic() < self.circuit_until:
+                if self.spool is not None and self.spool.pending > 0 and time.monotonic() < self.circuit_until:
                     # Queued events older than the spooled ones wait in memory (see
                     # _give_up) for the sink to come back.
                     if self.closing:
@@ -299,6 +436,8 @@ class _SinkWorker:
                         while not (self.urgent or self.closing) and len(self.queue) < sink.max_batch_size:
                             await self._wait()
                     self.waiting_for_batch = False
+                    if not self.queue:  # spilled to the spool meanwhile (see offer)
+                        continue
                 n = min(len(self.queue), sink.max_batch_size)
                 q = self.queue
                 if n == len(q):  # caught up: take it all at C speed
@@ -391,9 +530,10 @@ class _SinkWorker:
         if now < self.circuit_until or not await self._attempt(batch):
             self._give_up(batch)
 
-    async def _attempt(self, events: list[BaseEvent]) -> bool:
+    async def _attempt(self, events: list[BaseEvent], spooled: bool = False) -> bool:
         """Write ``events`` (less the duplicates: see ``floor``) with retries; count
-        them on success. On failure count nothing and return False."""
+        them on success (``spooled``: read from the spool, so no longer counted as
+        spooled). On failure count nothing and return False."""
         sink = self.sink
         st = self.stats
         batch = events
@@ -412,6 +552,12 @@ class _SinkWorker:
                         and (ev.step < floor or (ev.step == floor and _metric_names(ev) <= known))
                     )
                 ]
+        if spooled and self.spool is not None:
+            # Events without a step that an `eventbus replay` of this spool to this
+            # sink already delivered (it keeps the time of the last one it read).
+            replayed = self.spool.replayed_ns.get(self.name)
+            if replayed is not None:
+                batch = [ev for ev in batch if type(ev) in _METRIC_TYPES or not (type(ev.time_ns) is int and ev.time_ns <= replayed)]
         attempt = 0
         while True:
             try:
@@ -439,6 +585,8 @@ class _SinkWorker:
             st.delivered += len(batch)
             st.skipped += skipped
             st.dropped += skipped
+            if spooled:
+                self._unspool(len(events))
             self.consecutive_failures = 0
             st.circuit_open = False
             done_ns = time.time_ns()
@@ -483,9 +631,10 @@ class _SinkWorker:
     def _give_up(self, batch: list[BaseEvent]) -> None:
         if self.abandoned:
             return  # abandon() counted (or spooled) it already, as in_flight
-        if self.spool is not None and self.spool.pending:
+        if self.spool is not None and self.spool.pending > 0:
             # Newer events are on disk already: these older ones stay in memory, in
-            # front, and are tried again first (the queue takes nothing new meanwhile).
+            # front, and are tried again first (the queue takes nothing new meanwhile;
+            # at close, abandon() puts them in front on disk).
             self.queue.extendleft(reversed(batch))
             return
         if self.spool is not None:
@@ -509,11 +658,10 @@ class _SinkWorker:
         if not n:
             return 0
         if self.spool is not None:
-            # Spooling is a local append: worth doing even past the deadline (a failed
-            # append is counted as failed by _to_spool). When the spool already holds
-            # newer events these land behind them: the one case where spool order
-            # differs from publish order.
-            self._to_spool(left)
+            # Spooling is local: worth doing even past the deadline (a failed write is
+            # counted as failed by _to_spool). These are older than anything the spool
+            # holds (see _give_up and _spill): they go in front, in publish order.
+            self._to_spool(left, front=self.spool.pending > 0)
         else:
             self.stats.abandoned += n
             self.stats.dropped += n
@@ -548,12 +696,17 @@ class _SinkWorker:
         # So the reader checks it and, in the rare case it fell between two such
         # steps, lets the bus thread finish them and reads again. The bus thread pays
         # nothing for it.
-        for _ in range(_SNAPSHOT_TRIES):
+        # Each wait is twice the last (up to the interpreter's switch interval): on a
+        # loaded machine the bus thread may not run again for milliseconds.
+        wait = _SNAPSHOT_RETRY_WAIT
+        deadline = time.monotonic() + _SNAPSHOT_PATIENCE
+        while True:
             st = msgspec.structs.replace(self.stats)
             st.queue_depth = len(self.queue) + len(self.in_flight)
-            if st.received == st.delivered + st.dropped + st.spooled + st.queue_depth:
+            if st.received == st.delivered + st.dropped + st.spooled + st.queue_depth or time.monotonic() > deadline:
                 break
-            time.sleep(_SNAPSHOT_RETRY_WAIT)
+            time.sleep(wait)
+            wait = min(2 * wait, _SNAPSHOT_MAX_WAIT)
         st.lag_p50_ms = self.lag.percentile(0.50)
         st.lag_p99_ms = self.lag.percentile(0.99)
         st.circuit_open = time.monotonic() < self.circuit_until
@@ -579,12 +732,16 @@ class EventBus:
     Spool (``eventbus.spool``): a sink has one when its ``overflow`` is
     ``Overflow.SPOOL`` or it sets ``spool = True``; it lives in ``sink.spool_dir``, else
     ``<run.output_dir>/spool/<sink.name>``. Its events go there when its queue is full
-    (``Overflow.SPOOL`` only), when a write still fails after the retries, and while
-    its circuit is open (the sink is down). While the spool holds events, newer ones
-    are appended behind them, and the worker drains the spool to the sink, in order,
-    before anything newer, once the sink is back. What an earlier run left in the
-    spool is delivered first (counted as received). Whatever is still spooled at
-    close stays on disk for ``eventbus replay`` or a resumed run.
+    (whatever its ``overflow``: the queue goes with them, so the disk keeps publish
+    order), when a write still fails after the retries, and while its circuit is open
+    (the sink is down). While the spool holds events, newer ones are appended behind
+    them, and the worker drains the spool to the sink, in order, before anything
+    newer, once the sink is back. What the run (or the run it resumes) left in the
+    spool is delivered first (counted as received); another run's leftovers are moved
+    to ``<spool dir>.<its run id>`` for ``eventbus replay``, with a warning. A running
+    bus locks its spool directory: a second live bus on the same one spools to
+    ``<spool dir>.<run id>`` instead. Whatever is still spooled at close stays on disk
+    for ``eventbus replay`` or a resumed run.
 
     ``resume_marks``: per sink name, the high-water mark a resumed run starts from:
     the step :meth:`high_water_marks` returned when the checkpoint was saved, or the
@@ -681,19 +838,15 @@ class EventBus:
             from eventbus.spool import Spool
 
             spool = worker.spool = Spool.for_sink(sink, self.run)
-            if spool.pending:
-                # An earlier run left events here: they are this sink's oldest, drained
-                # first, and counted as received (and spooled) by this bus.
-                worker.leftover = spool.pending
-                worker.stats.received += spool.pending
-                worker.stats.spooled += spool.pending
+            # An earlier run left events here: they are this sink's oldest, drained
+            # first, and counted as received (and spooled) by this bus. Checked again
+            # at start(), once the directory is locked (see _SinkWorker.claim_spool).
+            worker.set_leftover(spool.pending)
             saved = _marks.combine(
                 _marks.parse(spool.marks.get(sink.name)), _marks.parse_names_entry(spool.mark_names.get(sink.name))
             )
             if saved is not None and (self.run.resumed or spool.run_id == self.run.run_id):
                 mark = _marks.merge(mark, saved)
-            if spool.run_id is None:
-                spool.run_id = self.run.run_id
         if mark is not None:
             step, names = mark
             self.run.resume_marks[sink.name] = step
@@ -796,6 +949,9 @@ class EventBus:
         for w in self._workers:
             _validate_sink(w.sink)
         self._build_routes()  # ``events`` may have changed too
+        for w in self._workers:
+            if w.spool is not None:
+                w.claim_spool()
         self._thread = threading.Thread(target=self._thread_main, name="eventbus", daemon=True)
         self._thread.start()
         self._started.wait()
@@ -1100,10 +1256,12 @@ class EventBus:
         return f"<EventBus {state} sinks=[{names}]>"
 
 
-_SNAPSHOT_TRIES = 20
 _SNAPSHOT_RETRY_WAIT = 50e-6
-"""How often, and how long apart, a stats() reader reads a sink's counters again when
-it caught the bus thread between two steps of moving events (see snapshot())."""
+_SNAPSHOT_MAX_WAIT = 5e-3
+_SNAPSHOT_PATIENCE = 0.5
+"""A stats() reader that caught the bus thread between two steps of moving events
+reads a sink's counters again after 50 µs, then twice as long each time (at most
+5 ms apart), for at most half a second (see snapshot())."""
 
 _DRAIN_CHUNK = 4096
 """Events the pump routes at a time (bounds its temporary lists)."""

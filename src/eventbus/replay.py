@@ -201,7 +201,8 @@ def _keys(ev: Event) -> list[tuple[Any, int]]:
 
 _REPLAYED_KEY = "replayed_ns"
 """The marks file's key for, per sink name, the ``time_ns`` of the last event a
-replay that delivered everything read: its non-metric events are not sent again."""
+replay that delivered everything read: its non-metric events are not sent again (by
+a later replay, nor by a resumed run draining the spool: see ``Spool.replayed_ns``)."""
 
 
 def _source_run(path: Path) -> tuple[str | None, str | None]:

@@ -25,6 +25,8 @@ bounds what a machine crash can lose. Directories are created ``0o700`` and file
 ``0o600``: the spool holds the run's metrics and config.
 
 The spool is used from one thread at a time (the bus thread while the bus runs).
+A bus locks its spool directory (``flock`` on ``.lock``, :meth:`Spool.lock`) while it
+runs: two live buses never write one spool.
 """
 
 from __future__ import annotations
@@ -35,9 +37,15 @@ import logging
 import os
 import struct
 import time
+import weakref
 import zlib
 from pathlib import Path
 from typing import Any, Generator, Iterator, NamedTuple, Sequence
+
+try:
+    import fcntl
+except ImportError:  # not on POSIX: no lock (one bus per directory is then up to the user)
+    fcntl = None  # type: ignore[assignment]
 
 from eventbus.errors import SpoolError
 from eventbus.events import BaseEvent, Event, decode_msgpack, encode_lenient
@@ -53,6 +61,7 @@ __all__ = [
     "DEFAULT_MAX_FILE_BYTES",
     "DEFAULT_FSYNC_INTERVAL",
     "STATE_FILE",
+    "LOCK_FILE",
     "write_json_atomic",
     "is_disk_full",
 ]
@@ -67,6 +76,7 @@ _FRAME = struct.Struct("<4sII")
 _MAX_RECORD = 64 * 1024 * 1024  # a length above this is corruption, not an event
 _SUFFIX = ".spool"
 STATE_FILE = "state.json"
+LOCK_FILE = ".lock"
 
 DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024
 DEFAULT_FSYNC_INTERVAL = 1.0
@@ -207,6 +217,16 @@ def _decode(payload: bytes, path: Path, offset: int, warn: bool) -> Event | None
         return None
 
 
+def _encode(events: Sequence[BaseEvent]) -> bytes:
+    """``events`` as framed records, in order."""
+    buf = bytearray()
+    for ev in events:
+        payload = encode_lenient(ev)
+        length = struct.pack("<I", len(payload))
+        buf += RECORD_MARK + length + struct.pack("<I", zlib.crc32(payload, zlib.crc32(length))) + payload
+    return bytes(buf)
+
+
 def _spool_files(directory: Path) -> list[str]:
     try:
         names = os.listdir(directory)
@@ -320,6 +340,14 @@ class Spool:
         self._last_sync = time.monotonic()
         self._dirty = False
         self._closed = False
+        self._sync_failing = False  # the last fsync failed (warned once per streak)
+        self._lock_fd: int | None = None
+        self._unlock: Any = None  # weakref.finalize that closes _lock_fd
+        self._load()
+
+    def _load(self) -> None:
+        """Read ``state.json`` and count the pending records (at open, and again once
+        the directory is locked: see :meth:`lock`)."""
         state = _load_state(self.directory)
         self.run_id: str | None = state.get("run_id")
         self.marks: dict[str, int] = {
@@ -329,6 +357,13 @@ class Spool:
         # eventbus._marks). Absent from a state.json of an older version.
         names = state.get("mark_names")
         self.mark_names: dict[str, Any] = dict(names) if isinstance(names, dict) else {}
+        # Per sink name, the time_ns of the last event an `eventbus replay` of this
+        # spool delivered in full (eventbus.replay): a drain skips the events without
+        # a step up to it (metric events have the marks).
+        replayed = state.get("replayed_ns")
+        self.replayed_ns: dict[str, int] = {
+            str(k): v for k, v in (replayed.items() if isinstance(replayed, dict) else ()) if type(v) is int
+        }
         files = _spool_files(self.directory)
         cur = state.get("cursor") or {}
         if cur.get("file") in files:
@@ -372,6 +407,88 @@ class Spool:
             max_file_bytes=getattr(sink, "spool_max_file_bytes", DEFAULT_MAX_FILE_BYTES),
             fsync_interval=getattr(sink, "spool_fsync_interval", DEFAULT_FSYNC_INTERVAL),
         )
+
+    # -- ownership -----------------------------------------------------------------------
+
+    def lock(self) -> bool:
+        """Take the directory for this process's bus: an exclusive ``flock`` on its
+        ``LOCK_FILE``, held until :meth:`close`. False when another live spool (another
+        bus, in this process or another) holds it; ``OSError`` when the directory or the
+        lock file cannot be created. Once locked, the state and the pending count are
+        read again: what they were before the lock may have been another bus's, live."""
+        if self._lock_fd is not None:
+            return True
+        self._check_open()
+        self._ensure_dir()
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    return False
+                raise
+        self._lock_fd = fd
+        # Released by close(); also when this object is collected or the process exits
+        # (a bus that is never closed does not keep the directory from the next one).
+        self._unlock = weakref.finalize(self, _release_lock, fd)
+        self._load()
+        return True
+
+    def unlock(self) -> None:
+        """Let go of the lock :meth:`lock` took (no-op without one)."""
+        if self._unlock is not None:
+            self._unlock()
+            self._unlock = None
+            self._lock_fd = None
+
+    @property
+    def locked(self) -> bool:
+        """Whether this spool holds its directory's lock."""
+        return self._lock_fd is not None
+
+    def first_run_id(self) -> str | None:
+        """The ``run_id`` of the first readable pending event (for a spool whose
+        ``state.json`` does not say which run wrote it), else None."""
+        for name in _spool_files(self.directory):
+            if _seq(name) < _seq(self.cursor.file):
+                continue
+            path = self.directory / name
+            try:
+                for payload, end in _frames(path, self.cursor.offset if name == self.cursor.file else 0, warn=False):
+                    ev = _decode(payload, path, end, False) if payload is not None else None
+                    if ev is not None:
+                        return getattr(ev, "run_id", None) or None
+            except (SpoolError, OSError):
+                continue
+        return None
+
+    def move_aside(self, tag: str) -> Path:
+        """Move what the directory holds (its spool files and ``state.json``) to a new
+        sibling directory ``<name>.<tag>`` (``.2``, ``.3``... when taken), for
+        ``eventbus replay``; this spool is then empty. Only before anything is appended.
+        Returns the new directory."""
+        self._check_open()
+        if self._fd is not None:
+            raise SpoolError("move_aside() is for a spool that has not been written to")
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in tag)[:64] or "run"
+        base = f"{self.directory.name}.{safe}"
+        k = 1
+        while True:
+            dest = self.directory.with_name(base if k == 1 else f"{base}.{k}")
+            try:
+                os.mkdir(dest, 0o700)
+                break
+            except FileExistsError:
+                k += 1
+        for name in _spool_files(self.directory) + [STATE_FILE]:
+            try:
+                os.rename(self.directory / name, dest / name)
+            except FileNotFoundError:
+                pass
+        self._load()
+        return dest
 
     # -- writing -------------------------------------------------------------------------
 
@@ -423,11 +540,7 @@ class Spool:
         self._check_open()
         if not events:
             return
-        buf = bytearray()
-        for ev in events:
-            payload = encode_lenient(ev)
-            length = struct.pack("<I", len(payload))
-            buf += RECORD_MARK + length + struct.pack("<I", zlib.crc32(payload, zlib.crc32(length))) + payload
+        buf = _encode(events)
         if self._fd is None or self._size >= self.max_file_bytes:
             self._rotate()
         assert self._fd is not None
@@ -444,11 +557,85 @@ class Spool:
         self.pending += len(events)
         self._dirty = True
         if self.fsync_interval == 0 or time.monotonic() - self._last_sync >= self.fsync_interval:
-            self.sync()
+            # The events are written (a SIGKILL loses none of them): a failed fsync
+            # only weakens what a machine crash could lose. Warned, not raised.
+            self._sync_or_warn()
+
+    def prepend(self, events: Sequence[BaseEvent]) -> None:
+        """Put ``events`` in front of every pending record: they are read (drained,
+        replayed) first. For events older than what the spool holds (a failed batch
+        held in memory while newer ones were spooled): the disk keeps publish order.
+        Rewrites the cursor's file (at most about ``max_file_bytes``); the other files
+        are left as they are. Raises ``OSError`` and then holds none of them."""
+        self._check_open()
+        if not events:
+            return
+        if self.pending <= 0:
+            self.append(events)
+            return
+        buf = _encode(events)
+        name = self.cursor.file
+        path = self.directory / name
+        try:
+            with open(path, "rb") as f:
+                good = _check_header(path, f.read(len(_HEADER)))
+                f.seek(max(self.cursor.offset, len(_HEADER)))
+                rest = f.read() if good else b""
+        except FileNotFoundError:
+            rest = b""
+        except SpoolError as exc:  # not ours to rewrite: behind, then, but kept
+            logger.warning("eventbus: %s; %d older events are appended after newer ones", exc, len(events))
+            self.append(events)
+            return
+        # Written aside and fsynced, then put in place of the file: a crash leaves the
+        # old file or the new one, never half of one.
+        self._ensure_dir()
+        tmp = self.directory / f".{name}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            try:
+                self._write_fd(fd, _HEADER + buf + rest)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        writing = self._file == name
+        if writing:
+            assert self._fd is not None
+            self._sync_or_warn()
+            os.close(self._fd)
+            self._fd = None
+            self._file = None
+        # The cursor first: a crash between the two re-reads the old file from its
+        # start (events delivered twice, which the marks hold back) instead of reading
+        # the new one from the old offset (events lost).
+        old = self.cursor
+        self.cursor = SpoolPosition(name, 0)
+        try:
+            try:
+                self.save_state(fsync=True)
+            except OSError as exc:
+                logger.warning("eventbus: could not save the spool state in %s: %s", self.directory, exc)
+            os.replace(tmp, path)
+        except BaseException:
+            self.cursor = old
+            _unlink(tmp)
+            try:
+                self.save_state()
+            except OSError:
+                pass
+            raise
+        finally:
+            if writing:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND, 0o600)
+                self._fd, self._file, self._size = fd, name, os.fstat(fd).st_size
+        self.pending += len(events)
 
     def _rotate(self) -> None:
         if self._fd is not None:
-            self.sync()
+            self._sync_or_warn()
             os.close(self._fd)
             self._fd = None
         self._open_file()
@@ -459,6 +646,23 @@ class Spool:
             os.fsync(self._fd)
             self._dirty = False
         self._last_sync = time.monotonic()
+        self._sync_failing = False
+
+    def _sync_or_warn(self) -> None:
+        """:meth:`sync`; an error is a durability warning (once per failing streak):
+        what was written stays written, and is delivered or replayed as usual."""
+        try:
+            self.sync()
+        except OSError as exc:
+            self._last_sync = time.monotonic()  # tried again at the next interval, not at once
+            if not self._sync_failing:
+                self._sync_failing = True
+                logger.warning(
+                    "eventbus: fsync of the spool in %s failed (%r): the spooled events are written but may not "
+                    "survive a machine crash; they are still delivered or replayed as usual",
+                    self.directory,
+                    exc,
+                )
 
     # -- reading and consuming -----------------------------------------------------------
 
@@ -504,7 +708,8 @@ class Spool:
         unreadable (only known once the end of the spool is reached). A closed spool
         cannot be consumed (:class:`SpoolError`)."""
         self._check_open()
-        self.pending -= len(batch.events)
+        # Never below 0: a count that went negative would read as "pending" (truthy).
+        self.pending = max(0, self.pending - len(batch.events))
         self.cursor = batch.end
         lost = 0
         files = _spool_files(self.directory)
@@ -530,14 +735,12 @@ class Spool:
             raise SpoolError(f"the spool at {self.directory} is closed")
 
     def _at_end(self, files: list[str]) -> bool:
-        later = [n for n in files if _seq(n) > _seq(self.cursor.file)]
-        if later:
-            return False
-        try:
-            size = (self.directory / self.cursor.file).stat().st_size
-        except FileNotFoundError:
-            return True
-        return self.cursor.offset >= size
+        # A file that holds no record (a header only: one rotated to just before the
+        # disk filled up) is no reason to keep the spool.
+        for name in files:
+            if _seq(name) > _seq(self.cursor.file) and _size(self.directory / name) > len(_HEADER):
+                return False
+        return max(self.cursor.offset, len(_HEADER)) >= _size(self.directory / self.cursor.file)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -552,6 +755,7 @@ class Spool:
                 "cursor": {"file": self.cursor.file, "offset": self.cursor.offset},
                 "marks": self.marks,
                 "mark_names": self.mark_names,
+                "replayed_ns": self.replayed_ns,
             },
             fsync=fsync,
         )
@@ -561,22 +765,43 @@ class Spool:
         if self._closed:
             return
         self._closed = True
-        if self._fd is not None:
-            try:
-                self.sync()
-            finally:
-                os.close(self._fd)
-                self._fd = None
-                self._file = None
-        if self.directory.exists():
-            if self.pending == 0 and self._at_end(_spool_files(self.directory)):
-                for name in _spool_files(self.directory):
-                    _unlink(self.directory / name)
-                self.cursor = SpoolPosition(_file_name(self._next_seq), 0)
-            self.save_state(fsync=True)
+        try:
+            if self._fd is not None:
+                try:
+                    self._sync_or_warn()
+                finally:
+                    os.close(self._fd)
+                    self._fd = None
+                    self._file = None
+            if self.directory.exists():
+                if self.pending <= 0 and self._at_end(_spool_files(self.directory)):
+                    for name in _spool_files(self.directory):
+                        _unlink(self.directory / name)
+                    self.cursor = SpoolPosition(_file_name(self._next_seq), 0)
+                self.save_state(fsync=True)
+        finally:
+            self.unlock()
 
     def __repr__(self) -> str:
         return f"<Spool {str(self.directory)!r} pending={self.pending}>"
+
+
+def _release_lock(fd: int) -> None:
+    # LOCK_UN first: a process forked meanwhile (DataLoader workers) holds the same
+    # open file, and closing ours alone would leave the lock held until it exits.
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            pass
+    os.close(fd)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _unlink(path: Path) -> None:

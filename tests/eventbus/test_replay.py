@@ -384,3 +384,33 @@ def test_non_metric_events_are_sent_again_only_until_a_replay_delivered_everythi
     other = Flaky()
     replay(d, other, resume_mark=-1, timeout=30)
     assert [type(e).__name__ for e in other.got] == ["TrainBegin", "Log", "Log", "Log"]
+
+
+class Back(Sink):
+    """The spool's own sink (name "mlflow"), back up: remembers what it got."""
+
+    name = "mlflow"
+    spool = True
+    max_delay = 0.01
+
+    def __init__(self) -> None:
+        self.got: list[BaseEvent] = []
+
+    async def write(self, batch):
+        self.got.extend(batch)
+
+
+def test_a_resumed_run_does_not_drain_again_what_a_replay_of_its_spool_delivered(tmp_path):
+    d = spool_of(tmp_path, 3)
+    run_id = Spool(d).run_id
+    replayed = Back()
+    assert replay(d, replayed).sent == 4
+    assert [type(e).__name__ for e in replayed.got] == ["TrainBegin", "Log", "Log", "Log"]
+    # The run resumes in the same output dir: its sink finds the spool still there
+    # (replay does not consume it), and gets nothing twice, TrainBegin included.
+    live = Back()
+    with EventBus([live], run=RunInfo(run_id=run_id, output_dir=str(tmp_path), resumed=True), flush_interval=0.01) as bus:
+        bus.publish(Log(run_id=run_id, step=3, values={"loss": 0.1}))
+    assert [(type(e).__name__, e.step) for e in live.got] == [("Log", 3)]
+    st = bus.stats().sinks["mlflow"]
+    assert (st.received, st.delivered, st.skipped) == (5, 1, 4)
