@@ -4,8 +4,9 @@ Logged losses may still be tensors (the loop never resolves them on the step pat
 Tensors on the CPU are turned into numbers when printed (no device is involved).
 Tensors on an accelerator are never waited for on the training thread: their values
 are copied to the host asynchronously and a small daemon thread writes the line once
-they have arrived (flushed at the end of training), so a progress bar costs no device
-sync. The ``console`` and ``progress`` sinks print from the bus thread instead.
+they have arrived (flushed, and the thread stopped, at the end of training), so a
+progress bar costs no device sync. The ``console`` and ``progress`` sinks print from
+the bus thread instead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import weakref
 from typing import Any, Callable, Mapping
 
 from tqdm.auto import tqdm
@@ -48,39 +50,75 @@ def _on_accelerator(value: Any) -> bool:
     return is_tensor(value) and not value.is_cpu
 
 
+_STOP = object()
+"""Tells a writer thread to exit once the lines before it are written."""
+
+_Job = Any  # (write, logs) | threading.Event (a flush) | _STOP
+
+
 class _DeferredWriter:
     """Writes log lines whose values are still on an accelerator once the values have
-    reached the host, on a daemon thread, in submission order."""
+    reached the host, on a daemon thread, in submission order.
+
+    The thread is started on first use and stopped by :meth:`close` (at the end of
+    training; a later use starts another one), or when the writer is dropped with its
+    callback: the thread holds only its own queue, never the writer."""
 
     def __init__(self) -> None:
-        self._jobs: queue.Queue[tuple[Callable[[str], Any], dict[str, Any]] | threading.Event] = queue.Queue()
+        self._jobs: queue.Queue[_Job] | None = None
         self._thread: threading.Thread | None = None
+        self._stop: weakref.finalize | None = None
 
     def submit(self, write: Callable[[str], Any], logs: Mapping[str, Any]) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="trainer-log-writer", daemon=True)
-            self._thread.start()
-        self._jobs.put((write, snapshot_mapping(logs)))  # asynchronous copies, no sync
+        jobs = self._jobs
+        if jobs is None or self._thread is None:
+            # A queue per thread: a thread told to stop (still writing a slow line)
+            # never takes the lines of the next one.
+            jobs = self._jobs = queue.Queue()
+            thread = threading.Thread(target=_write_loop, args=(jobs,), name="trainer-log-writer", daemon=True)
+            thread.start()
+            self._thread = thread
+            self._stop = weakref.finalize(self, jobs.put, _STOP)  # dropped writer: thread exits
+        jobs.put((write, snapshot_mapping(logs)))  # asynchronous copies, no sync
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait (at most ``timeout``) until every submitted line is written."""
-        if self._thread is None:
+        jobs = self._jobs
+        if jobs is None or self._thread is None:
             return
         done = threading.Event()
-        self._jobs.put(done)
+        jobs.put(done)
         done.wait(timeout)
 
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if isinstance(job, threading.Event):
-                job.set()
-                continue
-            write, logs = job
-            try:
-                write(str({k: _format(resolve(v)) for k, v in logs.items()}))
-            except Exception:  # a printing failure must not end the writer
-                logger.exception("trainer: could not print a log line")
+    def close(self, timeout: float = 10.0) -> None:
+        """Write every submitted line (waiting at most ``timeout``), then stop the
+        thread. A line still blocked at the deadline is written by the thread, which
+        exits after it."""
+        thread, stop = self._thread, self._stop
+        self._thread = self._jobs = self._stop = None
+        if thread is None:
+            return
+        if stop is not None:
+            stop()  # the sentinel, after every submitted line
+        if thread is not threading.current_thread():
+            thread.join(timeout)
+
+
+def _write_loop(jobs: queue.Queue[_Job]) -> None:
+    while True:
+        job = jobs.get()
+        if job is _STOP:
+            return
+        if isinstance(job, threading.Event):
+            job.set()
+            continue
+        write, logs = job
+        job = None  # the line's values are not kept until the next one
+        try:
+            write(str({k: _format(resolve(v)) for k, v in logs.items()}))
+        except Exception:  # a printing failure must not end the writer
+            logger.exception("trainer: could not print a log line")
+        del write, logs
 
 
 class _DeferredLogs:
@@ -166,9 +204,10 @@ class ProgressCallback(_DeferredLogs, TrainerCallback):
                 self.training_bar.write(str({k: _format(v) for k, v in shallow_logs.items()}))
 
     def on_train_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        """Close the training bar (after the last deferred log line is written)."""
+        """Close the training bar (after the last deferred log line is written; the
+        writer thread, if any, is stopped)."""
         if state.is_world_process_zero and self.training_bar is not None:
-            self._deferred.flush()
+            self._deferred.close()
             self.training_bar.close()
             self.training_bar = None
 
@@ -191,6 +230,7 @@ class PrinterCallback(_DeferredLogs, TrainerCallback):
                 print({k: _format(v) for k, v in logs.items()})
 
     def on_train_end(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        """Wait for the last deferred log line."""
-        self._deferred.flush()
+        """Wait for the last deferred log line, then stop the writer thread (if any;
+        a later deferred line starts another)."""
+        self._deferred.close()
 

@@ -13,6 +13,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from typing import Any, Iterable, Mapping, Sequence
 
 from eventbus.bus import EventBus
@@ -49,7 +50,9 @@ class BusHolder:
     sink continues its experiment, the Neptune sink its run where Neptune allows it,
     online). A bridge that expects more events for the same run (transformers'
     ``trainer.evaluate()`` after ``trainer.train()``) calls :meth:`flush` instead, and
-    the bus is closed by :meth:`close` or at interpreter exit.
+    the bus is closed by :meth:`close`, when the holder is garbage-collected (the
+    bridge was dropped without a close: a sweep or a notebook building a fresh bridge
+    per run), or at interpreter exit.
 
     A bus passed in by the caller is the caller's: it is started if needed but never
     closed here.
@@ -73,7 +76,10 @@ class BusHolder:
                     f"sinks must be eventbus.Sink instances, got {type(s).__name__}: {s!r}; "
                     "build one (e.g. sinks.jsonl.JSONLSink(...)) or pass report_to=['jsonl']"
                 )
-        sink_list += sinks_from_report_to(report_to, **dict(sink_options or {}))
+        self._given = list(sink_list)
+        self._report_to = report_to
+        self._sink_options = dict(sink_options or {})
+        sink_list += sinks_from_report_to(report_to, **self._sink_options)
         if bus is not None:
             if not isinstance(bus, EventBus):
                 raise SinkConfigError(f"bus must be an eventbus.EventBus, got {type(bus).__name__}")
@@ -100,6 +106,7 @@ class BusHolder:
         """A bus was created by :meth:`prepare` and is not started yet."""
         self._lock = threading.Lock()
         self._exit_hook: Any = None
+        self._dropped: weakref.finalize | None = None
 
     def prepare(self, run: RunInfo) -> EventBus:
         """The bus for ``run``, created (or re-created after a close) but not started
@@ -144,10 +151,15 @@ class BusHolder:
                 # left open for a later evaluate() is closed by nobody else: deliver
                 # what was published and close the sinks, within the deadline, at exit.
                 # The hook holds the bus itself (its thread keeps it alive anyway), not
-                # this holder: a bridge dropped by the user still gets its bus closed.
+                # this holder. A holder dropped by the user (a fresh bridge per run in
+                # a sweep, never closed) closes its bus when it is collected, rather
+                # than keeping its threads and sink processes until exit.
                 hook = functools.partial(_close_at_exit, bus, self.close_timeout)
                 atexit.register(hook)
                 self._exit_hook = hook
+                dropped = weakref.finalize(self, _close_dropped, bus, self.close_timeout, hook)
+                dropped.atexit = False  # at exit the hook above closes it, in order
+                self._dropped = dropped
             return bus
 
     @property
@@ -203,12 +215,53 @@ class BusHolder:
         hook, self._exit_hook = self._exit_hook, None
         if hook is not None:
             atexit.unregister(hook)
+        dropped, self._dropped = self._dropped, None
+        if dropped is not None:
+            dropped.detach()
         return self.last_stats
+
+    def close_run(self, timeout: float | None = None) -> BusStats | None:
+        """Close the bus (as :meth:`close`) and forget the run: the next bus is for a
+        new run, with a ``run_id`` of its own (a bridge reused for another trainer).
+        The ``report_to`` sinks are built anew, so that they resolve their files and
+        folders for that run (a sink keeps what it resolved at its first open); sinks
+        passed as objects are kept as they are."""
+        stats = self.close(timeout)
+        if self.owns:
+            named = sinks_from_report_to(self._report_to, **self._sink_options) if self._report_to else []
+            with self._lock:
+                self.run = None
+                if named:
+                    self.sinks = self._given + named
+        return stats
 
 
 def _close_at_exit(bus: EventBus, timeout: float) -> None:
     if bus.running:
         bus.close(timeout)
+
+
+def _close_dropped(bus: EventBus, timeout: float, hook: Any) -> None:
+    """Close the bus of a holder that was garbage-collected while the bus ran.
+
+    Called by the garbage collector, so on whatever thread collected the holder (maybe
+    a thread of this very bus, or one holding a lock the close needs): the close runs
+    on a thread of its own. Not a daemon: interpreter exit waits for it (within the
+    close deadline), before the exit hooks run."""
+
+    def run() -> None:
+        try:
+            if bus.running:
+                bus.close(timeout)
+        except Exception:  # pragma: no cover - close() reports sink failures itself
+            logger.exception("eventbus: could not close the bus of a dropped bridge")
+        finally:
+            atexit.unregister(hook)
+
+    try:
+        threading.Thread(target=run, name="eventbus-close-dropped", daemon=False).start()
+    except RuntimeError:  # interpreter shutdown: the exit hook closes the bus
+        pass
 
 
 def jsonable(value: Any, _depth: int = 0) -> Any:

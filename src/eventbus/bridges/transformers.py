@@ -19,6 +19,7 @@ Importing this module imports transformers; a missing transformers is a
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any, Iterable, Mapping, Sequence
 
 from eventbus.bridges._common import BusHolder, import_framework, safe_config, scalar_params
@@ -80,9 +81,14 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
     ``trainer.evaluate()``/``predict()`` lands in the same experiment or run as the
     training (a Comet experiment, a Neptune run), as with transformers' own
     callbacks. The bus is closed (sinks finish: Comet writes its offline archive,
-    Neptune stops its run) by :meth:`close`, or at interpreter exit. In a
-    hyperparameter search each trial's bus is closed at its ``on_train_end``, so
-    each trial is an experiment of its own, as transformers does.
+    Neptune stops its run) by :meth:`close`; when the callback is garbage-collected
+    (dropped with its ``Trainer``, as a sweep or a notebook building a fresh callback
+    per run does); when the callback sees another training run begin (the
+    ``on_init_end``/``on_train_begin`` of another ``Trainer``, told apart by its
+    ``args`` object and ``args.output_dir``: the next bus is a new run, with its own
+    ``run_id``, its ``report_to`` sinks built anew for that trainer's folders); or at
+    interpreter exit. In a hyperparameter search each trial's bus is closed at its
+    ``on_train_end``, so each trial is an experiment of its own, as transformers does.
 
     Only events some sink subscribes to are built. ``Log``, ``Evaluate`` and
     ``Predict`` values are copied, so transformers changing its dicts later does not
@@ -105,6 +111,9 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
         self._run_name = run_name
         self._rank = 0
         self._pred_batches = 0
+        # Which trainer the current run is for: its args (a weak reference, or the id
+        # of args that cannot be weakly referenced) and output_dir, when the run began.
+        self._run_key: tuple[Any, int, Any] | None = None
 
     # -- public surface --------------------------------------------------------------
 
@@ -126,7 +135,8 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
     def close(self, timeout: float | None = None) -> BusStats | None:
         """Close the bus now (deliver, close the sinks, within ``timeout`` or
         ``close_timeout``): call it when done with the trainer (after the last
-        ``evaluate()``/``predict()``); otherwise interpreter exit does it. A later
+        ``evaluate()``/``predict()``); otherwise dropping the callback (with its
+        trainer), the next trainer's run, or interpreter exit does it. A later
         hook opens a fresh bus over the same sinks, for the same run (the Comet sink
         continues its experiment; offline, Neptune starts a new run)."""
         return self._holder.close(timeout)
@@ -138,6 +148,7 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
     # -- plumbing ----------------------------------------------------------------------
 
     def _run_info(self, args: Any, state: Any) -> RunInfo:
+        self._run_key = _run_key(args)
         process_index = int(getattr(args, "process_index", 0) or 0)
         # transformers decides who logs through is_world_process_zero (SageMaker model
         # parallel differs from process_index == 0): honour it.
@@ -151,6 +162,17 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
             world_size=int(getattr(args, "world_size", 1) or 1),
             resumed=False,
         )
+
+    def _check_trainer(self, args: Any) -> None:
+        """At the start of a training run: if the bus is for another trainer (another
+        ``args`` object or ``output_dir``), close it and forget its run, so that this
+        run gets a bus (and a run) of its own. The same trainer (``evaluate()`` or a
+        second ``train()``) keeps its bus."""
+        key = self._run_key
+        if key is None or _same_run(key, args):
+            return
+        self._run_key = None
+        self._holder.close_run()
 
     def _bus(self, args: Any, state: Any) -> EventBus:
         holder = self._holder
@@ -187,12 +209,15 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
     # -- hooks ---------------------------------------------------------------------------
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Start the bus; publish :class:`InitEnd`."""
+        """Start the bus (closing the one of a previous trainer); publish
+        :class:`InitEnd`."""
+        self._check_trainer(args)
         self._simple(InitEnd, args, state)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         """(Re)start the bus; publish :class:`TrainBegin` with the redacted arguments,
         hyperparameters and the model's config."""
+        self._check_trainer(args)
         bus = self._bus(args, state)
         if TrainBegin not in self._holder.wanted:
             return
@@ -316,6 +341,20 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
         """Publish :class:`PushBegin` with the hub repository as destination."""
         if PushBegin in self._holder.wanted or self._holder.bus is None:
             self._emit(PushBegin, args, state, destination=getattr(args, "hub_model_id", None))
+
+
+def _run_key(args: Any) -> tuple[Any, int, Any]:
+    try:
+        ref: Any = weakref.ref(args)
+    except TypeError:
+        ref = None
+    return ref, id(args), getattr(args, "output_dir", None)
+
+
+def _same_run(key: tuple[Any, int, Any], args: Any) -> bool:
+    ref, ident, output_dir = key
+    same_args = ref() is args if ref is not None else ident == id(args)
+    return same_args and output_dir == getattr(args, "output_dir", None)
 
 
 _SPEED = ("_runtime", "_samples_per_second", "_steps_per_second")
