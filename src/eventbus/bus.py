@@ -24,7 +24,7 @@ import operator
 import random
 import threading
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import anyio
 import msgspec
@@ -899,15 +899,24 @@ class EventBus:
             except RuntimeError:  # the loop is closing; the final drain takes it
                 pass
 
-    def publish_log(self, run_id: str, rank: int, step: int, epoch: float | None, values: _values.Snapshot) -> None:
+    def publish_log(
+        self, run_id: str, rank: int, step: int, epoch: float | None, values: _values.Snapshot, settle: dict[str, Any] | None = None
+    ) -> None:
         """``publish(Log(run_id=..., rank=..., step=..., epoch=..., values=values))``,
         with the event built on the bus thread: for a loop that logs every step. The
         caller hands ``values`` over (a :class:`~eventbus.values.Snapshot` it never
         changes afterwards, its tensors captured); the event's ``time_ns`` is taken now.
         Built there, the event is made once, its values already read, instead of once
-        on the training thread and again when the bus reads its tensors."""
+        on the training thread and again when the bus reads its tensors.
+
+        ``settle``: a dict holding some of the same tensors (a ``state.log_history``
+        entry), into which the bus thread writes each value it read, in place of the
+        tensor, once read: the caller's record holds numbers from then on, not
+        tensors (device memory, on an accelerator), without reading them itself."""
         if self._log_urgent:
             self.publish(Log(run_id=run_id, rank=rank, step=step, epoch=epoch, values=values))
+            if settle is not None:
+                _settle_with(settle, values)
             return
         # publish()'s body for an event that is never urgent (the test above).
         ingress = self._ingress
@@ -917,7 +926,7 @@ class EventBus:
                 self._ingress_dropped += 1
             return
         # A tuple is not an event: _route builds the Log.
-        ingress.append((run_id, rank, step, epoch, time.time_ns(), values))
+        ingress.append((run_id, rank, step, epoch, time.time_ns(), values, settle))
         if depth >= self._wake_depth and not self._deep_wake and self._loop is not None:
             self._deep_wake = True
             try:
@@ -1295,20 +1304,49 @@ def _unresolvable(event: BaseEvent) -> BaseEvent:
 _malformed_log = _RateLimitedLog()
 
 
-def _pending_log(item: tuple[str, int, int, float | None, int, Any]) -> Log | None:
+def _pending_log(item: tuple[str, int, int, float | None, int, Any, Any]) -> Log | None:
     """The Log event :meth:`EventBus.publish_log` queued as a tuple, its values read
-    (``None``, with a warning, for a tuple that is not one: ``publish()`` given a tuple)."""
+    (``None``, with a warning, for a tuple that is not one: ``publish()`` given a tuple),
+    and written into its ``settle`` dict."""
     try:
-        run_id, rank, step, epoch, time_ns, values = item
+        run_id, rank, step, epoch, time_ns, values, settle = item
         try:
-            values = _values.resolve_mapping(values) or values
+            resolved = _values.resolve_mapping(values)
         except Exception as exc:
             logger.warning("eventbus: could not resolve the tensor values of Log: %r", exc)
-            values = _values.Snapshot(_safe_values(values))
+            resolved = _values.Snapshot(_safe_values(values))
+        if resolved is not None:
+            if settle is not None:
+                _settle_from(settle, values, resolved)
+            values = resolved
         return Log(run_id=run_id, rank=rank, step=step, epoch=epoch, time_ns=time_ns, values=values)
     except Exception as exc:
         _malformed_log(logging.WARNING, "eventbus: a Log that cannot be built from %.200r (%r) is not delivered", item, exc)
         return None
+
+
+def _settle_from(settle: dict[str, Any], values: Mapping[str, Any], resolved: Mapping[str, Any]) -> None:
+    """Write into ``settle`` the values read, for the keys where it still holds what
+    ``values`` held or a tensor (the one whose copy ``values`` holds): each one a
+    single dict assignment, which a reader on another thread sees whole."""
+    for k, v in values.items():
+        if resolved[k] is v:
+            continue  # was a number already
+        held = settle.get(k, _MISSING)
+        if held is v or _values.is_tensor(held):
+            settle[k] = resolved[k]
+
+
+def _settle_with(settle: dict[str, Any], values: Mapping[str, Any]) -> None:
+    try:
+        resolved = _values.resolve_mapping(values)
+    except Exception:
+        return
+    if resolved is not None:
+        _settle_from(settle, values, resolved)
+
+
+_MISSING = object()
 
 
 def _isolated(sink: Sink) -> Sink:

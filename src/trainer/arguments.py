@@ -193,6 +193,10 @@ class TrainingArguments:
     """Steps (or epochs, with ``eval_strategy="epoch"``) before the first evaluation."""
     eval_on_start: bool = False
     """Run one evaluation before the first training step (a sanity check)."""
+    prediction_loss_only: bool = False
+    """In evaluation and prediction, return only the loss: no predictions or labels are
+    gathered (so ``compute_metrics`` is not called). :meth:`Trainer.evaluate` without
+    ``compute_metrics`` gathers none anyway."""
 
     # -- checkpoints --
     save_strategy: SaveStrategy | str = "steps"
@@ -364,7 +368,7 @@ class TrainingArguments:
         bools = ("logging_first_step", "logging_nan_inf_filter", "disable_tqdm", "eval_on_start",
                  "load_best_model_at_end", "restore_callback_states_from_checkpoint", "ignore_data_skip",
                  "dataloader_drop_last", "dataloader_pin_memory", "log_on_each_node", "save_on_each_node",
-                 "push_to_hub")
+                 "push_to_hub", "prediction_loss_only")
         for name in bools:
             v = getattr(self, name)
             if not isinstance(v, bool):

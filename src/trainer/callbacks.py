@@ -340,6 +340,10 @@ class CallbackHandler(TrainerCallback):
       afterwards, and ``on_log`` callbacks get a plain-dict copy of it, whose
       changes do not reach the event. (A bus without ``publish_log`` gets a
       ``Log`` with a copy of the mapping, as for any other ``logs``.)
+    - ``log_record``: set by the trainer around ``on_log``, the ``state.log_history``
+      entry recording those logs: once the bus thread has read a logged tensor, it
+      writes the number into that entry in its place (see ``EventBus.publish_log``),
+      so ``log_history`` holds no tensor (nor device memory) for long.
     - ``on_log`` callbacks get plain Python numbers in ``logs``, as transformers'
       Trainer gives them (it calls ``.item()`` on each loss): a tensor left in
       ``logs`` is read on the training thread first (for an accelerator tensor, a
@@ -366,6 +370,7 @@ class CallbackHandler(TrainerCallback):
     ) -> None:
         self._profile = False
         self.logs_are_fresh = False
+        self.log_record: dict[str, Any] | None = None
         self._plain_logs_for: Any = None
         self._plain_logs = False
         self._objects: dict[str, Any] = dict.fromkeys(_HANDLER_OBJECTS)
@@ -796,13 +801,17 @@ class CallbackHandler(TrainerCallback):
                 # Handed over (the trainer's own CPU logs, never changed afterwards):
                 # the bus builds the event from this very mapping on its thread, and
                 # the callbacks get a copy, so what they change cannot reach it.
-                self._publish_log(self._run_id, self._rank, state.global_step, state.epoch, logs)
+                self._publish_log(self._run_id, self._rank, state.global_step, state.epoch, logs, self.log_record)
                 if fns:
                     logs = dict(logs)
             else:
                 # The header written out, as in the per-step hooks: on_log can run every step.
                 values = _copy_values(logs, self.logs_are_fresh)
-                self._bus.publish(Log(run_id=self._run_id, rank=self._rank, step=state.global_step, epoch=state.epoch, values=values))
+                if self._publish_log is not None:
+                    # A fresh copy, never changed afterwards: handed over as well.
+                    self._publish_log(self._run_id, self._rank, state.global_step, state.epoch, values, self.log_record)
+                else:
+                    self._bus.publish(Log(run_id=self._run_id, rank=self._rank, step=state.global_step, epoch=state.epoch, values=values))
         if fns:
             if self.wants_plain_logs and logs:
                 if not self._p_on_log and type(logs) is Snapshot:

@@ -11,7 +11,16 @@ interrupted one stopped:
 - ``run_info.json``: the event bus run id, so that sinks continue the same run
 
 Everything is loaded with ``torch.load(weights_only=True)``: the RNG states are saved
-as plain lists and tensors (not numpy objects) so that no pickle is ever needed.
+as tuples, lists and tensors (not numpy objects) so that no pickle is ever needed.
+
+What transformers' ``Trainer`` reads and writes is laid out the same way, so a
+checkpoint directory moves between the two when the model, the optimizer (AdamW with
+the same parameter groups) and the schedule are the same: ``rng_state.pth`` holds
+the python state as ``random.getstate()`` returns it and the numpy state in a form
+``np.random.set_state`` takes, which transformers loads; a transformers checkpoint's
+``model.safetensors`` (read with the ``safetensors`` package, which transformers
+installs) stands in for ``pytorch_model.bin``, and its ``rng_state.pth`` (numpy
+arrays inside) is read with the same numpy allowlist transformers uses.
 
 A checkpoint is written into ``checkpoint-<step>.tmp-<pid>`` and renamed into place,
 so a crash mid-save never leaves a half-written ``checkpoint-<step>`` that a resume
@@ -33,6 +42,7 @@ import torch
 __all__ = [
     "PREFIX_CHECKPOINT_DIR",
     "WEIGHTS_NAME",
+    "SAFE_WEIGHTS_NAME",
     "OPTIMIZER_NAME",
     "SCHEDULER_NAME",
     "RNG_STATE_NAME",
@@ -61,6 +71,8 @@ __all__ = [
 
 PREFIX_CHECKPOINT_DIR = "checkpoint"
 WEIGHTS_NAME = "pytorch_model.bin"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+"""transformers' default weights file: read (when ``pytorch_model.bin`` is absent), never written."""
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 RNG_STATE_NAME = "rng_state.pth"
@@ -110,19 +122,36 @@ def rotate_checkpoints(
     output_dir: str | os.PathLike[str],
     save_total_limit: int | None,
     best_model_checkpoint: str | None = None,
+    current: str | os.PathLike[str] | None = None,
 ) -> list[str]:
-    """Delete the oldest checkpoints so that at most ``save_total_limit`` remain.
+    """Delete old checkpoints so that at most ``save_total_limit`` remain.
 
     Never deletes the most recent checkpoint (a resume needs it) nor the best one
     (``load_best_model_at_end`` needs it); when both must be kept and the limit is 1,
     two remain, as in transformers. Returns the deleted paths.
+
+    ``current`` is the checkpoint just written: it is the most recent one (as
+    transformers, which protects the newest by mtime), even when directories with a
+    higher step exist. Those are left by an abandoned run (this run resumed from an
+    earlier checkpoint and has not reached their step), so they are deleted first,
+    then the others, lowest step first: a later ``resume_from_checkpoint=True``,
+    which picks the highest step, then finds this run's latest checkpoint, not a
+    stale one. Without ``current``, the highest step counts as the most recent.
     """
     if save_total_limit is None or save_total_limit <= 0:
         return []
     ckpts = sorted_checkpoints(output_dir)
     if len(ckpts) <= save_total_limit:
         return []
-    protected = {os.path.realpath(ckpts[-1])}
+    newest = ckpts[-1]
+    if current is not None and os.path.isdir(current):
+        newest = os.fspath(current)
+        m = _RE_CHECKPOINT.match(os.path.basename(os.path.normpath(newest)))
+        if m is not None:
+            step = int(m.group(1))
+            # Past the checkpoint just saved: stale, deleted first (sort is stable).
+            ckpts.sort(key=lambda p: not _step_of(p) > step)
+    protected = {os.path.realpath(newest)}
     if best_model_checkpoint is not None:
         protected.add(os.path.realpath(best_model_checkpoint))
     keep = max(save_total_limit, len(protected))
@@ -139,6 +168,11 @@ def rotate_checkpoints(
     return deleted
 
 
+def _step_of(path: str) -> int:
+    m = _RE_CHECKPOINT.match(os.path.basename(path))
+    return int(m.group(1)) if m else -1
+
+
 def rng_state_name(rank: int = 0, world_size: int = 1) -> str:
     """The RNG file of ``rank``: ``rng_state.pth`` in a single process,
     ``rng_state_<rank>.pth`` when distributed (as transformers)."""
@@ -150,16 +184,28 @@ def required_files(rank: int = 0, world_size: int = 1) -> tuple[str, ...]:
     return tuple(rng_state_name(rank, world_size) if f == RNG_STATE_NAME else f for f in REQUIRED_FILES)
 
 
+def _has_file(directory: str, name: str) -> bool:
+    if os.path.isfile(os.path.join(directory, name)):
+        return True
+    # transformers' checkpoints hold model.safetensors instead of pytorch_model.bin.
+    return name == WEIGHTS_NAME and os.path.isfile(os.path.join(directory, SAFE_WEIGHTS_NAME))
+
+
 def check_checkpoint(path: str | os.PathLike[str], required: Iterable[str] = REQUIRED_FILES) -> str:
     """Return ``path`` as a string if it is a complete checkpoint, else raise
-    :class:`CheckpointError` naming every missing file."""
+    :class:`CheckpointError` naming every missing file. ``model.safetensors``
+    (transformers' checkpoints) stands in for ``pytorch_model.bin``."""
     p = os.fspath(path)
     if not os.path.isdir(p):
         raise CheckpointError(
             f"checkpoint directory {p!r} does not exist; pass a checkpoint-<step> directory written by "
             "Trainer, or resume_from_checkpoint=True to pick the latest one in output_dir"
         )
-    missing = [name for name in required if not os.path.isfile(os.path.join(p, name))]
+    missing = [
+        f"{name} (or {SAFE_WEIGHTS_NAME})" if name == WEIGHTS_NAME else name
+        for name in required
+        if not _has_file(p, name)
+    ]
     if missing:
         raise CheckpointError(
             f"checkpoint directory {p!r} is incomplete: missing {', '.join(missing)}. "
@@ -201,11 +247,19 @@ def save_model_weights(model: torch.nn.Module, directory: str | os.PathLike[str]
 
 
 def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike[str], strict: bool = True) -> None:
-    """Load ``directory/pytorch_model.bin`` into ``model`` (``weights_only=True``)."""
+    """Load ``directory/pytorch_model.bin`` into ``model`` (``weights_only=True``), or,
+    when there is none, transformers' ``model.safetensors``."""
     path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint directory {os.fspath(directory)!r} has no model weights ({WEIGHTS_NAME})")
-    state = load_torch(path)
+    safe_path = os.path.join(os.fspath(directory), SAFE_WEIGHTS_NAME)
+    if os.path.isfile(path):
+        state = load_torch(path)
+    elif os.path.isfile(safe_path):
+        path = safe_path
+        state = _load_safetensors(safe_path)
+    else:
+        raise CheckpointError(
+            f"checkpoint directory {os.fspath(directory)!r} has no model weights ({WEIGHTS_NAME} or {SAFE_WEIGHTS_NAME})"
+        )
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as exc:
@@ -214,14 +268,29 @@ def load_model_weights(model: torch.nn.Module, directory: str | os.PathLike[str]
         ) from exc
 
 
-def _rng_states() -> dict[str, Any]:
+def _load_safetensors(path: str) -> dict[str, Any]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(
+            f"{path!r} is a safetensors file (a transformers checkpoint) and the safetensors package is not "
+            "installed; pip install safetensors"
+        ) from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as exc:
+        raise CheckpointError(f"could not read checkpoint file {path!r} ({type(exc).__name__}: {exc})") from exc
+
+
+def _rng_states(world_size: int = 1) -> dict[str, Any]:
     import numpy as np
 
-    version, internal, gauss = random.getstate()
     np_state = np.random.get_state()
     states: dict[str, Any] = {
-        # Plain lists and tensors only: loadable with weights_only=True, no numpy pickles.
-        "python": [version, list(internal), gauss],
+        # Tuples, lists and tensors only: loadable with weights_only=True, no numpy
+        # pickles. The python state is random.getstate()'s tuple and the numpy one a
+        # list np.random.set_state takes, so transformers' Trainer restores them too.
+        "python": random.getstate(),
         "numpy": [
             str(np_state[0]),
             torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
@@ -232,7 +301,9 @@ def _rng_states() -> dict[str, Any]:
         "cpu": torch.random.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.random.get_rng_state_all()
+        # As transformers: the current device's state in a single process, every
+        # device's (a list) when distributed.
+        states["cuda"] = torch.cuda.random.get_rng_state() if world_size <= 1 else torch.cuda.random.get_rng_state_all()
     return states
 
 
@@ -242,25 +313,44 @@ def save_rng_state(directory: str | os.PathLike[str], rank: int = 0, world_size:
     os.makedirs(directory, exist_ok=True)
     name = rng_state_name(rank, world_size)
     path = os.path.join(os.fspath(directory), name)
-    save_torch(_rng_states(), path)
+    save_torch(_rng_states(world_size), path)
     return path
 
 
+def _numpy_safe_globals() -> Any:
+    """transformers' allowlist for the numpy arrays in its ``rng_state.pth``
+    (``trainer_pt_utils.safe_globals``); a no-op context where torch has none."""
+    import contextlib
+
+    import numpy as np
+
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:  # torch < 2.5
+        return contextlib.nullcontext()
+    np_core = getattr(np, "_core", None) or np.core
+    return safe_globals([np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))])
+
+
 def load_rng_state(directory: str | os.PathLike[str], rank: int = 0, world_size: int = 1) -> None:
-    """Restore what :func:`save_rng_state` saved."""
+    """Restore what :func:`save_rng_state` saved, or what transformers' ``Trainer``
+    saved (its numpy state is a numpy array, loaded with transformers' allowlist)."""
     import numpy as np
 
     name = rng_state_name(rank, world_size)
-    states = load_torch(os.path.join(os.fspath(directory), name))
+    with _numpy_safe_globals():
+        states = load_torch(os.path.join(os.fspath(directory), name))
     try:
         version, internal, gauss = states["python"]
         random.setstate((int(version), tuple(int(x) for x in internal), gauss))
         kind, keys, pos, has_gauss, cached = states["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+        keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+        np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
         torch.random.set_rng_state(states["cpu"])
         if "cuda" in states and torch.cuda.is_available():
             cuda_states = states["cuda"]
-            if len(cuda_states) == torch.cuda.device_count():
+            if isinstance(cuda_states, torch.Tensor):  # one device's state (a single process)
+                torch.cuda.random.set_rng_state(cuda_states)
+            elif len(cuda_states) == torch.cuda.device_count():
                 torch.cuda.random.set_rng_state_all(cuda_states)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"the RNG state in {os.fspath(directory)!r} is malformed ({exc!r})") from exc

@@ -2,7 +2,16 @@
 
 :class:`TrainerState` and :class:`TrainerControl` mirror transformers' classes of the
 same names field for field, and ``trainer_state.json`` is read and written in
-transformers' format both ways, so a checkpoint directory can move between the two.
+transformers' format both ways. A whole checkpoint directory moves between this
+trainer and transformers' (either resumes from the other's) when the model, the
+optimizer and the schedule are the same on both sides: the RNG files are in a format
+both read, and transformers' ``model.safetensors`` is read in place of
+``pytorch_model.bin`` (with the ``safetensors`` package). The optimizer's state
+loads only into the same parameter groups: transformers always has two (decayed, not
+decayed) where this trainer leaves out an empty one, so a model whose parameters are
+all decayed (or none is) does not move. transformers' ``training_args.bin`` is not
+read; this trainer's ``run_info.json`` is ignored by transformers. See
+:mod:`trainer.checkpoint`.
 :class:`ExportableState` is the protocol for objects (callbacks, the control) whose
 state goes into a checkpoint.
 """

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from eventbus import EventBus, InitEnd, RunInfo, Sink, TrainEnd, sinks_from_report_to
-from eventbus.values import Snapshot
+from eventbus.values import Snapshot, is_tensor, snapshot
 from trainer import _marks
 from trainer import checkpoint as ckpt
 from trainer import distributed
@@ -490,7 +490,8 @@ class Trainer:
         self._logs_on_cpu = True  # the training loss lives on the CPU (set when training starts)
         self._total_loss: torch.Tensor | None = None
         self._globalstep_last_logged = 0
-        self._history_settled = 0  # state.log_history[:n] holds no tensor
+        self._history_settled = 0  # state.log_history[:n] holds no tensor...
+        self._history_settled_list: list[Any] | None = None  # ...when it is this very list
         self.current_gradient_accumulation_steps = 1
         self._record_device()
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
@@ -663,6 +664,66 @@ class Trainer:
         for p in self.model.parameters():
             return p.device
         return torch.device("cpu")
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """The training ``DataLoader``, transformers' method: :meth:`train` calls it
+        once, and its length sets the number of steps.
+
+        The default loader draws every epoch's order from ``data_seed`` (``seed``)
+        and the epoch, and shards it across ranks when distributed; the loop builds
+        one such loader per epoch (on resume, one that skips the batches already
+        trained on without loading them). Override it to inject your own: the loop
+        then iterates the loader you return every epoch, calls ``set_epoch(epoch)`` on
+        it, its sampler, its batch sampler or its dataset (the first that has one),
+        and on resume reads past the batches already trained on."""
+        if self.train_dataset is None:
+            raise ValueError("Trainer.train() needs a train_dataset; pass Trainer(..., train_dataset=...)")
+        return self._train_loader(0)
+
+    def _custom_train_loader(self) -> bool:
+        """Whether :meth:`get_train_dataloader` is overridden (in a subclass or on the instance)."""
+        return type(self).get_train_dataloader is not Trainer.get_train_dataloader or "get_train_dataloader" in vars(self)
+
+    def _epoch_train_loader(
+        self, loader: torch.utils.data.DataLoader, custom: bool, epoch: int, skip: int
+    ) -> torch.utils.data.DataLoader:
+        """The loader of ``epoch``: the default's own (built without the first ``skip``
+        batches), or ``loader`` from an overridden :meth:`get_train_dataloader`, set
+        to ``epoch``."""
+        if not custom:
+            return self._train_loader(epoch, skip)
+        batches = getattr(loader, "batch_sampler", None)
+        if isinstance(batches, _EpochBatches):  # the default's, from an override calling super()
+            batches.set_epoch(epoch)
+            batches.skip = skip
+            if isinstance(loader.generator, torch.Generator):
+                loader.generator.manual_seed(batches.seed + epoch)
+            return loader
+        for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
+                    getattr(loader, "dataset", None)):
+            set_epoch = getattr(obj, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(epoch)
+                break
+        return loader
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> torch.utils.data.DataLoader:
+        """The evaluation ``DataLoader`` for ``eval_dataset`` (default
+        ``self.eval_dataset``; a string names one of a dict of them), in order,
+        sharded across ranks when distributed. Override it to inject your own, as in
+        transformers."""
+        if eval_dataset is None and self.eval_dataset is None:
+            raise ValueError("Trainer.evaluate() needs an eval_dataset; pass Trainer(..., eval_dataset=...)")
+        if isinstance(eval_dataset, str):
+            dataset = self.eval_dataset[eval_dataset]
+        else:
+            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        return self._eval_loader(dataset)
+
+    def get_test_dataloader(self, test_dataset: Any) -> torch.utils.data.DataLoader:
+        """The ``DataLoader`` :meth:`predict` runs ``test_dataset`` through (as
+        :meth:`get_eval_dataloader`). Override it to inject your own."""
+        return self._eval_loader(test_dataset)
 
     def _train_loader(self, epoch: int, skip_batches: int = 0) -> torch.utils.data.DataLoader:
         args = self.args
@@ -856,27 +917,32 @@ class Trainer:
                 self._close_bus()
             self._restore_signal_handlers(previous_handlers)
 
-    def _set_initial_training_values(self) -> tuple[int, int, int, int, int]:
+    def _set_initial_training_values(self, loader: torch.utils.data.DataLoader) -> tuple[int, int, int, int, int, float]:
         """(num_train_epochs, num_update_steps_per_epoch, steps_in_epoch, max_steps,
-        num_examples), with transformers' arithmetic."""
+        num_examples, num_train_samples) for the training ``loader``, with
+        transformers' arithmetic (``num_train_samples`` covers the whole schedule)."""
         args = self.args
         ga = args.gradient_accumulation_steps
-        ds = self.train_dataset
-        if _has_length(ds) and not isinstance(ds, torch.utils.data.IterableDataset):
-            len_loader = len(self._train_loader(0))
+        total_batch = args.per_device_train_batch_size * ga * self.dist.world_size
+        ds = getattr(loader, "dataset", self.train_dataset)
+        if _has_length(loader) and not isinstance(ds, torch.utils.data.IterableDataset):
+            len_loader = len(loader)
             if len_loader == 0:
                 raise ValueError(
                     "the training set yields no batch (empty dataset, or fewer examples than one batch with "
                     "dataloader_drop_last); add data or lower per_device_train_batch_size"
                 )
             nuspe = max(len_loader // ga + int(len_loader % ga > 0), 1)
+            num_examples = len(ds) if _has_length(ds) else len_loader * args.per_device_train_batch_size
             if args.max_steps > 0:
                 max_steps = args.max_steps
                 num_train_epochs = max_steps // nuspe + int(max_steps % nuspe > 0)
+                num_train_samples: float = max_steps * total_batch
             else:
                 max_steps = math.ceil(args.num_train_epochs * nuspe)
                 num_train_epochs = math.ceil(args.num_train_epochs)
-            return num_train_epochs, nuspe, len_loader, max_steps, len(ds)
+                num_train_samples = num_examples * args.num_train_epochs
+            return num_train_epochs, nuspe, len_loader, max_steps, num_examples, num_train_samples
         if args.max_steps <= 0:
             raise ValueError(
                 "max_steps must be set to a positive value when the training dataset has no length "
@@ -885,12 +951,23 @@ class Trainer:
         import sys
 
         max_steps = args.max_steps
-        return sys.maxsize, max_steps, max_steps * ga, max_steps, max_steps * args.per_device_train_batch_size * ga
+        return sys.maxsize, max_steps, max_steps * ga, max_steps, max_steps * total_batch, max_steps * total_batch
 
     def _inner_training_loop(self, resume_from_checkpoint: str | None) -> TrainOutput:
         args = self.args
         handler = self.callback_handler
-        num_train_epochs, nuspe, steps_in_epoch, max_steps, num_examples = self._set_initial_training_values()
+        # By the public method a subclass may override (as transformers); the loop
+        # then iterates each epoch's loader (_epoch_train_loader).
+        train_loader = self.get_train_dataloader()
+        custom_loader = self._custom_train_loader()
+        (
+            num_train_epochs,
+            nuspe,
+            steps_in_epoch,
+            max_steps,
+            num_examples,
+            num_train_samples,
+        ) = self._set_initial_training_values(train_loader)
 
         # -- state, fresh or resumed --
         self.state = TrainerState(stateful_callbacks=self._stateful_callbacks())
@@ -952,9 +1029,12 @@ class Trainer:
 
         # As transformers, callbacks get the training DataLoader as train_dataloader=
         # from on_train_begin on: the first epoch's here, each epoch's own from its
-        # on_epoch_begin (this loop draws a new one per epoch).
-        loader: torch.utils.data.DataLoader | None = self._train_loader(
-            epochs_trained, steps_trained_in_current_epoch if resume_from_checkpoint is not None else 0
+        # on_epoch_begin (the default draws a new one per epoch).
+        loader = self._epoch_train_loader(
+            train_loader,
+            custom_loader,
+            epochs_trained,
+            steps_trained_in_current_epoch if resume_from_checkpoint is not None else 0,
         )
         handler.train_dataloader = loader
         self.control = handler.on_train_begin(args, self.state, self.control, resumed_from=resume_from_checkpoint)
@@ -964,17 +1044,16 @@ class Trainer:
 
         for epoch in range(epochs_trained, num_train_epochs):
             skip = steps_trained_in_current_epoch if epoch == epochs_trained else 0
-            if loader is None:
-                loader = self._train_loader(epoch, skip if epoch == epochs_trained and resume_from_checkpoint is not None else 0)
+            if epoch != epochs_trained:
+                loader = self._epoch_train_loader(train_loader, custom_loader, epoch, 0)
                 handler.train_dataloader = loader
             self.control = handler.on_epoch_begin(args, self.state, self.control)
             self._run_epoch(epoch, skip, steps_in_epoch, nuspe, resume_from_checkpoint, epochs_trained, loader=loader)
-            loader = None
             if self.control.should_training_stop:
                 break
             self._check_interrupt()
 
-        return self._finalize_training(start_time, max_steps, num_examples)
+        return self._finalize_training(start_time, max_steps, num_train_samples)
 
     def _wrap_model(self) -> nn.Module:
         """The module training steps run through: ``DistributedDataParallel`` around
@@ -1040,20 +1119,27 @@ class Trainer:
             step = skip_batches - 1
             num_update_steps_trained = skip_batches // ga
         if loader is None:
-            loader = self._train_loader(epoch, skip_batches if resuming_this_epoch else 0)
+            loader = self._epoch_train_loader(
+                self.get_train_dataloader(), self._custom_train_loader(), epoch, skip_batches if resuming_this_epoch else 0
+            )
             handler.train_dataloader = loader
         if resuming_this_epoch:
             # The generators continue exactly where the checkpoint left them (dropout
             # masks and any other randomness in the step).
             ckpt.load_rng_state(resume_from_checkpoint, self.dist.rank, self.dist.world_size)
         epoch_iterator = iter(loader)
-        if resuming_this_epoch and skip_batches > 0 and not isinstance(loader.batch_sampler, _EpochBatches):
+        if resuming_this_epoch and skip_batches > 0 and not isinstance(getattr(loader, "batch_sampler", None), _EpochBatches):
             # An iterable dataset cannot skip by index: consume what was already trained on.
             for _ in range(skip_batches):
                 if next(epoch_iterator, None) is None:
                     break
         remainder = steps_in_epoch % ga or ga
         nan_filter = bool(getattr(args, "logging_nan_inf_filter", True))
+        # transformers calls training_step(model, inputs, num_items_in_batch): so do
+        # we (with None) when the method takes a third argument, so that an override
+        # written for transformers without a default works, as one written for the
+        # two-argument form does.
+        step_args: tuple[Any, ...] = (None,) if _takes_third_argument(self.training_step) else ()
 
         for update_step in range(num_update_steps_trained, nuspe):
             num_batches = ga if update_step != nuspe - 1 else remainder
@@ -1075,9 +1161,9 @@ class Trainer:
                 if distributed_run and not do_sync_step and isinstance(model, nn.parallel.DistributedDataParallel):
                     # Accumulate locally; the gradients are averaged once, on the sync step.
                     with model.no_sync():
-                        loss_step = self.training_step(model, _to_device(inputs, device))
+                        loss_step = self.training_step(model, _to_device(inputs, device), *step_args)
                 else:
-                    loss_step = self.training_step(model, _to_device(inputs, device))
+                    loss_step = self.training_step(model, _to_device(inputs, device), *step_args)
                 if nan_filter:
                     # transformers' filter, on the device: a NaN/inf loss is replaced by
                     # the mean of the losses since the last log (no host `if`).
@@ -1128,18 +1214,43 @@ class Trainer:
         self._agree_control()
         self._maybe_log_save_evaluate(grad_norm, learning_rate)
 
-    def training_step(self, model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+    def training_step(
+        self, model: nn.Module, inputs: Mapping[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
         """Forward and backward on one micro-batch; returns the detached loss, scaled
         by the number of micro-batches in this optimizer step (so the accumulated
-        gradient is that of the mean loss)."""
+        gradient is that of the mean loss).
+
+        ``num_items_in_batch`` is transformers' signature (so that an override written
+        for it, calling ``super()``, works); it is handed to :meth:`compute_loss`. The
+        loop passes none: it does not count label tokens per step (that would cost a
+        reduction on every step), so the loss is always the model's per-batch mean
+        divided by the accumulation steps."""
         model.train()
-        loss = self.compute_loss(model, inputs)
+        if num_items_in_batch is None:
+            # Without the keyword: a compute_loss override with the older signature
+            # (model, inputs, return_outputs=False) keeps working.
+            loss = self.compute_loss(model, inputs)
+        else:
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         loss = loss / self.current_gradient_accumulation_steps
         loss.backward()
         return loss.detach()
 
-    def compute_loss(self, model: nn.Module, inputs: Mapping[str, Any], return_outputs: bool = False) -> Any:
-        """The loss ``model(**inputs)`` returns (``outputs["loss"]`` or ``outputs[0]``)."""
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: Mapping[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        """The loss ``model(**inputs)`` returns (``outputs["loss"]`` or ``outputs[0]``),
+        and the outputs too when ``return_outputs``.
+
+        ``num_items_in_batch`` is accepted for transformers' signature and not used:
+        the model is called with the batch alone, and its loss is its own (per-batch)
+        reduction. An override that normalises by it must also skip the division by
+        the accumulation steps in :meth:`training_step`."""
         outputs = model(**inputs)
         loss = _loss_of(outputs)
         if loss.dim() > 0:
@@ -1262,17 +1373,39 @@ class Trainer:
         The loop logs its loss and grad norm as tensors, read off the training thread
         by the bus. When some ``on_log`` callback wants plain numbers
         (:attr:`CallbackHandler.wants_plain_logs`, as transformers gives), they are read
-        here first, for the callbacks and ``log_history`` alike; otherwise
-        ``log_history`` keeps them until the next evaluation, checkpoint or the end of
-        training, which read them (they wait for the device anyway)."""
+        here first, for the callbacks and ``log_history`` alike. Otherwise the bus
+        thread, which reads them for the ``Log`` event, writes the numbers into the
+        ``log_history`` entry (within a flush interval or so: the entry holds no tensor,
+        nor device memory, for long); with no sink taking ``Log``, CPU values are read
+        here (no device involved) and accelerator values copied to the host
+        asynchronously, read at the next evaluation, checkpoint or the end of training
+        (which wait for the device anyway)."""
         if self.state.epoch is not None:
             logs["epoch"] = self.state.epoch
-        if self.callback_handler.wants_plain_logs:
+        handler = self.callback_handler
+        plain = handler.wants_plain_logs
+        if plain:
             _read_values(logs)
-        self.state.log_history.append({**logs, "step": self.state.global_step})
-        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+        entry = {**logs, "step": self.state.global_step}
+        self.state.log_history.append(entry)
+        if plain:
+            self.control = handler.on_log(self.args, self.state, self.control, logs)
+        elif handler.publishes("on_log"):
+            handler.log_record = entry
+            try:
+                self.control = handler.on_log(self.args, self.state, self.control, logs)
+            finally:
+                handler.log_record = None
+        else:
+            if self._logs_on_cpu:
+                _read_values(entry)
+            else:
+                for k, v in entry.items():
+                    if is_tensor(v):
+                        entry[k] = snapshot(v)  # an asynchronous copy: no device memory kept
+            self.control = handler.on_log(self.args, self.state, self.control, logs)
 
-    def _finalize_training(self, start_time: float, max_steps: int, num_examples: int) -> TrainOutput:
+    def _finalize_training(self, start_time: float, max_steps: int, num_train_samples: float) -> TrainOutput:
         args = self.args
         assert self._tr_loss is not None and self._total_loss is not None
         # The one host sync of the whole run: the mean training loss of this call.
@@ -1284,9 +1417,10 @@ class Trainer:
         metrics = _speed_metrics(
             "train",
             start_time,
-            num_samples=int(
-                args.per_device_train_batch_size * args.gradient_accumulation_steps * self.dist.world_size * steps_trained
-            ),
+            # As transformers: num_train_samples covers the whole schedule (the
+            # examples times the epochs, or max_steps full batches); this call ran
+            # its share of the steps.
+            num_samples=num_train_samples * steps_trained / max(self.state.max_steps, 1),
             num_steps=steps_trained,
         )
         metrics["total_flos"] = float(self.state.total_flos)
@@ -1329,10 +1463,14 @@ class Trainer:
     def _settle_log_history(self) -> None:
         """Read the tensors left in ``state.log_history`` (see :meth:`log`)."""
         history = self.state.log_history
-        start = self._history_settled if self._history_settled <= len(history) else 0
+        # The count holds for the list it was taken on: a new state (a second train(),
+        # a resume, a user's assignment) brings a new list, read from its start.
+        same = history is self._history_settled_list and self._history_settled <= len(history)
+        start = self._history_settled if same else 0
         for entry in history[start:]:
             _read_values(entry)
         self._history_settled = len(history)
+        self._history_settled_list = history
 
     def _save_checkpoint(self) -> str:
         """Write ``checkpoint-<global_step>`` (atomically) and rotate old ones."""
@@ -1376,7 +1514,9 @@ class Trainer:
             ckpt.save_rng_state(final, self.dist.rank, self.dist.world_size)
         distributed.barrier()
         if self.is_world_process_zero():
-            ckpt.rotate_checkpoints(args.output_dir, getattr(args, "save_total_limit", None), state.best_model_checkpoint)
+            ckpt.rotate_checkpoints(
+                args.output_dir, getattr(args, "save_total_limit", None), state.best_model_checkpoint, current=final
+            )
         if self.is_world_process_zero() and marks:
             _marks.write_latest(args.output_dir, self.run_id, marks, names)
         self._last_saved_step = state.global_step
@@ -1397,14 +1537,32 @@ class Trainer:
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
         """Run the evaluation set through the model; returns the metrics (prefixed with
-        ``metric_key_prefix``), logs them and calls ``on_evaluate``."""
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        ``metric_key_prefix``), logs them and calls ``on_evaluate``.
+
+        A dict of named datasets (as ``eval_dataset`` here or to the Trainer) is
+        evaluated one by one, each logged with the prefix ``f"{metric_key_prefix}_{name}"``
+        and reported to ``on_evaluate`` on its own, as in transformers; the metrics of
+        all are returned together (so ``metric_for_best_model`` names one of them, e.g.
+        ``"eval_val_loss"``)."""
+        override = eval_dataset is not None
+        dataset = eval_dataset if override else self.eval_dataset
         if dataset is None:
             raise ValueError("Trainer.evaluate() needs an eval_dataset; pass Trainer(..., eval_dataset=...)")
         owns_bus = self._open_bus()
         try:
+            if isinstance(dataset, dict):
+                metrics: dict[str, float] = {}
+                for name, named in dataset.items():
+                    metrics.update(
+                        self.evaluate(
+                            eval_dataset=named if override else name,
+                            ignore_keys=ignore_keys,
+                            metric_key_prefix=f"{metric_key_prefix}_{name}",
+                        )
+                    )
+                return metrics
             start = time.time()
-            loader = self._eval_loader(dataset)
+            loader = self.get_eval_dataloader(eval_dataset)
             output = self.evaluation_loop(
                 loader,
                 description="Evaluation",
@@ -1436,7 +1594,7 @@ class Trainer:
         owns_bus = self._open_bus()
         try:
             start = time.time()
-            loader = self._eval_loader(test_dataset)
+            loader = self.get_test_dataloader(test_dataset)
             output = self.evaluation_loop(
                 loader, description="Prediction", ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
             )
@@ -1528,11 +1686,10 @@ class Trainer:
             if getattr(args, "logging_nan_inf_filter", True) and bool(finite.any()):
                 all_losses = all_losses[finite]
                 weights = weights[finite]
-            if getattr(dataloader, "_trainer_sharded", False):
-                # The ranks' batches differ in size: weight each batch mean by its size.
-                metrics[f"{metric_key_prefix}_loss"] = ((all_losses * weights).sum() / weights.sum()).item()
-            else:
-                metrics[f"{metric_key_prefix}_loss"] = all_losses.mean().item()
+            # The mean over examples, as transformers (which repeats each batch's loss
+            # batch-size times): each batch mean weighs as many examples as it holds,
+            # so a short last batch (or a rank's smaller share) counts for less.
+            metrics[f"{metric_key_prefix}_loss"] = ((all_losses * weights).sum() / weights.sum()).item()
         for key in list(metrics):
             if not key.startswith(f"{metric_key_prefix}_"):
                 metrics[f"{metric_key_prefix}_{key}"] = metrics.pop(key)
@@ -1607,6 +1764,19 @@ def _gather_eval(
     all_losses = [g[2] for g in gathered if g[2].numel()]
     all_weights = [w for g in gathered for w in g[3]]
     return all_preds, all_labels, all_losses, all_weights, sum(int(g[4]) for g in gathered)
+
+
+def _takes_third_argument(method: Callable[..., Any]) -> bool:
+    """Whether ``method(model, inputs, x)`` binds (a bound method's signature)."""
+    import inspect
+
+    try:
+        inspect.signature(method).bind(None, None, None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature (a builtin): call it as transformers does
+        return True
+    return True
 
 
 def _find_batch_size(inputs: Any) -> int | None:

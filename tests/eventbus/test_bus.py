@@ -490,3 +490,23 @@ def test_close_from_a_sink_on_the_bus_thread_starts_the_close_and_returns() -> N
     stats = bus.close(timeout=5)  # the final stats, at once
     assert stats.sinks["selfcloser"].delivered == 1 and stats.ingress_dropped == 1
     assert_identity(stats)
+
+
+def test_publish_log_writes_the_values_it_read_into_the_callers_record():
+    # What the trainer's state.log_history entry holds: the same tensors (on an
+    # accelerator the event holds their host copies) until the bus has read them.
+    import torch
+
+    from eventbus.values import Deferred
+
+    loss, grad, device_side = torch.tensor(0.5), torch.tensor(2.0), torch.tensor(3.0)
+    record = {"loss": loss, "grad_norm": grad, "other": device_side, "learning_rate": 1e-3, "step": 7}
+    values = Snapshot(loss=loss, grad_norm=grad, other=Deferred(torch.tensor(3.0)), learning_rate=1e-3)
+    record["grad_norm"] = 9.0  # the caller changed this one meanwhile: left as it is
+    rec = Recorder(events=(Log,))
+    with EventBus([rec], flush_interval=0.01) as bus:
+        bus.publish_log("", 0, 7, None, values, record)
+        wait_for(lambda: rec.got, what="the Log")
+    assert rec.got[0].values == {"loss": 0.5, "grad_norm": 2.0, "other": 3.0, "learning_rate": 1e-3}
+    assert record == {"loss": 0.5, "grad_norm": 9.0, "other": 3.0, "learning_rate": 1e-3, "step": 7}
+    assert all(type(v) in (float, int) for v in record.values())

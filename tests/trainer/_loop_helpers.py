@@ -152,7 +152,8 @@ def tiny_args(output_dir: Any, **overrides: Any) -> TrainingArguments:
     return TrainingArguments(**base)
 
 
-def log_as_built(run_id: str, rank: int, step: int, epoch: float | None, values: Any) -> Log:
+def log_as_built(run_id: str, rank: int, step: int, epoch: float | None, values: Any, settle: Any = None) -> Log:
     """The ``Log`` that ``EventBus.publish_log`` with these arguments stands for, as
-    it is on the training thread (the bus thread builds it, its values read)."""
+    it is on the training thread (the bus thread builds it, its values read, and
+    writes them into ``settle``)."""
     return Log(run_id=run_id, rank=rank, step=step, epoch=epoch, values=values)

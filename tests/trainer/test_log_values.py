@@ -79,3 +79,60 @@ def test_callbacks_that_take_tensors_spare_the_read_and_the_history_is_read_at_t
     # adding a callback that did not say so switches the handler to plain numbers
     trainer.add_callback(JsonLogger())
     assert trainer.callback_handler.wants_plain_logs is True
+
+
+class WaitsForSettledHistory(TrainerCallback):
+    """At the last step, how long until the first logged step's entry in
+    ``log_history`` holds numbers (read on the bus thread, not here)."""
+
+    accepts_tensor_logs = True
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.kinds_then: set[type] | None = None
+        self.kinds_at_first_log: set[type] | None = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if self.kinds_at_first_log is None:
+            self.kinds_at_first_log = {type(v) for v in state.log_history[0].values()}
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step != self.at:
+            return
+        import time
+
+        deadline = time.monotonic() + 20
+        first = state.log_history[0]
+        while any(isinstance(v, torch.Tensor) for v in first.values()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.kinds_then = {type(v) for v in first.values()}
+
+
+def test_the_history_holds_no_tensor_for_long_during_training(tmp_path) -> None:
+    # A long run with no evaluation and no checkpoint (nothing settles the history)
+    # kept two tensors per logged step (on an accelerator, device memory): the bus
+    # thread, which reads them for the Log event, writes the numbers back.
+    cb = WaitsForSettledHistory(at=8)
+    sink = RecordingSink()
+    trainer = Trainer(TinyClassifier(), tiny_args(tmp_path, max_steps=8), train_dataset=make_dataset(64), callbacks=[cb], sinks=[sink])
+    trainer.train()
+    assert cb.kinds_at_first_log is not None and torch.Tensor in cb.kinds_at_first_log  # not read on the training thread
+    assert cb.kinds_then is not None and cb.kinds_then <= {float, int}
+    assert [h["loss"] for h in trainer.state.log_history if "loss" in h] == [ev.values["loss"] for ev in sink.of(Log) if "loss" in ev.values]
+
+
+def test_with_no_sink_taking_logs_the_history_is_read_as_it_is_logged(tmp_path) -> None:
+    cb = TakesTensors()
+    trainer = Trainer(TinyClassifier(), tiny_args(tmp_path, max_steps=3), train_dataset=make_dataset(64), callbacks=[cb])
+    seen: list[set[type]] = []
+
+    class Look(TrainerCallback):
+        accepts_tensor_logs = True
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            seen.append({type(v) for v in state.log_history[-1].values()})
+
+    trainer.add_callback(Look())
+    trainer.train()
+    assert seen and all(kinds <= {float, int} for kinds in seen)
+    assert cb.kinds and set(cb.kinds) == {torch.Tensor}  # the callbacks still get what was logged
