@@ -98,6 +98,7 @@ class _SinkWorker:
         self.log_drop = _RateLimitedLog()  # queue overflow drops: not hidden behind write errors
         self.opened = False
         self.open_error: str | None = None
+        self.spool_instead = False  # spooling to a directory of its own: its own was busy
         self.closing = False
         self.finished = False  # run() got to the end: the sink was closed (or never opened)
         self.broken = False  # run() failed unexpectedly: see run()
@@ -348,47 +349,60 @@ class _SinkWorker:
                 break
             other = base.with_name(f"{base.name}.{tag}" + ("" if k == 1 else f".{k}"))
             if k == 1:
+                from eventbus.spool import locked_here
+
+                holder = (
+                    "another bus of this process (an earlier Trainer's, or a bridge's not closed yet: close it "
+                    "before the next run)"
+                    if locked_here(base)
+                    else "another live bus (another run with the same output_dir?)"
+                )
                 logger.warning(
-                    "eventbus: the spool %s of sink %r is in use by another live bus (another run with the same "
-                    "output_dir?); this run (%s) spools to %s instead",
+                    "eventbus: the spool %s of sink %r is in use by %s; this run (%s) spools to %s instead "
+                    "(removed at close if nothing is left in it)",
                     base,
                     self.name,
+                    holder,
                     run.run_id,
                     other,
                 )
             spool = self.spool = Spool(other, max_file_bytes=spool.max_file_bytes, fsync_interval=spool.fsync_interval)
-        if spool.pending > 0 and not run.resumed:
-            source = spool.run_id or spool.first_run_id()
-            if source != run.run_id:
-                n = spool.pending
-                try:
-                    aside = spool.move_aside(source or "unknown-run")
-                except (OSError, SpoolError) as exc:
-                    logger.error(
-                        "eventbus: sink %r: %d events an earlier run (%s) left in the spool %s could not be moved "
-                        "aside (%r); they are delivered to this run",
-                        self.name,
-                        spool.pending,
-                        source,
-                        spool.directory,
-                        exc,
-                    )
-                else:
-                    logger.warning(
-                        "eventbus: sink %r: the spool %s held %d events of another run (%s), which this run (%s, "
-                        "not a resume of it) does not deliver; they were moved to %s. To send them: "
-                        "eventbus replay %s --to %s",
-                        self.name,
-                        spool.directory,
-                        n,
-                        source or "unknown",
-                        run.run_id,
-                        aside,
-                        aside,
-                        self.name,
-                    )
+            self.spool_instead = True
+        # Whose leftovers: state.json says, else the first pending event. Another
+        # run's are not delivered into this one, resumed or not (a resume from another
+        # run's checkpoint in the same output_dir is a resume of that run, not of the
+        # one that spooled); only a resume cannot tell unlabelled ones apart.
+        source = spool.run_id or (spool.first_run_id() if spool.pending > 0 else None)
+        foreign = source is not None and source != run.run_id
+        if spool.pending > 0 and (foreign or (source is None and not run.resumed)):
+            n = spool.pending
+            try:
+                aside = spool.move_aside(source or "unknown-run")
+            except (OSError, SpoolError) as exc:
+                logger.error(
+                    "eventbus: sink %r: %d events an earlier run (%s) left in the spool %s could not be moved "
+                    "aside (%r); they are delivered to this run",
+                    self.name,
+                    spool.pending,
+                    source,
+                    spool.directory,
+                    exc,
+                )
+            else:
+                logger.warning(
+                    "eventbus: sink %r: the spool %s held %d events of another run (%s), which this run (%s) "
+                    "does not deliver; they were moved to %s. To send them: eventbus replay %s --to %s",
+                    self.name,
+                    spool.directory,
+                    n,
+                    source or "unknown",
+                    run.run_id,
+                    aside,
+                    aside,
+                    self.name,
+                )
         if spool.run_id != run.run_id:
-            if not run.resumed:
+            if foreign or not run.resumed:
                 # Another run's marks are not this run's (see EventBus.add_sink).
                 spool.marks.clear()
                 spool.mark_names.clear()
@@ -684,6 +698,8 @@ class _SinkWorker:
         if self.spool is not None:
             try:
                 self.spool.close()
+                if self.spool_instead:
+                    self.spool.remove_if_empty()  # the stand-in of a busy directory
             except Exception as exc:
                 self._record_error("spool close", exc)
 
@@ -845,7 +861,10 @@ class EventBus:
             saved = _marks.combine(
                 _marks.parse(spool.marks.get(sink.name)), _marks.parse_names_entry(spool.mark_names.get(sink.name))
             )
-            if saved is not None and (self.run.resumed or spool.run_id == self.run.run_id):
+            # What this run delivered before it was interrupted (a resume of it):
+            # not another run's marks, nor a mark that holds back a new training
+            # phase of the same run (a second train(): its steps count from 0 again).
+            if saved is not None and self.run.resumed and spool.run_id in (None, self.run.run_id):
                 mark = _marks.merge(mark, saved)
         if mark is not None:
             step, names = mark

@@ -256,15 +256,44 @@ def replay(
     holds a resumed run (a ``TrainBegin`` with ``resumed_from`` at step S), events the
     interrupted run wrote before it with a step above S are not sent: the resumed run
     redid those steps. ``timeout``
-    bounds the whole replay, sink close included. Returns a :class:`ReplayResult`."""
-    from eventbus.bus import EventBus
-
+    bounds the whole replay, sink close included. Returns a :class:`ReplayResult`.
+    A spool a live run's bus holds (it still delivers what it holds) is a
+    :class:`~eventbus.errors.SpoolError`."""
     if not isinstance(sink, Sink):
         raise SinkConfigError(f"replay needs an eventbus.Sink instance, got {type(sink).__name__}")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise ValueError(f"replay's timeout must be a positive number of seconds, got {timeout!r}")
     p = Path(path)
     _check_source(p)  # before a bus opens the sink: the first error is the one to read
+    held = _lock_spool(p)
+    try:
+        return _replay(p, sink, resume_mark=resume_mark, save_mark=save_mark, timeout=timeout)
+    finally:
+        if held is not None:
+            held.unlock()
+
+
+def _lock_spool(p: Path) -> Any:
+    """For a spool (a directory, or a file in one), its directory's lock, taken for
+    the replay: a live run's bus holds it while it may still deliver what the spool
+    holds (it would all be sent twice). ``None`` for a JSONL file."""
+    from eventbus.spool import Spool
+
+    directory = p if p.is_dir() else p.parent if _is_spool_file(p) else None
+    if directory is None:
+        return None
+    spool = Spool(directory)
+    if not spool.lock():
+        raise SpoolError(
+            f"the spool {directory} is in use by a live run (its bus holds the lock and will deliver what it "
+            "holds once its sink is back); replay it after that run has ended"
+        )
+    return spool
+
+
+def _replay(p: Path, sink: Sink, *, resume_mark: int | None, save_mark: bool, timeout: float) -> ReplayResult:
+    from eventbus.bus import EventBus
+
     marks_file = _marks_path(p) if p.exists() else None
     state = _load_marks(marks_file) if marks_file is not None else {}
     start: Any = resume_mark

@@ -348,6 +348,7 @@ class Spool:
     def _load(self) -> None:
         """Read ``state.json`` and count the pending records (at open, and again once
         the directory is locked: see :meth:`lock`)."""
+        self._loaded_as = self._fingerprint()
         state = _load_state(self.directory)
         self.run_id: str | None = state.get("run_id")
         self.marks: dict[str, int] = {
@@ -385,6 +386,24 @@ class Spool:
             except SpoolError as exc:
                 logger.warning("eventbus: %s; that file is left as it is and not replayed", exc)
         self._next_seq = (_seq(files[-1]) + 1) if files else 1
+
+    def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
+        """Name, size and modification time of each file in the directory (what
+        :meth:`_load` reads), to tell whether it changed since."""
+        out = []
+        try:
+            names = sorted(os.listdir(self.directory))
+        except OSError:
+            return ()
+        for name in names:
+            if name == LOCK_FILE:
+                continue
+            try:
+                st = os.stat(self.directory / name)
+            except OSError:
+                continue
+            out.append((name, st.st_size, st.st_mtime_ns))
+        return tuple(out)
 
     @classmethod
     def for_sink(cls, sink: Any, run: Any) -> Spool:
@@ -430,10 +449,15 @@ class Spool:
                     return False
                 raise
         self._lock_fd = fd
+        key = _dir_key(self.directory)
+        _LOCKED_HERE.add(key)
         # Released by close(); also when this object is collected or the process exits
         # (a bus that is never closed does not keep the directory from the next one).
-        self._unlock = weakref.finalize(self, _release_lock, fd)
-        self._load()
+        self._unlock = weakref.finalize(self, _release_lock, fd, os.getpid(), key)
+        # Read again only if the directory changed since it was read (another bus
+        # wrote to it meanwhile): counting a large spool's records twice costs seconds.
+        if self._fingerprint() != self._loaded_as:
+            self._load()
         return True
 
     def unlock(self) -> None:
@@ -442,6 +466,20 @@ class Spool:
             self._unlock()
             self._unlock = None
             self._lock_fd = None
+
+    def remove_if_empty(self) -> bool:
+        """Remove the directory of a closed spool that holds no pending record: the
+        stand-in a bus used while its own spool directory was busy (a resume looks
+        for its marks in the spool's own directory, not here). True when removed."""
+        if not self._closed or self.pending > 0:
+            return False
+        for name in _spool_files(self.directory) + [STATE_FILE, LOCK_FILE]:
+            _unlink(self.directory / name)
+        try:
+            os.rmdir(self.directory)
+        except OSError:
+            return False
+        return True
 
     @property
     def locked(self) -> bool:
@@ -786,10 +824,26 @@ class Spool:
         return f"<Spool {str(self.directory)!r} pending={self.pending}>"
 
 
-def _release_lock(fd: int) -> None:
+_LOCKED_HERE: set[str] = set()
+"""The spool directories this process's spools hold the lock of."""
+
+
+def _dir_key(directory: Path) -> str:
+    return os.path.realpath(directory)
+
+
+def locked_here(directory: str | os.PathLike[str]) -> bool:
+    """Whether a spool of this process holds ``directory``'s lock."""
+    return _dir_key(Path(directory)) in _LOCKED_HERE
+
+
+def _release_lock(fd: int, owner: int, key: str) -> None:
+    _LOCKED_HERE.discard(key)
     # LOCK_UN first: a process forked meanwhile (DataLoader workers) holds the same
-    # open file, and closing ours alone would leave the lock held until it exits.
-    if fcntl is not None:
+    # open file, and closing ours alone would leave the lock held until it exits. Only
+    # by the process that took it: a forked child that exits (running this finalizer)
+    # shares the lock and must not release the parent's.
+    if fcntl is not None and os.getpid() == owner:
         try:
             fcntl.flock(fd, fcntl.LOCK_UN)
         except OSError:

@@ -414,3 +414,26 @@ def test_a_resumed_run_does_not_drain_again_what_a_replay_of_its_spool_delivered
     assert [(type(e).__name__, e.step) for e in live.got] == [("Log", 3)]
     st = bus.stats().sinks["mlflow"]
     assert (st.received, st.delivered, st.skipped) == (5, 1, 4)
+
+
+def test_a_spool_a_live_run_holds_is_not_replayed(tmp_path, registered, capsys):
+    # Its bus delivers what the spool holds once the sink is back: a replay meanwhile
+    # would send all of it twice.
+    d = spool_of(tmp_path, 3)
+
+    class Live(Back):
+        async def write(self, batch):
+            raise ConnectionError("still down")
+
+    live = Live()
+    live.max_retries = 0
+    bus = EventBus([live], run=RunInfo(run_id=Spool(d).run_id, output_dir=str(tmp_path), resumed=True)).start()
+    try:
+        with pytest.raises(SpoolError, match="in use by a live run"):
+            replay(d, Target())
+        assert main(["replay", str(d), "--to", "replay-target"]) == 2
+        assert "in use by a live run" in capsys.readouterr().err
+        assert Target.instances[-1].got == []
+    finally:
+        bus.close(5)
+    assert replay(d, Target()).sent == 4  # once that run has ended

@@ -114,6 +114,7 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
         # Which trainer the current run is for: its args (a weak reference, or the id
         # of args that cannot be weakly referenced) and output_dir, when the run began.
         self._run_key: tuple[Any, int, Any] | None = None
+        self._run_model: Any = None  # the model of that run (a weak reference), when known
 
     # -- public surface --------------------------------------------------------------
 
@@ -163,16 +164,18 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
             resumed=False,
         )
 
-    def _check_trainer(self, args: Any) -> None:
+    def _check_trainer(self, args: Any, model: Any) -> None:
         """At the start of a training run: if the bus is for another trainer (another
-        ``args`` object or ``output_dir``), close it and forget its run, so that this
-        run gets a bus (and a run) of its own. The same trainer (``evaluate()`` or a
-        second ``train()``) keeps its bus."""
+        ``args`` object or ``output_dir``, or another model: notebooks share one
+        ``TrainingArguments`` between trainers), close it and forget its run, so that
+        this run gets a bus (and a run) of its own. The same trainer (``evaluate()`` or
+        a second ``train()``) keeps its bus."""
         key = self._run_key
-        if key is None or _same_run(key, args):
-            return
-        self._run_key = None
-        self._holder.close_run()
+        if key is not None and not (_same_run(key, args) and _same_model(self._run_model, model)):
+            self._run_key = None
+            self._holder.close_run()
+        if model is not None:
+            self._run_model = _weak(model)
 
     def _bus(self, args: Any, state: Any) -> EventBus:
         holder = self._holder
@@ -211,13 +214,13 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Start the bus (closing the one of a previous trainer); publish
         :class:`InitEnd`."""
-        self._check_trainer(args)
+        self._check_trainer(args, kwargs.get("model"))
         self._simple(InitEnd, args, state)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         """(Re)start the bus; publish :class:`TrainBegin` with the redacted arguments,
         hyperparameters and the model's config."""
-        self._check_trainer(args)
+        self._check_trainer(args, model)
         bus = self._bus(args, state)
         if TrainBegin not in self._holder.wanted:
             return
@@ -257,7 +260,10 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
                 best_model_checkpoint=state.best_model_checkpoint,
             )
         if getattr(state, "is_hyper_param_search", False):
-            self._holder.close()
+            # The next trial is a run of its own (its own run id: a Comet sink makes a
+            # new experiment for it rather than continuing this one).
+            self._run_key = None
+            self._holder.close_run()
         else:
             # Not closed: an evaluate()/predict() after train() must reach the same
             # Comet experiment / Neptune run. A sink closed and reopened starts a new
@@ -349,6 +355,20 @@ def _run_key(args: Any) -> tuple[Any, int, Any]:
     except TypeError:
         ref = None
     return ref, id(args), getattr(args, "output_dir", None)
+
+
+def _weak(obj: Any) -> Any:
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
+
+
+def _same_model(ref: Any, model: Any) -> bool:
+    """Whether ``model`` is the run's (unknown on either side counts as the same)."""
+    if ref is None or model is None:
+        return True
+    return ref() is model
 
 
 def _same_run(key: tuple[Any, int, Any], args: Any) -> bool:

@@ -143,3 +143,40 @@ def test_evaluate_and_a_second_train_of_the_same_trainer_keep_the_bus(tmp_path: 
     events = _events(tmp_path / "out")
     assert events.count("TrainBegin") == 2 and events.count("Evaluate") == 1
     assert len(list((tmp_path / "out").glob("events-*.jsonl"))) == 1
+
+
+def test_trainers_sharing_one_args_object_are_runs_of_their_own(tmp_path: Path) -> None:
+    # A notebook defines TrainingArguments once and builds a Trainer per model.
+    cb = EventBusCallback(report_to=["jsonl"])
+    args = _args(tmp_path, save_strategy="no", eval_strategy="no")
+    first = Trainer(model=TinyRegressor(), args=args, train_dataset=_Data(32, 0), callbacks=[cb])
+    first.train()
+    first_run = cb._holder.run.run_id
+    second = Trainer(model=TinyRegressor(), args=args, train_dataset=_Data(32, 0), callbacks=[cb])
+    second.train()
+    assert cb._holder.run.run_id != first_run
+    cb.close()
+    files = sorted((tmp_path / "out").glob("events-*.jsonl"))
+    assert len(files) == 2
+    for f in files:
+        types = [json.loads(line)["type"] for line in f.read_text().splitlines()]
+        assert types.count("TrainBegin") == 1 and types[-1] == "TrainEnd", (f.name, types)
+
+
+def test_each_hyperparameter_search_trial_is_a_run_of_its_own(tmp_path: Path) -> None:
+    # As transformers' CometCallback: one experiment per trial. Each trial's bus is
+    # closed at its end, and the next one opens with a new run id (a Comet sink would
+    # otherwise continue the first trial's experiment).
+    from transformers import TrainerControl, TrainerState
+
+    cb = EventBusCallback(report_to=["jsonl"])
+    args = _args(tmp_path)
+    runs = []
+    for _ in range(2):
+        state, control = TrainerState(is_hyper_param_search=True), TrainerControl()
+        cb.on_train_begin(args, state, control, model=TinyRegressor())
+        runs.append(cb._holder.run.run_id)
+        cb.on_train_end(args, state, control)
+        assert not cb.bus.running
+    assert runs[0] != runs[1]
+    assert len(list((tmp_path / "out").glob("events-*.jsonl"))) == 2
