@@ -24,7 +24,8 @@ arrays inside) is read with the same numpy allowlist transformers uses.
 
 A checkpoint is written into ``checkpoint-<step>.tmp-<pid>`` and renamed into place,
 so a crash mid-save never leaves a half-written ``checkpoint-<step>`` that a resume
-would pick up.
+would pick up. Distributed, every rank writes its ``rng_state_<rank>.pth`` into that
+staging directory and the ranks agree that all of them did before rank 0 renames it.
 """
 
 from __future__ import annotations
@@ -331,14 +332,23 @@ def _numpy_safe_globals() -> Any:
     return safe_globals([np_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))])
 
 
-def load_rng_state(directory: str | os.PathLike[str], rank: int = 0, world_size: int = 1) -> None:
+def load_rng_state(
+    directory: str | os.PathLike[str], rank: int = 0, world_size: int = 1, missing_ok: bool = False
+) -> bool:
     """Restore what :func:`save_rng_state` saved, or what transformers' ``Trainer``
-    saved (its numpy state is a numpy array, loaded with transformers' allowlist)."""
+    saved (its numpy state is a numpy array, loaded with transformers' allowlist).
+
+    Returns whether a state was restored: with ``missing_ok`` an absent file leaves
+    the generators as they are and returns ``False`` (as transformers does for a
+    missing ``rng_state_<rank>.pth``); otherwise it is a :class:`CheckpointError`."""
     import numpy as np
 
     name = rng_state_name(rank, world_size)
+    path = os.path.join(os.fspath(directory), name)
+    if missing_ok and not os.path.isfile(path):
+        return False
     with _numpy_safe_globals():
-        states = load_torch(os.path.join(os.fspath(directory), name))
+        states = load_torch(path)
     try:
         version, internal, gauss = states["python"]
         random.setstate((int(version), tuple(int(x) for x in internal), gauss))
@@ -354,6 +364,7 @@ def load_rng_state(directory: str | os.PathLike[str], rank: int = 0, world_size:
                 torch.cuda.random.set_rng_state_all(cuda_states)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"the RNG state in {os.fspath(directory)!r} is malformed ({exc!r})") from exc
+    return True
 
 
 def write_run_info(directory: str | os.PathLike[str], info: Mapping[str, Any]) -> None:

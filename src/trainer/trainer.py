@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -298,6 +299,46 @@ def _has_length(dataset: Any) -> bool:
         return len(dataset) is not None
     except (TypeError, NotImplementedError):
         return False
+
+
+def _is_sized(loader: Any) -> bool:
+    """Whether the training loop knows ``loader``'s length (as
+    ``_set_initial_training_values`` decides): not an ``IterableDataset``'s."""
+    ds = getattr(loader, "dataset", None)
+    return _has_length(loader) and not isinstance(ds, torch.utils.data.IterableDataset)
+
+
+def _fingerprint(batch: Any) -> str | None:
+    """A digest of a batch's contents (tensors, arrays, other values by ``repr``), to
+    tell whether ranks read the same data; ``None`` when it cannot be taken."""
+    import hashlib
+
+    h = hashlib.sha1()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(value.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, np.ndarray):
+            h.update(f"A{value.dtype}{value.shape}".encode())
+            h.update(np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, Mapping):
+            for k in sorted(value, key=repr):
+                h.update(repr(k).encode())
+                feed(value[k])
+        elif isinstance(value, (list, tuple)):
+            h.update(f"L{len(value)}".encode())
+            for v in value:
+                feed(v)
+        else:
+            h.update(repr(value).encode())
+
+    try:
+        feed(batch)
+    except Exception:  # an exotic batch (sparse tensors, ...): no verdict
+        return None
+    return h.hexdigest()
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -735,15 +776,8 @@ class Trainer:
             "pin_memory": self._pin_memory(),
         }
         if isinstance(ds, torch.utils.data.IterableDataset) or not _has_length(ds):
-            if self.dist.is_distributed and epoch == 0 and skip_batches == 0 and not getattr(self, "_warned_iterable", False):
-                self._warned_iterable = True
-                logger.warning(
-                    "the training set has no length (an IterableDataset): every one of the %d ranks reads all of it, "
-                    "so each example is seen %d times per epoch; shard the stream by RANK/WORLD_SIZE in the dataset, "
-                    "or pass a dataset with __len__ to have the Trainer shard it",
-                    self.dist.world_size,
-                    self.dist.world_size,
-                )
+            # Not sharded here: the dataset shards the stream by rank, or every rank
+            # reads all of it (the loop compares the ranks' first batches and warns).
             loader = torch.utils.data.DataLoader(ds, batch_size=bs, **common)
             return loader
         data_seed = getattr(args, "data_seed", None)
@@ -860,9 +894,7 @@ class Trainer:
                     f"output_dir={args.output_dir!r}; train without resuming or pass the checkpoint's path"
                 )
         if resume_from_checkpoint is not None:
-            resume_from_checkpoint = ckpt.check_checkpoint(
-                resume_from_checkpoint, ckpt.required_files(self.dist.rank, self.dist.world_size)
-            )
+            resume_from_checkpoint = self._check_resume_checkpoint(resume_from_checkpoint)
             info = ckpt.read_run_info(resume_from_checkpoint)
             if isinstance(info.get("run_id"), str) and info["run_id"]:
                 self.run_id = info["run_id"]  # sinks continue the same run
@@ -916,6 +948,68 @@ class Trainer:
             if owns_bus:
                 self._close_bus()
             self._restore_signal_handlers(previous_handlers)
+
+    def _check_resume_checkpoint(self, path: str | os.PathLike[str]) -> str:
+        """``path`` when it is a checkpoint every rank can resume from, else a
+        :class:`~trainer.checkpoint.CheckpointError` on every rank (never one rank
+        raising while the others train on).
+
+        Distributed, a missing ``rng_state_<rank>.pth`` (a checkpoint written by a
+        run with fewer ranks, or an older one cut short while the ranks added their
+        RNG files) is a warning, as in transformers: that rank resumes with the
+        generators it has."""
+        distributed_run = self.dist.is_distributed
+        required = (
+            tuple(f for f in ckpt.REQUIRED_FILES if f != ckpt.RNG_STATE_NAME)
+            if distributed_run
+            else ckpt.required_files(self.dist.rank, self.dist.world_size)
+        )
+        error: BaseException | None = None
+        checked = os.fspath(path)
+        try:
+            checked = ckpt.check_checkpoint(path, required)
+        except BaseException as exc:  # agreed below, then raised
+            error = exc
+        self._raise_on_every_rank(error, lambda rank, message: f"rank {rank} cannot resume from {checked!r}: {message}")
+        if distributed_run:
+            rng = ckpt.rng_state_name(self.dist.rank, self.dist.world_size)
+            if not os.path.isfile(os.path.join(checked, rng)):
+                logger.warning(
+                    "checkpoint %s has no %s for rank %d (written with fewer ranks, or cut short while the ranks "
+                    "added their RNG files): rank %d resumes with its current random generators, so the resumed "
+                    "run does not reproduce the uninterrupted one exactly",
+                    checked,
+                    rng,
+                    self.dist.rank,
+                    self.dist.rank,
+                )
+        return checked
+
+    def _load_rng_state(self, checkpoint: str) -> None:
+        """Restore this rank's generators from ``checkpoint`` (a missing distributed
+        RNG file was warned about by :meth:`_check_resume_checkpoint`); a file that
+        cannot be read on any rank is an error on every rank."""
+        distributed_run = self.dist.is_distributed
+        error: BaseException | None = None
+        try:
+            ckpt.load_rng_state(checkpoint, self.dist.rank, self.dist.world_size, missing_ok=distributed_run)
+        except BaseException as exc:  # agreed below, then raised
+            error = exc
+        self._raise_on_every_rank(error, lambda rank, message: f"rank {rank} cannot restore its RNG state: {message}")
+
+    def _raise_on_every_rank(self, error: BaseException | None, describe: Callable[[int, str], str]) -> None:
+        """Raise ``error`` (this rank's, or None); distributed, the ranks first share
+        theirs, and a rank without one raises a :class:`CheckpointError` that
+        ``describe(rank, message)`` words for the first rank that had one: no rank goes
+        on while another failed."""
+        if self.dist.is_distributed and distributed.is_initialized():
+            errors = distributed.gather_objects(None if error is None else str(error))
+            if error is None:
+                for rank, message in enumerate(errors):
+                    if message is not None:
+                        raise ckpt.CheckpointError(describe(rank, message))
+        if error is not None:
+            raise error
 
     def _set_initial_training_values(self, loader: torch.utils.data.DataLoader) -> tuple[int, int, int, int, int, float]:
         """(num_train_epochs, num_update_steps_per_epoch, steps_in_epoch, max_steps,
@@ -1068,12 +1162,13 @@ class Trainer:
         device_ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
 
-    def _agree_control(self) -> None:
+    def _agree_control(self, exhausted: bool = False) -> bool:
         """Make the control flags (and a pending SIGTERM/SIGINT) agree across ranks: a
         flag set on any rank is set on every rank, at this same global step. One small
-        collective; a no-op in a single process."""
+        collective; a no-op in a single process. ``exhausted`` (this rank's training
+        stream ran out) travels in the same message; returns whether any rank's did."""
         if not self.dist.is_distributed:
-            return
+            return exhausted
         c = self.control
         flags = distributed.broadcast_flags(
             [
@@ -1083,6 +1178,7 @@ class Trainer:
                 c.should_evaluate,
                 c.should_log,
                 self._signal_received is not None,
+                exhausted,
             ]
         )
         c.should_training_stop, c.should_epoch_stop, c.should_save, c.should_evaluate, c.should_log = flags[:5]
@@ -1091,6 +1187,83 @@ class Trainer:
             if self._signal_received is None:
                 self._signal_received = signal.SIGTERM
             self._interrupt_agreed = True
+        return flags[6]
+
+    def _prefetch_and_agree(
+        self, iterator: Iterator[Any], update_step: int, nuspe: int, ga: int, remainder: int, epoch: int
+    ) -> list[Any] | None:
+        """At the end of a step, over an unsized stream with several ranks: read the
+        next step's batches, then agree on the control flags and on whether any rank
+        ran short (one message, the step's agreement). Returns the batches for the
+        next step; ``[]`` when the ranks end the epoch here; ``None`` when this was
+        the epoch's last step."""
+        if update_step + 1 >= nuspe:
+            self._agree_control()
+            return None
+        n = ga if update_step + 1 != nuspe - 1 else remainder
+        batches: list[Any] = []
+        stopping = self.control.should_training_stop or self.control.should_epoch_stop
+        if not stopping:  # when stopping anyway, read nothing more
+            for _ in range(n):
+                try:
+                    batches.append(next(iterator))
+                except StopIteration:
+                    break
+        exhausted = self._agree_control(exhausted=not stopping and len(batches) < n)
+        if not exhausted:
+            return batches
+        c = self.control  # agreed: the same on every rank, so is this collective
+        if not (c.should_training_stop or c.should_epoch_stop) and not getattr(self, "_warned_uneven_stream", False):
+            self._warn_uneven_stream([int(k) for k in distributed.gather_objects(len(batches))], n, epoch)
+        return []
+
+    def _agree_first_batches(self, batches: list[Any], n: int, epoch: int) -> bool:
+        """The first step of an epoch over an unsized stream with several ranks
+        (nothing before it to agree with): whether any rank has fewer than ``n``
+        batches for it, agreed. The first time, the ranks also compare a fingerprint
+        of their first batch: the same batch everywhere means the stream is not
+        sharded (every rank reads all of it), which a warning says."""
+        check = not getattr(self, "_stream_checked", False)
+        fingerprint = _fingerprint(batches[0]) if check and batches else None
+        got = distributed.gather_objects((len(batches), fingerprint))
+        if check:
+            self._stream_checked = True
+            prints = [g[1] for g in got]
+            if prints[0] is not None and all(p == prints[0] for p in prints) and self.is_world_process_zero():
+                logger.warning(
+                    "every one of the %d ranks got the same first training batch: the training set has no length "
+                    "(an IterableDataset), so the Trainer does not shard it, and it looks like every rank reads all "
+                    "of it (each example seen %d times per epoch); shard the stream by RANK/WORLD_SIZE in the "
+                    "dataset, or pass a dataset with __len__ to have the Trainer shard it",
+                    self.dist.world_size,
+                    self.dist.world_size,
+                )
+        counts = [int(g[0]) for g in got]
+        exhausted = any(k < n for k in counts)
+        if exhausted and not getattr(self, "_warned_uneven_stream", False):
+            self._warn_uneven_stream(counts, n, epoch)
+        return exhausted
+
+    def _warn_uneven_stream(self, counts: list[int], n: int, epoch: int) -> None:
+        """Once: the ranks' streams ran out at different steps (``counts[r]`` batches
+        of the ``n`` the next step needs, on rank ``r``)."""
+        if len(set(counts)) <= 1:
+            return  # every rank ran out together: the shards were even
+        self._warned_uneven_stream = True
+        if not self.is_world_process_zero():
+            return
+        short = [r for r, k in enumerate(counts) if k < n]
+        unused = ", ".join(f"rank {r}: {k}" for r, k in enumerate(counts) if k)
+        logger.warning(
+            "the training stream of rank(s) %s ran out at step %d (epoch %d) while the others still had data: every "
+            "rank ends the epoch there, so that their collectives stay matched. Batches read and left unused (the "
+            "rest of each stream is not read): %s. Shard the stream into equal lengths to train on every example "
+            "(this warning is shown once)",
+            short,
+            self.state.global_step,
+            epoch,
+            unused,
+        )
 
     def _run_epoch(
         self,
@@ -1126,7 +1299,7 @@ class Trainer:
         if resuming_this_epoch:
             # The generators continue exactly where the checkpoint left them (dropout
             # masks and any other randomness in the step).
-            ckpt.load_rng_state(resume_from_checkpoint, self.dist.rank, self.dist.world_size)
+            self._load_rng_state(resume_from_checkpoint)
         epoch_iterator = iter(loader)
         if resuming_this_epoch and skip_batches > 0 and not isinstance(getattr(loader, "batch_sampler", None), _EpochBatches):
             # An iterable dataset cannot skip by index: consume what was already trained on.
@@ -1140,15 +1313,29 @@ class Trainer:
         # written for transformers without a default works, as one written for the
         # two-argument form does.
         step_args: tuple[Any, ...] = (None,) if _takes_third_argument(self.training_step) else ()
+        # Distributed over a stream without a length (an IterableDataset the user
+        # shards by rank), the shards may differ in length, and a rank that ran out
+        # alone would leave the others in DDP's all-reduce. There the ranks read each
+        # step's batches before it (the next step's at the end of this one) and agree,
+        # in the step's control agreement, whether any rank ran short: all end the
+        # epoch at the same step. Sized data is sharded evenly, and a single process
+        # has nobody to agree with: neither pays anything for this.
+        agree_exhaustion = distributed_run and distributed.is_initialized() and not _is_sized(loader)
+        prefetched: list[Any] | None = None
 
         for update_step in range(num_update_steps_trained, nuspe):
             num_batches = ga if update_step != nuspe - 1 else remainder
-            batch_samples = []
-            for _ in range(num_batches):
-                try:
-                    batch_samples.append(next(epoch_iterator))
-                except StopIteration:
-                    break
+            if prefetched is not None:
+                batch_samples, prefetched = prefetched, None
+            else:
+                batch_samples = []
+                for _ in range(num_batches):
+                    try:
+                        batch_samples.append(next(epoch_iterator))
+                    except StopIteration:
+                        break
+                if agree_exhaustion and self._agree_first_batches(batch_samples, num_batches, epoch):
+                    batch_samples = []
             if not batch_samples:
                 break
             self.current_gradient_accumulation_steps = len(batch_samples)
@@ -1187,7 +1374,10 @@ class Trainer:
                     self.control = handler.on_step_end(args, state, self.control)
                     # Whatever any callback on any rank decided since the step began
                     # (stop, save, evaluate, log) now holds on every rank.
-                    self._agree_control()
+                    if agree_exhaustion:
+                        prefetched = self._prefetch_and_agree(epoch_iterator, update_step, nuspe, ga, remainder, epoch)
+                    else:
+                        self._agree_control()
                     self._maybe_log_save_evaluate(grad_norm, learning_rate)
                     if state.global_step >= watch.due:  # one comparison per step between samples
                         watch.tick(state.global_step)
@@ -1271,7 +1461,6 @@ class Trainer:
     def _maybe_log_save_evaluate(self, grad_norm: torch.Tensor | None, learning_rate: float | None) -> None:
         args = self.args
         state = self.state
-        hooks_ran = False
         if self.control.should_log and state.global_step > self._globalstep_last_logged:
             assert self._tr_loss is not None and self._total_loss is not None
             steps = state.global_step - self._globalstep_last_logged
@@ -1299,7 +1488,10 @@ class Trainer:
                 self.log(kind(loss=pending.wait(), **logs))
             finally:
                 self.callback_handler.logs_are_fresh = False
-            hooks_ran = True
+            # on_log callbacks may have set flags (evaluate, save, stop) on one rank:
+            # agreed before any rank acts on them, so that every rank runs the same
+            # collectives (evaluation's gather, the checkpoint's). Logging steps only.
+            self._agree_control()
 
         if self.control.should_evaluate:
             metrics = self._evaluate()
@@ -1309,15 +1501,11 @@ class Trainer:
             # Evaluation already waited for the host: agreeing again is cheap, and
             # on_evaluate callbacks (early stopping) may have set flags.
             self._agree_control()
-            hooks_ran = True
 
         if self.control.should_save:
             self._save_and_notify()
-            hooks_ran = True
-
-        if hooks_ran:
-            # on_log/on_save callbacks may have asked to stop; the same hooks ran on
-            # every rank, so every rank takes part in this agreement.
+            # on_save callbacks may have asked to stop; the same hooks ran on every
+            # rank, so every rank takes part in this agreement.
             self._agree_control()
 
     def _save_and_notify(self) -> None:
@@ -1484,41 +1672,73 @@ class Trainer:
                 state.best_model_checkpoint = best_dir
         marks: dict[str, int] = {}
         names: dict[str, Any] = {}
-        if self.is_world_process_zero():
-            os.makedirs(args.output_dir, exist_ok=True)
-            tmp = ckpt.staging_dir(final)
-            ckpt.save_model_weights(self.model, tmp)
-            if self.optimizer is not None:
-                ckpt.save_torch(self.optimizer.state_dict(), os.path.join(tmp, ckpt.OPTIMIZER_NAME))
-            if self.lr_scheduler is not None:
-                ckpt.save_torch(self.lr_scheduler.state_dict(), os.path.join(tmp, ckpt.SCHEDULER_NAME))
-            ckpt.save_rng_state(tmp, self.dist.rank, self.dist.world_size)
-            state.stateful_callbacks = self.callback_handler.export_callback_states(control=self.control)
-            state.save_to_json(os.path.join(tmp, ckpt.TRAINER_STATE_NAME))
-            marks = self.bus.high_water_marks()
-            names = self.bus.high_water_names()
-            ckpt.write_run_info(
-                tmp,
-                {
-                    "run_id": self.run_id,
-                    "global_step": state.global_step,
-                    _marks.RUN_INFO_KEY: marks,
-                    _marks.RUN_INFO_NAMES_KEY: names,
-                },
+        rank0 = self.is_world_process_zero()
+        # With a process group, every rank writes its RNG file into rank 0's staging
+        # directory, and the directory is renamed into place only once every rank
+        # has said its files are written: a crash mid-save (on any rank) never leaves
+        # a checkpoint-<step> that lacks a rank's RNG state.
+        collective = self.dist.is_distributed and distributed.is_initialized()
+        tmp: str | None = None
+        error: BaseException | None = None
+        if rank0:
+            try:
+                os.makedirs(args.output_dir, exist_ok=True)
+                tmp = ckpt.staging_dir(final)
+            except BaseException as exc:  # agreed below, then raised
+                error = exc
+        if collective:
+            tmp = distributed.broadcast_object(tmp)
+        elif not rank0:
+            # RANK/WORLD_SIZE without a process group: the ranks cannot wait for each
+            # other, so this one adds its RNG file to the checkpoint directory itself.
+            tmp = final
+        if tmp is not None and error is None:
+            try:
+                if rank0:
+                    ckpt.save_model_weights(self.model, tmp)
+                    if self.optimizer is not None:
+                        ckpt.save_torch(self.optimizer.state_dict(), os.path.join(tmp, ckpt.OPTIMIZER_NAME))
+                    if self.lr_scheduler is not None:
+                        ckpt.save_torch(self.lr_scheduler.state_dict(), os.path.join(tmp, ckpt.SCHEDULER_NAME))
+                ckpt.save_rng_state(tmp, self.dist.rank, self.dist.world_size)
+                if rank0:
+                    state.stateful_callbacks = self.callback_handler.export_callback_states(control=self.control)
+                    state.save_to_json(os.path.join(tmp, ckpt.TRAINER_STATE_NAME))
+                    marks = self.bus.high_water_marks()
+                    names = self.bus.high_water_names()
+                    ckpt.write_run_info(
+                        tmp,
+                        {
+                            "run_id": self.run_id,
+                            "global_step": state.global_step,
+                            _marks.RUN_INFO_KEY: marks,
+                            _marks.RUN_INFO_NAMES_KEY: names,
+                        },
+                    )
+            except BaseException as exc:  # agreed below, then raised
+                error = exc
+        # Every rank's files are in the staging directory, or some rank failed: the
+        # ranks agree on which before anything is committed (this is also the barrier).
+        failed = distributed.broadcast_flags([error is not None])[0] if collective else error is not None
+        if failed:
+            if rank0 and tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if error is not None:
+                raise error
+            raise RuntimeError(
+                f"checkpoint {final!r} was not saved: another rank failed while writing its files (its own error "
+                "says why); the staging directory was removed, the previous checkpoints are intact"
             )
+        if rank0:
+            assert tmp is not None
             ckpt.commit_staging_dir(tmp, final)
-        # The seam for distributed runs: the other ranks add their RNG files once rank 0
-        # has put the directory in place, and rotation waits for all of them.
-        distributed.barrier()
-        if not self.is_world_process_zero():
-            ckpt.save_rng_state(final, self.dist.rank, self.dist.world_size)
-        distributed.barrier()
-        if self.is_world_process_zero():
             ckpt.rotate_checkpoints(
                 args.output_dir, getattr(args, "save_total_limit", None), state.best_model_checkpoint, current=final
             )
-        if self.is_world_process_zero() and marks:
-            _marks.write_latest(args.output_dir, self.run_id, marks, names)
+            if marks:
+                _marks.write_latest(args.output_dir, self.run_id, marks, names)
+        # checkpoint-<step> is in place (and rotation done) on every rank before on_save.
+        distributed.barrier()
         self._last_saved_step = state.global_step
         self._last_checkpoint_dir = final
         return final

@@ -13,6 +13,7 @@ instead of killing the launch, so the other scenarios still report.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -218,11 +219,148 @@ def scenario_host_group(out: str) -> dict[str, Any]:
     }
 
 
+class FlagsFromOnLog(TrainerCallback):
+    """On rank 1 only: asks for a checkpoint from ``on_log`` at step 2 and for an
+    evaluation at step 4. Records where every rank saved and evaluated."""
+
+    def __init__(self) -> None:
+        self.saved: list[int] = []
+        self.evaluated: list[int] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if int(os.environ["RANK"]) == 1 and "loss" in (logs or {}):
+            if state.global_step == 2:
+                control.should_save = True
+            if state.global_step == 4:
+                control.should_evaluate = True
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.saved.append(state.global_step)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.evaluated.append(state.global_step)
+
+
+def scenario_onlog_flags(out: str) -> dict[str, Any]:
+    """A flag set in on_log on one rank: every rank saves/evaluates at that step."""
+    cb = FlagsFromOnLog()
+    directory = os.path.join(out, "onlog")
+    args = make_args(directory, 2, max_steps=4, eval_strategy="no")
+    t = Trainer(TinyClassifier(seed=0), args, train_dataset=TRAIN, eval_dataset=EVAL, callbacks=[cb])
+    result = t.train()
+    return {
+        "global_step": result.global_step,
+        "saved": cb.saved,
+        "evaluated": cb.evaluated,
+        "checkpoints": sorted(d for d in os.listdir(directory) if d.startswith("checkpoint-")),
+    }
+
+
+class _Warnings(logging.Handler):
+    """The trainer logger's warnings, as text."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> "_Warnings":
+        logging.getLogger("trainer").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        logging.getLogger("trainer").removeHandler(self)
+
+
+def scenario_save_fails_on_one_rank(out: str) -> dict[str, Any]:
+    """Rank 1 fails while writing its RNG file into checkpoint-4: no rank commits
+    checkpoint-4 (a resume would pick a checkpoint rank 1 cannot use), both raise."""
+    from trainer import checkpoint as ckpt
+    from trainer import distributed
+
+    directory = os.path.join(out, "savefail")
+    real = ckpt.save_rng_state
+
+    def failing(d: str, rank: int = 0, world_size: int = 1) -> str:
+        if rank == 1 and "checkpoint-4" in os.path.basename(d):
+            raise OSError("No space left on device (test)")
+        return real(d, rank, world_size)
+
+    ckpt.save_rng_state = failing  # type: ignore[assignment]
+    res: dict[str, Any] = {}
+    try:
+        args = make_args(directory, 2, max_steps=6, eval_strategy="no", save_strategy="steps", save_steps=2)
+        t = Trainer(TinyClassifier(seed=0), args, train_dataset=TRAIN)
+        t.train()
+        res["raised"] = None
+    except Exception as exc:  # noqa: BLE001 - what each rank raised is the point
+        res["raised"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        ckpt.save_rng_state = real  # type: ignore[assignment]
+    distributed.barrier()  # rank 0 has cleaned up before anyone looks
+    res["entries"] = sorted(os.listdir(directory))
+    res["checkpoint_2"] = sorted(os.listdir(os.path.join(directory, "checkpoint-2")))
+    return res
+
+
+def scenario_resume_without_a_rank_rng_file(out: str) -> dict[str, Any]:
+    """A checkpoint that lacks rng_state_1.pth (as an older save cut short left):
+    rank 1 warns and every rank resumes, as transformers does."""
+    import shutil
+
+    from trainer import distributed
+
+    directory = os.path.join(out, "rngmiss")
+    if int(os.environ["RANK"]) == 0:
+        shutil.copytree(os.path.join(out, "savefail", "checkpoint-2"), os.path.join(directory, "checkpoint-2"))
+        os.remove(os.path.join(directory, "checkpoint-2", "rng_state_1.pth"))
+    distributed.barrier()
+    args = make_args(directory, 2, max_steps=4, eval_strategy="no")
+    t = Trainer(TinyClassifier(seed=5), args, train_dataset=TRAIN)
+    with _Warnings() as w:
+        result = t.train(resume_from_checkpoint=True)
+    return {"global_step": result.global_step, "params": flat_params(t.model), "warnings": w.messages}
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """``EVAL``'s 21 examples as a stream, sharded by RANK (11 and 10) or not."""
+
+    def __init__(self, sharded: bool) -> None:
+        self.sharded = sharded
+
+    def __iter__(self) -> Any:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        return iter(EVAL[rank::world] if self.sharded else EVAL)
+
+
+def scenario_uneven_stream(out: str) -> dict[str, Any]:
+    """An IterableDataset sharded by rank into 6 and 5 batches (with accumulation 2):
+    both ranks end the epoch at the shorter shard's last full step, and go on."""
+    res: dict[str, Any] = {}
+    with _Warnings() as w:
+        args = make_args(os.path.join(out, "stream"), 2, max_steps=4, eval_strategy="no", logging_steps=1)
+        t = Trainer(TinyClassifier(seed=0), args, train_dataset=_Stream(sharded=True))
+        result = t.train()
+        res.update(global_step=result.global_step, params=flat_params(t.model), warnings=list(w.messages))
+        w.messages.clear()
+        args = make_args(os.path.join(out, "stream-all"), 2, max_steps=1, eval_strategy="no")
+        Trainer(TinyClassifier(seed=0), args, train_dataset=_Stream(sharded=False)).train()
+        res["unsharded_warnings"] = list(w.messages)
+    res["epochs"] = [e.get("epoch") for e in t.state.log_history if "loss" in e]
+    return res
+
+
 SCENARIOS = {
     "match": scenario_match,
     "stop": scenario_stop,
     "resume": scenario_interrupt_and_resume,
     "host_group": scenario_host_group,
+    "onlog_flags": scenario_onlog_flags,
+    "save_fails": scenario_save_fails_on_one_rank,
+    "rng_missing": scenario_resume_without_a_rank_rng_file,
+    "uneven_stream": scenario_uneven_stream,
 }
 
 

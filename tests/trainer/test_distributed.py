@@ -229,6 +229,53 @@ def test_resume_under_two_ranks_continues_the_run(ddp):
         assert got[r]["run_ids"][0] == got[r]["run_ids"][1]  # sinks continue the same run
 
 
+def test_a_flag_set_in_on_log_on_one_rank_is_acted_on_by_every_rank(ddp):
+    got = scenario(ddp, "onlog_flags")
+    for r in (0, 1):
+        assert got[r]["global_step"] == 4
+        # should_save from on_log at step 2 and should_evaluate at step 4, on rank 1
+        # only: every rank took part (the checkpoint's and evaluation's collectives).
+        assert got[r]["saved"] == [2] and got[r]["evaluated"] == [4], got[r]
+        assert got[r]["checkpoints"] == ["checkpoint-2"]
+
+
+def test_a_rank_failing_mid_save_leaves_no_checkpoint_it_cannot_resume_from(ddp):
+    got = scenario(ddp, "save_fails")
+    assert "No space left on device" in got[1]["raised"]
+    assert got[0]["raised"] is not None and "another rank failed" in got[0]["raised"]
+    for r in (0, 1):
+        # checkpoint-4 lacks rank 1's RNG file: never renamed into place, and its
+        # staging directory is gone; checkpoint-2 holds every rank's file.
+        assert got[r]["entries"] == ["checkpoint-2"], got[r]["entries"]
+        assert {"rng_state_0.pth", "rng_state_1.pth", "pytorch_model.bin"} <= set(got[r]["checkpoint_2"])
+
+
+def test_a_checkpoint_missing_a_rank_rng_file_resumes_with_a_warning(ddp):
+    got = scenario(ddp, "rng_missing")
+    for r in (0, 1):
+        assert got[r]["global_step"] == 4
+    assert _max_diff(got[0]["params"], got[1]["params"]) == 0.0
+    assert any("rng_state_1.pth" in m for m in got[1]["warnings"]), got[1]["warnings"]
+    assert not any("rng_state" in m for m in got[0]["warnings"]), got[0]["warnings"]
+
+
+def test_shards_of_a_stream_of_different_lengths_end_the_epoch_together(ddp):
+    got = scenario(ddp, "uneven_stream")
+    for r in (0, 1):
+        assert got[r]["global_step"] == 4
+        # 6 and 5 batches, 2 per step: both ranks end epoch 0 after step 2 (the
+        # shorter shard's last full step), then train steps 3 and 4 in epoch 1.
+        assert [math.floor(e) for e in got[r]["epochs"]] == [0, 0, 1, 1], got[r]["epochs"]
+    assert _max_diff(got[0]["params"], got[1]["params"]) == 0.0
+    uneven = [m for m in got[0]["warnings"] if "ran out" in m]
+    assert len(uneven) == 1 and "rank(s) [1]" in uneven[0] and "rank 0: 2, rank 1: 1" in uneven[0], uneven
+    # A sharded stream is not taken for one that every rank reads whole...
+    assert not any("same first training batch" in m for r in (0, 1) for m in got[r]["warnings"])
+    # ...an unsharded one is (said once, by rank 0).
+    assert any("same first training batch" in m for m in got[0]["unsharded_warnings"])
+    assert not any("same first training batch" in m for m in got[1]["unsharded_warnings"])
+
+
 def test_host_values_travel_over_gloo_even_when_training_uses_nccl(ddp):
     got = scenario(ddp, "host_group")
     for r in (0, 1):
