@@ -276,7 +276,7 @@ def test_spool_corrupted_in_the_middle_while_the_sink_is_down(tmp_path, caplog):
 def test_corrupt_leftover_spool_is_drained_on_the_next_run_around_the_bad_record(tmp_path, caplog):
     first = Flaky()
     first.circuit_cooldown = 3600
-    bus = EventBus([first], run=RunInfo(output_dir=str(tmp_path)), flush_interval=0.01)
+    bus = EventBus([first], run=RunInfo(run_id="r1", output_dir=str(tmp_path)), flush_interval=0.01)
     with bus:
         for i in range(20):
             bus.publish(StepEnd(step=i))
@@ -288,7 +288,7 @@ def test_corrupt_leftover_spool_is_drained_on_the_next_run_around_the_bad_record
     second = Flaky()
     second.down = False
     # A resume of the run that left them (another run moves them aside: test_spool_outage).
-    bus2 = EventBus([second], run=RunInfo(output_dir=str(tmp_path), resumed=True), flush_interval=0.01)
+    bus2 = EventBus([second], run=RunInfo(run_id="r1", output_dir=str(tmp_path), resumed=True), flush_interval=0.01)
     with caplog.at_level(logging.WARNING, logger="eventbus"):
         with bus2:
             bus2.publish(StepEnd(step=100))
