@@ -98,6 +98,10 @@ class _Shared:
         self.world_size = 1
         self.last_step = 0
         """The trainer's global step at the last hook (for events a logger publishes)."""
+        self.trainer: Any = None
+        """The trainer the callback was set up with (``None`` for a logger alone)."""
+        self.eval_step: int | None = None
+        """The step the logger received the running validation/test loop's end metrics at."""
 
     def run_info(self) -> RunInfo:
         out = self.save_dir or self.output_dir or os.getcwd()
@@ -163,7 +167,9 @@ class EventBusLogger(Logger):  # type: ignore[misc]
     ``<save_dir>/<name>/<version>`` (the version: as given, else the run id).
 
     - ``log_metrics(metrics, step)`` -> :class:`Log` at ``step`` (Lightning's own
-      logging step, the same one its CSV/TensorBoard loggers use).
+      logging step, the same one its CSV/TensorBoard loggers use); with the callback,
+      the end-of-loop validation/test metrics are its :class:`Evaluate`/:class:`Predict`
+      instead (not also a training ``Log``).
     - ``log_hyperparams(params)`` -> the ``hparams``/``config`` of
       :class:`TrainBegin` (published at once when no callback shares this bus,
       else by the callback at ``on_train_start``).
@@ -255,8 +261,17 @@ class EventBusLogger(Logger):  # type: ignore[misc]
         return self._shared.holder.last_stats
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Publish ``metrics`` as one :class:`Log` event at ``step``."""
+        """Publish ``metrics`` as one :class:`Log` event at ``step``.
+
+        With the callback, the metrics Lightning logs at the end of a validation or
+        test loop are not a ``Log``: the callback publishes them as
+        :class:`Evaluate`/:class:`Predict` at this ``step``."""
         sh = self._shared
+        kind = _eval_loop_end(sh.trainer) if sh.has_callback else None
+        if kind is not None:
+            sh.eval_step = step
+            if kind in sh.holder.wanted:
+                return
         if step is not None:
             sh.last_step = step
         bus = sh.holder.bus
@@ -337,7 +352,10 @@ class EventBusLightningCallback(Callback):  # type: ignore[misc]
     - ``on_save_checkpoint`` -> :class:`Save` (only without a logger, which knows the
       file name)
 
-    Events carry ``step=trainer.global_step`` and ``epoch=trainer.current_epoch``.
+    Events carry ``step=trainer.global_step`` and ``epoch=trainer.current_epoch``,
+    but :class:`Evaluate`/:class:`Predict`: the step Lightning logs those metrics at
+    (the one its loggers got; ``_batches_that_stepped``), so that TensorBoard's purge
+    on a resume from a checkpoint at step S keeps the evaluations at or before S.
     """
 
     def __init__(
@@ -381,11 +399,25 @@ class EventBusLightningCallback(Callback):  # type: ignore[misc]
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _emit(self, event_type: type[BaseEvent], trainer: Any, **fields: Any) -> None:
+    def _emit(self, event_type: type[BaseEvent], trainer: Any, step: int | None = None, **fields: Any) -> None:
         sh = self._shared
         sh.last_step = trainer.global_step
         if event_type in sh.holder.wanted or sh.holder.bus is None:
-            sh.publish(event_type, trainer.global_step, float(trainer.current_epoch), **fields)
+            sh.publish(
+                event_type, trainer.global_step if step is None else step, float(trainer.current_epoch), **fields
+            )
+
+    def _eval_step(self, trainer: Any) -> int:
+        """The step Lightning logged the ending loop's metrics at: the one the logger
+        received, else Lightning's logging step (``_batches_that_stepped``)."""
+        sh = self._shared
+        step, sh.eval_step = sh.eval_step, None
+        if step is not None:
+            return int(step)
+        try:
+            return int(trainer.fit_loop.epoch_loop._batches_that_stepped)  # noqa: SLF001
+        except Exception:  # Lightning's internals changed
+            return int(trainer.global_step)
 
     def _metrics(self, trainer: Any, prefix: str) -> dict[str, Any]:
         metrics = trainer.callback_metrics
@@ -407,6 +439,8 @@ class EventBusLightningCallback(Callback):  # type: ignore[misc]
         sh = self._shared
         sh.output_dir = str(trainer.default_root_dir)
         sh.world_size = int(getattr(trainer, "world_size", 1) or 1)
+        sh.trainer = trainer
+        sh.eval_step = None
         run = sh.holder.run
         if sh.holder.pending and run is not None:
             # The logger's bus was created (Lightning asked for its experiment) but
@@ -507,13 +541,25 @@ class EventBusLightningCallback(Callback):  # type: ignore[misc]
         """Publish :class:`Evaluate` with the validation metrics (tensors, unsynced)."""
         if trainer.sanity_checking or (Evaluate not in self._shared.holder.wanted and self._shared.holder.bus is not None):
             return
-        self._emit(Evaluate, trainer, metrics=self._metrics(trainer, self.eval_prefix), prefix=self.eval_prefix)
+        self._emit(
+            Evaluate,
+            trainer,
+            step=self._eval_step(trainer),
+            metrics=self._metrics(trainer, self.eval_prefix),
+            prefix=self.eval_prefix,
+        )
 
     def on_test_end(self, trainer: Any, pl_module: Any) -> None:
         """Publish :class:`Predict` with the test metrics (tensors, unsynced)."""
         if Predict not in self._shared.holder.wanted and self._shared.holder.bus is not None:
             return
-        self._emit(Predict, trainer, metrics=self._metrics(trainer, self.test_prefix), prefix=self.test_prefix)
+        self._emit(
+            Predict,
+            trainer,
+            step=self._eval_step(trainer),
+            metrics=self._metrics(trainer, self.test_prefix),
+            prefix=self.test_prefix,
+        )
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         """Publish :class:`Save` when no logger will (it knows the file's name)."""
@@ -523,6 +569,22 @@ class EventBusLightningCallback(Callback):  # type: ignore[misc]
         ckpt = getattr(trainer, "checkpoint_callback", None)
         where = getattr(ckpt, "dirpath", None) or str(trainer.default_root_dir)
         self._emit(Save, trainer, checkpoint_dir=str(where))
+
+
+def _eval_loop_end(trainer: Any) -> type[BaseEvent] | None:
+    """:class:`Evaluate`/:class:`Predict` when Lightning is logging the end-of-loop
+    metrics of a validation/test loop (what the callback publishes as that event), as
+    Lightning tells them: the trainer's stage, and no loop iteration running
+    (per-batch metrics, logged at the batch index, stay ``Log``); else ``None``."""
+    if trainer is None:
+        return None
+    try:
+        kind = Evaluate if trainer.validating else Predict if trainer.testing else None
+        if kind is None or getattr(trainer._logger_connector, "_first_loop_iter", None) is not None:  # noqa: SLF001
+            return None
+        return kind
+    except Exception:
+        return None
 
 
 def _logged_names(trainer: Any) -> set[str] | None:

@@ -148,11 +148,13 @@ def test_sinks_receive_what_lightning_loggers_log_at_the_same_steps(tmp_path):
     assert sink.closed == 1
 
     logs = [(e.step, dict(e.values)) for e in sink.of(Log)]
-    assert len(logs) >= 8  # 16 steps logged every 2, plus the epoch-end validation rows
-    assert logs == reference.calls
+    assert len(logs) >= 8  # 16 steps logged every 2
+    # The validation-end metrics are Evaluate events (below), not training Logs.
+    assert logs == [call for call in reference.calls if "val_loss" not in call[1]]
+    assert not [e for e in sink.of(Log) if "val_loss" in e.values]
 
     # The same numbers at the same steps as Lightning's own CSV logger wrote.
-    rows = _csv_rows(csv_logger)
+    rows = [r for r in _csv_rows(csv_logger) if "val_loss" not in r]
     assert len(rows) == len(logs)
     for row, (step, values) in zip(rows, logs):
         assert row.pop("step") == step
@@ -165,11 +167,12 @@ def test_sinks_receive_what_lightning_loggers_log_at_the_same_steps(tmp_path):
     assert len(sink.of(StepBegin)) == len(sink.of(OptimizerStep)) == len(sink.of(PreOptimizerStep)) == 16
     assert [e.epoch for e in sink.of(EpochEnd)] == [0.0, 1.0]
     evals = sink.of(Evaluate)
-    assert [e.step for e in evals] == [8, 16]
+    # At the step Lightning's loggers got the validation metrics at (as the CSV rows).
     val_rows = {int(r["step"]): r["val_loss"] for r in _csv_rows(csv_logger) if "val_loss" in r}
+    assert [e.step for e in evals] == sorted(val_rows) == [7, 15]
     for ev in evals:
         assert set(ev.metrics) == {"eval_val_loss"}  # train_loss is not an evaluation result
-        assert ev.metrics["eval_val_loss"] == pytest.approx(val_rows[ev.step - 1], rel=1e-6)
+        assert ev.metrics["eval_val_loss"] == pytest.approx(val_rows[ev.step], rel=1e-6)
 
     (begin,) = sink.of(TrainBegin)
     assert begin.hparams["lr"] == 0.05 and begin.max_steps == 16 and begin.num_train_epochs == 2
@@ -192,6 +195,9 @@ def test_sinks_receive_what_lightning_loggers_log_at_the_same_steps(tmp_path):
     trainer.test(model, _loader(16, 2), verbose=False)
     (pred,) = sink.of(Predict)
     assert set(pred.metrics) == {"test_loss"} and pred.prefix == "test"
+    (test_call,) = [call for call in reference.calls if "test_loss" in call[1]]
+    assert pred.step == test_call[0]  # the step Lightning's loggers got the test metrics at
+    assert not [e for e in sink.of(Log) if "test_loss" in e.values]
     assert pred.metrics["test_loss"] == pytest.approx(float(trainer.callback_metrics["test_loss"]))
     assert [r.run_id for r in sink.runs] == [sink.runs[0].run_id] * 2
     assert sink.closed == 2 and not ours.bus.running
@@ -206,7 +212,11 @@ def test_jsonl_sink_by_report_to_name(tmp_path):
     trainer = _trainer(tmp_path, [reference, ours], [ours.callback()], max_epochs=1, enable_checkpointing=False)
     trainer.fit(TinyModule(), _loader(32, 0), _loader(16, 1))
     events = read_jsonl(path)
-    assert [(e.step, dict(e.values)) for e in events if isinstance(e, Log)] == reference.calls
+    logs = [(e.step, dict(e.values)) for e in events if isinstance(e, Log)]
+    assert logs == [call for call in reference.calls if "val_loss" not in call[1]]
+    (val_call,) = [call for call in reference.calls if "val_loss" in call[1]]
+    (ev,) = [e for e in events if isinstance(e, Evaluate)]
+    assert ev.step == val_call[0] and ev.metrics["eval_val_loss"] == pytest.approx(val_call[1]["val_loss"])
     assert isinstance(events[-1], TrainEnd)
     assert SECRET not in path.read_text()
 
@@ -232,7 +242,7 @@ def test_callback_alone_publishes_and_closes_its_bus(tmp_path):
     trainer.fit(TinyModule(), _loader(32, 0), _loader(16, 1))
     assert not cb.bus.running and sink.closed == 1  # closed at teardown
     assert sink.of(Log) == []  # metrics reach sinks through the logger, not the callback
-    assert [e.step for e in sink.of(Evaluate)] == [8]
+    assert [e.step for e in sink.of(Evaluate)] == [7]  # Lightning's logging step for it
     assert sink.runs[0].output_dir == str(tmp_path)  # the trainer's default_root_dir
     assert sink.of(TrainEnd)[0].status == "completed"
 
@@ -253,9 +263,12 @@ def test_logger_alone_reports_hparams_as_train_begin(tmp_path):
     sink = RecordingSink()
     ours = EventBusLogger([sink])
     trainer = _trainer(tmp_path, ours, [], max_epochs=1, enable_checkpointing=False)
-    trainer.fit(TinyModule(), _loader(32, 0))
+    trainer.fit(TinyModule(), _loader(32, 0), _loader(16, 1))
     kinds = [type(e) for e in sink.received]
     assert kinds[0] is TrainBegin and kinds[-1] is TrainEnd
+    # No callback publishes Evaluate: the validation metrics still arrive, as a Log.
+    assert [e.step for e in sink.of(Log) if "val_loss" in e.values] == [7]
+    assert sink.of(Evaluate) == []
     assert sink.of(TrainBegin)[0].hparams["api_key"] == "***"
     # Without the callback the logger knows only the steps it was given.
     assert sink.of(TrainEnd)[0].step == sink.of(Log)[-1].step > 0
@@ -312,3 +325,32 @@ def test_two_loggers_under_one_save_dir_log_tensorboard_to_their_own_log_dirs(tm
         acc.Reload()
         assert acc.Tags()["scalars"], "the run's scalars are in its own log_dir"
     assert not [f for f in os.listdir(tmp_path / "runs") if f.startswith("events.out.tfevents")]
+
+
+def test_resume_keeps_the_evaluations_before_the_checkpoint_in_tensorboard(tmp_path):
+    # A crash in epoch 3, a resume from the end-of-epoch-2 checkpoint (global step 16):
+    # the resumed run's first scalar is at step 16, and TensorBoard's reader purges what
+    # the crashed run wrote at steps >= 16, so the validations before the checkpoint
+    # must sit where Lightning logs them (steps 7 and 15), not at global_step (8, 16).
+    require_module("tensorboard")
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    ckpt_dir = str(tmp_path / "ckpt")
+
+    def fit(model: Any, **kw: Any) -> EventBusLogger:
+        ours = EventBusLogger(report_to="tensorboard", save_dir=str(tmp_path / "runs"), version="v1")
+        ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1)
+        trainer = _trainer(tmp_path, [ours], [ours.callback(), ckpt], max_epochs=3, log_every_n_steps=1)
+        trainer.fit(model, _loader(32, 0), _loader(8, 1), **kw)
+        return ours
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(TinyModule(fail_at=20))
+    ours = fit(TinyModule(), ckpt_path=os.path.join(ckpt_dir, "epoch=1-step=16.ckpt"))
+
+    acc = ea.EventAccumulator(ours.log_dir)
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert [e.step for e in acc.Scalars("eval/val_loss")] == [7, 15, 23]
+    # Validation metrics are not also training metrics.
+    assert not [t for t in tags if t.startswith("train/") and "val_loss" in t], tags
