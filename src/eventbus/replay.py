@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -207,21 +208,29 @@ a later replay, nor by a resumed run draining the spool: see ``Spool.replayed_ns
 
 def _source_run(path: Path) -> tuple[str | None, str | None]:
     """The run id of the run that wrote ``path`` (a spool's ``state.json``, else its
-    first event's), and its name when its ``TrainBegin`` config has one."""
+    first event's, else the one in a jsonl sink's file name), and its name when its
+    ``TrainBegin`` config has one."""
     run_id: str | None = None
     if path.is_dir():
         state = _load_marks(path / STATE_FILE)
         run_id = state.get("run_id") if isinstance(state.get("run_id"), str) else None
     run_name: str | None = None
+    if run_id is None and path.is_file():
+        # The jsonl sink's own file name carries the run id (events-<run id>[-rankN].jsonl),
+        # also for events published without one (a bus used on its own).
+        m = re.fullmatch(r"events-([0-9A-Za-z_\-]+?)(?:-rank\d+)?\.jsonl", path.name)
+        named = m.group(1) if m else None
+    else:
+        named = None
     for ev in read_events(path, warn=False):
         run_id = run_id or ev.run_id or None
         if isinstance(ev, TrainBegin):
             name = ev.config.get("run_name")
             run_name = name if isinstance(name, str) and name else None
             break
-        if run_id:
+        if run_id or named:
             break
-    return run_id, run_name
+    return run_id or named, run_name
 
 
 def _marks_path(path: Path) -> Path:

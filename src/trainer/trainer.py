@@ -878,6 +878,9 @@ class Trainer:
         """
         if self.train_dataset is None:
             raise ValueError("Trainer.train() needs a train_dataset; pass Trainer(..., train_dataset=...)")
+        # The per-step hooks as they are now: one replaced on a callback after it was
+        # added (mock.patch.object before train()) is the one called from step 1.
+        self.callback_handler.refresh()
         args = self.args
         if str(getattr(args, "eval_strategy", "no")) != "no" and self.eval_dataset is None:
             raise ValueError(

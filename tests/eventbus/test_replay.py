@@ -348,7 +348,13 @@ def test_a_replay_continues_the_run_that_wrote_its_source(tmp_path):
     )
     replay(f, Opened())
     assert (Opened.runs[-1].run_id, Opened.runs[-1].run_name, Opened.runs[-1].resumed) == ("abc123", "sweep-7", True)
-    # Events that name no run: a run of the replay's own.
+    # Events that name no run (a bus used on its own), in the jsonl sink's file,
+    # whose name carries the run id: that run.
+    h = tmp_path / "events-xyz789-rank1.jsonl"
+    h.write_bytes(encode_json(Log(step=1, values={"loss": 1.0})) + b"\n")
+    replay(h, Opened())
+    assert (Opened.runs[-1].run_id, Opened.runs[-1].resumed) == ("xyz789", True)
+    # Events that name no run, in a file that does not either: a run of the replay's own.
     g = tmp_path / "anonymous.jsonl"
     g.write_bytes(encode_json(Log(step=1, values={"loss": 1.0})) + b"\n")
     replay(g, Opened())

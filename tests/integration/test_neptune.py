@@ -677,3 +677,17 @@ def test_user_run_is_reused_on_reopen(fake_init_run: list[dict[str, Any]]) -> No
         sink.close_sync()
     assert fake_init_run == [] and mine.stopped == 0
     assert sink.last_sys_id is None
+
+
+def test_neptune_sync_the_docs_command_for_offline_runs_starts() -> None:
+    # docs/backends-neptune-comet.md: offline runs are uploaded later with
+    # `neptune sync`; its CLI imports pkg_resources (setuptools < 81, in our extra).
+    import subprocess
+    import sys
+
+    require_module("neptune")
+    exe = Path(sys.executable).with_name("neptune")
+    assert exe.exists(), "the neptune console script is not installed beside this Python"
+    done = subprocess.run([str(exe), "sync", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Usage: neptune sync" in done.stdout

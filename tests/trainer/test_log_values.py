@@ -136,3 +136,20 @@ def test_with_no_sink_taking_logs_the_history_is_read_as_it_is_logged(tmp_path) 
     trainer.train()
     assert seen and all(kinds <= {float, int} for kinds in seen)
     assert cb.kinds and set(cb.kinds) == {torch.Tensor}  # the callbacks still get what was logged
+
+
+def test_a_per_step_hook_patched_before_train_is_called_from_the_first_step(tmp_path) -> None:
+    # mock.patch.object(cb, "on_step_end") after Trainer(...), before train(): the
+    # patched hook from step 1 on (it was the original at step 1, then the patch).
+    from unittest import mock
+
+    class Counting(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            seen.append(("original", state.global_step))
+
+    seen: list[tuple[str, int]] = []
+    cb = Counting()
+    trainer = Trainer(TinyClassifier(), tiny_args(tmp_path, max_steps=3), train_dataset=make_dataset(64), callbacks=[cb])
+    with mock.patch.object(cb, "on_step_end", lambda args, state, control, **kw: seen.append(("patched", state.global_step))):
+        trainer.train()
+    assert seen == [("patched", 1), ("patched", 2), ("patched", 3)]
