@@ -881,6 +881,13 @@ def load_callback(spec: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"--callbacks {spec!r}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") from None
+    except Exception as exc:  # a SyntaxError in it, or an error its top level raised
+        where = ""
+        if isinstance(exc, SyntaxError) and exc.filename:
+            where = f" at {exc.filename}:{exc.lineno}"
+        raise ValueError(
+            f"--callbacks {spec!r}: importing module {module_name!r} failed{where} ({type(exc).__name__}: {exc})"
+        ) from None
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -888,6 +895,11 @@ def load_callback(spec: str) -> Any:
         except AttributeError:
             raise ValueError(f"--callbacks {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
     if isinstance(obj, type):
+        if not _hooks_of(obj):
+            raise ValueError(
+                f"--callbacks {spec!r}: {attr} is a class that implements none of TrainerCallback's hooks "
+                "(on_step_end, on_log, ...); point at a callback class (or an instance of one)"
+            )
         try:
             return obj()
         except Exception as exc:
@@ -896,7 +908,50 @@ def load_callback(spec: str) -> Any:
                 "the profiler builds each callback class without arguments: give them defaults, or point at an "
                 "instance (module:name_of_instance)"
             ) from None
+    # An instance: its class must implement a hook (a module, a function or a number
+    # does not, even one with an attribute named like a hook).
+    if not _hooks_of(type(obj)):
+        raise ValueError(
+            f"--callbacks {spec!r}: {attr} is {_describe(obj)}, not a callback: point at a class that implements "
+            f"at least one of TrainerCallback's hooks (on_step_end, on_log, ...) or an instance of one"
+        )
     return obj
+
+
+def _hooks_of(cls: type) -> list[str]:
+    """The hooks of TrainerCallback that class ``cls`` implements: defines something
+    other than the no-op of our base class or of transformers' (see ``overrides``)."""
+    from trainer.callbacks import HOOKS, _OUR_NOOPS
+
+    theirs = [k for k in cls.__mro__ if k.__name__ == "TrainerCallback" and k.__module__.startswith("transformers")]
+    found = []
+    for hook in HOOKS:
+        method = getattr(cls, hook, None)
+        if method is None or not callable(method):
+            continue
+        func = getattr(method, "__func__", method)
+        if func is _OUR_NOOPS.get(hook) or any(func is k.__dict__.get(hook) for k in theirs):
+            continue
+        found.append(hook)
+    return found
+
+
+def _describe(obj: Any) -> str:
+    text = repr(obj)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"an object of type {type(obj).__name__} ({text})"
+
+
+class ProfileError(Exception):
+    """A profiled callback raised: names the callback, the hook and the step."""
+
+
+EVAL_EVERY = 100
+"""The profiler's schedule: ``on_evaluate`` (after two ``on_prediction_step``) and
+``on_save`` every this many steps, and an epoch (``on_epoch_end``, then
+``on_epoch_begin``) every :data:`EPOCH_STEPS`; fewer steps in all: once, at the end."""
+EPOCH_STEPS = 500
 
 
 @dataclass
@@ -907,6 +962,8 @@ class ProfileResult:
     logging_steps: int
     handler_us_per_step: float
     per_hook: dict[tuple[str, str], dict[str, float]]
+    not_exercised: dict[str, list[str]] = field(default_factory=dict)
+    """Per callback class: hooks it implements that the profiler never called."""
 
     def format_table(self) -> str:
         """One row per (callback, hook), most expensive first."""
@@ -924,6 +981,13 @@ class ProfileResult:
             f"handler total: {self.handler_us_per_step:.2f} us/step over {self.steps} steps, logging every "
             f"{self.logging_steps} (share: of the handler's time per step)"
         )
+        lines.append(
+            f"each step: on_step_begin, one on_substep_end (gradient_accumulation_steps=2), on_pre_optimizer_step, "
+            f"on_optimizer_step, on_step_end, on_log when due; every {min(EVAL_EVERY, self.steps)} steps two "
+            f"on_prediction_step, on_evaluate and on_save; an epoch every {min(EPOCH_STEPS, self.steps)} steps"
+        )
+        for cls, hooks in self.not_exercised.items():
+            lines.append(f"not exercised: {cls}.{', '.join(hooks)} (implemented, never called by the profiler)")
         return "\n".join(lines)
 
 
@@ -932,15 +996,30 @@ def profile_callbacks(
 ) -> ProfileResult:
     """Run ``callbacks`` (after our DefaultFlowCallback, as the trainer does) through
     the handler with its profiler on for ``steps`` steps; time per (callback, hook).
+
+    Besides the per-step hooks of the overhead table, each step ends a micro-batch
+    first (``on_substep_end``), and the hooks of a run's schedule are fired too:
+    ``on_init_end`` and ``on_train_begin`` once, ``on_evaluate`` (with a small
+    metrics dict, after two ``on_prediction_step``) and ``on_save`` every
+    :data:`EVAL_EVERY` steps, an epoch every :data:`EPOCH_STEPS` steps. The hooks
+    get a small ``torch.nn.Linear`` as ``model``, an SGD ``optimizer`` and a
+    ``LambdaLR`` ``lr_scheduler``. A callback that raises: :class:`ProfileError`.
     What the callbacks print (progress bars, logs) goes to ``os.devnull``."""
     import torch
 
     from trainer import CallbackHandler, DefaultFlowCallback, TrainerControl, TrainerState
 
     loss, grad_norm = torch.tensor(0.5), torch.tensor(1.0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    every = max(1, min(EVAL_EVERY, steps))
+    epoch_steps = max(1, min(EPOCH_STEPS, steps))
+    pause = Gap(gap, gap_kind) or None
+    perf = time.perf_counter_ns
 
     def logs(state: Any) -> dict[str, Any]:
-        return {"loss": loss, "grad_norm": grad_norm, "learning_rate": 1e-4, "epoch": state.global_step / 1e4}
+        return {"loss": loss, "grad_norm": grad_norm, "learning_rate": 1e-4, "epoch": state.epoch}
 
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="eventbus-profile-"))
@@ -949,18 +1028,80 @@ def profile_callbacks(
         stack.enter_context(contextlib.redirect_stdout(devnull))
         stack.enter_context(contextlib.redirect_stderr(devnull))
         args = _our_args(tmp)
-        handler = CallbackHandler([DefaultFlowCallback(), *callbacks], None, None, None, None)
+        handler = CallbackHandler([DefaultFlowCallback(), *callbacks], model, None, optimizer, scheduler)
         handler.profile = True
+        h = handler
         state = TrainerState()
         state.max_steps = steps
         state.compute_steps(args, state.max_steps)
         state.logging_steps = logging_steps
+        state.num_train_epochs = -(-steps // epoch_steps)
+        state.epoch = 0.0
         control = TrainerControl()
-        control = handler.on_train_begin(args, state, control)
-        wall, _, control = _steps(handler, args, state, control, steps, logs, Gap(gap, gap_kind))
-        handler.on_train_end(args, state, control)
+        wall = 0
+        try:
+            control = h.on_init_end(args, state, control)
+            t0 = perf()
+            control = h.on_train_begin(args, state, control)
+            control = h.on_epoch_begin(args, state, control)
+            wall += perf() - t0
+            for i in range(1, steps + 1):
+                if pause is not None:
+                    pause()
+                t0 = perf()
+                control = h.on_step_begin(args, state, control)
+                control = h.on_substep_end(args, state, control)  # the first of two micro-batches
+                control = h.on_pre_optimizer_step(args, state, control)
+                control = h.on_optimizer_step(args, state, control)
+                state.global_step += 1
+                state.epoch = state.global_step / epoch_steps
+                control = h.on_step_end(args, state, control)
+                if control.should_log:
+                    control = h.on_log(args, state, control, logs(state))
+                if i % every == 0 or i == steps:
+                    for _ in range(2):
+                        control = h.on_prediction_step(args, state, control)
+                    metrics = {"eval_loss": 0.5, "eval_accuracy": 0.75, "eval_runtime": 0.1, "epoch": state.epoch}
+                    control = h.on_evaluate(args, state, control, metrics=metrics)
+                    control = h.on_save(args, state, control, checkpoint_dir=os.path.join(tmp, f"checkpoint-{i}"))
+                if i % epoch_steps == 0 or i == steps:
+                    control = h.on_epoch_end(args, state, control)
+                    if i < steps:
+                        control = h.on_epoch_begin(args, state, control)
+                wall += perf() - t0
+            t0 = perf()
+            h.on_train_end(args, state, control)
+            wall += perf() - t0
+        except Exception as exc:
+            raise ProfileError(_blame(exc, handler.callbacks, state.global_step)) from exc
         report = handler.profile_report()
-    return ProfileResult(steps, logging_steps, wall / steps / 1000.0, report)
+    not_exercised = {}
+    for cb in callbacks:
+        name = type(cb).__name__
+        missing = [hook for hook in _hooks_of(type(cb)) if (name, hook) not in report]
+        if missing:
+            not_exercised[name] = missing
+    return ProfileResult(steps, logging_steps, wall / steps / 1000.0, report, not_exercised)
+
+
+def _blame(exc: BaseException, callbacks: Sequence[Any], step: int) -> str:
+    """``exc``'s message naming the callback and hook it came from (the outermost
+    frame of a callback's method in its traceback), and the step."""
+    import traceback
+
+    ours = {id(cb): cb for cb in callbacks}
+    where = "a callback"
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        me = frame.f_locals.get("self")
+        if me is not None and id(me) in ours and frame.f_code.co_name.startswith("on_"):
+            where = f"{type(me).__name__}.{frame.f_code.co_name}"
+            break
+        tb = tb.tb_next
+    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    at = f" ({last[0].filename}:{last[0].lineno})" if last else ""
+    return f"{where} raised at step {step}: {type(exc).__name__}: {exc}{at}"
 
 
 # -- imports -------------------------------------------------------------------------------

@@ -148,13 +148,17 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"eventbus bench: {exc}", file=sys.stderr)
             return 2
-        result = _bench.profile_callbacks(
-            callbacks,
-            steps=sizes["steps"],
-            logging_steps=sizes["logging_steps"][0],
-            gap=sizes["gap"],
-            gap_kind=sizes["gap_kind"],
-        )
+        try:
+            result = _bench.profile_callbacks(
+                callbacks,
+                steps=sizes["steps"],
+                logging_steps=sizes["logging_steps"][0],
+                gap=sizes["gap"],
+                gap_kind=sizes["gap_kind"],
+            )
+        except _bench.ProfileError as exc:
+            print(f"eventbus bench: --callbacks: {exc}", file=sys.stderr)
+            return 2
         print(result.format_table())
         return 0
 

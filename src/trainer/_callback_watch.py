@@ -4,7 +4,8 @@ Control callbacks run inline on the training thread, so a slow one (a logger wri
 as a callback, a metric computed on every step) slows every step. The watch measures
 that without costing the loop anything between samples: every ``every`` optimizer
 steps it turns the handler's profiler on for ``window`` steps, compares the time the
-callbacks took with the wall time of those steps, and turns it off again. When the
+callbacks took with the wall time of those steps, and turns it off again. The
+library's own callbacks (classes defined in the ``trainer`` package) are not counted. When the
 share is above ``share`` it logs one warning naming the costliest (callback, hook)
 pairs, and stops sampling.
 """
@@ -88,7 +89,11 @@ class CallbackTimeWatch:
         elapsed = time.perf_counter() - self._t0
         steps = max(1, global_step - self._begin_step)
         timings = self.handler._timings
-        spent = {k: v[1] - self._before.get(k, 0.0) for k, v in timings.items()}
+        # The library's own callbacks (the flow, the progress bar, the printer: classes
+        # defined in the trainer package) are left out: on sub-millisecond steps
+        # their few microseconds are a share the user can do nothing about.
+        ours = self._library_classes()
+        spent = {k: v[1] - self._before.get(k, 0.0) for k, v in timings.items() if k[0] not in ours}
         self._restore()
         total = sum(spent.values())
         self.last_share = total / elapsed if elapsed > 0 else 0.0
@@ -110,6 +115,16 @@ class CallbackTimeWatch:
             )
         else:
             self.due = self._begin_step + self.every
+
+    def _library_classes(self) -> set[str]:
+        """Names of the handler's callback classes defined in the trainer package and
+        of no user class of the same name (the profile report keys by class name)."""
+        ours, theirs = set(), set()
+        for cb in self.handler.callbacks:
+            cls = type(cb)
+            module = getattr(cls, "__module__", "") or ""
+            (ours if module == "trainer" or module.startswith("trainer.") else theirs).add(cls.__name__)
+        return ours - theirs
 
     def _restore(self) -> None:
         self._t0 = None

@@ -33,6 +33,60 @@ class NeedsArgs(TrainerCallback):
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
 
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        pass
+
+
+NOT_A_CALLBACK = 42
+
+
+def plain_function() -> None:
+    pass
+
+
+class EveryHook(TrainerCallback):
+    """Counts the hooks of a run's schedule the profiler fires; implements on_predict,
+    which the profiler never calls."""
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        time.sleep(0.002)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> None:
+        assert isinstance(metrics, dict) and "eval_loss" in metrics
+        time.sleep(0.002)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        pass
+
+    def on_predict(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> None:
+        pass
+
+
+class ReadsObjects(TrainerCallback):
+    """Reads the model, optimizer and scheduler the trainer passes to every hook."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                    lr_scheduler: Any = None, **kwargs: Any) -> None:
+        sum(float(p.detach().abs().sum()) for p in model.parameters())
+        assert optimizer.param_groups[0]["lr"] > 0 and lr_scheduler.get_last_lr()
+
+
+class RaisesInEvaluate(TrainerCallback):
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> None:
+        return self._check(metrics)
+
+    def _check(self, metrics: Any) -> None:
+        raise KeyError("eval_f1")
+
 
 def _rows(out: str) -> dict[tuple[str, int], list[str]]:
     """Table rows by (config, logging_steps) -> the rest of the row's fields."""
@@ -120,6 +174,88 @@ def test_bench_callbacks_bad_spec_is_a_clear_error(spec: str, message: str, caps
     err = capsys.readouterr().err
     assert rc == 2
     assert message in err
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (f"{__name__}:NOT_A_CALLBACK", "NOT_A_CALLBACK is an object of type int (42), not a callback"),
+        (f"{__name__}:plain_function", "plain_function is an object of type function"),
+        ("json:JSONDecoder", "JSONDecoder is a class that implements none of TrainerCallback's hooks"),
+        (f"{__name__}:SlowStepEnd.on_log", "not a callback"),
+    ],
+)
+def test_bench_callbacks_rejects_what_is_not_a_callback(spec: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "--callbacks", spec, "--steps", "5"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert message in captured.err
+    assert "handler total" not in captured.out  # no table of DefaultFlowCallback alone
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("def oops(:\n", "importing module 'eb_bad_module' failed at "),
+        ("raise RuntimeError('module init failed')\n", "(RuntimeError: module init failed)"),
+    ],
+)
+def test_bench_callbacks_module_that_fails_to_import(
+    source: str, message: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "eb_bad_module.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "eb_bad_module", raising=False)
+    rc = main(["bench", "--callbacks", "eb_bad_module:Anything", "--steps", "5"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--callbacks 'eb_bad_module:Anything': importing module 'eb_bad_module' failed" in err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_bench_callbacks_fires_the_hooks_of_a_runs_schedule(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "--callbacks", f"{__name__}:EveryHook", "--steps", "20", "--logging-steps", "5"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    calls = {tuple(line.split()[:2]): int(line.split()[2]) for line in out.splitlines() if line.startswith("EveryHook")}
+    # 20 steps: a micro-batch before each; fewer than 100 steps: one evaluation (after
+    # two prediction steps), one save and one epoch, at the end.
+    assert calls == {
+        ("EveryHook", "on_substep_end"): 20,
+        ("EveryHook", "on_epoch_begin"): 1,
+        ("EveryHook", "on_epoch_end"): 1,
+        ("EveryHook", "on_evaluate"): 1,
+        ("EveryHook", "on_save"): 1,
+        ("EveryHook", "on_prediction_step"): 2,
+    }
+    assert "not exercised: EveryHook.on_predict" in out
+
+
+def test_profile_callbacks_evaluates_and_saves_on_a_schedule() -> None:
+    result = _bench.profile_callbacks([EveryHook()], steps=250, logging_steps=50)
+    report = result.per_hook
+    assert report[("EveryHook", "on_evaluate")]["calls"] == 3  # steps 100, 200 and the last
+    assert report[("EveryHook", "on_save")]["calls"] == 3
+    assert report[("EveryHook", "on_substep_end")]["calls"] == 250
+    # The slow evaluation shows per call and per step.
+    assert report[("EveryHook", "on_evaluate")]["mean_s"] >= 0.002
+    assert result.not_exercised == {"EveryHook": ["on_predict"]}
+
+
+def test_bench_callbacks_pass_a_model_optimizer_and_scheduler(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "--callbacks", f"{__name__}:ReadsObjects", "--steps", "5"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert re.search(r"^ReadsObjects\s+on_step_end\s+5\b", captured.out, re.M)
+
+
+def test_bench_callbacks_a_raising_callback_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "--callbacks", f"{__name__}:RaisesInEvaluate", "--steps", "5"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert "RaisesInEvaluate.on_evaluate raised at step 5: KeyError: 'eval_f1'" in captured.err
+    assert "Traceback" not in captured.err
 
 
 def test_bench_rejects_unknown_config(capsys: pytest.CaptureFixture[str]) -> None:

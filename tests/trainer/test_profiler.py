@@ -128,6 +128,33 @@ def test_watch_rejects_a_share_outside_0_1(share: Any) -> None:
         CallbackTimeWatch(_handler(), share)
 
 
+def test_watch_leaves_the_librarys_own_callbacks_out(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # The library's own callbacks (here DefaultFlowCallback, made slow) are not the
+    # user's to fix: on sub-millisecond steps their share must not warn, and a
+    # warning for a user's callback names only the user's.
+    flow_step_end = DefaultFlowCallback.on_step_end
+
+    def slow_flow(self: Any, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        time.sleep(0.02)
+        return flow_step_end(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(DefaultFlowCallback, "on_step_end", slow_flow)
+    handler = _handler(Sleepy(0.0))
+    watch = CallbackTimeWatch(handler, 0.05, window=3, every=5)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        _steps(handler, 12, watch)
+    assert not [r for r in caplog.records if "callback_time_warning_share" in r.getMessage()]
+    assert watch.last_share is not None and watch.last_share < 0.05 and not watch.warned
+
+    handler = _handler(Sleepy(0.02))
+    watch = CallbackTimeWatch(handler, 0.05, window=3, every=5)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        _steps(handler, 12, watch)
+    warnings = [r.getMessage() for r in caplog.records if "callback_time_warning_share" in r.getMessage()]
+    assert len(warnings) == 1 and "Sleepy.on_step_end" in warnings[0]
+    assert "DefaultFlowCallback" not in warnings[0]
+
+
 def test_watch_stop_closes_an_open_sample() -> None:
     handler = _handler(Sleepy(0.0))
     watch = CallbackTimeWatch(handler, 0.05, window=10, every=20)
