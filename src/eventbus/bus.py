@@ -1166,6 +1166,10 @@ class EventBus:
             workers = routes.get(t)
             if not workers:
                 continue
+            if not ev.run_id:
+                # Published without one (a bus used on its own): the bus's run, so
+                # that what sinks write (a JSONL line, a spool record) says which run.
+                ev = _with_run_id(ev, self.run.run_id)
             if t in _VALUE_TYPES:
                 # The metric events: their step is compared with each sink's marks.
                 if type(ev.step) is not int and (ev := self._bad_step(ev, workers)) is None:
@@ -1342,6 +1346,13 @@ def _pending_log(item: tuple[str, int, int, float | None, int, Any, Any]) -> Log
     except Exception as exc:
         _malformed_log(logging.WARNING, "eventbus: a Log that cannot be built from %.200r (%r) is not delivered", item, exc)
         return None
+
+
+def _with_run_id(ev: BaseEvent, run_id: str) -> BaseEvent:
+    try:
+        return msgspec.structs.replace(ev, run_id=run_id)
+    except Exception:  # not an event struct (publish() is not type-checked): as it is
+        return ev
 
 
 def _settle_from(settle: dict[str, Any], values: Mapping[str, Any], resolved: Mapping[str, Any]) -> None:

@@ -510,3 +510,15 @@ def test_publish_log_writes_the_values_it_read_into_the_callers_record():
     assert rec.got[0].values == {"loss": 0.5, "grad_norm": 2.0, "other": 3.0, "learning_rate": 1e-3}
     assert record == {"loss": 0.5, "grad_norm": 9.0, "other": 3.0, "learning_rate": 1e-3, "step": 7}
     assert all(type(v) in (float, int) for v in record.values())
+
+
+def test_an_event_published_without_a_run_id_gets_the_bus_s():
+    # The README's "bus on its own": Log(step=1, ...) names no run; what sinks write
+    # (a JSONL line, a spool record) must say which run it belongs to.
+    rec = Recorder(events=(Log, StepEnd))
+    with EventBus([rec], run=RunInfo(run_id="r42"), flush_interval=0.01) as bus:
+        bus.publish(Log(step=1, values={"loss": 1.0}))
+        bus.publish(StepEnd(run_id="other", step=2))
+        wait_for(lambda: len(rec.got) == 2, what="both events")
+    assert [(type(e).__name__, e.run_id) for e in rec.got] == [("Log", "r42"), ("StepEnd", "other")]
+    assert rec.got[0].values == {"loss": 1.0}
