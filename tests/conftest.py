@@ -77,3 +77,18 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return attempts
+
+
+def wait_collected(predicate: Any, timeout: float = 20.0) -> bool:
+    """Poll ``predicate`` (collecting garbage before each try, so that finalizers of
+    dropped objects run) until true or ``timeout`` seconds; returns its last value."""
+    import gc
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        gc.collect()
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())

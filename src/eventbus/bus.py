@@ -933,9 +933,9 @@ class EventBus:
         tensor, once read: the caller's record holds numbers from then on, not
         tensors (device memory, on an accelerator), without reading them itself."""
         if self._log_urgent:
+            # (``settle`` is not written then: reading the values here would be work,
+            # maybe a device wait, on the caller's thread; the caller reads them later.)
             self.publish(Log(run_id=run_id, rank=rank, step=step, epoch=epoch, values=values))
-            if settle is not None:
-                _settle_with(settle, values)
             return
         # publish()'s body for an event that is never urgent (the test above).
         ingress = self._ingress
@@ -1365,15 +1365,6 @@ def _settle_from(settle: dict[str, Any], values: Mapping[str, Any], resolved: Ma
         held = settle.get(k, _MISSING)
         if held is v or _values.is_tensor(held):
             settle[k] = resolved[k]
-
-
-def _settle_with(settle: dict[str, Any], values: Mapping[str, Any]) -> None:
-    try:
-        resolved = _values.resolve_mapping(values)
-    except Exception:
-        return
-    if resolved is not None:
-        _settle_from(settle, values, resolved)
 
 
 _MISSING = object()

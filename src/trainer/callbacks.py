@@ -553,6 +553,12 @@ class CallbackHandler(TrainerCallback):
         """Whether ``hook`` currently builds and publishes its event."""
         return bool(getattr(self, "_p_" + hook))
 
+    @property
+    def publishes_log(self) -> bool:
+        """``publishes("on_log")``, without building the attribute's name (the trainer
+        asks it on every logged step)."""
+        return self._p_on_log
+
     # -- stateful callbacks ------------------------------------------------------------
 
     def export_callback_states(self, control: Any = None) -> dict[str, Any]:

@@ -1581,7 +1581,7 @@ class Trainer:
         self.state.log_history.append(entry)
         if plain:
             self.control = handler.on_log(self.args, self.state, self.control, logs)
-        elif handler.publishes("on_log"):
+        elif handler.publishes_log:
             handler.log_record = entry
             try:
                 self.control = handler.on_log(self.args, self.state, self.control, logs)

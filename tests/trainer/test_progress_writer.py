@@ -5,10 +5,7 @@ No GPU here: CPU tensors stand in for device ones."""
 
 from __future__ import annotations
 
-import gc
 import threading
-import time
-from typing import Callable
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ import trainer.progress as progress
 from trainer.arguments import TrainingArguments
 from trainer.progress import PrinterCallback, ProgressCallback
 from trainer.state import TrainerControl, TrainerState
+from tests.conftest import wait_collected
 
 ARGS = TrainingArguments()
 
@@ -31,14 +29,6 @@ def _writers(before: set[threading.Thread]) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t not in before and t.name == "trainer-log-writer"]
 
 
-def _wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        gc.collect()
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def test_printer_stops_its_writer_thread_at_train_end(capsys: pytest.CaptureFixture[str]) -> None:
@@ -90,5 +80,5 @@ def test_a_dropped_callback_keeps_no_writer_thread(kind: type, capsys: pytest.Ca
         threads += _writers(before)
         del cb
     assert len(threads) == 3
-    assert _wait(lambda: not any(t.is_alive() for t in threads)), [t for t in threads if t.is_alive()]
+    assert wait_collected(lambda: not any(t.is_alive() for t in threads)), [t for t in threads if t.is_alive()]
     assert capsys.readouterr().out.count("{'loss': '0.5'}") == 3

@@ -539,27 +539,19 @@ class EventBusLightningCallback(Callback):  # type: ignore[misc]
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         """Publish :class:`Evaluate` with the validation metrics (tensors, unsynced)."""
-        if trainer.sanity_checking or (Evaluate not in self._shared.holder.wanted and self._shared.holder.bus is not None):
-            return
-        self._emit(
-            Evaluate,
-            trainer,
-            step=self._eval_step(trainer),
-            metrics=self._metrics(trainer, self.eval_prefix),
-            prefix=self.eval_prefix,
-        )
+        if not trainer.sanity_checking:
+            self._emit_loop_end(Evaluate, trainer, self.eval_prefix)
 
     def on_test_end(self, trainer: Any, pl_module: Any) -> None:
         """Publish :class:`Predict` with the test metrics (tensors, unsynced)."""
-        if Predict not in self._shared.holder.wanted and self._shared.holder.bus is not None:
+        self._emit_loop_end(Predict, trainer, self.test_prefix)
+
+    def _emit_loop_end(self, event_type: type[BaseEvent], trainer: Any, prefix: str) -> None:
+        """The ending validation/test loop's metrics as ``event_type``, at the step
+        Lightning logged them at (when some sink wants that event)."""
+        if event_type not in self._shared.holder.wanted and self._shared.holder.bus is not None:
             return
-        self._emit(
-            Predict,
-            trainer,
-            step=self._eval_step(trainer),
-            metrics=self._metrics(trainer, self.test_prefix),
-            prefix=self.test_prefix,
-        )
+        self._emit(event_type, trainer, step=self._eval_step(trainer), metrics=self._metrics(trainer, prefix), prefix=prefix)
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         """Publish :class:`Save` when no logger will (it knows the file's name)."""

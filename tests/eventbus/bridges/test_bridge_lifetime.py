@@ -5,17 +5,15 @@ by the real ``transformers.Trainer`` on the CPU, report_to jsonl."""
 
 from __future__ import annotations
 
-import gc
 import json
 import threading
-import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from tests.conftest import require_module
+from tests.conftest import require_module, wait_collected
 from tests.eventbus.bridges.test_transformers_bridge import TinyRegressor, _args, _Data
 
 try:
@@ -32,14 +30,6 @@ def _frameworks() -> None:
     require_module("accelerate")
 
 
-def _wait(predicate: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        gc.collect()
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def _bus_threads(before: set[threading.Thread]) -> list[threading.Thread]:
@@ -78,12 +68,12 @@ def test_a_callback_dropped_without_close_closes_its_bus(tmp_path: Path, isolate
     ref = weakref.ref(bus)
 
     del trainer, cb, bus
-    assert _wait(lambda: ref() is None and not any(t.is_alive() for t in threads)), (
+    assert wait_collected(lambda: ref() is None and not any(t.is_alive() for t in threads)), (
         ref(),
         [t.name for t in threads if t.is_alive()],
     )
     if proc is not None:
-        assert _wait(lambda: proc.poll() is not None), "the isolated sink's child process still runs"
+        assert wait_collected(lambda: proc.poll() is not None), "the isolated sink's child process still runs"
     # Closed, not abandoned: the training's events were all written.
     events = _events(tmp_path / "out")
     assert events[0] == "InitEnd" and events[-1] == "TrainEnd"
@@ -98,7 +88,7 @@ def test_sweep_of_fresh_callbacks_keeps_no_bus_per_run(tmp_path: Path) -> None:
         trainer.train()
         refs.append(weakref.ref(cb.bus))
         del trainer, cb
-    assert _wait(lambda: all(r() is None for r in refs) and not _bus_threads(before))
+    assert wait_collected(lambda: all(r() is None for r in refs) and not _bus_threads(before))
     for i in range(3):
         assert _events(tmp_path / f"t{i}" / "out")[-1] == "TrainEnd"
 
