@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         targets.append(("backend SDKs imported by `import trainer`", ", ".join(leaked) or "none", "none", not leaked))
     print()
     print(_bench.format_targets(targets))
-    for note in result.notes:
+    for note in result.pairing_notes() + result.notes:
         print(f"note: {note}")
     if args.json:
         with open(args.json, "w") as f:

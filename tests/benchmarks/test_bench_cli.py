@@ -123,7 +123,7 @@ def test_bench_runs_transformers_handler_beside_ours(capsys: pytest.CaptureFixtu
     assert re.fullmatch(r"\d[\d,]*x", fields[-1]), fields  # the ratio theirs / ours
 
 
-def test_bench_with_every_sink_and_the_slow_one() -> None:
+def test_bench_with_every_sink_and_the_slow_one(tmp_path: Any) -> None:
     for mod in ("tensorboard", "neptune", "comet_ml"):
         require_module(mod)
     # In a process of its own: the Neptune and Comet SDKs keep process-wide state
@@ -133,7 +133,7 @@ def test_bench_with_every_sink_and_the_slow_one() -> None:
     env = {k: v for k, v in os.environ.items() if k != "EVENTBUS_MLFLOW_BIN"}
     proc = subprocess.run(
         [sys.executable, "-m", "eventbus", "bench", "--configs", "c,d", "--logging-steps", "1", "--steps", "20",
-         "--repeats", "1", "--gap-us", "0", "--no-transformers", "--no-imports"],
+         "--repeats", "2", "--gap-us", "0", "--no-transformers", "--no-imports", "--json", str(tmp_path / "o.json")],
         capture_output=True, text=True, timeout=600, env=env,
     )
     out = proc.stdout
@@ -141,8 +141,46 @@ def test_bench_with_every_sink_and_the_slow_one() -> None:
     assert set(_rows(out)) == {("c", 1), ("d", 1)}
     assert "# mlflow sink -> loopback HTTP server" in out
     assert "# sinks in a child process each (Sink.isolate): tensorboard, neptune, comet_ml, mlflow" in out  # the sinks' defaults
-    assert "(d) vs (c), ours, logging_steps=1" in out
+    # (c) and (d) were set up side by side and their blocks interleaved: paired.
+    assert re.search(r"\(d\) vs \(c\), ours, logging_steps=1\s+[+-][\d.]+% paired\s+within 5%", out), out
+    assert re.search(r"note: \(d\) vs \(c\), logging_steps=1, paired: the median change over 2 pairs of blocks", out), out
     assert "failed" not in out  # every sink opened, wrote and closed cleanly
+    import json
+
+    data = json.loads((tmp_path / "o.json").read_text())
+    assert data["together"] == [["c", "d"]]
+    assert [r["config"] for r in data["rows"]] == ["c", "d"]
+    assert all(len(r["ours"]["walls"]) == 2 for r in data["rows"])
+
+
+def test_configurations_measured_together() -> None:
+    """(c) and (d) form one group wherever they come in the list; the rest stay alone."""
+    assert _bench._groups(["a", "b", "c", "d"]) == [["a"], ["b"], ["c", "d"]]
+    assert _bench._groups(["d", "a", "c"]) == [["d", "c"], ["a"]]
+    assert _bench._groups(["c", "b"]) == [["c"], ["b"]]
+    assert _bench._groups(["d"]) == [["d"]]
+
+
+def test_d_vs_c_target_is_paired_block_by_block() -> None:
+    """Measured together, (d) vs (c) is the median of the per-pair ratios, not a ratio
+    of medians taken over different blocks; apart, the ratio of medians."""
+    walls_c, walls_d = (2.0, 4.0, 3.0), (2.08, 4.16, 3.6)  # pairs: +4%, +4%, +20%
+
+    def m(walls: tuple[float, ...]) -> Any:
+        return _bench.Measure(sorted(walls)[1], min(walls), max(walls), 1.0, 10, len(walls), walls)
+
+    rows = [_bench.Row("c", 1, m(walls_c)), _bench.Row("d", 1, m(walls_d))]
+    paired = _bench.OverheadResult(rows=rows, gap_s=0.0, transformers=None, together=[["c", "d"]])
+    value, _, ok = next(t[1:] for t in paired.targets() if t[0] == "(d) vs (c), ours, logging_steps=1")
+    assert value == "+4.0% paired" and ok is True
+    assert paired.pairing_notes() == [
+        "(d) vs (c), logging_steps=1, paired: the median change over 3 pairs of blocks run one after the other "
+        "(+4%, +4%, +20%); of the medians: +20.0%"
+    ]
+    apart = _bench.OverheadResult(rows=rows, gap_s=0.0, transformers=None)
+    value, _, ok = next(t[1:] for t in apart.targets() if t[0] == "(d) vs (c), ours, logging_steps=1")
+    assert value == "+20.0%" and ok is False
+    assert apart.pairing_notes() == []
 
 
 def test_bench_callbacks_profiles_per_hook(capsys: pytest.CaptureFixture[str]) -> None:
