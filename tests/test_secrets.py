@@ -30,7 +30,7 @@ from eventbus.events import BaseEvent
 from eventbus.registry import create_sink, sinks_from_report_to
 from sinks.mlflow import MLflowSink
 from tests._faultserver import FaultServer
-from tests.conftest import clean_backend_env, require
+from tests.conftest import clean_backend_env, require, require_module
 from tests.integration.conftest import mlflow_server  # noqa: F401 - the real mlflow server fixture
 from tests.trainer._loop_helpers import TinyClassifier, make_dataset
 from trainer import Trainer, TrainingArguments
@@ -320,11 +320,15 @@ SECRET_KEYS = [
     "api_key", "COMET_API_KEY", "apiKey", "wandb_api_key", "access_key", "private-key",
     "password", "MLFLOW_TRACKING_PASSWORD", "db_passwd", "client_secret", "aws_secret_access_key",
     "Authorization", "credentials",
+    "passphrase", "db_pwd", "PWD", "AccountKey", "storage_account_key", "connection_string", "AZURE_STORAGE_CONNECTION_STRING",
+    "signing_key", "ssh_key", "hmac_key", "session_cookie", "slack_webhook_url", "sas_url", "sas", "url_sig", "db_pass",
+    "auth", "sentry_dsn",
 ]
 SETTING_KEYS = [
     # transformers' own arguments and model configs: settings, logged as they are
     "pad_token_id", "bos_token_id", "eos_token_id", "average_tokens_across_devices",
     "include_num_input_tokens_seen", "max_tokens", "tokenizer_name", "token_ids", "hub_model_id", "key",
+    "author", "passage_len", "signal_dim", "sig_figs", "sort_key", "label_key", "text_key", "num_passes", "design",
 ]
 
 
@@ -356,3 +360,201 @@ def test_a_trainbegin_published_directly_reaches_no_file_with_its_secrets(tmp_pa
     assert begin.config == {"hub_token": "***", "nested": {"api_key": "***"}, "pad_token_id": 0}
     assert begin.model_config == {"pad_token_id": 0} and begin.hparams == {"hub_token": "***"}
     assert config["hub_token"] == SECRETS["hub_token"]  # the caller's dict is untouched
+
+
+# -- secrets inside objects and text -----------------------------------------------------
+
+
+@dataclasses.dataclass
+class HubConfig:
+    repo: str = "me/model"
+    token: str | None = None
+
+
+@dataclasses.dataclass
+class NestedArguments(TrainingArguments):
+    """Arguments holding a config object with a credential inside (not a dict)."""
+
+    hub: HubConfig = dataclasses.field(default_factory=HubConfig)
+
+
+class ObjectConfigModel(TinyClassifier):
+    """A model whose config is a namespace holding a pydantic model, a dataclass, an
+    argparse Namespace, a plain object whose repr shows its key, and URLs carrying
+    credentials in their text."""
+
+    def __init__(self) -> None:
+        import argparse
+        import types
+
+        import pydantic
+
+        class DataConfig(pydantic.BaseModel):
+            url: str = "s3://bucket/data"
+            api_key: str = SECRETS["model_cfg"]
+
+        class Tracker:
+            def __init__(self) -> None:
+                self.api_key = SECRETS["wandb_api_key"]
+
+            def __repr__(self) -> str:
+                return f"Tracker(project='p', api_key={self.api_key!r})"
+
+        super().__init__()
+        self.config = types.SimpleNamespace(
+            hidden_size=16,
+            data=DataConfig(),
+            hub=HubConfig(token=SECRETS["hub_token"]),
+            cli=argparse.Namespace(hf_token=SECRETS["neptune_arg"], seed=1),
+            tracker=Tracker(),
+            data_url=f"https://acct.blob.core.windows.net/c/train.parquet?sv=2022-11-02&sig={SECRETS['comet_arg']}",
+            mirror=f"https://alice:{SECRETS['model_pw']}@mirror.local/x",
+        )
+
+
+def test_secrets_inside_config_objects_and_urls_reach_no_sink_nor_file(tmp_path):
+    """A credential held by a dataclass, a pydantic model, a namespace or an object's
+    repr, or carried in a URL's text, is masked in TrainBegin: no JSONL line,
+    TensorBoard event file or repr shows it, and the rest of the config is kept."""
+    require_module("tensorboard")
+    from sinks.jsonl import read_jsonl
+
+    out = tmp_path / "out"
+    args = NestedArguments(
+        output_dir=str(out), max_steps=2, logging_steps=1, report_to=["jsonl", "tensorboard"], disable_tqdm=True,
+        hub=HubConfig(token=SECRETS["mlflow_arg"]),
+    )
+    assert_no_secret(repr(args), "repr(args)")
+    assert_no_secret(args.to_json_string(), "args.to_json_string()")
+    Trainer(ObjectConfigModel(), args, train_dataset=TRAIN).train()
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert_no_secret(path.read_bytes(), str(path.relative_to(tmp_path)))
+    (begin,) = [e for f in out.rglob("*.jsonl") for e in read_jsonl(f) if isinstance(e, TrainBegin)]
+    assert begin.config["hub"] == {"repo": "me/model", "token": "***"}
+    model = begin.model_config
+    assert model["data"] == {"url": "s3://bucket/data", "api_key": "***"}
+    assert model["hub"] == {"repo": "me/model", "token": "***"} and model["cli"] == {"hf_token": "***", "seed": 1}
+    assert model["tracker"] == "Tracker(project='p', api_key='***')"
+    assert model["data_url"] == "https://acct.blob.core.windows.net/c/train.parquet?sv=2022-11-02&sig=***"
+    assert model["mirror"] == "https://alice:***@mirror.local/x" and model["hidden_size"] == 16
+    assert args.hub.token == SECRETS["mlflow_arg"]  # the user's object is untouched
+
+
+def test_a_crash_message_with_a_signed_url_reaches_no_file(tmp_path):
+    """TrainEnd's error (an exception's text) has the credentials its text shows
+    masked: a data loader's HTTP error names the presigned URL it failed on."""
+    from sinks.jsonl import read_jsonl
+    from trainer import TrainerCallback
+
+    url = f"https://bucket.s3.amazonaws.com/shard-3?X-Amz-Signature={SECRETS['comet_arg']}&X-Amz-Expires=60"
+
+    class Fails(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 2:
+                raise RuntimeError(f"403 Client Error: Forbidden for url: {url}")
+
+    out = tmp_path / "out"
+    args = TrainingArguments(output_dir=str(out), max_steps=4, report_to=["jsonl"], disable_tqdm=True)
+    with pytest.raises(RuntimeError, match="403"):
+        Trainer(TinyClassifier(), args, train_dataset=TRAIN, callbacks=[Fails()]).train()
+    (end,) = [e for f in out.rglob("*.jsonl") for e in read_jsonl(f) if isinstance(e, TrainEnd)]
+    assert end.status == "failed"
+    assert end.error == (
+        "RuntimeError: 403 Client Error: Forbidden for url: "
+        "https://bucket.s3.amazonaws.com/shard-3?X-Amz-Signature=***&X-Amz-Expires=60"
+    )
+    for path in out.rglob("*.jsonl"):
+        assert_no_secret(path.read_bytes(), path.name)
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("https://alice:s3cr3t-pw@host/x", "https://alice:***@host/x"),
+        ("postgresql://u:s3cr3t-pw@db:5432/x", "postgresql://u:***@db:5432/x"),
+        ("https://a.blob.core.windows.net/c?sv=2022&sig=abcDEF%2B123&se=1", "https://a.blob.core.windows.net/c?sv=2022&sig=***&se=1"),
+        ("https://api.x/v1?access_token=abc123&page=2", "https://api.x/v1?access_token=***&page=2"),
+        ("Wandb(api_key='abc123', project='p')", "Wandb(api_key='***', project='p')"),
+        ('{"password": "abc123", "lr": 0.1}', '{"password": "***", "lr": 0.1}'),
+        ("login with token=abc123 failed", "login with token=*** failed"),
+        ("echo: Bearer abcdef123456", "echo: Bearer ***"),
+        # settings and plain text stay as they are
+        ("pad_token_id=0 max_tokens=5", "pad_token_id=0 max_tokens=5"),
+        ("s3://bucket/data/train-*.parquet", "s3://bucket/data/train-*.parquet"),
+        ("token embeddings: 512", "token embeddings: 512"),
+        ("https://host/x?page=2&sort=asc", "https://host/x?page=2&sort=asc"),
+    ],
+)
+def test_credentials_in_text_are_masked(text: str, masked: str) -> None:
+    from eventbus.redact import redact_str
+
+    assert redact_str(text) == masked
+
+
+def test_a_token_read_with_its_newline_is_used_without_it(monkeypatch, caplog):
+    """A token read from a file or a Kubernetes secret ends in a newline: it is sent
+    without it (no header error retried as a connection failure, with the token in
+    its message); whitespace inside a token is a configuration error that does not
+    show the token."""
+    from sinks._http import HttpClient
+
+    caplog.set_level(logging.DEBUG)
+    secret = SECRETS["MLFLOW_TRACKING_TOKEN"]
+    server = FaultServer()
+    try:
+        for k in list(os.environ):
+            if k.startswith(("MLFLOW_", "AZUREML_")):
+                monkeypatch.delenv(k)
+        sink = MLflowSink(server.url, experiment_name="newline", token=secret + "\n", max_attempts=1)
+        sink.max_retries = 0
+        _send(sink)
+    finally:
+        server.close()
+    assert server.requests and all(r.authorization == f"Bearer {secret}" for r in server.requests)
+    with pytest.raises(SinkConfigError, match="whitespace or a control character") as err:
+        HttpClient("https://example.org", name="mlflow sink", token="abc def\r\nX-Injected: 1")
+    assert "abc" not in str(err.value)
+
+
+def test_an_error_body_echoing_a_long_token_is_not_shown_in_part(monkeypatch, caplog):
+    """The server's body is scrubbed before it is cut for the message: a long token
+    echoed near the cut is masked whole, not shown up to the cut."""
+    caplog.set_level(logging.DEBUG)
+    secret = "zz" + "LongBearerToken" * 20  # an Azure AD token is 1-2 KB
+    server = FaultServer()
+    try:
+        for k in list(os.environ):
+            if k.startswith(("MLFLOW_", "AZUREML_")):
+                monkeypatch.delenv(k)
+        # The server's body echoes the Authorization header after ~50 characters: the
+        # 300-character cut falls inside the token.
+        server.fail("/experiments/get-by-name", *[403] * 3)
+        sink = MLflowSink(server.url, experiment_name="long", token=secret, max_attempts=1)
+        sink.max_retries = 0
+        s = _send(sink)
+    finally:
+        server.close()
+    assert "403" in (s.last_error or "")
+    for text in (s.last_error or "", caplog.text):
+        assert "zzLongBearerToken" not in text
+
+
+def test_bridges_hyperparameters_with_secrets_inside_objects_are_masked() -> None:
+    """What the Lightning and transformers bridges log as hyperparameters (a
+    LightningModule's hparams often hold an argparse Namespace or a tracker object)."""
+    import argparse
+
+    from eventbus.bridges._common import safe_config, scalar_params
+
+    class Tracker:
+        def __repr__(self) -> str:
+            return f"Tracker(project='p', api_key={SECRETS['wandb_api_key']!r})"
+
+    hparams = {"lr": 1e-3, "tracker": Tracker(), "args": argparse.Namespace(hf_token=SECRETS["hub_token"], seed=1)}
+    assert safe_config(hparams) == {
+        "lr": 1e-3, "tracker": "Tracker(project='p', api_key='***')", "args": {"hf_token": "***", "seed": 1}
+    }
+    assert scalar_params(hparams) == {
+        "lr": 1e-3, "tracker": "Tracker(project='p', api_key='***')", "args/hf_token": "***", "args/seed": 1
+    }

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Iterable, Union
 import msgspec
 
 from eventbus import values as _values
-from eventbus.redact import redact
+from eventbus.redact import redact, redact_str
 
 __all__ = [
     "BaseEvent",
@@ -119,12 +119,19 @@ class TrainBegin(BaseEvent, frozen=True, kw_only=True):
 
 class TrainEnd(BaseEvent, frozen=True, kw_only=True):
     """Training ended (``on_train_end``). ``status`` is ``"completed"``,
-    ``"stopped"`` (a callback asked to stop), ``"interrupted"`` or ``"failed"``."""
+    ``"stopped"`` (a callback asked to stop), ``"interrupted"`` or ``"failed"``.
+    ``error``: what failed, with the credentials the text shows masked
+    (:func:`eventbus.redact.redact_str`: an exception about a presigned or SAS URL
+    holds its signature) when the event is built."""
 
     status: str = "completed"
     error: str | None = None
     best_metric: float | None = None
     best_model_checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.error:
+            msgspec.structs.force_setattr(self, "error", redact_str(self.error))
 
 
 class EpochBegin(BaseEvent, frozen=True, kw_only=True):

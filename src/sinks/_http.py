@@ -53,7 +53,7 @@ import httpx
 import msgspec
 
 from eventbus.errors import SinkConfigError, SinkError, TransientSinkError
-from eventbus.redact import REDACTED, redact_text
+from eventbus.redact import REDACTED, redact_str, redact_text
 
 __all__ = [
     "HttpClient",
@@ -172,6 +172,8 @@ class HttpClient:
             raise SinkConfigError(f"{name}: timeout must be a positive number of seconds, got {timeout!r}")
         if token is not None and not isinstance(token, str):
             raise SinkConfigError(f"{name}: token must be a string, got {type(token).__name__}")
+        if token:
+            token = _clean_token(name, token, "token")
         if token_provider is not None and not callable(token_provider):
             raise SinkConfigError(f"{name}: token_provider must be callable, got {type(token_provider).__name__}")
         if token and token_provider:
@@ -258,12 +260,12 @@ class HttpClient:
             # The provider's own message may hold anything; keep its type and scrub it.
             raise SinkError(f"{self.name}: the token provider failed: {type(exc).__name__}: {self.scrub(str(exc))}") from None
         token = result if isinstance(result, str) else getattr(result, "token", None)
-        if not isinstance(token, str) or not token:
+        if not isinstance(token, str) or not token.strip():
             raise SinkError(
                 f"{self.name}: the token provider returned {type(result).__name__}, expected a non-empty str or an "
                 f"object with a .token str (such as azure.core.credentials.AccessToken)"
             )
-        self._token = token
+        self._token = _clean_token(self.name, token, "token the token provider returned")
         expires = getattr(result, "expires_on", None)
         self._token_expires = float(expires) if isinstance(expires, (int, float)) else None
 
@@ -328,7 +330,7 @@ class HttpClient:
                     await self._fetch_token()
                     attempt -= 1
                     continue
-                detail = self.scrub(_body_excerpt(response))
+                detail = _body_excerpt(response, self.scrub)
                 where = f"{method} {self.base_url}{path}"
                 if status not in RETRY_STATUSES:
                     hint = ""
@@ -364,7 +366,7 @@ class HttpClient:
         except ValueError:
             raise SinkError(
                 f"{self.name}: {method} {self.base_url}{path} answered {response.status_code} with a body that is not "
-                f"JSON: {self.scrub(_body_excerpt(response))}"
+                f"JSON: {_body_excerpt(response, self.scrub)}"
             ) from None
 
     async def aclose(self) -> None:
@@ -372,10 +374,27 @@ class HttpClient:
         await self._client.aclose()
 
 
-def _body_excerpt(response: httpx.Response, limit: int = 300) -> str:
+def _body_excerpt(response: httpx.Response, scrub: Callable[[str], str], limit: int = 300) -> str:
+    """The start of a response's body for an error message, on one line. ``scrub``
+    (the client's credentials out) runs on the whole body first: cut first, a
+    credential the server echoed could be cut in two, and its first half shown."""
     try:
         text = response.text
     except Exception:
         return "<unreadable body>"
-    text = " ".join(text.split())
+    text = " ".join(redact_str(scrub(text)).split())
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _clean_token(name: str, token: str, what: str) -> str:
+    """``token`` without surrounding whitespace (a token read from a file or a
+    Kubernetes secret ends in a newline), or a :class:`SinkConfigError` when it holds
+    whitespace or a control character inside, which no HTTP header can carry: a
+    mistake to fix, not a connection failure to retry. The value is never shown."""
+    cleaned = token.strip()
+    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in cleaned):
+        raise SinkConfigError(
+            f"{name}: the {what} holds whitespace or a control character inside it, which an HTTP header cannot "
+            f"carry; check how it was read (the value is not shown)"
+        )
+    return cleaned

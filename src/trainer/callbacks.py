@@ -48,7 +48,7 @@ from eventbus.events import (
     TrainBegin,
     TrainEnd,
 )
-from eventbus.redact import redact
+from eventbus.redact import redact, redact_str
 from eventbus.values import Snapshot, resolve, snapshot
 from trainer.state import CallbackStateError, TrainerControl, TrainerState, _add_state, is_exportable, load_state_into
 
@@ -956,4 +956,6 @@ def _plain(value: Any, depth: int = 0) -> Any:
         return [_plain(v, depth + 1) for v in value]
     if isinstance(value, enum.Enum):
         return _plain(value.value, depth + 1)
-    return str(value)
+    # An object of its own (a dtype, a path, a user's class): its str, with any
+    # credential it shows (``api_key='...'`` in a repr, a URL's password) masked.
+    return redact_str(str(value))

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from eventbus.bus import EventBus
 from eventbus.errors import BusStateError, MissingDependencyError, SinkConfigError
 from eventbus.events import EVENT_TYPES, BaseEvent
-from eventbus.redact import redact
+from eventbus.redact import redact, redact_str
 from eventbus.registry import sinks_from_report_to
 from eventbus.sink import RunInfo, Sink
 from eventbus.stats import BusStats
@@ -284,7 +284,8 @@ def jsonable(value: Any, _depth: int = 0) -> Any:
         return {str(k): jsonable(v, _depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [jsonable(v, _depth + 1) for v in value]
-    return str(value)
+    # An object of its own: its str, with any credential it shows masked.
+    return redact_str(str(value))
 
 
 def safe_config(value: Mapping[str, Any]) -> dict[str, Any]:
