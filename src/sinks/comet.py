@@ -14,7 +14,11 @@ What it logs, as transformers' ``CometCallback`` does:
   (a custom ``metric_key_prefix="val"``'s ``val_loss`` -> ``train/val_loss``, an
   evaluation's ``epoch`` -> ``train/epoch``), each with ``step`` (the global step)
   and ``epoch``; NaN and inf are logged as such (Comet stores them); the same
-  evaluation arriving as ``Log`` and as ``Evaluate`` is logged once;
+  evaluation arriving as ``Log`` and as ``Evaluate`` is logged once; a name over
+  Comet's 100-character limit (which the SDK would cut, merging names that differ only
+  past it: a PEFT model's ``grad_norm/...lora_magnitude_vector.default.weight`` and
+  ``...bias``) is logged as its first characters, ``~`` and a hash of the whole name,
+  with one warning per name;
 - at the end, the output directory as assets when ``COMET_LOG_ASSETS`` is true.
 
 Beyond transformers: the eventbus run id as a tag and as the ``eventbus_run_id``
@@ -48,19 +52,27 @@ reporting (``COMET_INTERNAL_REPORTING``) and its framework auto-logging import h
 (``COMET_DISABLE_AUTO_LOGGING``) are off unless those variables say otherwise; source
 code, the command line (which may hold tokens) and environment details are not
 logged unless asked (``log_code``, ``parse_args``, ``log_env_details``).
+
+An experiment the SDK could not start (``COMET ERROR: Failed to create experiment``:
+the server refused the key, answered 5xx, or could not be reached) is not alive: the
+SDK would drop everything logged to it without a word. The open then fails with a
+:class:`~eventbus.errors.SinkError` (the bus counts or spools the events, and tries
+the open again with the next batch), as does a write once the experiment is no longer
+alive (ended by something else in the process).
 """
 
 from __future__ import annotations
 
 import configparser
 import glob
+import hashlib
 import importlib.util
 import logging
 import math
 import os
 from typing import Any, Mapping, Sequence
 
-from eventbus.errors import SinkConfigError
+from eventbus.errors import SinkConfigError, SinkError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, TrainBegin, TrainEnd
 from eventbus.redact import Secret, redact, redact_text
 from eventbus.sink import RunInfo, ThreadedSink
@@ -74,6 +86,8 @@ _TRUE = ("1", "true", "yes", "on", "y", "t")
 _FALSE = ("0", "false", "no", "off", "n", "f", "")
 _START_MODES = ("get", "get_or_create", "create")
 _LEGACY_MODES = ("online", "offline", "disabled")
+_NAME_LIMIT = 100
+"""Comet's longest metric name (the SDK's ``MAXIMAL_KEY_LENGTH``, read at open)."""
 
 # Set (unless the user set them) before comet_ml is imported: the SDK reads them at import.
 _SDK_DEFAULTS = {
@@ -217,6 +231,10 @@ class CometSink(ThreadedSink):
         self._scalars = ScalarFilter(self.name)
         self._last_step: dict[str, tuple[int, float]] = {}
         """Per metric name, the step and value last logged."""
+        self._name_limit = _NAME_LIMIT
+        self._short_names: dict[str, str] = {}
+        """Per metric name over Comet's limit, the name it is logged under."""
+        self._warned: set[str] = set()
 
     @staticmethod
     def _parse_mode(mode: str | None) -> tuple[str | None, bool | None, bool]:
@@ -273,6 +291,7 @@ class CometSink(ThreadedSink):
         self._end_stale()
         self._run = run
         self._last_step.clear()
+        self._short_names.clear()
         if self.disabled:
             logger.info("comet_ml sink: COMET_MODE=DISABLED, nothing is logged to Comet")
             return
@@ -368,6 +387,21 @@ class CometSink(ThreadedSink):
         except (ValueError, comet_ml.exceptions.InvalidExperimentMode, comet_ml.exceptions.InvalidAPIKey) as exc:
             # Configuration mistakes; anything else (a server error) goes to the bus's retry logic.
             raise SinkConfigError(f"comet_ml sink: could not start the experiment: {self._redact(str(exc))}") from None
+        if not getattr(self._experiment, "alive", True):
+            # The SDK logs "Failed to create experiment" (a 401, a 5xx, no connection)
+            # and returns an experiment that is not alive: it drops whatever is logged
+            # to it. Failing the open makes the bus count (or spool) the events and try
+            # the open again with its next batch.
+            dead, self._experiment = self._experiment, None
+            try:
+                dead.end()
+            except Exception:  # nothing was started: nothing to lose
+                pass
+            where = "online" if online else "offline"
+            raise SinkError(
+                f"comet_ml sink: Comet did not start the {where} experiment (the SDK's 'COMET ERROR' log above says "
+                "why: an API key the server refused, a server error, or no connection); nothing can be logged to it"
+            )
         self._online = online
         self._continued = continued is not None
         if online:
@@ -387,12 +421,24 @@ class CometSink(ThreadedSink):
         comet_ml = import_sdk("comet_ml", "comet", "comet_ml")
         import comet_ml.exceptions  # noqa: F401  (the error types open_sync catches)
 
+        try:
+            from comet_ml.config.config_constants import MAXIMAL_KEY_LENGTH
+        except ImportError:  # moved in another version: the documented limit
+            MAXIMAL_KEY_LENGTH = _NAME_LIMIT
+        if isinstance(MAXIMAL_KEY_LENGTH, int) and MAXIMAL_KEY_LENGTH >= 50:
+            self._name_limit = MAXIMAL_KEY_LENGTH
         return comet_ml
 
     def write_sync(self, batch: Sequence[BaseEvent]) -> None:
         """Log each event, in order."""
         if self._experiment is None:
             return
+        if not getattr(self._experiment, "alive", True):
+            # Ended by something else in this process (another experiment started,
+            # comet_ml's own end): the SDK would drop these without a word.
+            raise SinkError(
+                "comet_ml sink: the Comet experiment is no longer alive (ended outside this sink?); not logged"
+            )
         for event in batch:
             if isinstance(event, Log):
                 self._log_metrics(rewrite_logs(event.values), event)
@@ -452,6 +498,7 @@ class CometSink(ThreadedSink):
 
     def _log_metrics(self, values: Mapping[str, Any], event: BaseEvent) -> None:
         metrics: dict[str, float] = {}
+        limit = self._name_limit
         for key, value in self._scalars.scalars(values):
             last = self._last_step.get(key)
             if last is not None and last[0] == event.step and _same(last[1], value):
@@ -460,9 +507,37 @@ class CometSink(ThreadedSink):
                 # after train() on other data, at the step of the last evaluation.
                 continue
             self._last_step[key] = (event.step, value)
-            metrics[key] = value
+            metrics[key if len(key) <= limit else self._short_name(key)] = value
         if metrics:
             self._experiment.log_metrics(metrics, step=event.step, epoch=event.epoch)
+
+    def _short_name(self, key: str) -> str:
+        """The name ``key``, longer than Comet's limit, is logged under: its first
+        characters, ``~`` and the start of a hash of the whole name, within the limit.
+        The SDK would cut it at the limit instead, so that names differing only past it
+        (a PEFT model's ``...default.weight`` and ``...default.bias``) became one
+        series, and warn at every step."""
+        name = self._short_names.get(key)
+        if name is not None:
+            return name
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        taken = set(self._short_names.values())
+        for width in (8, 16, 32):  # a longer hash in the unlikely case of a clash
+            name = f"{key[: self._name_limit - width - 1]}~{digest[:width]}"
+            if name not in taken and name not in self._last_step:
+                break
+        self._short_names[key] = name
+        if f"long {key}" not in self._warned:
+            self._warned.add(f"long {key}")
+            logger.warning(
+                "comet_ml sink: metric name %r has %d characters, over Comet's limit of %d (the SDK would cut it, "
+                "merging it with names that differ only past the limit); logged as %r (shown once per key)",
+                key,
+                len(key),
+                self._name_limit,
+                name,
+            )
+        return name
 
     def _train_end(self, event: TrainEnd) -> None:
         exp = self._experiment

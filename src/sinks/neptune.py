@@ -29,10 +29,21 @@ Beyond transformers: the eventbus run id as a tag and as ``<base_namespace>/run_
 ``<base_namespace>/train_status``, ``best_metric``, ``best_model_checkpoint``, and
 ``sys/failed`` set when training failed. Source files are not uploaded unless asked
 (``source_files=[...]``). NaN and inf cannot be stored by Neptune: they are skipped
-with one warning per metric. A metric step that is not above the last one logged for
-that metric (Neptune's rule) is skipped too, so the same evaluation arriving both as
-``Log`` and as ``Evaluate`` is logged once (another value at a step already logged is
-skipped with a warning).
+with one warning per metric, as is an int too large for a float (``10**400``). A
+metric step that is not above the last one logged for that metric (Neptune's rule)
+is skipped too, so the same evaluation arriving both as ``Log`` and as ``Evaluate``
+is logged once (another value at a step already logged is skipped with a warning).
+
+Field names: Neptune cannot have a series and a namespace at one path, so a metric
+whose name is also the namespace of others (the trainer's ``grad_norm`` and a
+callback's ``grad_norm/layer0``), or whose name only differs from another's by what
+``clean_path`` tidies (``/lead`` and ``lead``), would break the run's logging. The
+sink keeps the fields it has used in this run (and, for a run it continues or is
+given, those the client knows) and logs a name that would clash under another,
+deterministic one: ``_`` appended to the clashing segment (``train/grad_norm_``,
+``train/grad_norm_/layer0``), with one warning naming both. A series the client still
+refuses (a type clash with a field it knows) is skipped with one warning; the others
+in the batch are sent all the same. An empty metric name is logged as ``train/_``.
 
 One run per bus run where the client allows it: our ``Trainer`` closes its bus at the
 end of ``train()``, and ``evaluate()``/``predict()`` open a new bus over the same sink
@@ -58,6 +69,7 @@ import json
 import logging
 import math
 import os
+import re
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlparse
 
@@ -65,7 +77,7 @@ from eventbus.errors import SinkConfigError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
 from eventbus.redact import Secret, redact, redact_text
 from eventbus.sink import RunInfo, ThreadedSink
-from sinks._common import BATCH_SIZE, check_option_types, evaluation_names, import_sdk, is_number, rewrite_logs
+from sinks._common import BATCH_SIZE, check_option_types, evaluation_names, flatten, import_sdk, is_number, rewrite_logs
 
 __all__ = ["NeptuneSink", "clean_path"]
 
@@ -93,6 +105,16 @@ def _token_address(token: str) -> str | None:
         return None
     address = data.get("api_url") or data.get("api_address")
     return address if isinstance(address, str) else None
+
+
+def _field_errors() -> tuple[type[BaseException], ...]:
+    """What the client raises for one field it cannot take (a path that is a namespace
+    or lies under a series, a value of another type than the field's): that series is
+    skipped, the rest of the batch is not."""
+    import neptune.exceptions as nexc
+
+    found = getattr(nexc, "MetadataInconsistency", None)
+    return (AttributeError, TypeError, ValueError, *((found,) if isinstance(found, type) else ()))
 
 
 def _config_errors() -> tuple[type[BaseException], ...]:
@@ -247,6 +269,15 @@ class NeptuneSink(ThreadedSink):
         # it: the bus retries a failed batch with the very same list.
         self._attempt: tuple[Sequence[BaseEvent], dict[str, float]] | None = None
         self._warned: set[str] = set()
+        # Field paths (under base_namespace) of this run, so that two names never meet
+        # at one path: per metric key the field it is logged to (None: skipped), per
+        # leaf field we use the key logging to it ("" for a field of ours that is not a
+        # metric), per namespace a key logged under it ("": ours, or one the client
+        # knew); the leaf fields the client knew at open (a metric may continue one).
+        self._fields: dict[str, str | None] = {}
+        self._leaves: dict[str, str] = {}
+        self._namespaces: dict[str, str] = {}
+        self._known: set[str] = set()
         self._previous_checkpoint: str | None = None
         if log_checkpoints in ("last", "best"):
             self._checkpoints_namespace = f"checkpoints/{log_checkpoints}"
@@ -301,6 +332,10 @@ class NeptuneSink(ThreadedSink):
         self._stop_stale()
         self._last_step.clear()
         self._last_value.clear()
+        self._fields.clear()
+        self._leaves.clear()
+        self._namespaces.clear()
+        self._known.clear()
         self._attempt = None
         self._previous_checkpoint = None
         if self._user_run is not None:
@@ -360,8 +395,40 @@ class NeptuneSink(ThreadedSink):
                 self._run = self._init_run(neptune, run, **kwargs)
             self.last_bus_run_id = run.run_id
             self.last_sys_id = None if self.mode in _LOCAL_MODES else _sys_id(self._run)
+        self._learn_structure()
         self._run[INTEGRATION_VERSION_KEY] = _package_version()
+        self._claim("run_id")
         self._ns("run_id").assign(run.run_id)
+
+    def _learn_structure(self) -> None:
+        """Note the fields the client already knows under our namespace (a run continued
+        with ``with_id`` or passed in), so that a metric name is never put where one of
+        them is; a run without ``get_structure`` (or that fails it) is taken as empty."""
+        get_structure = getattr(self._run, "get_structure", None)
+        if not callable(get_structure):
+            return
+        try:
+            tree: Any = get_structure()
+        except Exception as exc:
+            logger.warning(
+                "neptune sink: could not read the run's fields (%s); metric names are checked against ours only",
+                type(exc).__name__,
+            )
+            return
+        for part in clean_path(self.base_namespace).split("/"):
+            tree = tree.get(part) if isinstance(tree, Mapping) else None
+        if not isinstance(tree, Mapping):
+            return
+        stack: list[tuple[str, Mapping[str, Any]]] = [("", tree)]
+        while stack:
+            prefix, node = stack.pop()
+            for name, child in node.items():
+                path = f"{prefix}{name}"
+                if isinstance(child, Mapping):
+                    self._namespaces.setdefault(path, "")
+                    stack.append((path + "/", child))
+                else:
+                    self._known.add(path)
 
     def _init_run(self, neptune: Any, run: RunInfo, **kwargs: Any) -> Any:
         try:
@@ -439,13 +506,19 @@ class NeptuneSink(ThreadedSink):
 
         if self.log_parameters:
             if event.config:
-                self._ns("trainer_parameters").assign(stringify_unsupported(_clean(redact(event.config))))
+                self._assign_dict("trainer_parameters", stringify_unsupported(_clean(redact(event.config))))
             if event.model_config:
-                self._ns("model_parameters").assign(stringify_unsupported(_clean(redact(event.model_config))))
+                self._assign_dict("model_parameters", stringify_unsupported(_clean(redact(event.model_config))))
         if event.hparams:
-            self._ns("hparams").assign(stringify_unsupported(_clean(redact(event.hparams))))
+            self._assign_dict("hparams", stringify_unsupported(_clean(redact(event.hparams))))
         if event.resumed_from:
+            self._claim("resumed_from")
             self._ns("resumed_from").assign(event.resumed_from)
+
+    def _assign_dict(self, path: str, value: Mapping[str, Any]) -> None:
+        for key in flatten(value):
+            self._claim(f"{path}/{key}")
+        self._ns(path).assign(value)
 
     def _gather(self, values: Mapping[str, Any], event: BaseEvent, pending: _Pending) -> None:
         step = event.step
@@ -456,9 +529,14 @@ class NeptuneSink(ThreadedSink):
                     key, "%r is a %s, not a number; it is not logged (shown once per key)", key, type(value).__name__
                 )
                 continue
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an int past a float's range (10**400)
+                self._warn_once(key, "%r is an int too large for a float; it is not logged (shown once per key)", key)
+                continue
             if key in _FLAT_METRICS:
-                pending.flat[key] = value  # a single value: the last one wins
+                if self._field(key) is not None:
+                    pending.flat[key] = value  # a single value: the last one wins
                 continue
             if not math.isfinite(value):
                 self._warn_once(
@@ -468,6 +546,8 @@ class NeptuneSink(ThreadedSink):
                     value,
                     step,
                 )
+                continue
+            if self._field(key) is None:
                 continue
             series = pending.series.get(key)
             last = series[1][-1] if series else self._last_step.get(key)
@@ -504,17 +584,120 @@ class NeptuneSink(ThreadedSink):
                 step,
             )
 
+    def _field(self, key: str) -> str | None:
+        """The field (under ``base_namespace``) metric ``key`` is logged to; ``None``
+        when it is not logged (the client refused it)."""
+        try:
+            return self._fields[key]
+        except KeyError:
+            return self._place(key)
+
+    def _place(self, key: str) -> str:
+        """Give metric ``key`` a field no other name of this run uses and Neptune can
+        take: not a namespace, not under a series. Where its own path clashes, ``_``
+        is appended to the clashing segment until it does not (the same names in the
+        same order give the same fields), with one warning naming both."""
+        wanted = path = clean_path(key)
+        clash: str | None = None
+        while True:
+            other = self._leaves.get(path)
+            if other is not None:
+                clash = clash or (f"which {other!r} is logged to" if other else "a field of the run")
+                path += "_"
+                continue
+            inside = self._namespaces.get(path)
+            if inside is not None:
+                clash = clash or (
+                    f"which is a namespace ({inside!r} is logged under it)" if inside else "which is a namespace of the run"
+                )
+                path += "_"
+                continue
+            parent = self._leaf_above(path)
+            if parent is None:
+                break
+            owner = self._leaves.get(parent)
+            clash = clash or (
+                f"under {self.base_namespace}/{parent}, which {owner!r} is logged to"
+                if owner
+                else f"under {self.base_namespace}/{parent}, a field of the run"
+            )
+            path = parent + "_" + path[len(parent) :]
+        if clash is not None:
+            self._warn_once(
+                f"field {key}",
+                "%r would be logged to %s/%s, %s (Neptune cannot hold both); logged to %s/%s instead",
+                key,
+                self.base_namespace,
+                wanted,
+                clash,
+                self.base_namespace,
+                path,
+            )
+        self._claim(path, key)
+        self._fields[key] = path
+        return path
+
+    def _leaf_above(self, path: str) -> str | None:
+        """The first of ``path``'s parent namespaces that is a leaf field, if any."""
+        end = path.find("/")
+        while end != -1:
+            if path[:end] in self._leaves or path[:end] in self._known:
+                return path[:end]
+            end = path.find("/", end + 1)
+        return None
+
+    def _claim(self, path: str, key: str = "") -> None:
+        """Note a field path (under ``base_namespace``) as used, by metric ``key``."""
+        self._leaves.setdefault(path, key)
+        end = path.find("/")
+        while end != -1:
+            self._namespaces.setdefault(path[:end], key)
+            end = path.find("/", end + 1)
+
     def _send(self, pending: _Pending) -> None:
         """Send what ``pending`` gathered, and empty it. A series' last step is noted
-        only once the client took it: a batch retried after an error logs it again."""
+        only once the client took it: a batch retried after an error logs it again.
+        Each series goes on its own: one the client refuses (a field it holds with
+        another type) is skipped from then on, with one warning, and the others are
+        sent; any other error is raised once every series was tried (the bus retries
+        a transient one, and the retry sends only what did not go)."""
+        failure: BaseException | None = None
+        refused = _field_errors()
         for key, value in pending.flat.items():
-            self._ns(key).assign(value)
+            try:
+                self._ns(self._fields[key]).assign(value)
+            except refused as exc:
+                self._refuse(key, exc)
+            except Exception as exc:
+                failure = failure or exc
         pending.flat.clear()
         for key, (values, steps, timestamps) in pending.series.items():
-            self._ns(key).extend(values, steps=steps, timestamps=timestamps)
+            try:
+                self._ns(self._fields[key]).extend(values, steps=steps, timestamps=timestamps)
+            except refused as exc:
+                self._refuse(key, exc)
+                continue
+            except Exception as exc:
+                failure = failure or exc
+                continue
             self._last_step[key] = steps[-1]
             self._last_value[key] = values[-1]
         pending.series.clear()
+        if failure is not None:
+            raise failure
+
+    def _refuse(self, key: str, exc: BaseException) -> None:
+        """The client would not take ``key``'s values: not logged from now on."""
+        field = self._fields.get(key)
+        self._fields[key] = None
+        self._warn_once(
+            f"refused {key}",
+            "%r: the client refused field %s/%s (%s); it is not logged from now on, the other metrics are",
+            key,
+            self.base_namespace,
+            field,
+            redact_text(_one_line(exc), self._api_token.get()),
+        )
 
     def _save(self, event: Save) -> None:
         if self.log_checkpoints is None:
@@ -527,6 +710,7 @@ class NeptuneSink(ThreadedSink):
                 "checkpoint", "checkpoint %r no longer exists (rotated away before upload?); not uploaded", path
             )
             return
+        self._namespaces.setdefault(self._checkpoints_namespace, "")
         target = self._ns(self._checkpoints_namespace)
         target.upload_files(path)
         if self.log_checkpoints in ("last", "best") and self._previous_checkpoint not in (None, path):
@@ -534,6 +718,8 @@ class NeptuneSink(ThreadedSink):
         self._previous_checkpoint = path
 
     def _train_end(self, event: TrainEnd) -> None:
+        for path in ("train_status", "best_metric", "best_model_checkpoint", "error"):
+            self._claim(path)
         self._ns("train_status").assign(event.status)
         if event.best_metric is not None and math.isfinite(event.best_metric):
             self._ns("best_metric").assign(float(event.best_metric))
@@ -554,10 +740,28 @@ class NeptuneSink(ThreadedSink):
 def clean_path(name: str) -> str:
     """A field path Neptune takes as meant: the client silently drops empty segments
     (``a//b`` would land on ``a/b``) and ``.``/``..`` read as relative paths, so those
-    segments become ``_``/``__``. The JSONL sink keeps the original name."""
-    parts = str(name).split("/")
-    parts = [("_" * len(p)) if p in (".", "..") else p for p in parts if p]
+    segments become ``_``/``__``; a name ending in ``/`` (``train/`` for an empty
+    metric name) ends in a ``_`` leaf, not on its namespace. The JSONL sink keeps the
+    original name."""
+    name = str(name)
+    parts = [("_" * len(p)) if p in (".", "..") else p for p in name.split("/") if p]
+    if name.endswith("/"):
+        parts.append("_")
     return "/".join(parts) or "_"
+
+
+_STYLE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _one_line(exc: BaseException) -> str:
+    """The client's exception as one line for a warning: its messages are framed
+    banners with terminal colours and a help link."""
+    text = _STYLE.sub("", str(exc))
+    lines = [ln.strip() for ln in text.splitlines()]
+    kept = " ".join(ln for ln in lines if ln and not ln.startswith(("---", "Need help")))
+    if len(kept) > 200:
+        kept = kept[:197] + "..."
+    return f"{type(exc).__name__}: {kept}" if kept else type(exc).__name__
 
 
 def _clean(value: Any) -> Any:
