@@ -262,9 +262,9 @@ _msgpack_encoder = msgspec.msgpack.Encoder()
 def lenient(obj: Any) -> Any:
     """``enc_hook`` for what we write ourselves (the spool, isolated sinks' pipes, JSON
     lines): a numpy scalar or a subclass of ``float``/``int`` goes as the number it
-    stands for, any other value msgspec cannot encode (an object left in a config dict)
-    as its repr, rather than losing the whole batch."""
-    n = _values.number(obj)
+    stands for (a numpy array its list), any other value msgspec cannot encode (an
+    object left in a config dict) as its repr, rather than losing the whole batch."""
+    n = _values.plain_array(obj)
     return n if n is not obj else repr(obj)
 
 
@@ -296,7 +296,10 @@ def _wide_ints(data: Any) -> Any:
         try:
             return float(data)
         except OverflowError:
-            return str(data)
+            try:
+                return str(data)
+            except ValueError:  # over sys.get_int_max_str_digits() (10**5000)
+                return f"<int of {data.bit_length()} bits>"
     return data
 _msgpack_decoder = msgspec.msgpack.Decoder(Event)
 

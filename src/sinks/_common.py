@@ -93,7 +93,23 @@ class ScalarFilter:
             if kind is float:  # nearly every value: one type() and no call
                 yield k, v
             elif kind is bool or kind is int or is_number(v):
-                yield k, float(v)
+                try:
+                    f = float(v)
+                except OverflowError:
+                    # An int beyond a double (10**400): not a number a backend can store.
+                    # Skipped like text, which is what it arrives as in an isolated
+                    # sink's child process (eventbus.events.encode_lenient); raising
+                    # here would fail every other event of the batch.
+                    if k not in self._warned:
+                        self._warned.add(k)
+                        logger.warning(
+                            "%s sink: %r is an int too large for a float; it is not logged as a metric "
+                            "(this warning is shown once per key)",
+                            self.sink_name,
+                            k,
+                        )
+                    continue
+                yield k, f
             elif k not in self._warned:
                 self._warned.add(k)
                 logger.warning(

@@ -13,6 +13,13 @@ prediction metrics even when the trainer did not also log them, NaN and infinity
 as MLflow's JSON spells them, each checkpoint's path as a tag (no large upload), and
 the run ended ``FINISHED``, ``FAILED`` or ``KILLED`` from ``TrainEnd.status``.
 
+Names: transformers' character rule, then MLflow's own path and length rules
+(:func:`sanitize_name`), reported in one warning line per batch. Two names that become
+one (``acc@1`` and ``acc_1``) stay two series: the renamed one gets a short suffix of
+its own. A key the server refuses anyway (a rule this sink does not know, a param whose
+value it will not change) costs that key, dropped for the rest of the run with one
+warning, not the batch of metrics it came in.
+
 Environment (as transformers documents it; explicit arguments win):
 ``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME`` (or ``MLFLOW_EXPERIMENT_ID``),
 ``MLFLOW_RUN_ID``, ``MLFLOW_TAGS`` (JSON), ``MLFLOW_NESTED_RUN``,
@@ -46,6 +53,7 @@ checkpoint and the kill again; MLflow would store them twice (new timestamps).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -68,6 +76,7 @@ from sinks._http import HttpClient, TokenProvider
 __all__ = [
     "MLflowSink",
     "sanitize_name",
+    "refused_name",
     "MAX_METRICS_PER_BATCH",
     "MAX_PARAMS_TAGS_PER_BATCH",
     "MAX_ENTITIES_PER_BATCH",
@@ -99,20 +108,39 @@ _STATUS = {"completed": "FINISHED", "stopped": "FINISHED", "interrupted": "KILLE
 """TrainEnd.status -> MLflow RunStatus. Early stopping is a normal end: FINISHED."""
 
 _BAD_CHARS = re.compile(r"[^0-9A-Za-z_\-. :/]")
+_ENTRY = re.compile(r"'(metrics|params|tags)\[(\d+)\](?:\.(\w+))?'")
+"""Where MLflow's 400 names the entry of a log-batch it refused: ``'metrics[3].name'``."""
+_SHOWN = 5  # names listed in a summary warning
+
+
+def refused_name(name: str) -> bool:
+    """Whether MLflow's server refuses ``name`` (of the characters it accepts) as a
+    metric, param or tag key: its ``path_not_unique`` (mlflow/utils/validation.py: a
+    name must be its own ``posixpath.normpath``, not ``.``, not start with ``..`` or
+    ``/``) and its 250-character limit."""
+    norm = posixpath.normpath(name)
+    return (
+        norm != name or norm == "." or norm.startswith("..") or norm.startswith("/") or len(name) > MAX_ENTITY_KEY_LENGTH
+    )
 
 
 def sanitize_name(name: str) -> str:
     """A metric/param/tag key MLflow accepts: transformers' character rule (anything but
-    letters, digits, ``_-. :/`` becomes ``_``), then no empty, ``.`` or ``..`` path
-    segments and no leading slash (MLflow refuses names that would resolve to another
-    path), at most 250 characters."""
-    out = _BAD_CHARS.sub("_", str(name))
-    if posixpath.normpath(out) != out or out.startswith("/") or out in (".", "") or out.startswith(".."):
-        parts = [p if p != ".." else "__" for p in out.split("/") if p not in ("", ".")]
-        out = "/".join(parts) or "_"
-        if posixpath.normpath(out) != out:  # e.g. "__/.." cannot survive the above
-            out = out.replace(".", "_")
-    return out[:MAX_ENTITY_KEY_LENGTH]
+    letters, digits, ``_-. :/`` becomes ``_``), at most 250 characters, then no empty,
+    ``.`` or ``..`` path segments, no leading slash and no leading ``..`` (MLflow refuses
+    names that would resolve to another path, and ``..dots``). Cut first, then
+    repaired until MLflow's own rule (:func:`refused_name`) passes: a cut can leave a
+    trailing ``/`` or ``/.``, which the server refuses, and one refused key loses the
+    whole log-batch it is in."""
+    out = _BAD_CHARS.sub("_", str(name))[:MAX_ENTITY_KEY_LENGTH]
+    while refused_name(out):
+        parts = ["__" if p == ".." else p for p in out.split("/") if p not in ("", ".")]
+        if parts and parts[0].startswith(".."):
+            head = parts[0].lstrip(".")
+            parts[0] = "_" * (len(parts[0]) - len(head)) + head
+        # Each pass only drops characters or replaces them one for one: it ends.
+        out = "/".join(parts)[:MAX_ENTITY_KEY_LENGTH] or "_"
+    return out
 
 
 def _env_bool(name: str) -> bool | None:
@@ -247,6 +275,15 @@ class MLflowSink(Sink):
         self._names: dict[str, str] = {}
         """original metric name -> the name MLflow got (only those that changed)."""
         self._name_cache: dict[str, str] = {}
+        """original metric name -> the name MLflow gets; ``""`` for one MLflow refused."""
+        self._owners: dict[str, str] = {}
+        """The name MLflow gets -> the original it stands for: two originals that
+        sanitise to one name are kept apart, never one series with two metrics in it."""
+        self._renamed: list[tuple[str, str]] = []
+        self._collided: list[tuple[str, str, str, str]] = []
+        self._refused: set[tuple[str, str]] = set()
+        """(``metrics``/``params``/``tags``, key) the server refused with a 400: not
+        sent again for the rest of the run."""
         self._last: dict[str, tuple[int, float]] = {}
         self._params_set: set[str] = set()
         self.continued = False
@@ -391,7 +428,9 @@ class MLflowSink(Sink):
         try:
             self.run_id = data["run"]["info"]["run_id"]
         except (KeyError, TypeError):
-            raise SinkError(f"{self.name} sink: runs/create answered without a run id: {str(data)[:200]}") from None
+            # A server may echo the request's Authorization header: scrubbed, then cut.
+            shown = http.scrub(str(data))[:200]
+            raise SinkError(f"{self.name} sink: runs/create answered without a run id: {shown}") from None
         logger.info("%s sink: MLflow run %s in experiment %s", self.name, self.run_id, experiment_id)
 
     async def _find_run(self, experiment_id: str, bus_run_id: str) -> str | None:
@@ -474,7 +513,10 @@ class MLflowSink(Sink):
                 return str(r.json()["experiment_id"])
             # 400 RESOURCE_ALREADY_EXISTS: another process created it in between.
             if "ALREADY_EXISTS" not in r.text:
-                raise SinkError(f"{self.name} sink: could not create experiment {self.experiment_name!r}: {r.text[:300]}")
+                # A server may echo the request's Authorization header: scrubbed, then cut.
+                raise SinkError(
+                    f"{self.name} sink: could not create experiment {self.experiment_name!r}: {http.scrub(r.text)[:300]}"
+                )
         raise SinkError(f"{self.name} sink: experiment {self.experiment_name!r} could neither be found nor created")
 
     async def write(self, batch: Sequence[BaseEvent]) -> None:
@@ -493,11 +535,93 @@ class MLflowSink(Sink):
         http = self.http
         while self._pending:
             path, body = self._pending[0]
-            await http.json("POST", path, json=body)
+            try:
+                await http.json("POST", path, json=body)
+            except TransientSinkError:
+                raise
+            except SinkError as exc:
+                if not path.endswith("/runs/log-batch") or " answered 400" not in str(exc):
+                    raise
+                # What replaces it (the rest of it, or its two halves) is sent next.
+                self._pending[0:1] = [(path, b) for b in self._refused_batch(body, exc)]
+                continue
             self._pending.pop(0)
             if path.endswith("/runs/update"):
                 self._ended = True
         self._pending_for = None
+
+    def _refused_batch(self, body: dict[str, Any], exc: SinkError) -> list[dict[str, Any]]:
+        """A log-batch the server answered 400 (``exc``, which holds the start of its
+        answer): what to send instead.
+
+        One key MLflow refuses (a name it does not take, a param whose value it will
+        not change) fails the whole request, up to a thousand metrics of many steps,
+        every time it is sent: retrying or spooling it can never succeed. The key the
+        server names (``metrics[3].name``) is dropped for the rest of the run, with one
+        warning, and the rest of the batch is sent again; when the answer does not say
+        which entry it is, the batch is sent in halves until the one refused alone is
+        found. A 400 that is not about an entry (another error code, the run) is the
+        error it was.
+        """
+        message = str(exc).split(" answered 400", 1)[-1].lstrip(": ")
+        entries = [(kind, e) for kind in ("metrics", "params", "tags") for e in body.get(kind) or []]
+        # About the run (a deleted run "must be in the 'active' state"), not an entry:
+        # dropping keys would not help.
+        words = message.replace("INVALID_PARAMETER_VALUE", "").lower()
+        about_run = "'run_id'" in words or (bool(self.run_id) and str(self.run_id) in words and "param" not in words)
+        if "INVALID_PARAMETER_VALUE" not in message or about_run or not entries:
+            raise exc
+        m = _ENTRY.search(message)
+        found = None
+        if m is not None and int(m.group(2)) < len(body.get(m.group(1)) or []):
+            found = (m.group(1), body[m.group(1)][int(m.group(2))], m.group(3) or "")
+        elif len(entries) == 1:
+            found = (entries[0][0], entries[0][1], "")
+        if found is None:
+            half = len(entries) // 2
+            return [_body(self.run_id, entries[:half]), _body(self.run_id, entries[half:])]
+        kind, entry, field = found
+        reason = self.http.scrub(message)[:300]
+        if kind == "metrics" and field in ("value", "timestamp", "step"):
+            # This value, not the name: the metric's other points still go.
+            logger.warning(
+                "%s sink: MLflow refused a value of metric %r at step %s, which is not sent: %s",
+                self.name,
+                entry.get("key"),
+                entry.get("step"),
+                reason,
+            )
+            rest = [(k, e) for k, e in entries if e is not entry]
+        else:
+            self._refuse(kind, str(entry.get("key")), reason)
+            rest = [(k, e) for k, e in entries if not (k == kind and e.get("key") == entry.get("key"))]
+            # The key is in the requests of this batch still to go, too.
+            self._pending[1:] = [
+                (p, _without(b, kind, str(entry.get("key")))) if p.endswith("/runs/log-batch") else (p, b)
+                for p, b in self._pending[1:]
+            ]
+            self._pending[1:] = [(p, b) for p, b in self._pending[1:] if not p.endswith("/runs/log-batch") or _has_entries(b)]
+        return [_body(self.run_id, rest)] if rest else []
+
+    def _refuse(self, kind: str, key: str, reason: str) -> None:
+        """Drop ``key`` (of ``kind``) for the rest of the run, with one warning."""
+        if (kind, key) in self._refused:
+            return
+        self._refused.add((kind, key))
+        if kind == "metrics":
+            originals = [k for k, v in self._name_cache.items() if v == key]
+            for k in originals:
+                self._name_cache[k] = ""
+            named = [k for k in originals if k != key]
+            shown = f"metric {key!r}" + (f" (the name given for {named[0]!r})" if named else "")
+        else:
+            shown = f"{kind[:-1]} {key!r}"
+        logger.warning(
+            "%s sink: MLflow refused %s; it is not sent for the rest of this run (the rest of each batch is): %s",
+            self.name,
+            shown,
+            reason,
+        )
 
     async def close(self) -> None:
         """End the run, if a ``TrainEnd`` did not get through, with the status it
@@ -552,20 +676,85 @@ class MLflowSink(Sink):
                     "status": self._final_status,
                     "end_time": _ms(ev.time_ns),
                 }
-        out = [(f"{_API}/runs/log-batch", body) for body in self._pack(metrics, params, _kv(tags))]
+        if self._renamed or self._collided:
+            self._warn_names()
+        kv = _kv(tags)
+        if self._refused:
+            params = [p for p in params if ("params", p["key"]) not in self._refused]
+            kv = [t for t in kv if ("tags", t["key"]) not in self._refused]
+        out = [(f"{_API}/runs/log-batch", body) for body in self._pack(metrics, params, kv)]
         if end is not None:
             out.append((f"{_API}/runs/update", end))
         return out
 
-    def _metric_name(self, key: str) -> str:
+    def _metric_name(self, key: str, siblings: Mapping[str, Any]) -> str:
+        """The name MLflow gets for ``key``, worked out once per key (``""``: one the
+        server refused, not sent). ``siblings``: the values ``key`` came with, so that
+        a name that needs no change keeps it when one renamed in the same log would
+        take it (``acc_1`` beside ``acc@1``)."""
         name = self._name_cache.get(key)
         if name is not None:
             return name
-        clean = self._name_cache[key] = sanitize_name(key)
+        clean = sanitize_name(key)
+        owner = self._owners.get(clean)
+        if (owner is not None and owner != key) or (clean != key and owner is None and clean in siblings):
+            # Two metrics, one name: never one series holding both. The renamed one (or
+            # the later one, when the name is taken already) gets a suffix of its own,
+            # the same in every process and run.
+            shared, clean = clean, self._distinct(clean, key)
+            self._collided.append((key, owner if owner is not None else shared, shared, clean))
+        self._owners[clean] = key
         if clean != key:
             self._names[key] = clean
-            logger.warning("%s sink: metric %r is logged as %r (MLflow does not accept the original name)", self.name, key, clean)
+            self._renamed.append((key, clean))
+        if ("metrics", clean) in self._refused:
+            clean = ""
+        self._name_cache[key] = clean
         return clean
+
+    def _distinct(self, clean: str, key: str) -> str:
+        digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()
+        for i in range(0, len(digest) - 6, 6):
+            name = sanitize_name(f"{clean[: MAX_ENTITY_KEY_LENGTH - 7]}_{digest[i : i + 6]}")
+            if name not in self._owners:
+                return name
+        n = 2
+        while (name := sanitize_name(f"{clean[: MAX_ENTITY_KEY_LENGTH - 12]}_{n}")) in self._owners:
+            n += 1
+        return name
+
+    def _warn_names(self) -> None:
+        """One warning line for the names renamed in a batch (a model's per-layer names
+        can be thousands on the first step), one for the collisions."""
+        if self._renamed:
+            renamed, self._renamed = self._renamed, []
+            shown = ", ".join(f"{_short(k)} -> {_short(v)}" for k, v in renamed[:_SHOWN])
+            more = f" and {len(renamed) - _SHOWN} more" if len(renamed) > _SHOWN else ""
+            logger.warning(
+                "%s sink: %d metric name%s MLflow does not accept %s logged under another: %s%s "
+                "(each name is reported once)",
+                self.name,
+                len(renamed),
+                "" if len(renamed) == 1 else "s",
+                "is" if len(renamed) == 1 else "are",
+                shown,
+                more,
+            )
+        if self._collided:
+            collided, self._collided = self._collided, []
+            shown = "; ".join(
+                f"{_short(k)} and {_short(o)} would both be {_short(n)}: {_short(k)} is logged as {_short(c)}"
+                for k, o, n, c in collided[:_SHOWN]
+            )
+            more = f"; and {len(collided) - _SHOWN} more" if len(collided) > _SHOWN else ""
+            logger.warning(
+                "%s sink: %d metric name%s would be logged as another metric's name in MLflow, kept apart: %s%s",
+                self.name,
+                len(collided),
+                "" if len(collided) == 1 else "s",
+                shown,
+                more,
+            )
 
     def _metrics(self, values: Mapping[str, Any], ev: BaseEvent) -> list[dict[str, Any]]:
         # Runs for every logged value, on the bus thread: lookups bound once.
@@ -576,7 +765,11 @@ class MLflowSink(Sink):
         last_of = self._last
         floor = self._floor
         for key, value in self._filter.scalars(values):
-            name = names.get(key) or self._metric_name(key)
+            name = names.get(key)
+            if name is None:
+                name = self._metric_name(key, values)
+            if not name:
+                continue  # the server refused this name: not sent for the rest of the run
             if floor:
                 # A continued run: a step it already holds for this metric was sent by
                 # an earlier process (resent after a SIGKILL, say): not again. Per key,
@@ -680,6 +873,37 @@ def _split_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
     netloc = host + (f":{parts.port}" if parts.port else "")
     clean = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
     return clean, (unquote(parts.username or ""), unquote(parts.password or ""))
+
+
+def _short(name: str, limit: int = 80) -> str:
+    """``name``'s repr for a warning line, cut in the middle when long (250 characters
+    of a module path, five times over, make a line no one reads)."""
+    text = repr(name)
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-(limit // 2) :]}"
+
+
+def _body(run_id: str | None, entries: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """A log-batch body holding ``entries`` (kind, entry), in their order."""
+    body: dict[str, Any] = {"run_id": run_id}
+    for kind, entry in entries:
+        body.setdefault(kind, []).append(entry)
+    return body
+
+
+def _without(body: dict[str, Any], kind: str, key: str) -> dict[str, Any]:
+    if not any(e.get("key") == key for e in body.get(kind) or []):
+        return body
+    out = dict(body)
+    kept = [e for e in body[kind] if e.get("key") != key]
+    if kept:
+        out[kind] = kept
+    else:
+        del out[kind]
+    return out
+
+
+def _has_entries(body: dict[str, Any]) -> bool:
+    return any(body.get(kind) for kind in ("metrics", "params", "tags"))
 
 
 def _kv(d: Mapping[str, str]) -> list[dict[str, str]]:

@@ -6,7 +6,11 @@ uses:
 
 - ``Log`` values as scalars ``train/<name>`` (``eval_*`` -> ``eval/*``, ``test_*`` ->
   ``test/*``, as ``rewrite_logs``), ``Evaluate``/``Predict`` metrics under their
-  prefix (``eval/loss``, ``test/accuracy``); NaN and inf are written as such.
+  prefix (``eval/loss``, ``test/accuracy``); NaN and inf are written as such. Tags
+  are cleaned by TensorFlow's rule (``a:b`` -> ``a_b``); a name whose cleaned tag is
+  another name's (``a:b`` beside ``a_b``) gets a tag of its own (``train/a_b_<hash>``,
+  with one warning), so that no series holds two metrics.
+- An int too large for a float (``10**400``) as its text, as a string would be.
 - String values as text (``<tag>/text_summary``, as ``SummaryWriter.add_text``);
   other non-scalar values (lists, dicts, ``None``) are skipped with one warning per
   key.
@@ -26,6 +30,7 @@ step appears twice, and keep what the sink had up to its mark.
 from __future__ import annotations
 
 import glob
+import hashlib
 import itertools
 import json
 import logging
@@ -179,6 +184,11 @@ class TensorBoardSink(ThreadedSink):
         # values, and per Evaluate/Predict prefix.
         self._tags: dict[str, str] = {}
         self._metric_tags: dict[str, dict[str, str]] = {}
+        # A tag -> the (rewritten) name it stands for, and the names moved to a tag of
+        # their own because their cleaned tag was another's ("a:b" beside "a_b"): two
+        # metrics are never one series.
+        self._tag_owners: dict[str, str] = {}
+        self._moved: dict[str, str] = {}
         self._hparams: dict[str, Any] = {}
         # A resumed run's SessionLog START, written just before its first point (see
         # _train_begin); (checkpoint path, wall time ns).
@@ -312,15 +322,31 @@ class TensorBoardSink(ThreadedSink):
         # objects and handing them to Summary(value=...) copies each one: twice the time).
         cleaned: dict[str, Any] = {}
         texts: dict[str, str] = {}
+        named: set[str] | None = None
         for k, v in values.items():
             tag = tags.get(k)
             if tag is None:
-                tag = clean_tag(rewrite_name(k) if prefix is None else _prefixed_name(k, prefix))
+                name = rewrite_name(k) if prefix is None else _prefixed_name(k, prefix)
+                tag = clean_tag(name)
+                if tag != name and tag not in self._tag_owners and name not in self._moved:
+                    # A new name that cleaning changes: the tag stays with a name of this
+                    # log that needs no cleaning ("a_b" beside "a:b"), if there is one.
+                    if named is None:
+                        named = {rewrite_name(x) if prefix is None else _prefixed_name(x, prefix) for x in values}
+                    if tag in named:
+                        self._tag_owners[tag] = tag
+                tag = self._tag(name, tag)
                 if len(tags) < _TAG_CACHE_SIZE:
                     tags[k] = tag
-            # Two names that clean to one tag: the last one wins, as text or as a number.
+            # Names that stand for one series (a ``val`` evaluation's ``val_acc`` and
+            # ``acc``, both ``val/acc``): the last one wins, as text or as a number.
             if isinstance(v, str):
                 texts[tag] = v
+                cleaned.pop(tag, None)
+            elif type(v) is int and v.bit_length() > 1000 and (text := _huge_int_text(v)) is not None:
+                # Beyond a float (10**400): its text, as an isolated sink (the default)
+                # gets it from its child process's pipe (eventbus.events.encode_lenient).
+                texts[tag] = text
                 cleaned.pop(tag, None)
             else:
                 cleaned[tag] = v
@@ -350,6 +376,35 @@ class TensorBoardSink(ThreadedSink):
             if self._pending_start is not None:
                 self._write_start(step)
             self._write_event(out)
+
+    def _tag(self, name: str, tag: str) -> str:
+        """The tag of ``name`` (a rewritten metric name; ``tag`` is its cleaned form):
+        that, unless another name has it already; then a tag of its own, with one
+        warning naming both, the same in every process and run."""
+        moved = self._moved.get(name)
+        if moved is not None:
+            return moved
+        owner = self._tag_owners.setdefault(tag, name)
+        if owner == name:
+            return tag
+        digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()
+        new = next(
+            (t for i in range(0, 36, 6) if (t := f"{tag}_{digest[i : i + 6]}") not in self._tag_owners),
+            f"{tag}_{digest}",
+        )
+        self._tag_owners[new] = name
+        self._moved[name] = new
+        logger.warning(
+            "%s sink: %r and %r would both be written as tag %r; %r is written as %r instead (TensorBoard takes "
+            "only letters, digits and _-/. in a tag)",
+            self.name,
+            name,
+            owner,
+            tag,
+            name,
+            new,
+        )
+        return new
 
     def _text_value(self, tag: str, text: str) -> Any:
         tb = self._tb
@@ -435,6 +490,19 @@ def _prefixed_name(name: str, prefix: str) -> str:
     """An evaluation's tag name: transformers' naming (:func:`rewrite_name`) under
     ``eval``/``test``, the evaluation's own prefix otherwise (``val_acc`` -> ``val/acc``)."""
     return rewrite_name(name) if prefix in ("eval", "test", "") else prefixed_name(name, prefix)
+
+
+def _huge_int_text(v: int) -> str | None:
+    """An int's text when it is too large for a float (``None`` when it is not, or
+    has too many digits for ``str``: then the scalar filter skips it with a warning)."""
+    try:
+        float(v)
+    except OverflowError:
+        try:
+            return str(v)
+        except ValueError:  # sys.get_int_max_str_digits()
+            return None
+    return None
 
 
 def _same(a: float, b: float) -> bool:

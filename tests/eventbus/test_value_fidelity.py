@@ -57,6 +57,25 @@ def test_wide_ints_and_numpy_scalars_encode_as_numbers() -> None:
     assert encode_lenient(plain) == encode_msgpack(plain) and decode_msgpack(encode_lenient(plain)) == plain
 
 
+def test_an_int_too_long_for_its_text_does_not_cost_the_batch() -> None:
+    # Python will not write an int of over 4300 digits as text (sys.get_int_max_str_digits).
+    (ev,) = msgspec.msgpack.Decoder(list[Event]).decode(encode_lenient([Log(step=1, values={"x": 10**5000, "loss": 0.5})]))  # type: ignore[valid-type]
+    assert ev.values == {"x": f"<int of {(10**5000).bit_length()} bits>", "loss": 0.5}
+
+
+def test_numpy_arrays_are_written_as_tensors_of_the_same_values_would_be(tmp_path) -> None:
+    """A one-element array is its number, a longer one its list (as a tensor), in the
+    JSONL file and across an isolated sink's pipe, not the array's repr."""
+    path = tmp_path / "events.jsonl"
+    values = {"one": np.array([0.7]), "three": np.zeros(3), "zero_d": np.array(1.5), "grid": np.ones((1, 1), dtype=np.int64)}
+    with EventBus([JSONLSink(path=path)]) as bus:
+        bus.publish(Log(step=1, values=values))
+    (ev,) = read_jsonl(path)
+    assert ev.values == {"one": 0.7, "three": [0.0, 0.0, 0.0], "zero_d": 1.5, "grid": 1}
+    (piped,) = msgspec.msgpack.Decoder(list[Event]).decode(encode_lenient([Log(step=1, values=values)]))  # type: ignore[valid-type]
+    assert piped.values == {"one": 0.7, "three": [0.0, 0.0, 0.0], "zero_d": 1.5, "grid": 1}
+
+
 @pytest.mark.parametrize("isolate", [True, False], ids=["in-a-child-process", "in-process"])
 def test_numpy_scalars_and_a_wide_int_reach_the_jsonl_file_as_numbers(tmp_path, isolate: bool) -> None:
     if isolate and os.name != "posix":

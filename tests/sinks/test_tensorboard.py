@@ -258,7 +258,8 @@ def test_fast_record_framing_is_byte_for_byte_tensorboards(tmp_path):
 
 def test_names_are_cleaned_into_tags_on_every_step(tmp_path):
     """TensorFlow's tag rule applies to every point (the sink caches each name's clean
-    tag): two names that clean to one tag keep the last value; text stays text."""
+    tag): two names that clean to one tag stay two series (the second gets a tag of
+    its own); text stays text."""
     sink = TensorBoardSink(log_dir=str(tmp_path / "tb"))
     events = [
         Log(run_id=RUN_ID, step=s, values={"acc@top 1": 0.5 * s, "eval_f1 (macro)": 0.25 * s, "a b": 1.0, "a!b": 2.0, "msg": f"step {s}", "x y": "text", "x+y": 3.0})
@@ -268,10 +269,13 @@ def test_names_are_cleaned_into_tags_on_every_step(tmp_path):
     acc = accumulate(str(tmp_path / "tb"))
     assert scalars(acc, "train/acc_top_1") == [(1, 0.5), (2, 1.0), (3, 1.5)]
     assert scalars(acc, "eval/f1__macro_") == [(1, 0.25), (2, 0.5), (3, 0.75)]
-    assert scalars(acc, "train/a_b") == [(1, 2.0), (2, 2.0), (3, 2.0)]
+    assert scalars(acc, "train/a_b") == [(1, 1.0), (2, 1.0), (3, 1.0)]
+    (other,) = [t for t in acc.Tags()["scalars"] if t.startswith("train/a_b_")]
+    assert scalars(acc, other) == [(1, 2.0), (2, 2.0), (3, 2.0)]
     assert text(acc, "train/msg/text_summary") == [(1, "step 1"), (2, "step 2"), (3, "step 3")]
-    assert scalars(acc, "train/x_y") == [(1, 3.0), (2, 3.0), (3, 3.0)]
-    assert "train/x_y/text_summary" not in acc.Tags()["tensors"]
+    assert text(acc, "train/x_y/text_summary") == [(1, "text"), (2, "text"), (3, "text")]
+    (number,) = [t for t in acc.Tags()["scalars"] if t.startswith("train/x_y_")]
+    assert scalars(acc, number) == [(1, 3.0), (2, 3.0), (3, 3.0)]
 
 
 def test_a_sink_on_every_rank_writes_each_rank_to_a_run_of_its_own(tmp_path, monkeypatch):
