@@ -419,7 +419,7 @@ class CallbackHandler(TrainerCallback):
         warning, as in transformers."""
         cb = callback() if isinstance(callback, type) else callback
         cb_class = callback if isinstance(callback, type) else type(callback)
-        if cb_class in [type(c) for c in self._callbacks]:
+        if any(_same_kind(type(c), cb_class) for c in self._callbacks):
             logger.warning(
                 "You are adding a %s to the callbacks of this trainer, but there is already one. The current list of "
                 "callbacks is:\n%s",
@@ -430,10 +430,13 @@ class CallbackHandler(TrainerCallback):
 
     def pop_callback(self, callback: Any) -> Any:
         """Remove and return the first callback of class ``callback`` (or equal to the
-        instance ``callback``); ``None`` when there is none."""
+        instance ``callback``); ``None`` when there is none. transformers' own
+        ``DefaultFlowCallback``, ``ProgressCallback``, ``PrinterCallback`` and
+        ``EarlyStoppingCallback`` name ours too (code written for transformers removes
+        the printer with ``remove_callback(transformers.PrinterCallback)``)."""
         if isinstance(callback, type):
             for cb in self._callbacks:
-                if isinstance(cb, callback):
+                if _is_kind(cb, callback):
                     self._callbacks.remove(cb)
                     return cb
         else:
@@ -444,11 +447,12 @@ class CallbackHandler(TrainerCallback):
         return None
 
     def remove_callback(self, callback: Any) -> None:
-        """Remove the first callback of class ``callback`` (nothing if there is none),
-        or the instance ``callback`` (a ``ValueError`` if it is not in the list)."""
+        """Remove the first callback of class ``callback`` (nothing if there is none;
+        transformers' counterparts of ours name ours too, see :meth:`pop_callback`), or
+        the instance ``callback`` (a ``ValueError`` if it is not in the list)."""
         if isinstance(callback, type):
             for cb in self._callbacks:
-                if isinstance(cb, callback):
+                if _is_kind(cb, callback):
                     self._callbacks.remove(cb)
                     return
             return
@@ -494,6 +498,7 @@ class CallbackHandler(TrainerCallback):
         # called without _call's frame (~0.1 µs a step); None sends it through _call.
         step_end = self._d_on_step_end
         self._l_on_step_end = tuple(fn for fn, _ in step_end) if all(lean for _, lean in step_end) else None
+        self._plain_history = any(not _reads_no_history(cb) for cb in self._callbacks)
 
     def refresh(self) -> None:
         """Re-read the per-step hooks (:data:`BOUND_HOOKS`) of every callback.
@@ -595,6 +600,8 @@ class CallbackHandler(TrainerCallback):
                 continue
             items = data if isinstance(data, list) else [data]
             for cb, item in zip(same, items):
+                if cb is not control:
+                    item = _with_current_args(cb, item)
                 if hasattr(cb, "load_state"):
                     cb.load_state(item)
                 else:
@@ -827,6 +834,15 @@ class CallbackHandler(TrainerCallback):
         return control
 
     @property
+    def wants_plain_history(self) -> bool:
+        """True when some callback may read ``state.log_history`` at any hook and expect
+        numbers there, as transformers gives: every callback but the library's own
+        (defined in the ``trainer`` package) and those whose class sets
+        ``accepts_tensor_logs = True``. The trainer then reads its logged CPU tensors
+        into the history entry as it records it (no device involved)."""
+        return self._plain_history
+
+    @property
     def wants_plain_logs(self) -> bool:
         """True when some ``on_log`` callback expects plain numbers in ``logs`` (every
         callback but those whose class sets ``accepts_tensor_logs = True``): tensors
@@ -872,6 +888,74 @@ class CallbackHandler(TrainerCallback):
             num_train_epochs=int(state.num_train_epochs),
             resumed_from=None if resumed_from is None else str(resumed_from),
         )
+
+
+# transformers' callbacks whose counterparts this package defines under the same name.
+_COUNTERPARTS = frozenset({"DefaultFlowCallback", "ProgressCallback", "PrinterCallback", "EarlyStoppingCallback"})
+
+
+def _ours_named(cls: type, name: str) -> bool:
+    return any(k.__name__ == name and (k.__module__ or "").startswith("trainer.") for k in cls.__mro__)
+
+
+def _is_kind(callback: Any, cls: type) -> bool:
+    """``isinstance(callback, cls)``, where transformers' ``DefaultFlowCallback``,
+    ``ProgressCallback``, ``PrinterCallback`` or ``EarlyStoppingCallback`` also names
+    ours of the same name (code written for transformers passes its classes)."""
+    if isinstance(callback, cls):
+        return True
+    return (
+        cls.__name__ in _COUNTERPARTS
+        and (cls.__module__ or "").startswith("transformers")
+        and _ours_named(type(callback), cls.__name__)
+    )
+
+
+def _same_kind(a: type, b: type) -> bool:
+    """One class, or one of ours and its transformers counterpart (either way)."""
+    if a is b:
+        return True
+    if a.__name__ != b.__name__ or a.__name__ not in _COUNTERPARTS:
+        return False
+    mods = {(a.__module__ or "").split(".")[0], (b.__module__ or "").split(".")[0]}
+    return mods == {"trainer", "transformers"}
+
+
+def _reads_no_history(callback: Any) -> bool:
+    """The library's own callbacks (the flow, early stopping, the bar, the printer)
+    never read ``state.log_history``'s numbers; a class that sets
+    ``accepts_tensor_logs = True`` takes tensors there too."""
+    cls = type(callback)
+    module = getattr(cls, "__module__", "") or ""
+    return module == "trainer" or module.startswith("trainer.") or getattr(callback, "accepts_tensor_logs", False) is True
+
+
+def _with_current_args(callback: Any, item: Any) -> Any:
+    """``item`` (a callback's checkpointed ``{"args", "attributes"}``) with the
+    constructor arguments ``callback`` was built with now, when they differ: a resume
+    given ``EarlyStoppingCallback(early_stopping_patience=10)`` means 10, not the
+    checkpoint's 2; its counters are still restored. (transformers, whose
+    ``restore_callback_states_from_checkpoint`` defaults to False, rebuilds the
+    callback from the checkpoint's arguments when it is set.) One warning says so."""
+    state = getattr(callback, "state", None)
+    if not isinstance(item, Mapping) or not callable(state):
+        return item
+    try:
+        current = state()
+    except Exception:  # a state() that needs a run: the checkpoint's arguments, as before
+        return item
+    now = current.get("args") if isinstance(current, Mapping) else None
+    saved = item.get("args")
+    if not isinstance(now, Mapping) or not isinstance(saved, Mapping) or dict(now) == dict(saved):
+        return item
+    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    logger.warning(
+        "%s: restoring its checkpointed state with the arguments it was given now (%s); the checkpoint had %s",
+        type(callback).__name__,
+        ", ".join(f"{k}={v!r}" for k, (_, v) in changed.items()),
+        ", ".join(f"{k}={old!r}" for k, (old, _) in changed.items()),
+    )
+    return {**item, "args": dict(now)}
 
 
 def _read_values(logs: dict[str, Any]) -> None:

@@ -432,6 +432,16 @@ def _denumpify(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_SINK_OF_INTEGRATION = {
+    "TensorBoardCallback": "tensorboard",
+    "MLflowCallback": "mlflow",
+    "AzureMLCallback": "azure_ml",
+    "NeptuneCallback": "neptune",
+    "CometCallback": "comet_ml",
+}
+"""transformers' integration callback -> the sink ``report_to`` builds here instead."""
+
+
 class Trainer:
     """A training loop with transformers' ``Trainer`` API and an event bus.
 
@@ -561,11 +571,34 @@ class Trainer:
 
     def pop_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> TrainerCallback | None:
         """Remove a callback (by class or instance) and return it, or ``None``."""
-        return self.callback_handler.pop_callback(callback)
+        found = self.callback_handler.pop_callback(callback)
+        if found is None:
+            self._explain_integration(callback)
+        return found
 
     def remove_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
         """Remove a callback (by class or instance)."""
+        before = len(self.callback_handler.callbacks)
         self.callback_handler.remove_callback(callback)
+        if len(self.callback_handler.callbacks) == before:
+            self._explain_integration(callback)
+
+    def _explain_integration(self, callback: Any) -> None:
+        """transformers' Trainer turns ``report_to`` into integration callbacks, which
+        code written for it may look for or remove (``remove_callback(TensorBoardCallback)``);
+        here ``report_to`` names sinks of the event bus: say so, rather than nothing."""
+        cls = callback if isinstance(callback, type) else type(callback)
+        sink = _SINK_OF_INTEGRATION.get(cls.__name__)
+        if sink is None or not (cls.__module__ or "").startswith("transformers"):
+            return
+        logger.warning(
+            "%s is not among this trainer's callbacks: report_to=%r logs through sinks of the event bus, not "
+            "integration callbacks, so there is none to remove; to leave %r out, leave it out of "
+            "TrainingArguments.report_to when building the Trainer",
+            cls.__name__,
+            getattr(self.args, "report_to", None),
+            sink,
+        )
 
     # -- the bus --------------------------------------------------------------------
 
@@ -1564,7 +1597,9 @@ class Trainer:
         The loop logs its loss and grad norm as tensors, read off the training thread
         by the bus. When some ``on_log`` callback wants plain numbers
         (:attr:`CallbackHandler.wants_plain_logs`, as transformers gives), they are read
-        here first, for the callbacks and ``log_history`` alike. Otherwise the bus
+        here first, for the callbacks and ``log_history`` alike; on the CPU, so are
+        those of the ``log_history`` entry when a callback of the user's may read it
+        (:attr:`CallbackHandler.wants_plain_history`). Otherwise the bus
         thread, which reads them for the ``Log`` event, writes the numbers into the
         ``log_history`` entry (within a flush interval or so: the entry holds no tensor,
         nor device memory, for long); with no sink taking ``Log``, CPU values are read
@@ -1580,6 +1615,12 @@ class Trainer:
         entry = {**logs, "step": self.state.global_step}
         self.state.log_history.append(entry)
         if plain:
+            self.control = handler.on_log(self.args, self.state, self.control, logs)
+        elif handler.publishes_log and self._logs_on_cpu and handler.wants_plain_history:
+            # A callback of the user's may read state.log_history at any hook: numbers
+            # there, as transformers gives, whenever it looks (reading a CPU tensor
+            # waits for no device). The event still gets the tensors, read by the bus.
+            _read_values(entry)
             self.control = handler.on_log(self.args, self.state, self.control, logs)
         elif handler.publishes_log:
             handler.log_record = entry

@@ -567,12 +567,32 @@ def test_restore_from_the_transformers_written_file():
     from tests.trainer.test_state import DATA
 
     state = TrainerState.load_from_json(DATA)
-    a, b = EarlyStoppingCallback(1), EarlyStoppingCallback(1)
+    a, b = EarlyStoppingCallback(3, 0.01), EarlyStoppingCallback(5)
     control = TrainerControl()
     handler(a, b).restore_callback_states(state.stateful_callbacks, control)
     assert (a.early_stopping_patience, a.early_stopping_threshold, a.early_stopping_patience_counter) == (3, 0.01, 1)
     assert (b.early_stopping_patience, b.early_stopping_patience_counter) == (5, 2)
     assert control.should_save is True
+
+
+def test_restore_keeps_the_arguments_a_callback_is_given_now(caplog):
+    """Resuming with EarlyStoppingCallback(early_stopping_patience=10) means 10, not the
+    checkpoint's 2 (transformers, with restore_callback_states_from_checkpoint=True,
+    would rebuild it with 2); its counter is restored all the same, with one warning."""
+    states = {"EarlyStoppingCallback": {"args": {"early_stopping_patience": 2, "early_stopping_threshold": 0.0},
+                                        "attributes": {"early_stopping_patience_counter": 1}}}
+    es = EarlyStoppingCallback(10)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        assert handler(es).restore_callback_states(states) == []
+    assert (es.early_stopping_patience, es.early_stopping_patience_counter) == (10, 1)
+    (warning,) = [r.getMessage() for r in caplog.records if "EarlyStoppingCallback" in r.getMessage()]
+    assert "early_stopping_patience=10" in warning and "early_stopping_patience=2" in warning
+    # The same arguments: restored without a word.
+    caplog.clear()
+    same = EarlyStoppingCallback(2)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        handler(same).restore_callback_states(states)
+    assert same.early_stopping_patience_counter == 1 and not caplog.records
 
 
 def test_transformers_stateful_callback_is_exported_and_restored():
@@ -589,9 +609,16 @@ def test_transformers_stateful_callback_is_exported_and_restored():
 def test_incompatible_state_is_a_clear_error():
     from trainer.state import CallbackStateError
 
-    h = handler(Stateful("a"))
-    with pytest.raises(CallbackStateError, match="Stateful.*restore_callback_states_from_checkpoint=False"):
-        h.restore_callback_states({"Stateful": {"args": {"unknown_arg": 1}, "attributes": {}}})
+    class NeedsMore(Stateful):
+        """Its state() does not hold all its constructor needs: it cannot be rebuilt."""
+
+        def __init__(self, tag: str, other: int) -> None:
+            super().__init__(tag)
+            self.other = other
+
+    h = handler(NeedsMore("a", 1))
+    with pytest.raises(CallbackStateError, match="NeedsMore.*restore_callback_states_from_checkpoint=False"):
+        h.restore_callback_states({"NeedsMore": {"args": {"tag": "a"}, "attributes": {}}})
 
 
 def _handler_recording_logs():
@@ -929,3 +956,42 @@ def test_call_event_matches_transformers_for_a_custom_event():
         H([Custom()], None, None, None, None).call_event("on_custom", SimpleNamespace(), S(), C())
         results.append(calls)
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("name", ["DefaultFlowCallback", "ProgressCallback", "PrinterCallback", "EarlyStoppingCallback"])
+def test_transformers_classes_name_our_counterparts(name: str, caplog) -> None:
+    """Code written for transformers removes the printer with
+    remove_callback(transformers.PrinterCallback): ours goes, as theirs would."""
+    tcb = require_module("transformers.trainer_callback")
+    import trainer as ours
+
+    theirs_cls = getattr(tcb, name)
+    mine = getattr(ours, name)() if name != "EarlyStoppingCallback" else ours.EarlyStoppingCallback(2)
+    h = CallbackHandler([mine], None, None, None, None)
+    assert h.pop_callback(theirs_cls) is mine and h.callbacks == []
+    h = CallbackHandler([mine], None, None, None, None)
+    h.remove_callback(theirs_cls)
+    assert h.callbacks == []
+    # adding theirs beside ours is a duplicate, with transformers' warning
+    h = CallbackHandler([mine], None, None, None, None)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        h.add_callback(theirs_cls() if name != "EarlyStoppingCallback" else theirs_cls(2))
+    assert any("there is already one" in r.getMessage() for r in caplog.records)
+    # a class of the user's with the same name is not ours
+    Other = type(name, (TrainerCallback,), {})
+    h = CallbackHandler([mine], None, None, None, None)
+    assert h.pop_callback(Other) is None and h.callbacks == [mine]
+
+
+def test_removing_an_integration_callback_report_to_made_a_sink_says_so(tmp_path, caplog) -> None:
+    integrations = require_module("transformers.integrations")
+    from tests.trainer._loop_helpers import TinyClassifier, make_dataset, tiny_args
+    from trainer import Trainer
+
+    t = Trainer(TinyClassifier(), tiny_args(tmp_path, max_steps=1, report_to=["jsonl"]), train_dataset=make_dataset(8))
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        t.remove_callback(integrations.TensorBoardCallback)
+        assert t.pop_callback(integrations.MLflowCallback) is None
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("TensorBoardCallback is not among this trainer's callbacks" in m and "report_to" in m for m in messages)
+    assert any("MLflowCallback is not among" in m for m in messages)

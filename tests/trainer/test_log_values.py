@@ -153,3 +153,36 @@ def test_a_per_step_hook_patched_before_train_is_called_from_the_first_step(tmp_
     with mock.patch.object(cb, "on_step_end", lambda args, state, control, **kw: seen.append(("patched", state.global_step))):
         trainer.train()
     assert seen == [("patched", 1), ("patched", 2), ("patched", 3)]
+
+
+class ReadsHistoryEachStep(TrainerCallback):
+    """A callback written for transformers, with no on_log: it reads (and keeps) the
+    latest log_history entry's loss at every step."""
+
+    def __init__(self) -> None:
+        self.kept: list[Any] = []
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        json.dumps(state.log_history)  # transformers' history always holds numbers
+        if state.log_history:
+            self.kept.append(state.log_history[-1].get("loss"))
+
+
+def test_a_callback_reading_the_history_outside_on_log_finds_numbers(tmp_path) -> None:
+    """With a sink taking Log, the loop's CPU loss went into log_history as a tensor
+    until the bus thread read it (a flush interval later): a user's callback reading
+    the history at another hook found tensors, or kept one for good. On the CPU, the
+    entry is read as it is recorded when such a callback is there."""
+    cb = ReadsHistoryEachStep()
+    sink = RecordingSink()
+    # A long flush interval: the bus thread would not settle the entries during the run.
+    args = tiny_args(tmp_path, max_steps=6, bus_flush_interval=30.0)
+    trainer = Trainer(TinyClassifier(), args, train_dataset=make_dataset(64), callbacks=[cb], sinks=[sink])
+    assert trainer.callback_handler.wants_plain_history is True
+    trainer.train()
+    # on_step_end comes before the step's log: steps 2..6 see the entries of steps 1..5
+    assert len(cb.kept) == 5 and all(type(v) is float for v in cb.kept)
+    assert [ev.values["loss"] for ev in sink.of(Log) if "loss" in ev.values][:5] == cb.kept
+    # the library's own callbacks alone read no history: nothing read on the training thread
+    alone = Trainer(TinyClassifier(), tiny_args(tmp_path / "alone", max_steps=1), train_dataset=make_dataset(8))
+    assert alone.callback_handler.wants_plain_history is False
