@@ -138,13 +138,13 @@ def test_a_refused_key_costs_that_key_not_its_batch(indexed: bool, caplog: pytes
     assert TOKEN not in caplog.text
 
 
-def test_a_refused_key_with_spool_on_leaves_nothing_spooled(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_refused_key_with_spool_on_leaves_nothing_spooled(caplog: pytest.LogCaptureFixture, tmp_path: Any) -> None:
     srv = RefusingServer({"bad"})
     try:
         sink = MLflowSink(srv.url, experiment_name="names", token=TOKEN)
         sink.isolate = False
         sink.spool = True
-        bus = EventBus([sink], run=RunInfo(run_name="names"))
+        bus = EventBus([sink], run=RunInfo(run_name="names", output_dir=str(tmp_path)))  # the spool goes there
         bus.publish(Log(step=1, values={"loss": 1.0, "bad": 0.1}))
         for s in range(2, 6):
             bus.publish(Log(step=s, values={"loss": 1.0 / s}))
