@@ -4,24 +4,39 @@ validated when constructed.
 Every check raises :class:`TrainingArgumentsError` (a ``ValueError``) whose message
 names the field, the value and how to fix it. Fields keep transformers' names and
 meanings, so ``args.eval_strategy == "steps"`` and callbacks written against
-transformers' ``TrainingArguments`` read the same attributes here.
+transformers' ``TrainingArguments`` read the same attributes here: every field of
+transformers' (5.x) exists, with its default, so that a callback reading ``args.bf16``
+or ``args.hub_strategy`` in the middle of a run of days does not die of an
+``AttributeError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import enum
 import logging
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from eventbus.errors import SinkConfigError
 from eventbus.redact import redact
 from eventbus.registry import normalize_report_to
 
-__all__ = ["IntervalStrategy", "SaveStrategy", "SchedulerType", "TrainingArguments", "TrainingArgumentsError"]
+__all__ = [
+    "HubStrategy",
+    "IntervalStrategy",
+    "OptimizerNames",
+    "ParallelMode",
+    "SaveStrategy",
+    "SchedulerType",
+    "TrainingArguments",
+    "TrainingArgumentsError",
+]
 
 logger = logging.getLogger("trainer")
 
@@ -93,12 +108,167 @@ class SchedulerType(_StrEnum):
     CONSTANT_WITH_WARMUP = "constant_with_warmup"
 
 
+class HubStrategy(_StrEnum):
+    """transformers' ``hub_strategy`` values (kept for callbacks that read them:
+    nothing is pushed here, see ``push_to_hub``)."""
+
+    END = "end"
+    EVERY_SAVE = "every_save"
+    CHECKPOINT = "checkpoint"
+    ALL_CHECKPOINTS = "all_checkpoints"
+
+
+class OptimizerNames(_StrEnum):
+    """The ``optim`` values this trainer accepts: both name ``torch.optim.AdamW``,
+    the optimizer it creates (torch picks the kernel)."""
+
+    ADAMW_TORCH = "adamw_torch"
+    ADAMW_TORCH_FUSED = "adamw_torch_fused"
+
+
+class ParallelMode(_StrEnum):
+    """:attr:`TrainingArguments.parallel_mode`, with transformers' values. It also
+    compares equal to transformers' own ``ParallelMode`` members, a plain ``Enum``
+    that would otherwise only equal itself, so that the checks transformers'
+    callbacks write (``args.parallel_mode == ParallelMode.DISTRIBUTED``, ``!=``,
+    ``in [...]``) work on these arguments without importing transformers here."""
+
+    NOT_PARALLEL = "not_parallel"
+    NOT_DISTRIBUTED = "not_distributed"
+    DISTRIBUTED = "distributed"
+    SAGEMAKER_MODEL_PARALLEL = "sagemaker_model_parallel"
+    SAGEMAKER_DATA_PARALLEL = "sagemaker_data_parallel"
+    TPU = "tpu"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, enum.Enum) and not isinstance(other, str):
+            return bool(self.value == other.value)
+        return str.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        # str defines __ne__ itself: without this, ``!=`` against transformers'
+        # member would fall back to identity and always be True.
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+# transformers' ``trainer_log_levels``: ``passive`` (-1) keeps the logger's level.
+_LOG_LEVELS: dict[str, int] = {
+    "detail": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "passive": -1,
+}
+
+_OWN_OPTIMIZER = (
+    "this trainer creates torch.optim.AdamW (learning_rate, adam_beta1/2, adam_epsilon, weight_decay); pass your "
+    "own optimizer with Trainer(optimizers=(optimizer, None))"
+)
+_OWN_LOADER = "override Trainer.get_train_dataloader()/get_eval_dataloader() to build your own DataLoader"
+
+# transformers' fields whose other values change training there, and which this
+# trainer does not implement: (the values accepted, what to do instead). The
+# accepted values are transformers' default and its equivalents (``None``/``False``
+# for an unset switch). Anything else is refused: a run of days that silently
+# trains without the mixed precision or the checkpointing it asked for is worse
+# than one that does not start.
+_NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "lr_scheduler_kwargs": ((None, {}), "the schedules here take no extra arguments; pass your own scheduler "
+                            "with Trainer(optimizers=(optimizer, lr_scheduler))"),
+    "optim_args": ((None, ""), _OWN_OPTIMIZER),
+    "optim_target_modules": ((None,), _OWN_OPTIMIZER),
+    "average_tokens_across_devices": ((True,), "this trainer does not normalise the loss by token counts "
+                                      "(num_items_in_batch): each batch's loss is the model's own mean; override "
+                                      "Trainer.compute_loss to weigh it otherwise"),
+    "label_smoothing_factor": ((0, 0.0), "smooth the labels in the model's loss (e.g. torch.nn.CrossEntropyLoss("
+                               "label_smoothing=...)) or override Trainer.compute_loss"),
+    "bf16": ((False,), "this trainer trains in the model's dtype, without autocast; run the model's forward under "
+             "torch.autocast(...) yourself"),
+    "fp16": ((False,), "this trainer trains in the model's dtype, without autocast or a GradScaler; run the model's "
+             "forward under torch.autocast(...) yourself, or use bf16 weights"),
+    "bf16_full_eval": ((False,), "evaluation runs in the model's dtype; cast the model before evaluate()"),
+    "fp16_full_eval": ((False,), "evaluation runs in the model's dtype; cast the model before evaluate()"),
+    "tf32": ((None,), "set torch.backends.cuda.matmul.allow_tf32 (or torch.set_float32_matmul_precision) in your "
+             "script before training"),
+    "activation_checkpointing": ((None, False), "enable it on the model before creating the Trainer (e.g. "
+                                 "model.gradient_checkpointing_enable(), or torch.utils.checkpoint in its forward)"),
+    "gradient_checkpointing": ((None, False), "enable it on the model before creating the Trainer (e.g. "
+                               "model.gradient_checkpointing_enable(), or torch.utils.checkpoint in its forward)"),
+    "torch_compile": ((False,), "compile the model in place (model.compile()) before creating the Trainer"),
+    "torch_compile_backend": ((None,), "compile the model in place (model.compile(backend=...)) before creating "
+                              "the Trainer"),
+    "torch_compile_mode": ((None,), "compile the model in place (model.compile(mode=...)) before creating the Trainer"),
+    "use_liger_kernel": ((False,), "apply Liger's kernels to the model yourself before creating the Trainer"),
+    "use_cache": ((False,), "this trainer leaves model.config.use_cache as the model has it; set it there"),
+    "neftune_noise_alpha": ((None,), "add the noise to the embeddings yourself (a forward hook on the embedding "
+                            "layer)"),
+    "torch_empty_cache_steps": ((None,), "call torch.cuda.empty_cache() from a callback's on_step_end if you need it"),
+    "auto_find_batch_size": ((False,), "set per_device_train_batch_size to a size that fits"),
+    "eval_do_concat_batches": ((True,), "evaluation here always concatenates the batches' predictions"),
+    "include_for_metrics": (([], ()), "compute_metrics receives EvalPrediction(predictions, label_ids) here; "
+                            "override Trainer.prediction_step to return what else it needs"),
+    "batch_eval_metrics": ((False,), "compute_metrics is called once, on the whole evaluation set, here"),
+    "save_only_model": ((False,), "checkpoints here always hold the optimizer, scheduler and RNG states that a "
+                        "resume needs; copy the model out of a checkpoint if you want it alone"),
+    "full_determinism": ((False,), "call torch.use_deterministic_algorithms(True) (and set CUBLAS_WORKSPACE_CONFIG) "
+                         "in your script; seed and data_seed are honoured"),
+    "use_cpu": ((False,), "this trainer trains where the model is: keep the model on the CPU, or hide the GPUs "
+                "with CUDA_VISIBLE_DEVICES=''"),
+    "accelerator_config": ((None,), "this trainer does not use accelerate"),
+    "parallelism_config": ((None,), "this trainer does not use accelerate; it trains with DistributedDataParallel "
+                           "under torchrun"),
+    "dataloader_persistent_workers": ((False,), _OWN_LOADER),
+    "dataloader_prefetch_factor": ((None,), _OWN_LOADER),
+    "dataloader_multiprocessing_context": ((None,), _OWN_LOADER),
+    "dataloader_in_order": ((True,), _OWN_LOADER),
+    "train_sampling_strategy": (("random",), "training batches here are drawn in a random order (seeded by "
+                                "data_seed); " + _OWN_LOADER),
+    "ddp_find_unused_parameters": ((None,), "this trainer builds DistributedDataParallel with torch's defaults"),
+    "ddp_bucket_cap_mb": ((None,), "this trainer builds DistributedDataParallel with torch's defaults"),
+    "ddp_broadcast_buffers": ((None,), "this trainer builds DistributedDataParallel with torch's defaults"),
+    "ddp_static_graph": ((None,), "this trainer builds DistributedDataParallel with torch's defaults"),
+    "fsdp": ((None, "", [], False), "this trainer trains with DistributedDataParallel (torchrun) only"),
+    "deepspeed": ((None,), "this trainer trains with DistributedDataParallel (torchrun) only"),
+    "debug": (([],), "this trainer has no debug modes (underflow/overflow detection...); register forward hooks "
+              "on the model yourself"),
+    "skip_memory_metrics": ((True,), "this trainer adds no memory metrics; log torch.cuda.max_memory_allocated() "
+                            "from a callback"),
+}
+
+
+def _accepted(value: Any, accepted: tuple[Any, ...]) -> bool:
+    """Whether ``value`` is one of ``accepted``, by type as well as by value (``0``
+    is not ``False``, ``1`` is not ``True``)."""
+    return any(value is a or (type(value) is type(a) and value == a) for a in accepted)
+
+
 @dataclass
 class TrainingArguments:
     """What the training loop and its callbacks are configured with.
 
-    Names, defaults and meanings follow transformers' ``TrainingArguments``; only the
-    fields this trainer uses exist. Differences, each on purpose:
+    Names, defaults and meanings follow transformers' ``TrainingArguments``, and every
+    field of transformers' exists here with its default, so that a callback written
+    for transformers reads what it expects (``args.bf16``, ``args.hub_strategy``...).
+    transformers' fields fall in three kinds:
+
+    - those this trainer honours (most of the fields above the event-bus ones);
+    - those that carry no behaviour for a trainer (script flags such as ``do_train``,
+      ``resume_from_checkpoint``; run metadata such as ``project``, ``hub_*``;
+      settings of a feature that is off): accepted, stored and serialised by
+      :meth:`to_dict` (so tracking backends log them, as transformers' do), and not
+      used by this trainer;
+    - those that change training in transformers and that this trainer does not
+      implement (``fp16``/``bf16``, ``gradient_checkpointing``, ``torch_compile``,
+      ``optim`` other than AdamW, ``fsdp``, ``deepspeed``...): they hold
+      transformers' default, and any other value is refused when the arguments are
+      built, with what to do instead, rather than silently ignored.
+
+    Differences, each on purpose:
 
     - ``restore_callback_states_from_checkpoint`` defaults to ``True``: stateful
       callbacks (early stopping's patience counter...) continue where they were.
@@ -112,12 +282,19 @@ class TrainingArguments:
       take more than this share of the step time.
     - Features this trainer does not have are refused rather than ignored:
       ``push_to_hub=True``, ``save_on_each_node=True`` (checkpoints are written by
-      world rank 0) and counting input tokens (``include_num_input_tokens_seen``).
+      world rank 0), counting input tokens (``include_num_input_tokens_seen``) and
+      the third kind above.
+    - ``remove_unused_columns``: batches reach the model as the collator makes them,
+      whatever its value (transformers' ``False``); drop unused keys in the collator.
+    - ``enable_jit_checkpoint``: a checkpoint is saved on SIGTERM/SIGINT whatever its
+      value.
 
     Like transformers', the arguments also say where this process sits (properties,
     read when asked, not serialised): ``process_index``, ``local_process_index``,
     ``world_size`` (from the torchrun environment or the process group, as the
-    trainer reads them), ``should_log``, ``should_save``, ``device`` and ``n_gpu``.
+    trainer reads them), ``should_log``, ``should_save``, ``device``, ``n_gpu`` and
+    ``parallel_mode``; and they have transformers' ``get_process_log_level()`` and
+    ``main_process_first()``.
 
     Steps (``logging_steps``, ``eval_steps``, ``save_steps``) may be a fraction in
     (0, 1) of the total number of training steps.
@@ -172,6 +349,13 @@ class TrainingArguments:
     log_on_each_node: bool = True
     """In a multi-node run, whether the first process of every node logs
     (:attr:`should_log`), or only world rank 0."""
+    log_level: str = "passive"
+    """Accepted for compatibility, not used by this trainer (``debug``, ``info``,
+    ``warning``, ``error``, ``critical``, ``detail`` or ``passive``): what
+    :meth:`get_process_log_level` returns on the processes that log."""
+    log_level_replica: str = "warning"
+    """Accepted for compatibility, not used by this trainer: what
+    :meth:`get_process_log_level` returns on the other processes."""
     include_num_input_tokens_seen: str | bool = "no"
     """transformers' input-token counting: this trainer does not count input tokens,
     so only ``"no"`` (or ``False``) is accepted; ``state.num_input_tokens_seen`` stays 0."""
@@ -183,6 +367,14 @@ class TrainingArguments:
     sink) or sink names (a list or a comma-separated string)."""
     run_name: str | None = None
     """A name for the run, shown by tracking backends."""
+    project: str = "huggingface"
+    """Accepted for compatibility, not used by this trainer (transformers' Trackio project)."""
+    trackio_space_id: str | None = None
+    """Accepted for compatibility, not used by this trainer."""
+    trackio_bucket_id: str | None = None
+    """Accepted for compatibility, not used by this trainer."""
+    trackio_static_space_id: str | bool | None = None
+    """Accepted for compatibility, not used by this trainer."""
 
     # -- evaluation --
     eval_strategy: IntervalStrategy | str = "no"
@@ -197,6 +389,12 @@ class TrainingArguments:
     """In evaluation and prediction, return only the loss: no predictions or labels are
     gathered (so ``compute_metrics`` is not called). :meth:`Trainer.evaluate` without
     ``compute_metrics`` gathers none anyway."""
+    eval_accumulation_steps: int | None = None
+    """Any value works as ``1`` does in transformers: predictions move to the host
+    after every evaluation batch here."""
+    eval_use_gather_object: bool = False
+    """Either value works: in a distributed evaluation each rank's results are
+    gathered as Python objects (``all_gather_object``) here."""
 
     # -- checkpoints --
     save_strategy: SaveStrategy | str = "steps"
@@ -222,6 +420,9 @@ class TrainingArguments:
     ignore_data_skip: bool = False
     """On resume, start from the beginning of the data instead of skipping the batches
     already seen."""
+    enable_jit_checkpoint: bool = False
+    """Either value works: on SIGTERM or SIGINT this trainer always finishes the step,
+    saves a checkpoint and stops."""
 
     # -- reproducibility and data --
     seed: int = 42
@@ -236,6 +437,12 @@ class TrainingArguments:
     """Pin host memory of batches (faster copies to the accelerator)."""
     label_names: list[str] | None = None
     """The keys of a batch that hold the labels; ``None``: ``["labels"]``."""
+    remove_unused_columns: bool = True
+    """Either value works as transformers' ``False``: batches reach the model as the
+    data collator makes them (drop keys the model does not take in the collator)."""
+    length_column_name: str = "length"
+    """Accepted for compatibility, not used by this trainer (transformers'
+    ``group_by_length`` sampling is not implemented: see ``train_sampling_strategy``)."""
 
     # -- hub (transformers' names; pushing is not implemented here) --
     push_to_hub: bool = False
@@ -243,6 +450,129 @@ class TrainingArguments:
     so only ``False`` is accepted."""
     hub_model_id: str | None = None
     """The Hub repository name (kept for callbacks that read it; nothing is pushed)."""
+    hub_token: str | None = None
+    """Accepted for compatibility, not used by this trainer (redacted in :meth:`to_dict`
+    and the repr)."""
+    hub_private_repo: bool | None = None
+    """Accepted for compatibility, not used by this trainer."""
+    hub_strategy: HubStrategy | str = "every_save"
+    """Accepted for compatibility, not used by this trainer (a :class:`HubStrategy`)."""
+    hub_always_push: bool = False
+    """Accepted for compatibility, not used by this trainer."""
+    hub_revision: str | None = None
+    """Accepted for compatibility, not used by this trainer."""
+
+    # -- script-level flags (transformers' scripts read them; Trainer does not) --
+    do_train: bool = False
+    """Accepted for compatibility, not used by this trainer."""
+    do_eval: bool = False
+    """Accepted for compatibility, not used by this trainer."""
+    do_predict: bool = False
+    """Accepted for compatibility, not used by this trainer."""
+    resume_from_checkpoint: str | None = None
+    """Accepted for compatibility, not used by this trainer (pass it to
+    ``Trainer.train(resume_from_checkpoint=...)``, as with transformers)."""
+
+    # -- transformers' features this trainer does not implement ----------------------
+    # They exist so that callbacks can read them; a value other than transformers'
+    # default is refused when the arguments are built (see _NOT_IMPLEMENTED for
+    # what to do instead). Settings of a feature that is off are accepted.
+    lr_scheduler_kwargs: dict[str, Any] | str | None = None
+    """Only ``None``: the schedules here take no extra arguments."""
+    optim: OptimizerNames | str = "adamw_torch_fused"
+    """``adamw_torch_fused`` or ``adamw_torch`` (an :class:`OptimizerNames`): both
+    torch's AdamW, the optimizer this trainer creates; other optimizers are refused
+    (pass your own with ``Trainer(optimizers=...)``)."""
+    optim_args: str | None = None
+    """Only ``None``."""
+    optim_target_modules: str | list[str] | None = None
+    """Only ``None``."""
+    average_tokens_across_devices: bool = True
+    """Only ``True``: the loss is the model's own per-batch mean (no
+    ``num_items_in_batch``)."""
+    label_smoothing_factor: float = 0.0
+    """Only ``0``: smooth labels in the model's loss."""
+    bf16: bool = False
+    """Only ``False``: training runs in the model's dtype (no autocast)."""
+    fp16: bool = False
+    """Only ``False``: training runs in the model's dtype (no autocast, no GradScaler)."""
+    bf16_full_eval: bool = False
+    """Only ``False``."""
+    fp16_full_eval: bool = False
+    """Only ``False``."""
+    tf32: bool | None = None
+    """Only ``None``: set torch's TF32 flags in your script."""
+    activation_checkpointing: bool | None = None
+    """Only ``None``/``False`` (``False`` after construction, as transformers)."""
+    activation_checkpointing_kwargs: dict[str, Any] | str | None = None
+    """Accepted for compatibility, not used by this trainer (activation checkpointing is off)."""
+    gradient_checkpointing: bool | None = None
+    """Only ``None``/``False`` (``False`` after construction, as transformers): enable
+    it on the model before creating the trainer."""
+    gradient_checkpointing_kwargs: dict[str, Any] | str | None = None
+    """Accepted for compatibility, not used by this trainer (gradient checkpointing is off)."""
+    torch_compile: bool = False
+    """Only ``False``: call ``model.compile()`` before creating the trainer."""
+    torch_compile_backend: str | None = None
+    """Only ``None``."""
+    torch_compile_mode: str | None = None
+    """Only ``None``."""
+    use_liger_kernel: bool = False
+    """Only ``False``."""
+    liger_kernel_config: dict[str, bool] | None = None
+    """Accepted for compatibility, not used by this trainer (Liger kernels are off)."""
+    use_cache: bool = False
+    """Only ``False``; this trainer leaves ``model.config.use_cache`` as it is."""
+    neftune_noise_alpha: float | None = None
+    """Only ``None``."""
+    torch_empty_cache_steps: int | None = None
+    """Only ``None``."""
+    auto_find_batch_size: bool = False
+    """Only ``False``."""
+    eval_do_concat_batches: bool = True
+    """Only ``True``: evaluation concatenates the batches' predictions."""
+    include_for_metrics: list[str] = field(default_factory=list)
+    """Only ``[]``: ``compute_metrics`` receives predictions and labels."""
+    batch_eval_metrics: bool = False
+    """Only ``False``."""
+    save_only_model: bool = False
+    """Only ``False``: checkpoints hold what a resume needs."""
+    full_determinism: bool = False
+    """Only ``False`` (``seed`` and ``data_seed`` are honoured)."""
+    use_cpu: bool = False
+    """Only ``False``: the trainer trains where the model is."""
+    accelerator_config: dict[str, Any] | str | None = None
+    """Only ``None``: this trainer does not use accelerate."""
+    parallelism_config: Any = None
+    """Only ``None``."""
+    dataloader_persistent_workers: bool = False
+    """Only ``False``."""
+    dataloader_prefetch_factor: int | None = None
+    """Only ``None``."""
+    dataloader_multiprocessing_context: str | None = None
+    """Only ``None``."""
+    dataloader_in_order: bool = True
+    """Only ``True``."""
+    train_sampling_strategy: str = "random"
+    """Only ``random``: training batches are drawn in a seeded random order."""
+    ddp_find_unused_parameters: bool | None = None
+    """Only ``None``: DistributedDataParallel gets torch's defaults."""
+    ddp_bucket_cap_mb: int | None = None
+    """Only ``None``."""
+    ddp_broadcast_buffers: bool | None = None
+    """Only ``None``."""
+    ddp_static_graph: bool | None = None
+    """Only ``None``."""
+    fsdp: str | list[str] | None = None
+    """Only ``None``: this trainer trains with DistributedDataParallel."""
+    fsdp_config: dict[str, Any] | str | None = None
+    """Accepted for compatibility, not used by this trainer (FSDP is off)."""
+    deepspeed: dict[str, Any] | str | None = None
+    """Only ``None``."""
+    debug: str | list[str] = ""
+    """Only ``""`` (``[]`` after construction, as transformers)."""
+    skip_memory_metrics: bool = True
+    """Only ``True``: no memory metrics are added."""
 
     # -- distributed (torchrun) --
     ddp_backend: str | None = None
@@ -312,6 +642,7 @@ class TrainingArguments:
             self.include_num_input_tokens_seen = "all" if self.include_num_input_tokens_seen else "no"
         if isinstance(self.label_names, tuple):
             self.label_names = list(self.label_names)
+        self._normalise_compat_fields()
 
         self._check_types()
         self._check_ranges()
@@ -342,6 +673,24 @@ class TrainingArguments:
         self._check_best_model()
 
     # -- validation -----------------------------------------------------------------
+
+    def _normalise_compat_fields(self) -> None:
+        """transformers' own conversions of the fields this trainer only keeps for
+        compatibility, so that they read back as they do there."""
+        self.hub_strategy = HubStrategy.parse(self.hub_strategy, "hub_strategy")
+        try:
+            self.optim = OptimizerNames(self.optim.value if isinstance(self.optim, enum.Enum) else self.optim)
+        except ValueError:
+            raise TrainingArgumentsError(
+                f"optim={redact(self.optim)!r} is not implemented by this trainer; leave it at 'adamw_torch_fused' "
+                f"(the default) or 'adamw_torch': {_OWN_OPTIMIZER}"
+            ) from None
+        if self.debug is None or self.debug == "":
+            self.debug = []
+        elif isinstance(self.debug, str):
+            self.debug = self.debug.split()
+        if isinstance(self.resume_from_checkpoint, os.PathLike):
+            self.resume_from_checkpoint = os.fspath(self.resume_from_checkpoint)
 
     def _check_types(self) -> None:
         ints = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -387,7 +736,40 @@ class TrainingArguments:
         v = self.label_names
         if v is not None and (not isinstance(v, list) or not all(isinstance(x, str) and x for x in v)):
             raise TrainingArgumentsError(f"label_names must be a list of batch keys such as ['labels'], or None; got {v!r}")
+        self._check_compat_types()
         self._check_unsupported()
+
+    def _check_compat_types(self) -> None:
+        """The fields kept for transformers' scripts and callbacks hold what those
+        expect to read (a callback testing ``if args.do_eval`` gets a bool)."""
+        for name in ("do_train", "do_eval", "do_predict", "hub_always_push", "remove_unused_columns",
+                     "eval_use_gather_object", "enable_jit_checkpoint"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise TrainingArgumentsError(f"{name} must be True or False, got {v!r}")
+        v = self.hub_private_repo
+        if v is not None and not isinstance(v, bool):
+            raise TrainingArgumentsError(f"hub_private_repo must be True, False or None, got {v!r}")
+        for name in ("project", "length_column_name"):
+            v = getattr(self, name)
+            if not isinstance(v, str):
+                raise TrainingArgumentsError(f"{name} must be a string, got {v!r}")
+        for name in ("trackio_space_id", "trackio_bucket_id", "hub_revision", "resume_from_checkpoint"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise TrainingArgumentsError(f"{name} must be a string or None, got {v!r}")
+        v = self.hub_token
+        if v is not None and not isinstance(v, str):
+            # The value itself stays out of the message: it may be a token.
+            raise TrainingArgumentsError(f"hub_token must be a string or None, got a value of type {type(v).__name__}")
+        for name in ("log_level", "log_level_replica"):
+            v = getattr(self, name)
+            if v not in _LOG_LEVELS:
+                choices = ", ".join(repr(k) for k in _LOG_LEVELS)
+                raise TrainingArgumentsError(f"{name}={v!r} is not valid; choose one of {choices}")
+        v = self.eval_accumulation_steps
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise TrainingArgumentsError(f"eval_accumulation_steps must be a positive integer or None, got {v!r}")
 
     def _check_unsupported(self) -> None:
         tokens = self.include_num_input_tokens_seen
@@ -410,6 +792,15 @@ class TrainingArguments:
                 "save_on_each_node=True: this trainer writes checkpoints on world rank 0 only; leave it False and "
                 "use an output_dir that every node can read (a shared filesystem) to resume"
             )
+        for name, (accepted, instead) in _NOT_IMPLEMENTED.items():
+            v = getattr(self, name)
+            if not _accepted(v, accepted):
+                raise TrainingArgumentsError(
+                    f"{name}={redact(v)!r} is not implemented by this trainer; leave it at its default "
+                    f"({accepted[0]!r}): {instead}"
+                )
+        # As transformers: the deprecated name mirrors the new one.
+        self.activation_checkpointing = self.gradient_checkpointing = False
 
     def _check_ranges(self) -> None:
         def at_least(name: str, low: float, hint: str = "") -> None:
@@ -586,6 +977,52 @@ class TrainingArguments:
         """GPUs used by this process: 1 when :attr:`device` is a CUDA device, else 0
         (this trainer never spreads one process over several GPUs)."""
         return 1 if getattr(self.device, "type", None) == "cuda" else 0
+
+    @property
+    def parallel_mode(self) -> ParallelMode:
+        """``ParallelMode.DISTRIBUTED`` when more than one process trains (torchrun,
+        one device each), else ``ParallelMode.NOT_PARALLEL``: this trainer never
+        spreads one process over several GPUs (``NOT_DISTRIBUTED``). Compares equal
+        to transformers' ``ParallelMode`` members."""
+        return ParallelMode.DISTRIBUTED if self.world_size > 1 else ParallelMode.NOT_PARALLEL
+
+    @property
+    def ddp_timeout_delta(self) -> datetime.timedelta:
+        """``ddp_timeout`` as a ``timedelta``, as transformers'."""
+        return datetime.timedelta(seconds=self.ddp_timeout)
+
+    def get_process_log_level(self) -> int:
+        """The logging level for this process, as transformers': ``log_level`` on the
+        processes that log (:attr:`should_log`), ``log_level_replica`` on the others,
+        as ``logging`` ints; ``passive`` is the ``trainer`` logger's current level.
+        This trainer does not apply it: a script may, with ``logger.setLevel``."""
+        level = _LOG_LEVELS[self.log_level] if self.should_log else _LOG_LEVELS[self.log_level_replica]
+        return logger.getEffectiveLevel() if level == -1 else level
+
+    @contextlib.contextmanager
+    def main_process_first(self, local: bool = True, desc: str = "work") -> Iterator[None]:
+        """Run the block on the main process first, then on the others (a dataset's
+        ``map`` that caches its result for the replicas), as transformers': the
+        replicas wait in a barrier until the main process has finished the block.
+        The main process is the first of each machine with ``local=True``, world
+        rank 0 with ``local=False``. In a single process (or without a process
+        group to wait on) the block simply runs."""
+        from trainer import distributed
+
+        if self.world_size <= 1 or not distributed.is_initialized():
+            yield
+            return
+        is_main = (self.local_process_index if local else self.process_index) == 0
+        main = "main local process" if local else "main process"
+        try:
+            if not is_main:
+                logger.debug("%d: waiting for the %s to perform %s", self.process_index, main, desc)
+                distributed.barrier()
+            yield
+        finally:
+            if is_main:
+                logger.debug("%d: %s completed %s, releasing all replicas", self.process_index, main, desc)
+                distributed.barrier()
 
     # -- derived values -------------------------------------------------------------
 
