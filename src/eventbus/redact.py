@@ -14,13 +14,14 @@ REDACTED = "***"
 # COMET_API_KEY, apiKey, aws_secret_access_key, Authorization, credentials_json,
 # AccountKey, connection_string, passphrase, signing_key).
 _SECRET_WORD = re.compile(
-    r"secret|password|passwd|passphrase|authorization|credential|cookie|webhook|connection[_\-. ]?string"
+    r"secret|password|passwd|passphrase|authorization|credential|webhook|connection[_\-. ]?string"
     r"|(?:api|access|private|account|signing|encryption|session|master|ssh|hmac|license)[_\-. ]?key",
     re.IGNORECASE,
 )
-# Short words only as words of their own (db_pwd, PWD, sas_url, auth), not inside
-# one (author, passage, signal, dsnr).
-_SHORT_WORD = re.compile(r"(?:^|[_\-. ])(?:pwd|pass|auth|bearer|sas|dsn)(?:$|[_\-. ])|(?:^|[_\-. ])sig$", re.IGNORECASE)
+# Short words only as words of their own in an identifier (db_pwd, PWD, sas_url,
+# auth), not inside one (author, passage) nor in words a space separates (a class
+# label such as "mountain pass" is not a key naming a secret).
+_SHORT_WORD = re.compile(r"(?:^|[_\-.])(?:pwd|auth|bearer|sas|cookie)(?:$|[_\-.])", re.IGNORECASE)
 # "token" only as the key's last word (hub_token, HF_TOKEN, authToken), as transformers
 # masks ``*_token`` arguments: pad_token_id, include_num_input_tokens_seen or
 # average_tokens_across_devices are settings, not secrets.
@@ -34,37 +35,55 @@ _SIGNATURE_PARAMS = frozenset(
 )
 
 # In free text (a config value, an error message, an object's repr):
-_URL_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@'\"]*):[^/\s@'\"]+@")
-_QUERY_PARAM = re.compile(r"(?P<head>[?&;](?P<name>[A-Za-z0-9_.\-]+)=)(?P<value>[^&#\s'\"<>]+)")
-_QUOTED_ASSIGN = re.compile(r"(?P<head>(?P<name>[A-Za-z0-9_.\-]+)['\"]?\s*[=:]\s*)(?P<q>['\"])(?P<value>.*?)(?P=q)")
-_BARE_ASSIGN = re.compile(r"(?P<head>\b(?P<name>[A-Za-z0-9_.\-]+)=)(?P<value>[^\s,;)\]}'\"&]+)")
-_BEARER = re.compile(r"(?P<head>\b(?:Bearer|Basic)\s+)(?P<value>[A-Za-z0-9\-._~+/]{8,}=*)", re.IGNORECASE)
+# Each name starts where an identifier starts (the lookbehind) and is at most 128
+# characters: tried at every position of a long run of letters (a hash, base64 in an
+# error message), an unanchored name made these quadratic (seconds for 20 kB).
+_URL_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]{0,30}://[^/\s:@'\"]{0,256}):[^/\s@'\"]+@")
+_QUERY_PARAM = re.compile(r"(?P<head>[?&;](?P<name>[A-Za-z0-9_.\-]{1,128})=)(?P<value>[^&#\s'\"<>]+)")
+_QUOTED_ASSIGN = re.compile(
+    r"(?P<head>(?<![A-Za-z0-9_.\-])(?P<name>[A-Za-z0-9_.\-]{1,128})['\"]?\s*[=:]\s*)(?P<q>['\"])(?P<value>[^'\"]*)(?P=q)"
+)
+_BARE_ASSIGN = re.compile(r"(?P<head>(?<![A-Za-z0-9_.\-])(?P<name>[A-Za-z0-9_.\-]{1,128})=)(?P<value>[^\s,;)\]}'\"&]+)")
+# An Authorization header's credential echoed in text: the scheme as a header writes
+# it, then something shaped like a credential (16 or more characters, a digit in them).
+_BEARER = re.compile(r"(?P<head>\b(?:Bearer|Basic) )(?P<value>(?=[A-Za-z\-._~+/]*\d)[A-Za-z0-9\-._~+/]{16,}=*)")
+# A signature parameter's value is at least this long (``?key=train`` is a word).
+_MIN_SECRET = 8
 
 
 def is_secret_key(key: str) -> bool:
     """True for keys that name a secret: one containing ``secret``, ``password``,
-    ``passwd``, ``passphrase``, ``authorization``, ``credential``, ``cookie``,
-    ``webhook``, ``connection_string``, or ``api_key``/``apikey``, ``access_key``,
+    ``passwd``, ``passphrase``, ``authorization``, ``credential``, ``webhook``,
+    ``connection_string``, or ``api_key``/``apikey``, ``access_key``,
     ``private_key``, ``account_key``, ``signing_key``, ``encryption_key``,
     ``session_key``, ``master_key``, ``ssh_key``, ``hmac_key``, ``license_key`` (any
-    case and separator); one with the word ``pwd``, ``pass``, ``auth``, ``bearer``,
-    ``sas`` or ``dsn`` (``db_pwd``, ``sas_url``; not ``author``), or ``sig`` as its
-    last word; or one
+    case and separator); one with the word ``pwd``, ``auth``, ``bearer``, ``sas`` or
+    ``cookie`` between ``_``, ``-`` or ``.`` (``db_pwd``, ``sas_url``,
+    ``session_cookie``; not ``author`` nor a label such as ``fortune cookie``); or one
     ending in the word ``token`` (``hub_token``, ``MLFLOW_TRACKING_TOKEN``,
     ``authToken``), but not ``pad_token_id`` or ``max_tokens``."""
     key = str(key)
     return bool(_SECRET_WORD.search(key) or _SHORT_WORD.search(key) or _TOKEN_LAST.search(key) or _CAMEL_TOKEN.search(key))
 
 
+def _credential_like(value: str, shortest: int = 1) -> bool:
+    """Not empty, not ``None``, not a placeholder (``<pad>``, ``[PAD]``, ``***``)."""
+    if len(value) < shortest or value in ("None", REDACTED):
+        return False
+    return not ((value[0], value[-1]) in (("<", ">"), ("[", "]")))
+
+
 def _mask_param(m: re.Match[str]) -> str:
-    name = m.group("name")
-    if is_secret_key(name) or name.lower() in _SIGNATURE_PARAMS:
-        return m.group("head") + REDACTED
-    return m.group(0)
+    name, value = m.group("name"), m.group("value")
+    if is_secret_key(name):
+        masked = _credential_like(value)
+    else:  # a signature's name is a common word too (?key=train, ?code=python)
+        masked = name.lower() in _SIGNATURE_PARAMS and _credential_like(value, _MIN_SECRET)
+    return m.group("head") + REDACTED if masked else m.group(0)
 
 
 def _mask_assign(m: re.Match[str]) -> str:
-    if not is_secret_key(m.group("name")) or m.group("value") in ("", REDACTED, "None"):
+    if not is_secret_key(m.group("name")) or not _credential_like(m.group("value")):
         return m.group(0)
     q = m.groupdict().get("q") or ""
     return f"{m.group('head')}{q}{REDACTED}{q}"
@@ -75,8 +94,10 @@ def redact_str(text: str) -> str:
     password (``https://user:***@host``), query parameters that are secrets or
     signatures (``?sig=***``, ``&access_token=***``, ``X-Amz-Signature=***``),
     ``name=value`` / ``"name": "value"`` pairs whose name is a secret's
-    (:func:`is_secret_key`: ``api_key='***'`` in an object's repr) and ``Bearer``
-    credentials. For what configs and error messages hold as plain text."""
+    (:func:`is_secret_key`: ``api_key='***'`` in an object's repr) and
+    ``Bearer``/``Basic`` credentials. Placeholders are left (a tokenizer's
+    ``pad_token='<pad>'``), as are short values of parameters named like common
+    words (``?key=train``). For what configs and error messages hold as plain text."""
     if not text or not isinstance(text, str):
         return text
     if "://" in text and "@" in text:

@@ -137,14 +137,14 @@ def snapshot_mapping(mapping: Mapping[str, Any]) -> Snapshot:
 
 def number(value: Any) -> Any:
     """``value`` as the plain Python number it stands for when it is a numpy scalar
-    (``np.float32(0.5)``, ``np.int64(3)``, ``np.bool_``; also an array of one element,
-    whatever its shape, as for a tensor) or an instance of a ``float``/``int``
-    subclass; anything else is returned unchanged. Sinks and encoders only know the
-    plain types: a numpy scalar would otherwise be written as its text."""
+    (``np.float32(0.5)``, ``np.int64(3)``, ``np.bool_``; also a 0-d array) or an
+    instance of a ``float``/``int`` subclass; anything else is returned unchanged.
+    Sinks and encoders only know the plain types: a numpy scalar would otherwise be
+    written as its text."""
     kind = type(value)
     if kind is float or kind is int or kind is bool:
         return value
-    if kind.__module__ == "numpy" and (getattr(value, "ndim", None) == 0 or getattr(value, "size", None) == 1):
+    if kind.__module__ == "numpy" and getattr(value, "ndim", None) == 0:
         try:
             return value.item()
         except Exception:
@@ -177,30 +177,33 @@ def _to_python(t: Any) -> Any:
 
 
 def plain_array(value: Any) -> Any:
-    """A numpy array as Python data (a list; a number when it holds one element, as
-    :func:`number` gives); anything else unchanged. What a tensor of the same values
-    becomes, rather than the array's repr."""
+    """For an event's values (what sinks write): a numpy scalar or array as Python
+    data, as a tensor of the same values becomes: its number (a scalar, or an array
+    of one element whatever its shape), else its list; anything else unchanged,
+    rather than written as the array's repr. (Callbacks get arrays as they were
+    logged, as in transformers: :func:`resolve` leaves them.)"""
     if type(value).__module__ == "numpy":
         n = number(value)
         if n is not value:
             return n
-        tolist = getattr(value, "tolist", None)
-        if tolist is not None and getattr(value, "ndim", 0):
-            try:
-                return tolist()
-            except Exception:
-                return value
+        try:
+            if getattr(value, "size", None) == 1:
+                return value.item()
+            if getattr(value, "ndim", 0):
+                return value.tolist()
+        except Exception:
+            return value
     return value
 
 
 def resolve(value: Any) -> Any:
-    """Turn a snapshot (or a live tensor, or a numpy scalar or array) into plain
-    Python data. Runs off the hot path."""
+    """Turn a snapshot (or a live tensor, or a numpy scalar) into plain Python data.
+    Runs off the hot path."""
     if isinstance(value, Deferred):
         return value.resolve()
     if is_tensor(value):
         return _to_python(value)
-    return plain_array(value)
+    return number(value)
 
 
 def resolve_mapping(mapping: Mapping[str, Any]) -> Snapshot | None:

@@ -15,8 +15,9 @@ the run ended ``FINISHED``, ``FAILED`` or ``KILLED`` from ``TrainEnd.status``.
 
 Names: transformers' character rule, then MLflow's own path and length rules
 (:func:`sanitize_name`), reported in one warning line per batch. Two names that become
-one (``acc@1`` and ``acc_1``) stay two series: the renamed one gets a short suffix of
-its own. A key the server refuses anyway (a rule this sink does not know, a param whose
+one (``acc@1`` and ``acc_1``) stay two series: the one MLflow takes as it is keeps the
+name, the renamed one gets a short suffix of its own (from the first log holding
+both; one logged alone before its twin appears had the plain name until then). A key the server refuses anyway (a rule this sink does not know, a param whose
 value it will not change) costs that key, dropped for the rest of the run with one
 warning, not the batch of metrics it came in.
 
@@ -697,10 +698,17 @@ class MLflowSink(Sink):
             return name
         clean = sanitize_name(key)
         owner = self._owners.get(clean)
-        if (owner is not None and owner != key) or (clean != key and owner is None and clean in siblings):
-            # Two metrics, one name: never one series holding both. The renamed one (or
-            # the later one, when the name is taken already) gets a suffix of its own,
-            # the same in every process and run.
+        if clean == key and owner is not None and owner != key:
+            # A name MLflow takes as it is owns it, whichever came first: the renamed
+            # one that had it moves to a suffix of its own from now on (so a new
+            # process, which may see them in another order, names them alike).
+            moved = self._distinct(clean, owner)
+            self._owners[moved] = owner
+            self._names[owner] = self._name_cache[owner] = moved
+            self._collided.append((owner, key, clean, moved))
+        elif (owner is not None and owner != key) or (clean != key and owner is None and clean in siblings):
+            # Two metrics, one name: never one series holding both. The renamed one
+            # gets a suffix of its own (a hash of its name: the same in every process).
             shared, clean = clean, self._distinct(clean, key)
             self._collided.append((key, owner if owner is not None else shared, shared, clean))
         self._owners[clean] = key
@@ -764,6 +772,13 @@ class MLflowSink(Sink):
         names = self._name_cache
         last_of = self._last
         floor = self._floor
+        if not values.keys() <= names.keys():
+            # New names: those MLflow takes as they are claim their name first, so that
+            # a renamed twin in this very log (or cached from an earlier one) moves
+            # aside before any of its points is put under that name.
+            for key in values:
+                if key not in names and sanitize_name(key) == key:
+                    self._metric_name(key, values)
         for key, value in self._filter.scalars(values):
             name = names.get(key)
             if name is None:

@@ -322,20 +322,22 @@ class TensorBoardSink(ThreadedSink):
         # objects and handing them to Summary(value=...) copies each one: twice the time).
         cleaned: dict[str, Any] = {}
         texts: dict[str, str] = {}
-        named: set[str] | None = None
+        if not values.keys() <= tags.keys():
+            # New names: those that need no cleaning claim their tag first, so that a
+            # cleaned twin in this very log (or cached from an earlier one: "a:b" before
+            # "a_b") moves to a tag of its own before any of its points is written there.
+            for k in values:
+                if k not in tags:
+                    name = rewrite_name(k) if prefix is None else _prefixed_name(k, prefix)
+                    if clean_tag(name) == name:
+                        tag = self._tag(name, name)
+                        if len(tags) < _TAG_CACHE_SIZE:
+                            tags[k] = tag
         for k, v in values.items():
             tag = tags.get(k)
             if tag is None:
                 name = rewrite_name(k) if prefix is None else _prefixed_name(k, prefix)
-                tag = clean_tag(name)
-                if tag != name and tag not in self._tag_owners and name not in self._moved:
-                    # A new name that cleaning changes: the tag stays with a name of this
-                    # log that needs no cleaning ("a_b" beside "a:b"), if there is one.
-                    if named is None:
-                        named = {rewrite_name(x) if prefix is None else _prefixed_name(x, prefix) for x in values}
-                    if tag in named:
-                        self._tag_owners[tag] = tag
-                tag = self._tag(name, tag)
+                tag = self._tag(name, clean_tag(name))
                 if len(tags) < _TAG_CACHE_SIZE:
                     tags[k] = tag
             # Names that stand for one series (a ``val`` evaluation's ``val_acc`` and
@@ -380,13 +382,28 @@ class TensorBoardSink(ThreadedSink):
     def _tag(self, name: str, tag: str) -> str:
         """The tag of ``name`` (a rewritten metric name; ``tag`` is its cleaned form):
         that, unless another name has it already; then a tag of its own, with one
-        warning naming both, the same in every process and run."""
+        warning naming both. A name that needs no cleaning always keeps its tag; a
+        cleaned one logged before its twin appears had the plain tag until then."""
         moved = self._moved.get(name)
         if moved is not None:
             return moved
         owner = self._tag_owners.setdefault(tag, name)
         if owner == name:
             return tag
+        if name == tag:
+            # A name that needs no cleaning owns its tag, whichever came first: the
+            # cleaned one that had it moves to a tag of its own from now on (so a new
+            # process, which may see them in another order, tags them alike).
+            self._tag_owners[tag] = name
+            for cache in (self._tags, *self._metric_tags.values()):
+                for k in [k for k, t in cache.items() if t == tag]:
+                    del cache[k]
+            self._move(owner, tag, name)
+            return tag
+        return self._move(name, tag, owner)
+
+    def _move(self, name: str, tag: str, owner: str) -> str:
+        """Give ``name`` (whose cleaned tag ``tag`` is ``owner``'s) a tag of its own."""
         digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()
         new = next(
             (t for i in range(0, 36, 6) if (t := f"{tag}_{digest[i : i + 6]}") not in self._tag_owners),

@@ -49,7 +49,7 @@ from eventbus.events import (
     TrainEnd,
 )
 from eventbus.redact import redact, redact_str
-from eventbus.values import Snapshot, resolve, snapshot
+from eventbus.values import Snapshot, plain_array, resolve, snapshot
 from trainer.state import CallbackStateError, TrainerControl, TrainerState, _add_state, is_exportable, load_state_into
 
 __all__ = ["TrainerCallback", "CallbackHandler", "HOOKS", "STEP_HOOKS", "BOUND_HOOKS", "ignores_kwargs"]
@@ -997,9 +997,7 @@ def _copy_values(mapping: Mapping[str, Any] | None, fresh: bool = False) -> dict
             if not (fresh and v.is_cpu and not v.requires_grad):
                 v = snapshot(v)
         elif kind.__module__ == "numpy":
-            tolist = getattr(v, "tolist", None)
-            if tolist is not None:
-                v = tolist()
+            v = plain_array(v)  # its number (one element) or list, as a tensor's
         out[k] = v
     return out
 

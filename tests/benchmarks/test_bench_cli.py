@@ -174,7 +174,7 @@ def test_d_vs_c_target_is_paired_block_by_block() -> None:
     value, _, ok = next(t[1:] for t in paired.targets() if t[0] == "(d) vs (c), ours, logging_steps=1")
     assert value == "+4.0% paired" and ok is True
     assert paired.pairing_notes() == [
-        "(d) vs (c), logging_steps=1, paired: the median change over 3 pairs of blocks run one after the other "
+        "(d) vs (c), logging_steps=1, paired: the median change over 3 pairs of blocks of the same repeat "
         "(+4%, +4%, +20%); of the medians: +20.0%"
     ]
     apart = _bench.OverheadResult(rows=rows, gap_s=0.0, transformers=None)

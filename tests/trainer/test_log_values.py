@@ -186,3 +186,30 @@ def test_a_callback_reading_the_history_outside_on_log_finds_numbers(tmp_path) -
     # the library's own callbacks alone read no history: nothing read on the training thread
     alone = Trainer(TinyClassifier(), tiny_args(tmp_path / "alone", max_steps=1), train_dataset=make_dataset(8))
     assert alone.callback_handler.wants_plain_history is False
+
+
+def test_numpy_arrays_reach_on_log_callbacks_as_arrays(tmp_path) -> None:
+    """transformers hands on_log what was logged: a numpy array stays one (a callback
+    reads its .shape); the sinks get its number or list."""
+    import numpy as np
+
+    seen: list[tuple[type, type]] = []
+
+    class Shapes(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            if "hist" in logs:
+                seen.append((type(logs["hist"]), type(logs["one"])))
+
+    class LogsArrays(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            trainer.log({"hist": np.arange(3.0), "one": np.array([0.5])})
+
+    sink = RecordingSink()
+    trainer = Trainer(
+        TinyClassifier(), tiny_args(tmp_path, max_steps=1), train_dataset=make_dataset(8), callbacks=[Shapes(), LogsArrays()],
+        sinks=[sink],
+    )
+    trainer.train()
+    assert seen == [(np.ndarray, np.ndarray)]
+    (ev,) = [e for e in sink.of(Log) if "hist" in e.values]
+    assert ev.values["hist"] == [0.0, 1.0, 2.0] and ev.values["one"] == 0.5
