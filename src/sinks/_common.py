@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections.abc
+import hashlib
 import importlib
 import logging
 import os
@@ -14,7 +15,10 @@ from typing import Any, Callable, Iterator, Mapping
 from eventbus.errors import MissingDependencyError, SinkConfigError
 from eventbus.redact import is_secret_key
 
-__all__ = ["BATCH_SIZE", "import_sdk", "rewrite_name", "rewrite_logs", "prefixed_name", "evaluation_names", "ScalarFilter", "flatten", "is_number", "check_option_types"]
+__all__ = [
+    "BATCH_SIZE", "import_sdk", "rewrite_name", "rewrite_logs", "prefixed_name", "evaluation_names", "ScalarFilter",
+    "flatten", "is_number", "check_option_types", "distinct_name",
+]
 
 logger = logging.getLogger("sinks")
 
@@ -210,3 +214,22 @@ def check_option_types(sink: str, func: Callable[..., Any], values: Mapping[str,
             raise SinkConfigError(
                 f"{sink} sink: option {name!r} must be {_describe(tp)}, got {type(value).__name__} {shown}"
             )
+
+
+def distinct_name(base: str, original: str, taken: Callable[[str], bool], limit: int | None = None,
+                  fix: Callable[[str], str] = lambda n: n) -> str:
+    """A name for ``original`` when ``base`` (what a backend's renaming made of it) is
+    another metric's: ``base`` plus ``_`` and 6 hex characters of a hash of
+    ``original`` (the same in every process), within ``limit`` characters and passed
+    through ``fix`` (the backend's own rule), the first that is not ``taken``."""
+    digest = hashlib.sha1(original.encode("utf-8", "surrogatepass")).hexdigest()
+    head = base if limit is None else base[: limit - 7]
+    for i in range(0, len(digest) - 6, 6):
+        name = fix(f"{head}_{digest[i : i + 6]}")
+        if not taken(name):
+            return name
+    n = 2
+    head = base if limit is None else base[: limit - 12]
+    while taken(name := fix(f"{head}_{n}")):
+        n += 1
+    return name

@@ -54,7 +54,6 @@ checkpoint and the kill again; MLflow would store them twice (new timestamps).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -71,7 +70,7 @@ from eventbus.errors import SinkConfigError, SinkError, TransientSinkError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
 from eventbus.redact import redact
 from eventbus.sink import RunInfo, Sink
-from sinks._common import ScalarFilter, check_option_types, flatten
+from sinks._common import ScalarFilter, check_option_types, distinct_name, flatten
 from sinks._http import HttpClient, TokenProvider
 
 __all__ = [
@@ -721,15 +720,7 @@ class MLflowSink(Sink):
         return clean
 
     def _distinct(self, clean: str, key: str) -> str:
-        digest = hashlib.sha1(key.encode("utf-8", "surrogatepass")).hexdigest()
-        for i in range(0, len(digest) - 6, 6):
-            name = sanitize_name(f"{clean[: MAX_ENTITY_KEY_LENGTH - 7]}_{digest[i : i + 6]}")
-            if name not in self._owners:
-                return name
-        n = 2
-        while (name := sanitize_name(f"{clean[: MAX_ENTITY_KEY_LENGTH - 12]}_{n}")) in self._owners:
-            n += 1
-        return name
+        return distinct_name(clean, key, self._owners.__contains__, MAX_ENTITY_KEY_LENGTH, sanitize_name)
 
     def _warn_names(self) -> None:
         """One warning line for the names renamed in a batch (a model's per-layer names

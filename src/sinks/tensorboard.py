@@ -30,7 +30,6 @@ step appears twice, and keep what the sink had up to its mark.
 from __future__ import annotations
 
 import glob
-import hashlib
 import itertools
 import json
 import logging
@@ -47,7 +46,9 @@ from eventbus.errors import SinkConfigError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
 from eventbus.redact import redact
 from eventbus.sink import RunInfo, ThreadedSink
-from sinks._common import BATCH_SIZE, ScalarFilter, check_option_types, import_sdk, is_number, prefixed_name, rewrite_name
+from sinks._common import (
+    BATCH_SIZE, ScalarFilter, check_option_types, distinct_name, import_sdk, is_number, prefixed_name, rewrite_name,
+)
 
 __all__ = ["TensorBoardSink", "clean_tag"]
 
@@ -404,11 +405,7 @@ class TensorBoardSink(ThreadedSink):
 
     def _move(self, name: str, tag: str, owner: str) -> str:
         """Give ``name`` (whose cleaned tag ``tag`` is ``owner``'s) a tag of its own."""
-        digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()
-        new = next(
-            (t for i in range(0, 36, 6) if (t := f"{tag}_{digest[i : i + 6]}") not in self._tag_owners),
-            f"{tag}_{digest}",
-        )
+        new = distinct_name(tag, name, self._tag_owners.__contains__)
         self._tag_owners[new] = name
         self._moved[name] = new
         logger.warning(
