@@ -193,7 +193,7 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
              "forward under torch.autocast(...) yourself, or use bf16 weights"),
     "bf16_full_eval": ((False,), "evaluation runs in the model's dtype; cast the model before evaluate()"),
     "fp16_full_eval": ((False,), "evaluation runs in the model's dtype; cast the model before evaluate()"),
-    "tf32": ((None,), "set torch.backends.cuda.matmul.allow_tf32 (or torch.set_float32_matmul_precision) in your "
+    "tf32": ((None, False), "set torch.backends.cuda.matmul.allow_tf32 (or torch.set_float32_matmul_precision) in your "
              "script before training"),
     "activation_checkpointing": ((None, False), "enable it on the model before creating the Trainer (e.g. "
                                  "model.gradient_checkpointing_enable(), or torch.utils.checkpoint in its forward)"),
@@ -228,10 +228,10 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "dataloader_in_order": ((True,), _OWN_LOADER),
     "train_sampling_strategy": (("random",), "training batches here are drawn in a random order (seeded by "
                                 "data_seed); " + _OWN_LOADER),
-    "ddp_find_unused_parameters": ((None,), "this trainer builds DistributedDataParallel with torch's defaults"),
-    "ddp_bucket_cap_mb": ((None,), "this trainer builds DistributedDataParallel with torch's defaults"),
-    "ddp_broadcast_buffers": ((None,), "this trainer builds DistributedDataParallel with torch's defaults"),
-    "ddp_static_graph": ((None,), "this trainer builds DistributedDataParallel with torch's defaults"),
+    "ddp_find_unused_parameters": ((None, False), "this trainer builds DistributedDataParallel with torch's defaults"),
+    "ddp_bucket_cap_mb": ((None, 25), "this trainer builds DistributedDataParallel with torch's defaults"),
+    "ddp_broadcast_buffers": ((None, True), "this trainer builds DistributedDataParallel with torch's defaults"),
+    "ddp_static_graph": ((None, False), "this trainer builds DistributedDataParallel with torch's defaults"),
     "fsdp": ((None, "", [], False), "this trainer trains with DistributedDataParallel (torchrun) only"),
     "deepspeed": ((None,), "this trainer trains with DistributedDataParallel (torchrun) only"),
     "debug": (([],), "this trainer has no debug modes (underflow/overflow detection...); register forward hooks "

@@ -95,8 +95,8 @@ _NOT_IMPLEMENTED = {
     "dataloader_multiprocessing_context": "spawn",
     "dataloader_in_order": False,
     "train_sampling_strategy": "group_by_length",
-    "ddp_find_unused_parameters": False,
-    "ddp_bucket_cap_mb": 25,
+    "ddp_find_unused_parameters": True,  # False is what torch does here: accepted
+    "ddp_bucket_cap_mb": 50,
     "ddp_broadcast_buffers": False,
     "ddp_static_graph": True,
     "fsdp": "full_shard",
@@ -209,6 +209,9 @@ def test_a_feature_this_trainer_does_not_implement_is_refused_naming_the_field(n
 def test_defaults_and_their_equivalents_of_unimplemented_features_are_accepted():
     a = TrainingArguments(gradient_checkpointing=False, activation_checkpointing=False, optim="adamw_torch",
                           fsdp="", debug="", lr_scheduler_kwargs={}, label_smoothing_factor=0, tf32=None)
+    # What a DDP script commonly sets explicitly, which is what this trainer does anyway.
+    TrainingArguments(ddp_find_unused_parameters=False, ddp_broadcast_buffers=True, ddp_static_graph=False,
+                      ddp_bucket_cap_mb=25, tf32=False, bf16=False, fp16=False)
     assert a.gradient_checkpointing is False and a.activation_checkpointing is False  # None -> False, as transformers
     assert a.optim == "adamw_torch" and a.debug == [] and a.to_dict()["optim"] == "adamw_torch"
     b = TrainingArguments()
