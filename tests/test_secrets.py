@@ -322,6 +322,7 @@ SECRET_KEYS = [
     "Authorization", "credentials",
     "passphrase", "db_pwd", "PWD", "AccountKey", "storage_account_key", "connection_string", "AZURE_STORAGE_CONNECTION_STRING",
     "signing_key", "ssh_key", "hmac_key", "session_cookie", "slack_webhook_url", "sas_url", "sas", "auth", "db.pwd",
+    "db_pass", "DB_PASS", "ldap_bind_pass", "dsn", "SENTRY_DSN", "sig", "blob_sig", "sessionCookie", "dbPass",
 ]
 SETTING_KEYS = [
     # transformers' own arguments and model configs: settings, logged as they are
@@ -329,7 +330,8 @@ SETTING_KEYS = [
     "include_num_input_tokens_seen", "max_tokens", "tokenizer_name", "token_ids", "hub_model_id", "key",
     "author", "passage_len", "signal_dim", "sig_figs", "sort_key", "label_key", "text_key", "num_passes", "design",
     # class labels (a config's label2id) and settings with short words in them
-    "mountain pass", "fortune cookie", "boarding pass", "pass_at_k", "noise_sig", "use_dsn", "two_pass",
+    "mountain pass", "fortune cookie", "boarding pass", "pass_at_k", "pass@k", "noise_sig", "two_pass", "num_passes",
+    "bypass", "compass", "sigma",
 ]
 
 
@@ -482,6 +484,8 @@ def test_a_crash_message_with_a_signed_url_reaches_no_file(tmp_path):
         ("echo: Bearer abcdef123456XYZ789", "echo: Bearer ***"),
         ("BertTokenizer(pad_token='[PAD]', unk_token='[UNK]')", "BertTokenizer(pad_token='[PAD]', unk_token='[UNK]')"),
         ("Authorization: Basic YWxpY2U6c2VjcmV0cGFzc3dvcmQx", "Authorization: Basic ***"),
+        ("authorization: bearer abcdefghijklmnopqrstuvwxyz", "authorization: bearer ***"),
+        ("connect with db_pass=hunter2x9", "connect with db_pass=***"),
         # settings and plain text stay as they are
         ("pad_token_id=0 max_tokens=5", "pad_token_id=0 max_tokens=5"),
         ("Basic baseline: lr sweep", "Basic baseline: lr sweep"),

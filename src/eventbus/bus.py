@@ -1307,7 +1307,7 @@ def _safe_values(mapping: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in mapping.items():
         try:
-            out[k] = _values.resolve(v)
+            out[k] = _values.plain_array(_values.resolve(v))
         except Exception:
             out[k] = float("nan")
     return out

@@ -18,10 +18,19 @@ _SECRET_WORD = re.compile(
     r"|(?:api|access|private|account|signing|encryption|session|master|ssh|hmac|license)[_\-. ]?key",
     re.IGNORECASE,
 )
-# Short words only as words of their own in an identifier (db_pwd, PWD, sas_url,
-# auth), not inside one (author, passage) nor in words a space separates (a class
-# label such as "mountain pass" is not a key naming a secret).
-_SHORT_WORD = re.compile(r"(?:^|[_\-.])(?:pwd|auth|bearer|sas|cookie)(?:$|[_\-.])", re.IGNORECASE)
+# Short words only as words of their own in an identifier (db_pwd, PWD, db_pass,
+# SENTRY_DSN, sas_url, blob_sig, sessionCookie), not inside one (author, passage) nor
+# in words a space separates (a class label such as "mountain pass" is not a key
+# naming a secret), nor in settings that count passes (pass_at_k, two_pass).
+_SHORT_WORD = re.compile(
+    r"(?:^|[_\-.])(?:pwd|pass|auth|bearer|sas|dsn|cookie)(?:$|[_\-.])|(?:^|[_\-.])sig$", re.IGNORECASE
+)
+_CAMEL_SHORT_WORD = re.compile(r"[a-z0-9](?:Pwd|Pass|Auth|Dsn|Cookie|Sig)$")
+_NOT_A_SECRET = re.compile(
+    r"(?:^|[_\-.])pass(?:[_\-.]?at|@)|(?:^|[_\-.])(?:one|two|three|single|multi|first|second|num|n|max|min)[_\-.]pass(?:es)?$"
+    r"|(?:^|[_\-.])noise[_\-.]sig$",
+    re.IGNORECASE,
+)
 # "token" only as the key's last word (hub_token, HF_TOKEN, authToken), as transformers
 # masks ``*_token`` arguments: pad_token_id, include_num_input_tokens_seen or
 # average_tokens_across_devices are settings, not secrets.
@@ -46,7 +55,11 @@ _QUOTED_ASSIGN = re.compile(
 _BARE_ASSIGN = re.compile(r"(?P<head>(?<![A-Za-z0-9_.\-])(?P<name>[A-Za-z0-9_.\-]{1,128})=)(?P<value>[^\s,;)\]}'\"&]+)")
 # An Authorization header's credential echoed in text: the scheme as a header writes
 # it, then something shaped like a credential (16 or more characters, a digit in them).
-_BEARER = re.compile(r"(?P<head>\b(?:Bearer|Basic) )(?P<value>(?=[A-Za-z\-._~+/]*\d)[A-Za-z0-9\-._~+/]{16,}=*)")
+_BEARER = re.compile(
+    r"(?P<head>\b(?:Bearer|Basic) )(?P<value>(?=[A-Za-z\-._~+/]*\d)[A-Za-z0-9\-._~+/]{16,}=*)", re.IGNORECASE
+)
+# A header line: whatever follows ``Authorization:`` (and its scheme) is the credential.
+_AUTH_HEADER = re.compile(r"(?P<head>\bAuthorization\s*:\s*(?:[A-Za-z]+ )?)(?P<value>[^\s,;'\"]+)", re.IGNORECASE)
 # A signature parameter's value is at least this long (``?key=train`` is a word).
 _MIN_SECRET = 8
 
@@ -57,13 +70,17 @@ def is_secret_key(key: str) -> bool:
     ``connection_string``, or ``api_key``/``apikey``, ``access_key``,
     ``private_key``, ``account_key``, ``signing_key``, ``encryption_key``,
     ``session_key``, ``master_key``, ``ssh_key``, ``hmac_key``, ``license_key`` (any
-    case and separator); one with the word ``pwd``, ``auth``, ``bearer``, ``sas`` or
-    ``cookie`` between ``_``, ``-`` or ``.`` (``db_pwd``, ``sas_url``,
-    ``session_cookie``; not ``author`` nor a label such as ``fortune cookie``); or one
+    case and separator); one with the word ``pwd``, ``pass``, ``auth``, ``bearer``,
+    ``sas``, ``dsn`` or ``cookie`` between ``_``, ``-`` or ``.`` or in camelCase
+    (``db_pwd``, ``DB_PASS``, ``SENTRY_DSN``, ``sessionCookie``; not ``author``, a label
+    such as ``fortune cookie``, nor ``pass_at_k``/``two_pass``), or ``sig`` as its
+    last word (``blob_sig``); or one
     ending in the word ``token`` (``hub_token``, ``MLFLOW_TRACKING_TOKEN``,
     ``authToken``), but not ``pad_token_id`` or ``max_tokens``."""
     key = str(key)
-    return bool(_SECRET_WORD.search(key) or _SHORT_WORD.search(key) or _TOKEN_LAST.search(key) or _CAMEL_TOKEN.search(key))
+    if _SECRET_WORD.search(key) or _TOKEN_LAST.search(key) or _CAMEL_TOKEN.search(key):
+        return True
+    return bool((_SHORT_WORD.search(key) or _CAMEL_SHORT_WORD.search(key)) and not _NOT_A_SECRET.search(key))
 
 
 def _credential_like(value: str, shortest: int = 1) -> bool:
@@ -109,6 +126,8 @@ def redact_str(text: str) -> str:
         text = _QUOTED_ASSIGN.sub(_mask_assign, text)
     if " " in text:
         text = _BEARER.sub(lambda m: m.group("head") + REDACTED, text)
+    if ":" in text:
+        text = _AUTH_HEADER.sub(lambda m: m.group("head") + (m.group("value") if m.group("value") == REDACTED else REDACTED), text)
     return text
 
 

@@ -182,7 +182,7 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
                             "with Trainer(optimizers=(optimizer, lr_scheduler))"),
     "optim_args": ((None, ""), _OWN_OPTIMIZER),
     "optim_target_modules": ((None,), _OWN_OPTIMIZER),
-    "average_tokens_across_devices": ((True,), "this trainer does not normalise the loss by token counts "
+    "average_tokens_across_devices": ((True, False), "this trainer does not normalise the loss by token counts "
                                       "(num_items_in_batch): each batch's loss is the model's own mean; override "
                                       "Trainer.compute_loss to weigh it otherwise"),
     "label_smoothing_factor": ((0, 0.0), "smooth the labels in the model's loss (e.g. torch.nn.CrossEntropyLoss("
@@ -222,9 +222,6 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "accelerator_config": ((None,), "this trainer does not use accelerate"),
     "parallelism_config": ((None,), "this trainer does not use accelerate; it trains with DistributedDataParallel "
                            "under torchrun"),
-    "dataloader_persistent_workers": ((False,), _OWN_LOADER),
-    "dataloader_prefetch_factor": ((None,), _OWN_LOADER),
-    "dataloader_multiprocessing_context": ((None,), _OWN_LOADER),
     "dataloader_in_order": ((True,), _OWN_LOADER),
     "train_sampling_strategy": (("random",), "training batches here are drawn in a random order (seeded by "
                                 "data_seed); " + _OWN_LOADER),
@@ -488,8 +485,8 @@ class TrainingArguments:
     optim_target_modules: str | list[str] | None = None
     """Only ``None``."""
     average_tokens_across_devices: bool = True
-    """Only ``True``: the loss is the model's own per-batch mean (no
-    ``num_items_in_batch``)."""
+    """Accepted for compatibility, not used by this trainer: the loss is the model's
+    own per-batch mean (no ``num_items_in_batch``)."""
     label_smoothing_factor: float = 0.0
     """Only ``0``: smooth labels in the model's loss."""
     bf16: bool = False
@@ -546,11 +543,11 @@ class TrainingArguments:
     parallelism_config: Any = None
     """Only ``None``."""
     dataloader_persistent_workers: bool = False
-    """Only ``False``."""
+    """With ``dataloader_num_workers > 0``: keep the workers between iterations."""
     dataloader_prefetch_factor: int | None = None
-    """Only ``None``."""
+    """With ``dataloader_num_workers > 0``: batches each worker loads ahead."""
     dataloader_multiprocessing_context: str | None = None
-    """Only ``None``."""
+    """With ``dataloader_num_workers > 0``: the workers' start method (``"spawn"``...)."""
     dataloader_in_order: bool = True
     """Only ``True``."""
     train_sampling_strategy: str = "random"

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 from tqdm.auto import tqdm
 
-from eventbus.values import is_tensor, resolve, snapshot_mapping
+from eventbus.values import is_tensor, plain_array, resolve, snapshot_mapping
 from trainer.callbacks import TrainerCallback
 from trainer.state import TrainerControl, TrainerState
 
@@ -115,7 +115,7 @@ def _write_loop(jobs: queue.Queue[_Job]) -> None:
         write, logs = job
         job = None  # the line's values are not kept until the next one
         try:
-            write(str({k: _format(resolve(v)) for k, v in logs.items()}))
+            write(str({k: _format(plain_array(resolve(v))) for k, v in logs.items()}))
         except Exception:  # a printing failure must not end the writer
             logger.exception("trainer: could not print a log line")
         del write, logs

@@ -803,11 +803,7 @@ class Trainer:
         args = self.args
         ds = self.train_dataset
         bs = args.per_device_train_batch_size
-        common: dict[str, Any] = {
-            "collate_fn": self.data_collator,
-            "num_workers": getattr(args, "dataloader_num_workers", 0),
-            "pin_memory": self._pin_memory(),
-        }
+        common: dict[str, Any] = {"collate_fn": self.data_collator, **self._loader_options()}
         if isinstance(ds, torch.utils.data.IterableDataset) or not _has_length(ds):
             # Not sharded here: the dataset shards the stream by rank, or every rank
             # reads all of it (the loop compares the ranks' first batches and warns).
@@ -831,6 +827,23 @@ class Trainer:
         gen.manual_seed(batches.seed + epoch)
         return torch.utils.data.DataLoader(ds, batch_sampler=batches, generator=gen, **common)
 
+    def _loader_options(self) -> dict[str, Any]:
+        """The DataLoader settings the arguments name, as transformers passes them:
+        workers, pinned memory, and with workers, their persistence, prefetch and
+        start method."""
+        args = self.args
+        workers = int(getattr(args, "dataloader_num_workers", 0) or 0)
+        options: dict[str, Any] = {"num_workers": workers, "pin_memory": self._pin_memory()}
+        if workers > 0:
+            options["persistent_workers"] = bool(getattr(args, "dataloader_persistent_workers", False))
+            prefetch = getattr(args, "dataloader_prefetch_factor", None)
+            if prefetch is not None:
+                options["prefetch_factor"] = prefetch
+            context = getattr(args, "dataloader_multiprocessing_context", None)
+            if context is not None:
+                options["multiprocessing_context"] = context
+        return options
+
     def _pin_memory(self) -> bool:
         # Pinned batches make the host-to-device copy (non_blocking) truly asynchronous.
         return bool(getattr(self.args, "dataloader_pin_memory", True)) and self._device.type == "cuda"
@@ -849,8 +862,7 @@ class Trainer:
             shuffle=False,
             sampler=sampler,
             collate_fn=self.data_collator,
-            num_workers=getattr(args, "dataloader_num_workers", 0),
-            pin_memory=self._pin_memory(),
+            **self._loader_options(),
         )
         loader._trainer_sharded = sampler is not None  # type: ignore[attr-defined]  # evaluation_loop gathers then
         return loader

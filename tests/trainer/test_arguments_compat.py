@@ -65,7 +65,7 @@ _NOT_IMPLEMENTED = {
     "optim": "adafactor",
     "optim_args": "betas=(0.9,0.95)",
     "optim_target_modules": ["attn"],
-    "average_tokens_across_devices": False,
+
     "label_smoothing_factor": 0.1,
     "bf16": True,
     "fp16": True,
@@ -90,9 +90,9 @@ _NOT_IMPLEMENTED = {
     "use_cpu": True,
     "accelerator_config": {"split_batches": True},
     "parallelism_config": object(),
-    "dataloader_persistent_workers": True,
-    "dataloader_prefetch_factor": 2,
-    "dataloader_multiprocessing_context": "spawn",
+
+
+
     "dataloader_in_order": False,
     "train_sampling_strategy": "group_by_length",
     "ddp_find_unused_parameters": True,  # False is what torch does here: accepted
@@ -315,3 +315,22 @@ def test_main_process_first_lets_the_main_process_finish_first(tmp_path):
 
     mp.spawn(_main_process_first_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "replica-saw").read_text() == "True"
+
+
+def test_dataloader_settings_reach_the_loaders(tmp_path):
+    """Common in transformers scripts: with workers, their persistence, prefetch and
+    start method go to every DataLoader the trainer builds, as transformers passes them."""
+    from tests.trainer._loop_helpers import TinyClassifier, make_dataset
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to="none", dataloader_num_workers=1, dataloader_persistent_workers=True,
+        dataloader_prefetch_factor=3, dataloader_multiprocessing_context="spawn", average_tokens_across_devices=False,
+    )
+    trainer = Trainer(TinyClassifier(), args, train_dataset=make_dataset(8), eval_dataset=make_dataset(8))
+    for loader in (trainer.get_train_dataloader(), trainer.get_eval_dataloader()):
+        assert (loader.num_workers, loader.persistent_workers, loader.prefetch_factor) == (1, True, 3)
+        assert loader.multiprocessing_context is not None and loader.multiprocessing_context.get_start_method() == "spawn"
+    # without workers, torch takes none of them (as transformers passes none)
+    plain = Trainer(TinyClassifier(), TrainingArguments(output_dir=str(tmp_path / "p"), report_to="none"),
+                    train_dataset=make_dataset(8)).get_train_dataloader()
+    assert (plain.num_workers, plain.persistent_workers) == (0, False)
