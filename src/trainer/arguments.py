@@ -225,10 +225,6 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "dataloader_in_order": ((True,), _OWN_LOADER),
     "train_sampling_strategy": (("random",), "training batches here are drawn in a random order (seeded by "
                                 "data_seed); " + _OWN_LOADER),
-    "ddp_find_unused_parameters": ((None, False), "this trainer builds DistributedDataParallel with torch's defaults"),
-    "ddp_bucket_cap_mb": ((None, 25), "this trainer builds DistributedDataParallel with torch's defaults"),
-    "ddp_broadcast_buffers": ((None, True), "this trainer builds DistributedDataParallel with torch's defaults"),
-    "ddp_static_graph": ((None, False), "this trainer builds DistributedDataParallel with torch's defaults"),
     "fsdp": ((None, "", [], False), "this trainer trains with DistributedDataParallel (torchrun) only"),
     "deepspeed": ((None,), "this trainer trains with DistributedDataParallel (torchrun) only"),
     "debug": (([],), "this trainer has no debug modes (underflow/overflow detection...); register forward hooks "
@@ -553,13 +549,14 @@ class TrainingArguments:
     train_sampling_strategy: str = "random"
     """Only ``random``: training batches are drawn in a seeded random order."""
     ddp_find_unused_parameters: bool | None = None
-    """Only ``None``: DistributedDataParallel gets torch's defaults."""
+    """Passed to ``DistributedDataParallel`` (``find_unused_parameters``) when set;
+    ``None``: torch's default (``False``)."""
     ddp_bucket_cap_mb: int | None = None
-    """Only ``None``."""
+    """``DistributedDataParallel``'s ``bucket_cap_mb`` when set."""
     ddp_broadcast_buffers: bool | None = None
-    """Only ``None``."""
+    """``DistributedDataParallel``'s ``broadcast_buffers`` when set."""
     ddp_static_graph: bool | None = None
-    """Only ``None``."""
+    """``DistributedDataParallel``'s ``static_graph`` when set."""
     fsdp: str | list[str] | None = None
     """Only ``None``: this trainer trains with DistributedDataParallel."""
     fsdp_config: dict[str, Any] | str | None = None

@@ -1208,7 +1208,18 @@ class Trainer:
             return self.model_wrapped
         device = self._device
         device_ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        # The ddp_* arguments, as transformers passes them; unset: torch's defaults.
+        options: dict[str, Any] = {}
+        for field, option in (
+            ("ddp_find_unused_parameters", "find_unused_parameters"),
+            ("ddp_bucket_cap_mb", "bucket_cap_mb"),
+            ("ddp_broadcast_buffers", "broadcast_buffers"),
+            ("ddp_static_graph", "static_graph"),
+        ):
+            value = getattr(self.args, field, None)
+            if value is not None:
+                options[option] = value
+        return nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids, **options)
 
     def _agree_control(self, exhausted: bool = False) -> bool:
         """Make the control flags (and a pending SIGTERM/SIGINT) agree across ranks: a

@@ -352,6 +352,28 @@ def scenario_uneven_stream(out: str) -> dict[str, Any]:
     return res
 
 
+class WithUnusedLayer(TinyClassifier):
+    """A model with a layer its forward never uses (a second head, a frozen branch):
+    DDP fails on the second step unless told to look for unused parameters."""
+
+    def __init__(self) -> None:
+        super().__init__(seed=0)
+        self.unused = torch.nn.Linear(4, 4)
+
+
+def scenario_unused_parameters(out: str) -> dict[str, Any]:
+    """``ddp_find_unused_parameters=True`` reaches DistributedDataParallel."""
+    directory = os.path.join(out, "unused")
+    args = make_args(directory, 2, eval_strategy="no", max_steps=3, ddp_find_unused_parameters=True, ddp_bucket_cap_mb=10)
+    t = Trainer(WithUnusedLayer(), args, train_dataset=TRAIN)
+    t.train()
+    wrapped = t.model_wrapped
+    return {
+        "global_step": t.state.global_step,
+        "find_unused_parameters": bool(getattr(wrapped, "find_unused_parameters", False)),
+    }
+
+
 SCENARIOS = {
     "match": scenario_match,
     "stop": scenario_stop,
@@ -361,6 +383,7 @@ SCENARIOS = {
     "save_fails": scenario_save_fails_on_one_rank,
     "rng_missing": scenario_resume_without_a_rank_rng_file,
     "uneven_stream": scenario_uneven_stream,
+    "unused_parameters": scenario_unused_parameters,
 }
 
 

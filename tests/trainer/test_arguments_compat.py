@@ -95,10 +95,6 @@ _NOT_IMPLEMENTED = {
 
     "dataloader_in_order": False,
     "train_sampling_strategy": "group_by_length",
-    "ddp_find_unused_parameters": True,  # False is what torch does here: accepted
-    "ddp_bucket_cap_mb": 50,
-    "ddp_broadcast_buffers": False,
-    "ddp_static_graph": True,
     "fsdp": "full_shard",
     "deepspeed": "ds_config.json",
     "debug": "underflow_overflow",

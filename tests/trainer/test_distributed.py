@@ -288,6 +288,15 @@ def test_host_values_travel_over_gloo_even_when_training_uses_nccl(ddp):
 # -- in-process pieces ------------------------------------------------------------------
 
 
+def test_ddp_find_unused_parameters_reaches_distributed_data_parallel(ddp):
+    """A model with a layer its forward never uses trains under two ranks with
+    ddp_find_unused_parameters=True (as in transformers); without it DDP stops at the
+    second step."""
+    got = scenario(ddp, "unused_parameters")
+    for rank in (0, 1):
+        assert got[rank] == {"global_step": 3, "find_unused_parameters": True}, got[rank]
+
+
 def test_shards_follow_distributed_sampler_and_keep_the_global_batch():
     single = list(_EpochBatches(40, 8, seed=3, epoch=1, shuffle=True, drop_last=False))
     shards = [
