@@ -21,7 +21,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from eventbus.errors import SinkConfigError
 from eventbus.redact import redact
@@ -355,7 +355,7 @@ class TrainingArguments:
     disable_tqdm: bool | None = None
     """Use :class:`~trainer.PrinterCallback` instead of progress bars. Default: bars
     unless the ``trainer`` logger is quieter than WARNING."""
-    report_to: str | list[str] | None = "none"
+    report_to: None | str | list[str] = "none"
     """Sinks to send events to: ``"none"``, ``"all"`` (every installed and configured
     sink) or sink names (a list or a comma-separated string)."""
     run_name: str | None = None
@@ -366,7 +366,7 @@ class TrainingArguments:
     """Accepted for compatibility, not used by this trainer."""
     trackio_bucket_id: str | None = None
     """Accepted for compatibility, not used by this trainer."""
-    trackio_static_space_id: str | bool | None = None
+    trackio_static_space_id: str | None | Literal[False] = None
     """Accepted for compatibility, not used by this trainer."""
 
     # -- evaluation --
@@ -478,7 +478,7 @@ class TrainingArguments:
     (pass your own with ``Trainer(optimizers=...)``)."""
     optim_args: str | None = None
     """Only ``None``."""
-    optim_target_modules: str | list[str] | None = None
+    optim_target_modules: None | str | list[str] = None
     """Only ``None``."""
     average_tokens_across_devices: bool = True
     """Accepted for compatibility, not used by this trainer: the loss is the model's
@@ -557,7 +557,7 @@ class TrainingArguments:
     """``DistributedDataParallel``'s ``broadcast_buffers`` when set."""
     ddp_static_graph: bool | None = None
     """``DistributedDataParallel``'s ``static_graph`` when set."""
-    fsdp: str | list[str] | None = None
+    fsdp: str | None = None
     """Only ``None``: this trainer trains with DistributedDataParallel."""
     fsdp_config: dict[str, Any] | str | None = None
     """Accepted for compatibility, not used by this trainer (FSDP is off)."""

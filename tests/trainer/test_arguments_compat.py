@@ -330,3 +330,29 @@ def test_dataloader_settings_reach_the_loaders(tmp_path):
     plain = Trainer(TinyClassifier(), TrainingArguments(output_dir=str(tmp_path / "p"), report_to="none"),
                     train_dataset=make_dataset(8)).get_train_dataloader()
     assert (plain.num_workers, plain.persistent_workers) == (0, False)
+
+
+def test_hf_argument_parser_builds_these_arguments_from_a_command_line(tmp_path):
+    """transformers' example scripts parse their TrainingArguments with
+    HfArgumentParser: the same command line gives ours (the field types are declared
+    as transformers declares them, which its parser needs)."""
+    transformers = require_module("transformers")
+
+    @dataclasses.dataclass
+    class ModelArguments:
+        model_name: str = "tiny"
+
+    parser = transformers.HfArgumentParser((ModelArguments, TrainingArguments))
+    model_args, args = parser.parse_args_into_dataclasses([
+        "--model_name", "x", "--output_dir", str(tmp_path), "--per_device_train_batch_size", "4",
+        "--report_to", "tensorboard", "--do_train", "--eval_strategy", "steps", "--eval_steps", "5", "--bf16", "False",
+        "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.1", "--seed", "3", "--load_best_model_at_end",
+        "--metric_for_best_model", "eval_loss", "--save_strategy", "steps", "--save_steps", "5",
+        "--ddp_find_unused_parameters", "True", "--hub_token", "hf_SeCrEt_token_1234567",
+    ])  # fmt: skip
+    assert type(args) is TrainingArguments and model_args.model_name == "x"
+    assert (args.report_to, args.do_train, args.eval_strategy, args.lr_scheduler_type, args.seed) == (
+        ["tensorboard"], True, "steps", "cosine", 3
+    )
+    assert args.ddp_find_unused_parameters is True and args.bf16 is False and args.load_best_model_at_end is True
+    assert "hf_SeCrEt" not in repr(args)
