@@ -293,13 +293,8 @@ def _wide_ints(data: Any) -> Any:
     if kind is list:
         return [_wide_ints(v) for v in data]
     if kind is int and not _INT_MIN <= data <= _UINT_MAX:
-        try:
-            return float(data)
-        except OverflowError:
-            try:
-                return str(data)
-            except ValueError:  # over sys.get_int_max_str_digits() (10**5000)
-                return f"<int of {data.bit_length()} bits>"
+        text = _values.wide_int_text(data)
+        return float(data) if text is None else text
     return data
 _msgpack_decoder = msgspec.msgpack.Decoder(Event)
 

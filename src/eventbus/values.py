@@ -176,6 +176,22 @@ def _to_python(t: Any) -> Any:
     return _python_value(t)
 
 
+def wide_int_text(value: int) -> str | None:
+    """The text an int too large for a float (``10**400``) is written as: its digits,
+    or ``<int of N bits>`` past Python's digit limit (``sys.get_int_max_str_digits``);
+    ``None`` for an int a float holds. What an isolated sink's pipe and a sink in the
+    training process both write, so that the two agree."""
+    try:
+        float(value)
+        return None
+    except OverflowError:
+        pass
+    try:
+        return str(value)
+    except ValueError:
+        return f"<int of {value.bit_length()} bits>"
+
+
 def plain_array(value: Any) -> Any:
     """For an event's values (what sinks write): a numpy scalar or array as Python
     data, as a tensor of the same values becomes: its number (a scalar, or an array

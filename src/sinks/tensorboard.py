@@ -7,9 +7,10 @@ uses:
 - ``Log`` values as scalars ``train/<name>`` (``eval_*`` -> ``eval/*``, ``test_*`` ->
   ``test/*``, as ``rewrite_logs``), ``Evaluate``/``Predict`` metrics under their
   prefix (``eval/loss``, ``test/accuracy``); NaN and inf are written as such. Tags
-  are cleaned by TensorFlow's rule (``a:b`` -> ``a_b``); a name whose cleaned tag is
-  another name's (``a:b`` beside ``a_b``) gets a tag of its own (``train/a_b_<hash>``,
-  with one warning), so that no series holds two metrics.
+  are cleaned by TensorFlow's rule (``a:b`` -> ``a_b``); of two names that clean alike
+  (``a:b`` and ``a_b``) the one that needs no cleaning keeps the tag and the other gets
+  one of its own (``train/a_b_<hash>``, with one warning), from the first log where
+  both are known.
 - An int too large for a float (``10**400``) as its text, as a string would be.
 - String values as text (``<tag>/text_summary``, as ``SummaryWriter.add_text``);
   other non-scalar values (lists, dicts, ``None``) are skipped with one warning per
@@ -46,6 +47,7 @@ from eventbus.errors import SinkConfigError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
 from eventbus.redact import redact
 from eventbus.sink import RunInfo, ThreadedSink
+from eventbus.values import wide_int_text
 from sinks._common import (
     BATCH_SIZE, ScalarFilter, check_option_types, distinct_name, import_sdk, is_number, prefixed_name, rewrite_name,
 )
@@ -329,7 +331,7 @@ class TensorBoardSink(ThreadedSink):
             # "a_b") moves to a tag of its own before any of its points is written there.
             for k in values:
                 if k not in tags:
-                    name = rewrite_name(k) if prefix is None else _prefixed_name(k, prefix)
+                    name = _metric_name(k, prefix)
                     if clean_tag(name) == name:
                         tag = self._tag(name, name)
                         if len(tags) < _TAG_CACHE_SIZE:
@@ -337,7 +339,7 @@ class TensorBoardSink(ThreadedSink):
         for k, v in values.items():
             tag = tags.get(k)
             if tag is None:
-                name = rewrite_name(k) if prefix is None else _prefixed_name(k, prefix)
+                name = _metric_name(k, prefix)
                 tag = self._tag(name, clean_tag(name))
                 if len(tags) < _TAG_CACHE_SIZE:
                     tags[k] = tag
@@ -346,7 +348,7 @@ class TensorBoardSink(ThreadedSink):
             if isinstance(v, str):
                 texts[tag] = v
                 cleaned.pop(tag, None)
-            elif type(v) is int and v.bit_length() > 1000 and (text := _huge_int_text(v)) is not None:
+            elif type(v) is int and v.bit_length() > 1000 and (text := wide_int_text(v)) is not None:
                 # Beyond a float (10**400): its text, as an isolated sink (the default)
                 # gets it from its child process's pipe (eventbus.events.encode_lenient).
                 texts[tag] = text
@@ -500,23 +502,15 @@ class TensorBoardSink(ThreadedSink):
         self._write_event(self._summary_event(ev, values))
 
 
+def _metric_name(key: str, prefix: str | None) -> str:
+    """A ``Log`` value's name (``prefix`` None) or an evaluation metric's, as written."""
+    return rewrite_name(key) if prefix is None else _prefixed_name(key, prefix)
+
+
 def _prefixed_name(name: str, prefix: str) -> str:
     """An evaluation's tag name: transformers' naming (:func:`rewrite_name`) under
     ``eval``/``test``, the evaluation's own prefix otherwise (``val_acc`` -> ``val/acc``)."""
     return rewrite_name(name) if prefix in ("eval", "test", "") else prefixed_name(name, prefix)
-
-
-def _huge_int_text(v: int) -> str | None:
-    """An int's text when it is too large for a float (``None`` when it is not, or
-    has too many digits for ``str``: then the scalar filter skips it with a warning)."""
-    try:
-        float(v)
-    except OverflowError:
-        try:
-            return str(v)
-        except ValueError:  # sys.get_int_max_str_digits()
-            return None
-    return None
 
 
 def _same(a: float, b: float) -> bool:

@@ -17,6 +17,8 @@ import math
 import time
 from typing import Any
 
+from trainer.callbacks import is_library_class
+
 __all__ = ["CallbackTimeWatch"]
 
 logger = logging.getLogger("trainer")
@@ -122,8 +124,7 @@ class CallbackTimeWatch:
         ours, theirs = set(), set()
         for cb in self.handler.callbacks:
             cls = type(cb)
-            module = getattr(cls, "__module__", "") or ""
-            (ours if module == "trainer" or module.startswith("trainer.") else theirs).add(cls.__name__)
+            (ours if is_library_class(cls) else theirs).add(cls.__name__)
         return ours - theirs
 
     def _restore(self) -> None:

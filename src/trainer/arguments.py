@@ -170,6 +170,12 @@ _OWN_OPTIMIZER = (
     "own optimizer with Trainer(optimizers=(optimizer, None))"
 )
 _OWN_LOADER = "override Trainer.get_train_dataloader()/get_eval_dataloader() to build your own DataLoader"
+_CAST_FOR_EVAL = "evaluation runs in the model's dtype; cast the model before evaluate()"
+_CHECKPOINT_ON_MODEL = (
+    "enable it on the model before creating the Trainer (e.g. model.gradient_checkpointing_enable(), or "
+    "torch.utils.checkpoint in its forward)"
+)
+_COMPILE_FIRST = "compile the model in place (model.compile({})) before creating the Trainer"
 
 # transformers' fields whose other values change training there, and which this
 # trainer does not implement: (the values accepted, what to do instead). The
@@ -182,27 +188,21 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
                             "with Trainer(optimizers=(optimizer, lr_scheduler))"),
     "optim_args": ((None, ""), _OWN_OPTIMIZER),
     "optim_target_modules": ((None,), _OWN_OPTIMIZER),
-    "average_tokens_across_devices": ((True, False), "this trainer does not normalise the loss by token counts "
-                                      "(num_items_in_batch): each batch's loss is the model's own mean; override "
-                                      "Trainer.compute_loss to weigh it otherwise"),
     "label_smoothing_factor": ((0, 0.0), "smooth the labels in the model's loss (e.g. torch.nn.CrossEntropyLoss("
                                "label_smoothing=...)) or override Trainer.compute_loss"),
     "bf16": ((False,), "this trainer trains in the model's dtype, without autocast; run the model's forward under "
              "torch.autocast(...) yourself"),
     "fp16": ((False,), "this trainer trains in the model's dtype, without autocast or a GradScaler; run the model's "
              "forward under torch.autocast(...) yourself, or use bf16 weights"),
-    "bf16_full_eval": ((False,), "evaluation runs in the model's dtype; cast the model before evaluate()"),
-    "fp16_full_eval": ((False,), "evaluation runs in the model's dtype; cast the model before evaluate()"),
+    "bf16_full_eval": ((False,), _CAST_FOR_EVAL),
+    "fp16_full_eval": ((False,), _CAST_FOR_EVAL),
     "tf32": ((None, False), "set torch.backends.cuda.matmul.allow_tf32 (or torch.set_float32_matmul_precision) in your "
              "script before training"),
-    "activation_checkpointing": ((None, False), "enable it on the model before creating the Trainer (e.g. "
-                                 "model.gradient_checkpointing_enable(), or torch.utils.checkpoint in its forward)"),
-    "gradient_checkpointing": ((None, False), "enable it on the model before creating the Trainer (e.g. "
-                               "model.gradient_checkpointing_enable(), or torch.utils.checkpoint in its forward)"),
-    "torch_compile": ((False,), "compile the model in place (model.compile()) before creating the Trainer"),
-    "torch_compile_backend": ((None,), "compile the model in place (model.compile(backend=...)) before creating "
-                              "the Trainer"),
-    "torch_compile_mode": ((None,), "compile the model in place (model.compile(mode=...)) before creating the Trainer"),
+    "activation_checkpointing": ((None, False), _CHECKPOINT_ON_MODEL),
+    "gradient_checkpointing": ((None, False), _CHECKPOINT_ON_MODEL),
+    "torch_compile": ((False,), _COMPILE_FIRST.format("")),
+    "torch_compile_backend": ((None,), _COMPILE_FIRST.format("backend=...")),
+    "torch_compile_mode": ((None,), _COMPILE_FIRST.format("mode=...")),
     "use_liger_kernel": ((False,), "apply Liger's kernels to the model yourself before creating the Trainer"),
     "use_cache": ((False,), "this trainer leaves model.config.use_cache as the model has it; set it there"),
     "neftune_noise_alpha": ((None,), "add the noise to the embeddings yourself (a forward hook on the embedding "

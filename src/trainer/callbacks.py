@@ -890,44 +890,44 @@ class CallbackHandler(TrainerCallback):
         )
 
 
+def is_library_class(cls: type) -> bool:
+    """True for a class defined in this package (``trainer`` or a module of it): the
+    library's own callbacks (the flow, early stopping, the bar, the printer)."""
+    module = getattr(cls, "__module__", "") or ""
+    return module == "trainer" or module.startswith("trainer.")
+
+
 # transformers' callbacks whose counterparts this package defines under the same name.
 _COUNTERPARTS = frozenset({"DefaultFlowCallback", "ProgressCallback", "PrinterCallback", "EarlyStoppingCallback"})
 
 
-def _ours_named(cls: type, name: str) -> bool:
-    return any(k.__name__ == name and (k.__module__ or "").startswith("trainer.") for k in cls.__mro__)
+def _counterpart(ours: type, theirs: type) -> bool:
+    """``theirs`` is transformers' class of a name this package also defines, and
+    ``ours`` is (or derives from) the class of that name here."""
+    name = theirs.__name__
+    return (
+        name in _COUNTERPARTS
+        and (theirs.__module__ or "").startswith("transformers")
+        and any(k.__name__ == name and is_library_class(k) for k in ours.__mro__)
+    )
 
 
 def _is_kind(callback: Any, cls: type) -> bool:
     """``isinstance(callback, cls)``, where transformers' ``DefaultFlowCallback``,
     ``ProgressCallback``, ``PrinterCallback`` or ``EarlyStoppingCallback`` also names
     ours of the same name (code written for transformers passes its classes)."""
-    if isinstance(callback, cls):
-        return True
-    return (
-        cls.__name__ in _COUNTERPARTS
-        and (cls.__module__ or "").startswith("transformers")
-        and _ours_named(type(callback), cls.__name__)
-    )
+    return isinstance(callback, cls) or _counterpart(type(callback), cls)
 
 
 def _same_kind(a: type, b: type) -> bool:
     """One class, or one of ours and its transformers counterpart (either way)."""
-    if a is b:
-        return True
-    if a.__name__ != b.__name__ or a.__name__ not in _COUNTERPARTS:
-        return False
-    mods = {(a.__module__ or "").split(".")[0], (b.__module__ or "").split(".")[0]}
-    return mods == {"trainer", "transformers"}
+    return a is b or _counterpart(a, b) or _counterpart(b, a)
 
 
 def _reads_no_history(callback: Any) -> bool:
-    """The library's own callbacks (the flow, early stopping, the bar, the printer)
-    never read ``state.log_history``'s numbers; a class that sets
-    ``accepts_tensor_logs = True`` takes tensors there too."""
-    cls = type(callback)
-    module = getattr(cls, "__module__", "") or ""
-    return module == "trainer" or module.startswith("trainer.") or getattr(callback, "accepts_tensor_logs", False) is True
+    """The library's own callbacks never read ``state.log_history``'s numbers; a class
+    that sets ``accepts_tensor_logs = True`` takes tensors there too."""
+    return is_library_class(type(callback)) or getattr(callback, "accepts_tensor_logs", False) is True
 
 
 def _with_current_args(callback: Any, item: Any) -> Any:

@@ -1639,13 +1639,7 @@ class Trainer:
         self.state.log_history.append(entry)
         if plain:
             self.control = handler.on_log(self.args, self.state, self.control, logs)
-        elif handler.publishes_log and self._logs_on_cpu and handler.wants_plain_history:
-            # A callback of the user's may read state.log_history at any hook: numbers
-            # there, as transformers gives, whenever it looks (reading a CPU tensor
-            # waits for no device). The event still gets the tensors, read by the bus.
-            _read_values(entry)
-            self.control = handler.on_log(self.args, self.state, self.control, logs)
-        elif handler.publishes_log:
+        elif handler.publishes_log and not (self._logs_on_cpu and handler.wants_plain_history):
             handler.log_record = entry
             try:
                 self.control = handler.on_log(self.args, self.state, self.control, logs)
@@ -1653,6 +1647,9 @@ class Trainer:
                 handler.log_record = None
         else:
             if self._logs_on_cpu:
+                # No sink reads them, or a callback of the user's may read the history
+                # at any hook (numbers there, as transformers gives): read here, which
+                # for a CPU tensor waits for no device. An event still gets the tensors.
                 _read_values(entry)
             else:
                 for k, v in entry.items():
