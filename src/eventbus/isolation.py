@@ -520,6 +520,8 @@ class _Runner:
     def write(self, batch: list[BaseEvent]) -> None:
         if self.sync_write:
             self.sink.write_sync(batch)  # type: ignore[attr-defined]
+            # Out of this process's buffers before the bus counts the batch delivered.
+            self.sink.flush_sync()  # type: ignore[attr-defined]
         else:
             self._run(self.sink.write(batch))
 

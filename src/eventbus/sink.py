@@ -275,6 +275,15 @@ class ThreadedSink(Sink):
     def close_sync(self) -> None:
         """Blocking counterpart of :meth:`Sink.close`."""
 
+    def flush_sync(self) -> None:
+        """Hand what :meth:`write_sync` buffered to the operating system (a file's
+        buffer written out, not fsynced). In a child process of its own
+        (:attr:`Sink.isolate`) the child calls it after every write, before it tells
+        the bus the batch was delivered: a child that is killed (the OOM killer) then
+        loses nothing the bus counted as delivered. In-process the sink keeps its own
+        flush interval: what the training process loses when it is killed is in its
+        queues as well. The default does nothing (a sink that does not buffer)."""
+
     def _worker(self) -> _SinkThread:
         if self._thread is None:
             self._thread = _SinkThread(f"{self.name}-{os.getpid()}")

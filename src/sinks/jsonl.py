@@ -225,7 +225,8 @@ class JSONLSink(ThreadedSink):
       ``output_dir``.
     - ``flush_secs``: the longest time written lines may sit in the buffer while
       events keep arriving (default 1 s). ``TrainBegin``, ``Evaluate``, ``Save`` and
-      ``TrainEnd`` flush at once, as does close.
+      ``TrainEnd`` flush at once, as does close; in a child process of its own
+      (``sink.isolate = True``) every batch is flushed before the bus counts it delivered.
     - ``events``: the event type names to write, or ``"all"``. Default: every type
       but the per-batch hooks (``StepBegin``, ``SubstepEnd``, ``PreOptimizerStep``,
       ``OptimizerStep``, ``StepEnd``, ``PredictionStep``), which carry nothing but
@@ -312,6 +313,13 @@ class JSONLSink(ThreadedSink):
         f.write(encode_lines(batch))
         if any(isinstance(ev, _URGENT) for ev in batch) or time.monotonic() - self._last_flush >= self.flush_secs:
             f.flush()
+            self._last_flush = time.monotonic()
+
+    def flush_sync(self) -> None:
+        """Write the buffered lines out to the file (an isolated child calls it after
+        every batch)."""
+        if self._file is not None:
+            self._file.flush()
             self._last_flush = time.monotonic()
 
     def close_sync(self) -> None:

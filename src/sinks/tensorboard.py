@@ -21,7 +21,9 @@ uses:
   HParams experiment summary, listing every scalar written as a metric.
 
 The file is flushed on an interval (``flush_secs``), on ``Save``, ``Evaluate`` and
-``TrainEnd``, and at close, never per event. A resumed run (``TrainBegin.resumed_from``
+``TrainEnd``, and at close, never per event; in a child process of its own (the
+default, ``Sink.isolate``) after every batch as well, before the bus counts it
+delivered. A resumed run (``TrainBegin.resumed_from``
 set) writes a ``SessionLog.START`` just before its first point, after the sink's
 high-water mark (``RunInfo.resume_marks``): TensorBoard's readers then drop what the
 interrupted run wrote at or after that step, which the resumed run writes again, so no
@@ -285,6 +287,11 @@ class TensorBoardSink(ThreadedSink):
                 urgent = True
         if urgent or time.monotonic() - self._last_flush >= self.flush_secs:
             self._flush()
+
+    def flush_sync(self) -> None:
+        """Write the buffered events out to the file (the isolated child calls it
+        after every batch)."""
+        self._flush()
 
     def close_sync(self) -> None:
         """Flush and close the event file."""

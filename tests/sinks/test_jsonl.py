@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import time
 
 import msgspec
 import pytest
@@ -138,6 +140,28 @@ def test_flushes_when_the_interval_has_passed(tmp_path):
         assert len(read_jsonl(sink.path)) == 1
     finally:
         sink.close_sync()
+
+
+def test_an_isolated_child_killed_loses_nothing_counted_delivered(tmp_path):
+    # As for TensorBoard: isolated, the child flushes each batch before the
+    # bus counts it delivered, so a child the OOM killer takes leaves every line.
+    sink = JSONLSink(path=str(tmp_path / "run.jsonl"), flush_secs=3600)
+    sink.isolate = True
+    with EventBus([sink], run=RunInfo(run_id="r")) as bus:
+        [proxy] = bus.sinks
+        for step in range(1, 21):
+            bus.publish(Log(step=step, values={"loss": 1.0 / step}))
+        deadline = time.monotonic() + 30
+        while bus.stats().sinks["jsonl"].delivered < 20:
+            assert time.monotonic() < deadline, "the events were not delivered"
+            time.sleep(0.01)
+        child = proxy.process
+        assert child is not None and child.pid != os.getpid()
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        assert [(ev.step, ev.values["loss"]) for ev in read_jsonl(str(tmp_path / "run.jsonl"))] == [
+            (s, 1.0 / s) for s in range(1, 21)
+        ]
 
 
 def test_resumed_run_appends_and_reader_keeps_each_step_once(tmp_path):

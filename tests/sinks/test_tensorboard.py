@@ -7,8 +7,10 @@ import json
 import logging
 import math
 import os
+import signal
 import struct
 import sys
+import time
 
 import pytest
 import torch
@@ -207,6 +209,28 @@ def test_flushes_when_the_interval_has_passed(tmp_path):
         assert os.path.getsize(sink.path) > header_size
     finally:
         sink.close_sync()
+
+
+def test_an_isolated_child_killed_loses_nothing_counted_delivered(tmp_path):
+    # The OOM killer takes the sink's child: every step the bus counted as delivered
+    # must be in the file (the child flushes each batch before it answers), not in
+    # the dead process's buffer with flush_secs far away.
+    sink = TensorBoardSink(flush_secs=3600)
+    sink.isolate = True
+    with EventBus([sink], run=RunInfo(run_id=RUN_ID, output_dir=str(tmp_path))) as bus:
+        [proxy] = bus.sinks
+        for step in range(1, 21):
+            bus.publish(Log(step=step, values={"loss": 1.0 / step}))
+        deadline = time.monotonic() + 30
+        while bus.stats().sinks["tensorboard"].delivered < 20:
+            assert time.monotonic() < deadline, "the events were not delivered"
+            time.sleep(0.01)
+        child = proxy.process
+        assert child is not None and child.pid != os.getpid()
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        log_dir = proxy.log_dir
+        assert scalars(accumulate(log_dir), "train/loss") == [(s, f32(1.0 / s)) for s in range(1, 21)]
 
 
 def test_log_dir_resolution(tmp_path, monkeypatch):
