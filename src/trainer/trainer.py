@@ -49,6 +49,7 @@ __all__ = [
     "PredictionOutput",
     "TrainOutput",
     "TrainingInterrupted",
+    "LoaderWorkerSignals",
     "default_data_collator",
     "set_seed",
     "get_scheduler",
@@ -95,6 +96,42 @@ class TrainingInterrupted(RuntimeError):
         self.signum = signum
         self.checkpoint = checkpoint
         self.global_step = global_step
+
+
+class LoaderWorkerSignals:
+    """The ``worker_init_fn`` of the trainer's DataLoaders with workers: leaves a
+    SIGTERM or SIGINT sent to the whole job to the training process.
+
+    A scheduler's SIGTERM (Slurm signals every process of the job, ``kill`` of a
+    process group, ``timeout``) and a terminal's Ctrl-C reach the loader's workers as
+    well. torch's handler in a worker ends it on any SIGTERM not sent by its parent,
+    and the training process then fails mid-step with "DataLoader worker ... killed by
+    signal", before the trainer can save its checkpoint. Here a worker ignores SIGINT
+    and reads SIGTERM on a thread of its own: sent by its parent (torch ending a
+    worker that did not stop when told), or with the parent gone, the worker exits as
+    torch's handler would; from anywhere else it is ignored, and the trainer, which
+    got the same signal, finishes the step, saves and shuts its loaders' workers down.
+
+    A loader you build yourself can pass ``worker_init_fn=LoaderWorkerSignals()``
+    (or call an instance from your own ``worker_init_fn``)."""
+
+    def __init__(self) -> None:
+        self.parent = os.getpid()
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if not hasattr(signal, "sigwaitinfo"):  # pragma: no cover - not on macOS/Windows
+            return
+        # Blocked in this thread (and the threads it starts): the kernel queues a
+        # SIGTERM for the watcher below, which learns who sent it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=self._watch, name="trainer-loader-sigterm", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == self.parent or os.getppid() != self.parent:
+                os._exit(0)
 
 
 class _Interrupt(Exception):
@@ -830,11 +867,12 @@ class Trainer:
     def _loader_options(self) -> dict[str, Any]:
         """The DataLoader settings the arguments name, as transformers passes them:
         workers, pinned memory, and with workers, their persistence, prefetch and
-        start method."""
+        start method; and :class:`LoaderWorkerSignals` as the workers' init."""
         args = self.args
         workers = int(getattr(args, "dataloader_num_workers", 0) or 0)
         options: dict[str, Any] = {"num_workers": workers, "pin_memory": self._pin_memory()}
         if workers > 0:
+            options["worker_init_fn"] = LoaderWorkerSignals()
             options["persistent_workers"] = bool(getattr(args, "dataloader_persistent_workers", False))
             prefetch = getattr(args, "dataloader_prefetch_factor", None)
             if prefetch is not None:
@@ -961,10 +999,12 @@ class Trainer:
         # publishes new metrics, whatever their step: its bus gets none.
         self._resume_marks = {}
         self.is_in_train = True
+        interrupted = False
         try:
             try:
                 return self._inner_training_loop(resume_from_checkpoint)
             except _Interrupt:
+                interrupted = True
                 signum = self._signal_received or signal.SIGTERM
                 name = signal.Signals(signum).name
                 where = self._last_checkpoint_dir
@@ -993,9 +1033,19 @@ class Trainer:
         finally:
             self.is_in_train = False
             self._callback_watch.stop()
-            if owns_bus:
-                self._close_bus()
-            self._restore_signal_handlers(previous_handlers)
+            try:
+                if owns_bus:
+                    self._close_bus()
+            finally:
+                # Restored whatever the close did (a second Ctrl-C inside it): a
+                # handler left behind would swallow every later SIGTERM.
+                self._restore_signal_handlers(previous_handlers)
+                pending, self._signal_received = self._signal_received, None
+                if pending is not None and not interrupted:
+                    # It came after the loop's last look (the final save, evaluation
+                    # or close): handed on now, to whoever handled it before, rather
+                    # than dropped (a scheduler's SIGTERM would otherwise be ignored).
+                    signal.raise_signal(pending)
 
     def _check_resume_checkpoint(self, path: str | os.PathLike[str]) -> str:
         """``path`` when it is a checkpoint every rank can resume from, else a

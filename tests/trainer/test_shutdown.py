@@ -151,3 +151,92 @@ def test_handlers_are_installed_during_training_and_restored_after(tmp_path):
     t.train()
     assert seen["handler"] is not before and callable(seen["handler"])
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_handlers_are_restored_when_the_final_close_raises(tmp_path, monkeypatch):
+    # A second Ctrl-C inside the close raises out of it: the trainer's handler must
+    # not stay installed (it would swallow every later SIGTERM of the process).
+    before = signal.getsignal(signal.SIGTERM)
+    t = Trainer(TinyClassifier(), _args(tmp_path, max_steps=2), train_dataset=TRAIN)
+    real_close = t._close_bus
+
+    def interrupted_close() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(t, "_close_bus", interrupted_close)
+    with pytest.raises(KeyboardInterrupt):
+        t.train()
+    assert signal.getsignal(signal.SIGTERM) is before
+    real_close()
+
+
+def test_a_signal_after_the_loop_s_last_look_is_handed_on_not_dropped(tmp_path):
+    # SIGTERM during on_train_end (the final save and close come after the loop's
+    # last check): training completes, then the signal reaches the handler that was
+    # there before train(), instead of vanishing with the trainer's.
+    got: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+
+        class TermAtEnd(TrainerCallback):
+            def on_train_end(self, args, state, control, **kwargs):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        sink = RecordingSink()
+        t = Trainer(TinyClassifier(), _args(tmp_path, max_steps=3), train_dataset=TRAIN, callbacks=[TermAtEnd()], sinks=[sink])
+        out = t.train()
+        assert out.global_step == 3 and sink.of(TrainEnd)[-1].status == "completed"
+        assert got == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+_GROUP_SIGTERM_SCRIPT = """
+import json, os, signal, subprocess, sys
+sys.path.insert(0, {root!r})
+from tests.trainer._loop_helpers import TinyClassifier, make_dataset, tiny_args
+from trainer import Trainer, TrainerCallback
+from trainer.trainer import TrainingInterrupted
+
+class GroupTerm(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            # From another process to the whole group, as Slurm, timeout or a
+            # terminal send it (torch's handler spares only what the parent sends).
+            subprocess.run(["kill", "-TERM", "--", "-%d" % os.getpgrp()], check=False)
+
+args = tiny_args(sys.argv[1], max_steps=200, dataloader_num_workers=2, dataloader_persistent_workers={persistent})
+t = Trainer(TinyClassifier(), args, train_dataset=make_dataset(400), callbacks=[GroupTerm()])
+try:
+    t.train()
+except TrainingInterrupted as exc:
+    print(json.dumps({{"step": exc.global_step, "checkpoint": exc.checkpoint}}))
+    sys.exit(0)
+print("not interrupted")
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["workers", "persistent-workers"])
+def test_a_sigterm_to_the_process_group_with_loader_workers_saves_and_stops(tmp_path, persistent):
+    # The workers get the job's SIGTERM too: they must leave it to the trainer (torch's
+    # own handler ends them, and the training process then dies mid-step with
+    # "DataLoader worker ... killed by signal", no checkpoint).
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    script = tmp_path / "group_term.py"
+    script.write_text(_GROUP_SIGTERM_SCRIPT.format(root=root, persistent=persistent))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out)],
+        capture_output=True, text=True, timeout=180, start_new_session=True, cwd=root,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"step": 3, "checkpoint": str(out / "checkpoint-3")}
+    assert checkpoints(str(out)) == ["checkpoint-3"]
+    assert "killed by signal" not in proc.stderr
