@@ -32,6 +32,7 @@ runs: two live buses never write one spool.
 from __future__ import annotations
 
 import errno
+import contextlib
 import json
 import logging
 import os
@@ -303,12 +304,21 @@ def write_json_atomic(path: Path, data: Any, *, fsync: bool = False) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, json.dumps(data, sort_keys=True).encode())
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            # Every byte, or an error: a short write on a nearly full disk must not
+            # replace a good file with a cut one.
+            view = memoryview(json.dumps(data, sort_keys=True).encode())
+            while view:
+                view = view[os.write(fd, view):]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 class Spool:

@@ -13,6 +13,7 @@ import time
 from typing import Sequence
 
 import anyio
+import pytest
 
 from eventbus import EventBus, Log, Overflow, RunInfo, Sink, StepEnd
 from eventbus.events import BaseEvent
@@ -333,3 +334,31 @@ def test_overflow_spool_with_a_slow_flaky_sink_keeps_order_exactly_once(tmp_path
     assert steps(sink.got) == list(range(n))
     assert (st.received, st.delivered, st.dropped, st.spooled, st.failed) == (n, n, 0, 0, 0)
     identity(bus)
+
+
+def test_a_short_write_of_a_state_file_raises_and_keeps_the_old_file(tmp_path, monkeypatch):
+    # A nearly full disk: os.write takes part of the bytes, then ENOSPC. The good
+    # state.json (the delivered marks) must stay, not be replaced by a cut one, and
+    # no temp file be left beside it.
+    import json
+
+    from eventbus import spool as spool_mod
+
+    path = tmp_path / "state.json"
+    spool_mod.write_json_atomic(path, {"marks": {"a": 1}})
+    real_write = os.write
+    calls = {"n": 0}
+
+    def short_then_full(fd, data):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_mod.os, "write", short_then_full)
+    with pytest.raises(OSError) as info:
+        spool_mod.write_json_atomic(path, {"marks": {f"sink{i}": i for i in range(200)}})
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC and calls["n"] == 2
+    assert json.loads(path.read_text()) == {"marks": {"a": 1}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
