@@ -259,11 +259,86 @@ def _settle_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
         future.set_exception(exc)
 
 
+class _Write:
+    """One ``write_sync`` call of a :class:`ThreadedSink`, which outlives a caller
+    that gave up on it while it ran, so that the bus's retry of the same batch can
+    wait for its outcome instead of writing the batch a second time (see
+    :meth:`ThreadedSink.write`).
+
+    ``claim`` decides, once, between the sink thread starting the call and the caller
+    giving up on it: whichever takes it first wins. A call given up on before it
+    started never runs (the retry submits the batch again: nothing was written); one
+    the thread started runs to its end, and its outcome is kept here for the retry.
+    A lock taken without blocking is the one step both threads can race on and only
+    one win: a flag read on one side and set on the other leaves a window in which
+    the call runs while its caller thinks it never will.
+
+    The outcome reaches the loop through one ``call_soon_threadsafe`` and is recorded
+    there, on the loop thread, as a retry's waiter is set: the two never race.
+    """
+
+    __slots__ = ("batch", "claim", "done", "error", "loop", "waiter", "write_sync")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        write_sync: Callable[[Sequence[BaseEvent]], None],
+        batch: Sequence[BaseEvent],
+    ) -> None:
+        self.loop = loop
+        self.write_sync = write_sync
+        self.batch = batch
+        self.claim = threading.Lock()
+        self.waiter: asyncio.Future[None] | None = None
+        self.done = False
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        """On the sink thread (posted: it must not raise)."""
+        if not self.claim.acquire(False):
+            return  # the caller gave up (a timeout, the close deadline) before it started
+        error: BaseException | None = None
+        try:
+            self.write_sync(self.batch)
+        except BaseException as exc:  # handed to the awaiting task
+            error = exc
+        try:
+            self.loop.call_soon_threadsafe(self._settle, error)
+        except RuntimeError:  # the loop is closed: nobody waits for this any more
+            pass
+
+    def _settle(self, error: BaseException | None) -> None:
+        """On the loop: record the outcome and hand it to whoever waits for it now."""
+        self.done = True
+        self.error = error
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+
 class ThreadedSink(Sink):
     """A sink for blocking SDKs: implement :meth:`open_sync`, :meth:`write_sync` and
-    :meth:`close_sync`; each runs on this sink's own daemon thread, in order."""
+    :meth:`close_sync`; each runs on this sink's own daemon thread, in order.
+
+    A thread cannot be stopped, so for a ThreadedSink a write that outlasts
+    ``write_timeout`` is not abandoned: the bus stops waiting for it (a
+    ``TimeoutError``, retried as usual) while ``write_sync`` goes on on the thread,
+    and the retry of that batch waits for that same call, for ``write_timeout``
+    again, instead of writing the batch a second time: a call that then succeeds is
+    the retry's success, one that fails is tried again, and one that never returns
+    times every retry out, as it did the first attempt. A batch the bus gives up on
+    for good (its retries ran out, the close deadline passed) while its call runs is
+    counted as failed (or spooled) all the same, and may still reach the backend when
+    the call returns; a call given up on before the thread started it never runs.
+    """
 
     _thread: _SinkThread | None = None
+    _pending: _Write | None = None
+    """The last write the bus gave up on while it ran on the thread: a retry of its
+    batch (``batch is`` the same list, see :meth:`Sink.write`) waits for it."""
 
     def open_sync(self, run: RunInfo) -> None:
         """Blocking counterpart of :meth:`Sink.open`."""
@@ -293,9 +368,26 @@ class ThreadedSink(Sink):
         await self._worker().call(self.open_sync, run)
 
     async def write(self, batch: Sequence[BaseEvent]) -> None:
-        await self._worker().call(self.write_sync, batch)
+        """Run :meth:`write_sync` on the thread; a retry of a batch whose call the bus
+        gave up on while it ran waits for that call instead (see the class docstring).
+        Any other batch means the bus is done with that call: its outcome is dropped."""
+        loop = asyncio.get_running_loop()
+        job, self._pending = self._pending, None
+        if job is None or job.batch is not batch or (job.done and job.error is not None):
+            job = _Write(loop, self.write_sync, batch)
+            self._worker().post(job.run)
+        elif job.done:
+            return  # the call the bus timed out on wrote the batch after all
+        waiter = job.waiter = loop.create_future()
+        try:
+            await waiter
+        except asyncio.CancelledError:  # a timeout, the close deadline
+            if not job.claim.acquire(False):  # the thread is in the call, or done with it
+                self._pending = job
+            raise
 
     async def close(self) -> None:
+        self._pending = None
         worker = self._worker()
         try:
             await worker.call(self.close_sync)
@@ -308,6 +400,7 @@ class ThreadedSink(Sink):
         thread runs ``close_sync`` (when it was opened) once the call it is in returns,
         if ever, and then ends, instead of waiting for work forever."""
         worker, self._thread = self._thread, None
+        self._pending = None
         if worker is None:
             return
         if opened:
