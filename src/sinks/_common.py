@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections.abc
+import errno
 import hashlib
 import importlib
 import logging
@@ -17,7 +18,7 @@ from eventbus.redact import is_secret_key
 
 __all__ = [
     "BATCH_SIZE", "import_sdk", "rewrite_name", "rewrite_logs", "prefixed_name", "evaluation_names", "ScalarFilter",
-    "flatten", "is_number", "check_option_types", "distinct_name",
+    "flatten", "is_number", "check_option_types", "distinct_name", "AppendFile",
 ]
 
 logger = logging.getLogger("sinks")
@@ -233,3 +234,196 @@ def distinct_name(base: str, original: str, taken: Callable[[str], bool], limit:
     while taken(name := fix(f"{head}_{n}")):
         n += 1
     return name
+
+
+class AppendFile:
+    """A file that only ever ends in a whole line (or record): what a sink writes waits
+    in :attr:`buf`, and :meth:`flush` hands it to the file with ``os.write``.
+
+    Why not a buffered file object: a flush of ``open(path, "ab")`` that fails (a full
+    disk) keeps its buffer and writes it again with the next flush, having maybe written
+    part of it already. The file then held batches the bus had counted as failed, and
+    a close while the disk was still full left a torn last line (which
+    ``pandas.read_json(lines=True)`` refuses, file and all). Here a flush that fails
+    cuts the file back to its size after the last flush that succeeded (``ftruncate``)
+    and takes the bytes of the batch being written out of the buffer: the bus counts
+    that batch failed, and it is not in the file (nor twice in it when retried). The
+    bytes of earlier batches, which the bus counted delivered when their write
+    returned, stay in the buffer for the next flush. While flushes fail
+    (:attr:`failing`) the sinks flush every batch, so those are no more than what the
+    flush interval held when the disk filled up; a close that cannot write them says
+    how many events it lost.
+
+    A file deleted while the run writes it (``rm -rf`` of the output directory, a
+    cleanup job) is noticed at the next flush (``st_nlink == 0``: one ``fstat`` per
+    flush, never per event): a warning names it, and ``reopen`` gives the path of a new
+    file (its directory is created again) and the bytes it must begin with, so that the
+    rest of the run is on disk. What the deleted file held is gone with it.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        owner: str,
+        unit: str,
+        reopen: Callable[[], tuple[str, bytes]],
+        log: logging.Logger,
+        head: bytes = b"",
+    ) -> None:
+        self.owner = owner
+        """Who writes the file, for the warnings: ``"jsonl sink"``."""
+        self.unit = unit
+        """What the file is a sequence of, for the warnings: ``"line"``."""
+        self.log = log
+        """Where the warnings go: the owner's logger."""
+        self.buf = bytearray()
+        """Bytes not handed to the file yet."""
+        self.failing = False
+        """The last flush failed: the sinks flush every batch until one succeeds."""
+        self._reopen = reopen
+        self._head = head  # written before the buffer until a flush succeeds (a file header)
+        self._batch_start = 0  # where the bytes of the batch begun last start in buf
+        self._batch_events = 0  # how many events that batch holds
+        self._kept_events = 0  # the events of the bytes before it: reported delivered
+        self._torn = False  # a cut back failed: the file may end in a part of a record
+        self._warned_write = False
+        self._warned_deleted = False  # for the deletion being dealt with
+        self.path, self._fd, self._good = path, *self._open(path)
+
+    @staticmethod
+    def _open(path: str) -> tuple[int, int]:
+        """Open ``path`` to append to (its directory created): (fd, size)."""
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            return fd, os.fstat(fd).st_size
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def write(self, data: bytes) -> None:
+        """Add ``data`` to the buffer (what tensorboard's record writer calls)."""
+        self.buf += data
+
+    def begin(self, events: int) -> None:
+        """The bytes written from now on are a batch of ``events`` events; the batch
+        before it was reported delivered (its write returned)."""
+        self._kept_events += self._batch_events
+        self._batch_start = len(self.buf)
+        self._batch_events = events
+
+    def discard_batch(self) -> None:
+        """Take the bytes of the batch begun last out of the buffer (its write failed)."""
+        del self.buf[self._batch_start :]
+        self._batch_events = 0
+
+    def flush(self) -> None:
+        """Write the buffer to the file. On failure, cut the file back to its last
+        whole record, take the batch begun last out of the buffer (the bus counts it
+        failed: an isolated child calls this after each write, before it reports the
+        batch) and raise ``OSError`` naming the file."""
+        fd = self._fd
+        if fd is None:
+            raise OSError(errno.EBADF, f"{self.owner}: {self.path} is closed")
+        if not self.buf and not self._head and not self._torn:
+            return
+        try:
+            if os.fstat(fd).st_nlink == 0:
+                fd = self._replace()
+            if self._torn:
+                os.ftruncate(fd, self._good)
+                self._torn = False
+            _write_all(fd, self._head)
+            _write_all(fd, self.buf)
+        except OSError as exc:
+            self._cut_back()
+            self.discard_batch()
+            self.failing = True
+            reason = exc.strerror or repr(exc)
+            if not self._warned_write:
+                self._warned_write = True
+                self.log.warning(
+                    "%s: could not write to %s (%s). The file is cut back to its last whole %s, and what cannot be "
+                    "written is counted as failed in the bus stats, not written later. Free space on that disk (or "
+                    "fix it): the next batches are written again. (Warned once.)",
+                    self.owner,
+                    self.path,
+                    reason,
+                    self.unit,
+                )
+            raise OSError(exc.errno, f"{reason}: {self.path}") from exc
+        self._good = os.lseek(fd, 0, os.SEEK_CUR)  # O_APPEND: the end of what was just written
+        self._head = b""
+        self.buf.clear()
+        self._batch_start = self._batch_events = self._kept_events = 0
+        self.failing = False
+
+    def _cut_back(self) -> None:
+        """Cut the file back to what the last flush that succeeded left."""
+        try:
+            os.ftruncate(self._fd, self._good)  # type: ignore[arg-type]
+        except OSError:
+            self._torn = True  # tried again before the next write
+
+    def _replace(self) -> int:
+        """The file was deleted: open the one ``reopen`` names (warned once per deletion)."""
+        if not self._warned_deleted:
+            self._warned_deleted = True
+            self.log.warning(
+                "%s: %s was deleted while the run was writing it (what it held is gone with it); the rest of the run "
+                "goes to a new file there. Keep the run's directory until the run ends (a cleanup job, an rm -rf?).",
+                self.owner,
+                self.path,
+            )
+        path, head = self._reopen()
+        fd, size = self._open(path)
+        old, self._fd = self._fd, fd
+        self.path, self._good, self._head, self._torn = path, size, head, False
+        self._warned_deleted = False
+        try:
+            os.close(old)  # type: ignore[arg-type]
+        except OSError:
+            pass
+        self.log.info("%s: writing to %s again", self.owner, path)
+        return fd
+
+    def close(self) -> None:
+        """Write out what is left and close the file. What cannot be written was
+        counted delivered (its write returned): a warning says how many events are
+        lost, and the error is raised."""
+        if self._fd is None:
+            return
+        self.begin(0)  # the last batch's write returned: it was reported delivered
+        try:
+            self.flush()
+        except OSError:
+            lost, self._kept_events = self._kept_events, 0
+            self.buf.clear()
+            if lost:
+                self.log.warning(
+                    "%s: the last %d events, counted delivered, could not be written to %s at close; the file ends "
+                    "at its last whole %s before them.",
+                    self.owner,
+                    lost,
+                    self.path,
+                    self.unit,
+                )
+            raise
+        finally:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # type: ignore[arg-type]
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    """``os.write`` until all of ``data`` is written (a nearly full disk takes part of
+    a write before it fails)."""
+    while data:
+        n = os.write(fd, data)
+        if n <= 0:
+            raise OSError(errno.EIO, "the write wrote nothing")
+        # A copy of the rest, only after a short write: no view of the buffer outlives
+        # the call, so a failed flush can take a batch out of it.
+        data = data[n:]

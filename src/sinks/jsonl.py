@@ -13,6 +13,14 @@ string value that happens to read ``"NaN"`` stays a string. Other readers (``jq`
 pandas) see the strings. ``decode_json`` ignores the extra key, so it still reads
 such a line, but gives the strings; :func:`decode_line` gives the floats back (and
 is needed when a typed float field such as ``TrainEnd.best_metric`` is NaN).
+
+The file only ever ends in a whole line (:class:`sinks._common.AppendFile`): a write
+that fails (a full disk) cuts it back to its last whole line, and the batch the bus
+counts failed is not in it, not even once the disk has room again; what the bus
+counts delivered is.
+A file deleted while the run writes it (the output directory removed) is noticed at
+the next flush: a warning names it, and the rest of the run goes to a new file at the
+same path (its directory created again).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import msgspec
 
@@ -48,7 +56,7 @@ from eventbus.events import (
 )
 from eventbus.sink import RunInfo, ThreadedSink
 
-from sinks._common import BATCH_SIZE, check_option_types
+from sinks._common import BATCH_SIZE, AppendFile, check_option_types
 
 __all__ = ["JSONLSink", "read_jsonl", "iter_jsonl", "encode_line", "encode_lines", "decode_line", "NONFINITE_KEY"]
 
@@ -269,7 +277,7 @@ class JSONLSink(ThreadedSink):
         self.dir = os.fspath(dir) if dir is not None else None
         self.flush_secs = float(flush_secs)
         self.buffer_size = int(buffer_size)
-        self._file: BinaryIO | None = None
+        self._file: AppendFile | None = None
         self._last_flush = 0.0
 
     def resolve_path(self, run: RunInfo) -> str:
@@ -290,43 +298,57 @@ class JSONLSink(ThreadedSink):
 
     def open_sync(self, run: RunInfo) -> None:
         """Open (append to) the run's file."""
-        path = self.resolve_path(run)
-        parent = os.path.dirname(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        self.path = path
-        self._file = open(path, "ab", buffering=self.buffer_size)  # noqa: SIM115 - closed in close_sync
-        # A process that died mid-line left a torn tail: end it, so that this run's
-        # first line is not glued to it.
-        if self._file.tell() > 0:
-            with open(path, "rb") as existing:
-                existing.seek(-1, os.SEEK_END)
-                if existing.read(1) != b"\n":
-                    self._file.write(b"\n")
+        path = self.path = self.resolve_path(run)
+        self._file = AppendFile(path, owner=f"{self.name} sink", unit="line", reopen=self._reopened, log=logger, head=_line_end(path))
         self._last_flush = time.monotonic()
 
+    def _reopened(self) -> tuple[str, bytes]:
+        """The file was deleted: the rest of the run goes to a new one at its path."""
+        assert self.path is not None
+        return self.path, _line_end(self.path)
+
     def write_sync(self, batch: Sequence[BaseEvent]) -> None:
-        """Append one line per event; flush on urgent events or when the interval passed."""
+        """Append one line per event; flush on urgent events, when the interval passed
+        or the buffer is full, and after every batch while flushes fail (see
+        :class:`AppendFile`: a batch whose flush fails is not in the file)."""
         f = self._file
         if f is None:
             raise SinkConfigError("jsonl sink: write before open (the bus opens sinks before writing)")
-        f.write(encode_lines(batch))
-        if any(isinstance(ev, _URGENT) for ev in batch) or time.monotonic() - self._last_flush >= self.flush_secs:
-            f.flush()
-            self._last_flush = time.monotonic()
+        data = encode_lines(batch)
+        f.begin(len(batch))
+        f.write(data)
+        if (
+            f.failing
+            or len(f.buf) >= self.buffer_size
+            or any(isinstance(ev, _URGENT) for ev in batch)
+            or time.monotonic() - self._last_flush >= self.flush_secs
+        ):
+            self.flush_sync()
 
     def flush_sync(self) -> None:
         """Write the buffered lines out to the file (an isolated child calls it after
-        every batch)."""
-        if self._file is not None:
-            self._file.flush()
-            self._last_flush = time.monotonic()
-
-    def close_sync(self) -> None:
-        """Flush and close the file."""
+        every batch). On failure the last batch written is not in the file."""
         if self._file is not None:
             try:
                 self._file.flush()
             finally:
-                self._file.close()
-                self._file = None
+                self._last_flush = time.monotonic()
+
+    def close_sync(self) -> None:
+        """Flush and close the file."""
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()
+
+
+def _line_end(path: str) -> bytes:
+    """``b"\\n"`` when ``path`` ends in a torn line (a process died mid-write), so that
+    the first line written after it is not glued to it; else nothing."""
+    try:
+        with open(path, "rb") as existing:
+            if existing.seek(0, os.SEEK_END) == 0:
+                return b""
+            existing.seek(-1, os.SEEK_END)
+            return b"" if existing.read(1) == b"\n" else b"\n"
+    except FileNotFoundError:
+        return b""

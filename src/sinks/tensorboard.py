@@ -28,11 +28,21 @@ set) writes a ``SessionLog.START`` just before its first point, after the sink's
 high-water mark (``RunInfo.resume_marks``): TensorBoard's readers then drop what the
 interrupted run wrote at or after that step, which the resumed run writes again, so no
 step appears twice, and keep what the sink had up to its mark.
+
+The event file only ever ends in a whole record (``sinks._common.AppendFile``): a write
+that fails (a full disk) cuts it back to its last whole record, and the batch the bus
+counts failed is not in it, not even once the disk has room again; what the bus counts
+delivered is. An event file deleted while the run writes it (the log directory
+removed) is noticed at the next flush: a warning names it, and the rest of the run
+goes to a new event file in the log directory (created again), which begins with the
+``file_version`` header and the run's ``TrainBegin`` (its ``args`` text and HParams
+session).
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import itertools
 import json
 import logging
@@ -51,7 +61,7 @@ from eventbus.redact import redact
 from eventbus.sink import RunInfo, ThreadedSink
 from eventbus.values import wide_int_text
 from sinks._common import (
-    BATCH_SIZE, ScalarFilter, check_option_types, distinct_name, import_sdk, is_number, prefixed_name, rewrite_name,
+    BATCH_SIZE, AppendFile, ScalarFilter, check_option_types, distinct_name, import_sdk, is_number, prefixed_name, rewrite_name,
 )
 
 __all__ = ["TensorBoardSink", "clean_tag"]
@@ -63,6 +73,7 @@ _file_counter = itertools.count()
 
 _INVALID_TAG_CHARACTERS = re.compile(r"[^-/\w.]")
 _TAG_CACHE_SIZE = 10_000  # names cleaned once each, up to this many
+_BUFFER_BYTES = 1 << 18  # written out at this size even before flush_secs (as the file buffer was)
 
 
 def clean_tag(name: str) -> str:
@@ -179,7 +190,7 @@ class TensorBoardSink(ThreadedSink):
         self.filename_suffix = filename_suffix
         self.path: str | None = None
         """The event file being written (set when the sink is opened)."""
-        self._file: BinaryIO | None = None
+        self._file: AppendFile | None = None
         self._writer: Any = None
         self._last_flush = 0.0
         self._filter = ScalarFilter(self.name)
@@ -199,6 +210,12 @@ class TensorBoardSink(ThreadedSink):
         # _train_begin); (checkpoint path, wall time ns).
         self._pending_start: tuple[str, int] | None = None
         self._resume_mark: int | None = None
+        # The TrainBegin record, for a new event file that replaces a deleted one.
+        self._begin_record = b""
+        # What write_sync changed, as it was before the batch: a batch whose flush fails
+        # is not in the file, and a retry writes its points again (not skipped as
+        # already written) and its START.
+        self._undo: tuple[dict[str, tuple[int, float]], tuple[str, int] | None, bytes] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # For process isolation (sink.isolate): modules and open files do not travel;
@@ -252,11 +269,40 @@ class TensorBoardSink(ThreadedSink):
         # The high-water mark this run starts from: a resumed run's START goes after it.
         self._resume_mark = run.resume_marks.get(self.name)
         self.path = os.path.join(log_dir, self._file_name(log_dir))
-        self._file = open(self.path, "wb", buffering=1 << 18)  # noqa: SIM115 - closed in close_sync
-        self._writer = self._tb.RecordWriter(self._file)
-        # file_version 2 tells readers to honour SessionLog.START (orphan purging).
-        self._write_event(self._tb.event_pb2.Event(wall_time=time.time(), step=0, file_version="brain.Event:2"))
-        self._flush()
+        f = self._file = AppendFile(
+            self.path, owner=f"{self.name} sink", unit="record", reopen=self._reopened, head=self._header(), log=logger
+        )
+        self._writer = self._tb.RecordWriter(f)
+        try:
+            self._flush()
+        except OSError:
+            # Not open: the bus tries again (a new file) with its next batch.
+            self._file = self._writer = None
+            try:
+                f.close()
+            except OSError:
+                pass
+            if os.path.exists(f.path) and os.path.getsize(f.path) == 0:
+                os.remove(f.path)
+            raise
+
+    def _frame(self, event: Any) -> bytes:
+        """``event`` as one record of an event file."""
+        out = io.BytesIO()
+        self._tb.RecordWriter(out).write(event.SerializeToString())
+        return out.getvalue()
+
+    def _header(self) -> bytes:
+        """The record an event file begins with: file_version 2 tells readers to
+        honour SessionLog.START (orphan purging)."""
+        return self._frame(self._tb.event_pb2.Event(wall_time=time.time(), step=0, file_version="brain.Event:2"))
+
+    def _reopened(self) -> tuple[str, bytes]:
+        """The event file was deleted: the rest of the run goes to a new one in the
+        log directory, beginning with the header and the run's TrainBegin."""
+        assert self.log_dir is not None
+        self.path = os.path.join(self.log_dir, self._file_name(self.log_dir))
+        return self.path, self._header() + self._begin_record
 
     def _file_name(self, log_dir: str) -> str:
         # Readers load a directory's event files in name order, so a resumed run's
@@ -270,38 +316,56 @@ class TensorBoardSink(ThreadedSink):
         return f"events.out.tfevents.{stamp:010d}.{host}.{os.getpid()}.{next(_file_counter)}{self.filename_suffix}"
 
     def write_sync(self, batch: Sequence[BaseEvent]) -> None:
-        """Write a batch of events; flush if one asks for it or the interval passed."""
-        urgent = False
-        for ev in batch:
-            if isinstance(ev, Log):
-                self._write_values(ev.values, ev, self._tags, None)
-            elif isinstance(ev, (Evaluate, Predict)):
-                self._write_values(ev.metrics, ev, self._metric_tags.setdefault(ev.prefix, {}), ev.prefix)
-                urgent = urgent or isinstance(ev, Evaluate)
-            elif isinstance(ev, TrainBegin):
-                self._train_begin(ev)
-            elif isinstance(ev, Save):
-                urgent = True
-            elif isinstance(ev, TrainEnd):
-                self._train_end(ev)
-                urgent = True
-        if urgent or time.monotonic() - self._last_flush >= self.flush_secs:
-            self._flush()
+        """Write a batch of events; flush if one asks for it or the interval passed,
+        and after every batch while flushes fail. A batch that fails (its flush, or
+        anything else) is not in the file, and leaves the sink as it found it."""
+        f = self._file
+        if f is None:
+            raise SinkConfigError("tensorboard sink: write before open (the bus opens sinks before writing)")
+        f.begin(len(batch))
+        self._undo = (self._last_written.copy(), self._pending_start, self._begin_record)
+        try:
+            urgent = False
+            for ev in batch:
+                if isinstance(ev, Log):
+                    self._write_values(ev.values, ev, self._tags, None)
+                elif isinstance(ev, (Evaluate, Predict)):
+                    self._write_values(ev.metrics, ev, self._metric_tags.setdefault(ev.prefix, {}), ev.prefix)
+                    urgent = urgent or isinstance(ev, Evaluate)
+                elif isinstance(ev, TrainBegin):
+                    self._train_begin(ev)
+                elif isinstance(ev, Save):
+                    urgent = True
+                elif isinstance(ev, TrainEnd):
+                    self._train_end(ev)
+                    urgent = True
+            if urgent or f.failing or len(f.buf) >= _BUFFER_BYTES or time.monotonic() - self._last_flush >= self.flush_secs:
+                self._flush()
+        except Exception:
+            f.discard_batch()
+            self._restore()
+            raise
 
     def flush_sync(self) -> None:
         """Write the buffered events out to the file (the isolated child calls it
-        after every batch)."""
-        self._flush()
+        after every batch). On failure the last batch written is not in the file."""
+        try:
+            self._flush()
+        except OSError:
+            self._restore()
+            raise
+
+    def _restore(self) -> None:
+        """Undo what the last write_sync changed (its batch is not in the file)."""
+        if self._undo is not None:
+            self._last_written, self._pending_start, self._begin_record = self._undo
+            self._undo = None
 
     def close_sync(self) -> None:
         """Flush and close the event file."""
-        if self._writer is not None:
-            try:
-                self._flush()
-            finally:
-                self._writer.close()
-                self._writer = None
-                self._file = None
+        f, self._file, self._writer = self._file, None, None
+        if f is not None:
+            f.close()
 
     # -- writing -----------------------------------------------------------------------
 
@@ -311,9 +375,11 @@ class TensorBoardSink(ThreadedSink):
         self._writer.write(event.SerializeToString())
 
     def _flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-        self._last_flush = time.monotonic()
+        try:
+            if self._file is not None:
+                self._file.flush()
+        finally:
+            self._last_flush = time.monotonic()
 
     def _summary_event(self, ev: BaseEvent, values: list[Any], step: int | None = None) -> Any:
         tb = self._tb
@@ -487,7 +553,9 @@ class TensorBoardSink(ThreadedSink):
                     ssi.hparams[k].string_value = v
             values.append(self._hparams_value(tb.hp_metadata.SESSION_START_INFO_TAG, tb.plugin_data_pb2.HParamsPluginData(session_start_info=ssi)))
         if values:
-            self._write_event(self._summary_event(ev, values))
+            assert self._file is not None  # write_sync checked
+            self._begin_record = self._frame(self._summary_event(ev, values))
+            self._file.write(self._begin_record)
 
     def _train_end(self, ev: TrainEnd) -> None:
         tb = self._tb
