@@ -548,6 +548,7 @@ class Trainer:
         self._resumed = False
         self._resume_marks: dict[str, int] = {}
         self._bus_started = False
+        self._trained = False  # train() was called: the next one that is not a resume is a new run
         self._last_checkpoint_dir: str | None = None
         self._initial_global_step = 0
         self.bus: EventBus = self._new_bus()
@@ -674,12 +675,13 @@ class Trainer:
         )
 
     def _report_to_sinks(self, report_to: Any) -> list[Sink]:
-        """The sinks ``report_to`` names, built once and reused by every bus of this
-        trainer (train(), then evaluate()/predict()), as sinks passed by the user are:
-        a sink that is opened again for the same run continues what it started (the
-        MLflow run, the Comet experiment, the Neptune run). Built again only when
-        ``args.report_to`` changes."""
-        key = repr(report_to)
+        """The sinks ``report_to`` names, built once per run and reused by every bus of
+        it (train(), then evaluate()/predict()), as sinks passed by the user are: a
+        sink that is opened again for the same run continues what it started (the
+        MLflow run, the Comet experiment, the Neptune run). Built again when
+        ``args.report_to`` or the run changes (a second train() that is not a resume,
+        a resume of another run)."""
+        key = (repr(report_to), self.run_id)
         cached = getattr(self, "_report_to_cache", None)
         if cached is None or cached[0] != key:
             cached = self._report_to_cache = (key, list(sinks_from_report_to(report_to)))
@@ -990,6 +992,12 @@ class Trainer:
             )
         else:
             self._resumed = False
+            if self._trained:
+                # Another training run of this trainer, not a continuation: a run of its
+                # own (a new MLflow run, Comet experiment, jsonl file), as transformers'
+                # integrations start one per train(); the report_to sinks are built anew.
+                self.run_id = distributed.broadcast_object(uuid.uuid4().hex[:12])
+        self._trained = True
 
         self._signal_received = None
         previous_handlers = self._install_signal_handlers()

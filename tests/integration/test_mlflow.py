@@ -494,3 +494,32 @@ def test_replaying_an_outage_s_spool_continues_the_run_it_belongs_to(mlflow_serv
     assert runs_of(mlflow_server, name) == [live.run_id]
     assert [s for s, _, _ in history(mlflow_server, live.run_id or "", "loss")] == list(range(1, 11))
     assert run_data(mlflow_server, live.run_id or "")["status"] == "FINISHED"
+
+
+def test_a_second_train_of_one_trainer_is_a_new_mlflow_run(mlflow_server: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # transformers' MLflowCallback starts a run per train(): the same Trainer trained
+    # again (not a resume) logs into a run of its own, not into the first one with
+    # every step twice; the evaluate() after it goes to that second run.
+    from tests.trainer._loop_helpers import TinyClassifier, make_dataset, tiny_args
+    from trainer import Trainer
+
+    name = experiment()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
+    data = make_dataset(32)
+    args = tiny_args(tmp_path, max_steps=4, report_to=["mlflow"], seed=0)
+    t = Trainer(TinyClassifier(), args, train_dataset=data, eval_dataset=data)
+    t.train()
+    first_bus_run = t.run_id
+    t.train()
+    t.evaluate()
+    assert t.run_id != first_bus_run
+    runs = runs_of(mlflow_server, name)
+    assert len(runs) == 2
+    by_bus_run = {run_data(mlflow_server, r)["tags"][RUN_ID_TAG]: r for r in runs}
+    assert set(by_bus_run) == {first_bus_run, t.run_id}
+    for bus_run, mlflow_run in by_bus_run.items():
+        assert [s for s, _, _ in history(mlflow_server, mlflow_run, "loss")] == [1, 2, 3, 4]
+        assert run_data(mlflow_server, mlflow_run)["status"] == "FINISHED"
+    assert [s for s, _, _ in history(mlflow_server, by_bus_run[t.run_id], "eval_loss")] == [4]
+    assert history(mlflow_server, by_bus_run[first_bus_run], "eval_loss") == []

@@ -115,6 +115,7 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
         # of args that cannot be weakly referenced) and output_dir, when the run began.
         self._run_key: tuple[Any, int, Any] | None = None
         self._run_model: Any = None  # the model of that run (a weak reference), when known
+        self._trained = False  # that run had a train(): the next one from step 0 is a new run
 
     # -- public surface --------------------------------------------------------------
 
@@ -173,6 +174,7 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
         key = self._run_key
         if key is not None and not (_same_run(key, args) and _same_model(self._run_model, model)):
             self._run_key = None
+            self._trained = False
             self._holder.close_run()
         if model is not None:
             self._run_model = _weak(model)
@@ -221,6 +223,13 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
         """(Re)start the bus; publish :class:`TrainBegin` with the redacted arguments,
         hyperparameters and the model's config."""
         self._check_trainer(args, model)
+        if self._trained and not int(getattr(state, "global_step", 0) or 0):
+            # The same trainer's train() again, from step 0 (a resume has loaded its
+            # checkpoint's step by now): a run of its own, as transformers'
+            # integrations start one per train() (a new MLflow run, jsonl file).
+            self._run_key = None
+            self._holder.close_run()
+        self._trained = True
         bus = self._bus(args, state)
         if TrainBegin not in self._holder.wanted:
             return
@@ -263,6 +272,7 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
             # The next trial is a run of its own (its own run id: a Comet sink makes a
             # new experiment for it rather than continuing this one).
             self._run_key = None
+            self._trained = False
             self._holder.close_run()
         else:
             # Not closed: an evaluate()/predict() after train() must reach the same

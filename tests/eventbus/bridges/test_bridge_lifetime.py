@@ -115,7 +115,10 @@ def test_a_callback_reused_for_another_trainer_closes_the_previous_bus(tmp_path:
     cb.close()
 
 
-def test_evaluate_and_a_second_train_of_the_same_trainer_keep_the_bus(tmp_path: Path) -> None:
+def test_evaluate_keeps_the_bus_and_a_second_train_is_a_run_of_its_own(tmp_path: Path) -> None:
+    # evaluate() after train() reaches the training's bus and run; train() again from
+    # step 0 is a new run (transformers' MLflowCallback starts a run per train()), with
+    # a file of its own, rather than every step twice in the first run's.
     cb = EventBusCallback(report_to=["jsonl"])
     trainer = Trainer(
         model=TinyRegressor(),
@@ -127,12 +130,15 @@ def test_evaluate_and_a_second_train_of_the_same_trainer_keep_the_bus(tmp_path: 
     trainer.train()
     bus = cb.bus
     trainer.evaluate()
-    trainer.train()
     assert cb.bus is bus and bus.running
+    trainer.train()
+    assert cb.bus is not bus and not bus.running and cb.bus.running
     cb.close()
-    events = _events(tmp_path / "out")
-    assert events.count("TrainBegin") == 2 and events.count("Evaluate") == 1
-    assert len(list((tmp_path / "out").glob("events-*.jsonl"))) == 1
+    files = sorted((tmp_path / "out").glob("events-*.jsonl"), key=lambda f: f.stat().st_mtime)
+    assert len(files) == 2
+    kinds = [[json.loads(line)["type"] for line in f.read_text().splitlines()] for f in files]
+    assert [k.count("TrainBegin") for k in kinds] == [1, 1]
+    assert [k.count("Evaluate") for k in kinds] == [1, 0]
 
 
 def test_trainers_sharing_one_args_object_are_runs_of_their_own(tmp_path: Path) -> None:

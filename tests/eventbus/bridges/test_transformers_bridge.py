@@ -236,6 +236,34 @@ def test_evaluate_after_train_goes_to_the_same_bus_and_open_sinks(tmp_path):
     assert sink.closed == 2
 
 
+def test_a_second_train_is_a_run_of_its_own_and_a_resume_is_not(tmp_path):
+    # transformers' integrations start a new run (MLflow) per train(): the same
+    # trainer trained again from step 0 is a new run here too (new run id, report_to
+    # sinks built anew: another jsonl file), the evaluate() after it goes to that run,
+    # and a resume from a checkpoint continues the run it is in.
+    cb = EventBusCallback(report_to=["jsonl"], sink_options={"jsonl": {"dir": str(tmp_path / "events")}})
+    trainer = _train(tmp_path, cb)
+    first = cb.bus.run.run_id
+    trainer.train()
+    second = cb.bus.run.run_id
+    trainer.evaluate()
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+    assert cb.bus.run.run_id == second
+    cb.close()
+    assert first != second
+    files = sorted(os.listdir(tmp_path / "events"))
+    assert files == sorted([f"events-{first}.jsonl", f"events-{second}.jsonl"])
+    from sinks.jsonl import read_jsonl
+
+    def steps(run_id):
+        return [e.step for e in read_jsonl(tmp_path / "events" / f"events-{run_id}.jsonl") if type(e) is Log and "loss" in e.values]
+
+    assert steps(first) == [2, 4, 6, 8]
+    assert steps(second) == [2, 4, 6, 8, 6, 8]  # the resume from checkpoint-4 in the same file
+    evaluations = [e for e in read_jsonl(tmp_path / "events" / f"events-{second}.jsonl") if type(e) is Evaluate]
+    assert [e.step for e in evaluations][-2:] == [8, 8]  # during training, then evaluate()
+
+
 def test_a_hyperparameter_search_trial_closes_its_bus_at_train_end(tmp_path):
     """As transformers' CometCallback makes one experiment per trial."""
     sink = RecordingSink()
