@@ -1015,6 +1015,11 @@ class EventBus:
         if not self._closing:
             self._deadline = time.monotonic() + max(0.0, timeout)
             self._close_on_exit = on_bus_thread
+            # One deadline for the spools too: no fsync (a slow disk) holds the loop or
+            # this thread past it; what they spooled is written, and synced behind.
+            for w in self._workers:
+                if w.spool is not None:
+                    w.spool.deadline = None if self._deadline == math.inf else self._deadline
             self._closing = True
         if self._thread is None:
             self._closed = True
@@ -1034,7 +1039,10 @@ class EventBus:
         if self._thread.is_alive():
             # A sink blocked the loop itself (sync work inside an async write). The
             # thread is a daemon: abandon it and account for what it held.
-            logger.error("eventbus: the bus thread did not stop by the close deadline; a sink is blocking its loop")
+            logger.error(
+                "eventbus: the bus thread did not stop by the close deadline: a sink (or a write to a spool's disk) is "
+                "blocking its loop"
+            )
             self._abandon_all()
         return self._finish()
 

@@ -113,7 +113,9 @@ class Sink:
     """The spool rotates to a new file past this size."""
 
     spool_fsync_interval: float = 1.0
-    """Seconds between fsyncs of the spool (0: after every append); always at close."""
+    """Seconds between fsyncs of the spool, run on a thread of the spool's own (0:
+    after every append, and the bus loop waits for each); always at close, within its
+    deadline."""
 
     isolate: bool = False
     """Run this sink in a child process of its own (``eventbus.isolation``): the bus

@@ -21,8 +21,16 @@ read, and is a :class:`~eventbus.errors.SpoolError` only when read alone.
 Durability: every append is written to the OS at once (one ``write``), so a process
 killed with SIGKILL loses nothing it appended; ``fsync`` runs every
 ``fsync_interval`` seconds (0: after every append), at rotation and at close, which
-bounds what a machine crash can lose. Directories are created ``0o700`` and files
-``0o600``: the spool holds the run's metrics and config.
+bounds what a machine crash can lose. The interval and rotation fsyncs run on a
+thread of the spool's own (:class:`_Syncer`), never on the appending thread: on a
+slow disk (NFS, a busy device: seconds per fsync) the bus loop, which every sink
+shares, goes on while the disk catches up; one fsync is in flight at a time, so the
+window a machine crash can lose is then the interval plus one fsync. With
+``fsync_interval=0`` each append waits for its fsync (what 0 asks for). Once
+:attr:`Spool.deadline` is set (the bus sets it when it closes), no call waits for
+an fsync past it: the events are written, and the fsync finishes in the background.
+Directories are created ``0o700`` and files ``0o600``: the spool holds the run's
+metrics and config.
 
 The spool is used from one thread at a time (the bus thread while the bus runs).
 A bus locks its spool directory (``flock`` on ``.lock``, :meth:`Spool.lock`) while it
@@ -31,17 +39,19 @@ runs: two live buses never write one spool.
 
 from __future__ import annotations
 
+import collections
 import errno
 import contextlib
 import json
 import logging
 import os
 import struct
+import threading
 import time
 import weakref
 import zlib
 from pathlib import Path
-from typing import Any, Generator, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Generator, Iterator, NamedTuple, Sequence
 
 try:
     import fcntl
@@ -81,6 +91,14 @@ LOCK_FILE = ".lock"
 
 DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024
 DEFAULT_FSYNC_INTERVAL = 1.0
+_SLOW_FSYNC = 2.0
+"""Seconds: an fsync slower than this (a network or overloaded disk) is warned about,
+once per spool: a machine crash can lose that much more than the interval says."""
+_DEADLINE_POLL = 0.05
+"""Seconds: how often a caller waiting for an fsync looks at a deadline set meanwhile."""
+_SYNCER_IDLE = 0.5
+"""Seconds the syncer thread waits for more work before it exits (with
+``fsync_interval=0`` an fsync per append: not a thread per append)."""
 
 
 class SpoolPosition(NamedTuple):
@@ -301,6 +319,16 @@ def _load_state(directory: Path) -> dict[str, Any]:
 def write_json_atomic(path: Path, data: Any, *, fsync: bool = False) -> None:
     """Write ``data`` as JSON to ``path`` atomically (temp file + ``os.replace``),
     owner-only. ``fsync`` also makes it durable against a machine crash."""
+    _write_json_atomic(path, data, _os_fsync if fsync else None)
+
+
+def _os_fsync(fd: int) -> None:
+    os.fsync(fd)  # looked up at each call: tests replace os.fsync
+
+
+def _write_json_atomic(path: Path, data: Any, sync: Callable[[int], None] | None) -> None:
+    """:func:`write_json_atomic`, with ``sync(fd)`` run on the temp file before it
+    replaces ``path`` (a spool's: bounded by its deadline, see Spool._fsync_wait)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -310,8 +338,8 @@ def write_json_atomic(path: Path, data: Any, *, fsync: bool = False) -> None:
             view = memoryview(json.dumps(data, sort_keys=True).encode())
             while view:
                 view = view[os.write(fd, view):]
-            if fsync:
-                os.fsync(fd)
+            if sync is not None:
+                sync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -321,6 +349,76 @@ def write_json_atomic(path: Path, data: Any, *, fsync: bool = False) -> None:
         raise
 
 
+class _Syncer:
+    """Runs one spool's fsyncs, in order, on a thread of their own, so that a slow
+    disk (NFS, Lustre, a busy device: seconds per fsync) never stalls the thread that
+    appends: the bus loop, which every sink shares. The thread lives while there is
+    work (and a moment after) and then exits, so a spool that is dropped without
+    close() leaves no thread behind. A daemon: an fsync that never returns (a hung mount)
+    cannot keep the process from exiting (what it syncs is written already)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._cond = threading.Condition()
+        self._jobs: collections.deque[Callable[[], None]] = collections.deque()
+        self._running = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> threading.Event:
+        """Run ``job`` (which handles its own errors) after the ones before it; the
+        event is set once it ran."""
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                job()
+            finally:
+                done.set()
+
+        with self._cond:
+            self._jobs.append(run)
+            self._cond.notify_all()
+            if self._thread is None:
+                thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # no thread to be had (a process at its limit)
+                    self._jobs.pop()
+                else:
+                    self._thread = thread
+                    return done
+            else:
+                return done
+        run()  # inline, then: slower, never lost
+        return done
+
+    def join(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds (None: as long as it takes) until every job
+        submitted so far ran. True when they did."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._jobs and not self._running, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._jobs:
+                    self._cond.wait_for(lambda: bool(self._jobs), _SYNCER_IDLE)
+                if not self._jobs:
+                    self._thread = None
+                    self._cond.notify_all()
+                    return
+                job = self._jobs.popleft()
+                self._running = True
+            try:
+                job()
+            except BaseException:  # jobs handle their errors: a bug, never the thread's end
+                logger.exception("eventbus: a spool fsync failed unexpectedly")
+            finally:
+                with self._cond:
+                    self._running = False
+                    self._cond.notify_all()
+
+
 class Spool:
     """One sink's spool directory: append events, read them back in order, consume.
 
@@ -328,6 +426,9 @@ class Spool:
     consumed; ``marks`` the per-sink high-water marks kept in ``state.json`` (the
     highest step of a delivered ``Log``/``Evaluate``/``Predict`` event, per sink name),
     ``mark_names`` the names each sink got at that step (see :mod:`eventbus._marks`).
+
+    ``deadline`` (a ``time.monotonic()`` value, None: none): past it, no call waits
+    for an fsync (see the module docstring). The bus sets it to its close deadline.
     """
 
     def __init__(
@@ -351,6 +452,10 @@ class Spool:
         self._dirty = False
         self._closed = False
         self._sync_failing = False  # the last fsync failed (warned once per streak)
+        self._sync_busy = False  # an interval fsync is in flight on the syncer (see _sync_soon)
+        self._slow_warned = False
+        self._syncer = _Syncer(f"eventbus-spool-sync-{self.directory.name}")
+        self.deadline: float | None = None
         self._lock_fd: int | None = None
         self._unlock: Any = None  # weakref.finalize that closes _lock_fd
         self._load()
@@ -604,10 +709,12 @@ class Spool:
         self._size += len(buf)
         self.pending += len(events)
         self._dirty = True
-        if self.fsync_interval == 0 or time.monotonic() - self._last_sync >= self.fsync_interval:
-            # The events are written (a SIGKILL loses none of them): a failed fsync
-            # only weakens what a machine crash could lose. Warned, not raised.
+        # The events are written (a SIGKILL loses none of them): a failed fsync only
+        # weakens what a machine crash could lose. Warned, not raised.
+        if self.fsync_interval == 0:
             self._sync_or_warn()
+        elif time.monotonic() - self._last_sync >= self.fsync_interval:
+            self._sync_soon()
 
     def prepend(self, events: Sequence[BaseEvent]) -> None:
         """Put ``events`` in front of every pending record: they are read (drained,
@@ -636,14 +743,15 @@ class Spool:
             self.append(events)
             return
         # Written aside and fsynced, then put in place of the file: a crash leaves the
-        # old file or the new one, never half of one.
+        # old file or the new one, never half of one. (Past the deadline the fsync
+        # finishes in the background: see _fsync_wait.)
         self._ensure_dir()
         tmp = self.directory / f".{name}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             try:
                 self._write_fd(fd, _HEADER + buf + rest)
-                os.fsync(fd)
+                self._fsync_wait(fd)
             finally:
                 os.close(fd)
         except BaseException:
@@ -652,8 +760,7 @@ class Spool:
         writing = self._file == name
         if writing:
             assert self._fd is not None
-            self._sync_or_warn()
-            os.close(self._fd)
+            self._retire(self._fd)
             self._fd = None
             self._file = None
         # The cursor first: a crash between the two re-reads the old file from its
@@ -683,13 +790,13 @@ class Spool:
 
     def _rotate(self) -> None:
         if self._fd is not None:
-            self._sync_or_warn()
-            os.close(self._fd)
+            self._retire(self._fd)
             self._fd = None
         self._open_file()
 
     def sync(self) -> None:
-        """``fsync`` the current file (when anything was written since the last one)."""
+        """``fsync`` the current file (when anything was written since the last one),
+        on the calling thread; raises ``OSError`` when it fails."""
         if self._fd is not None and self._dirty:
             os.fsync(self._fd)
             self._dirty = False
@@ -697,20 +804,110 @@ class Spool:
         self._sync_failing = False
 
     def _sync_or_warn(self) -> None:
-        """:meth:`sync`; an error is a durability warning (once per failing streak):
-        what was written stays written, and is delivered or replayed as usual."""
+        """fsync the current file now (``fsync_interval=0``): the append waits for it,
+        as 0 asks, until a :attr:`deadline` is set (the bus closing): from then on it
+        is only started, and close() waits for it, within the deadline, once the other
+        sinks had their last writes (a wait here would hold the loop they share). An
+        error is a durability warning (once per failing streak): what was written
+        stays written, and is delivered or replayed as usual."""
+        if self.deadline is not None:
+            self._sync_soon()
+            return
+        self._last_sync = time.monotonic()
+        if self._fd is not None and self._dirty:
+            self._dirty = False
+            self._fsync_wait(self._fd, until_closing=True)
+
+    def _sync_soon(self) -> None:
+        """Start an fsync of the current file on the syncer and return at once (the
+        interval fsync). While one is in flight none is started: the next append
+        after it ends starts the next, so a slow disk gets one fsync at a time."""
+        if self._fd is None or not self._dirty or self._sync_busy:
+            return
+        self._last_sync = time.monotonic()
         try:
-            self.sync()
+            fd = os.dup(self._fd)  # the syncer's own: rotation may close ours meanwhile
         except OSError as exc:
-            self._last_sync = time.monotonic()  # tried again at the next interval, not at once
-            if not self._sync_failing:
-                self._sync_failing = True
-                logger.warning(
-                    "eventbus: fsync of the spool in %s failed (%r): the spooled events are written but may not "
-                    "survive a machine crash; they are still delivered or replayed as usual",
-                    self.directory,
-                    exc,
-                )
+            self._sync_failed(exc)
+            return
+        self._dirty = False
+        self._sync_busy = True
+
+        def job() -> None:
+            try:
+                self._fsync_fd(fd, close=True)
+            finally:
+                self._sync_busy = False
+
+        self._syncer.submit(job)
+
+    def _retire(self, fd: int) -> None:
+        """``fd``, a spool file no longer written to (rotation, prepend, close), is
+        fsynced (when written since the last fsync) and closed on the syncer."""
+        dirty, self._dirty = self._dirty, False
+        self._last_sync = time.monotonic()
+        if dirty:
+            self._syncer.submit(lambda: self._fsync_fd(fd, close=True))
+        else:
+            os.close(fd)
+
+    def _fsync_wait(self, fd: int, *, until_closing: bool = False) -> None:
+        """fsync ``fd`` before going on (a file about to replace another, the state at
+        close), waiting no longer than :attr:`deadline`, also one set while it waits
+        (``until_closing``: not at all once one is set). The fsync then goes on in
+        the background, on a duplicate of ``fd``: what it syncs is written already."""
+        try:
+            dup = os.dup(fd)
+        except OSError as exc:
+            self._sync_failed(exc)
+            return
+        done = self._syncer.submit(lambda: self._fsync_fd(dup, close=True))
+        while True:
+            deadline = self.deadline  # set from another thread (EventBus.close)
+            if deadline is None:
+                wait = _DEADLINE_POLL
+            elif until_closing:
+                return
+            else:
+                wait = max(0.0, deadline - time.monotonic())
+            if done.wait(wait) or deadline is not None:
+                return
+
+    def _fsync_fd(self, fd: int, *, close: bool) -> None:
+        """``os.fsync(fd)`` (and close it when asked), on whichever thread: an error is
+        a durability warning (see _sync_failed), a slow one is warned about once."""
+        start = time.monotonic()
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            self._sync_failed(exc)
+        else:
+            self._sync_failing = False
+        finally:
+            if close:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        took = time.monotonic() - start
+        if took >= _SLOW_FSYNC and not self._slow_warned:
+            self._slow_warned = True
+            logger.warning(
+                "eventbus: an fsync of the spool in %s took %.1f s (a slow or network disk): a machine crash can "
+                "lose what was spooled since the last one that finished (and with spool_fsync_interval=0 each append "
+                "waits that long); put the spool on a local disk (the sink's spool_dir)",
+                self.directory,
+                took,
+            )
+
+    def _sync_failed(self, exc: OSError) -> None:
+        self._last_sync = time.monotonic()  # tried again at the next interval, not at once
+        if not self._sync_failing:
+            self._sync_failing = True
+            logger.warning(
+                "eventbus: fsync of the spool in %s failed (%r): the spooled events are written but may not "
+                "survive a machine crash; they are still delivered or replayed as usual",
+                self.directory,
+                exc,
+            )
 
     # -- reading and consuming -----------------------------------------------------------
 
@@ -793,9 +990,10 @@ class Spool:
     # -- state ----------------------------------------------------------------------------
 
     def save_state(self, *, fsync: bool = False) -> None:
-        """Persist the cursor and the marks to ``state.json`` (atomically)."""
+        """Persist the cursor and the marks to ``state.json`` (atomically); ``fsync``:
+        durably, waiting no longer than :attr:`deadline` for it (see _fsync_wait)."""
         self._ensure_dir()
-        write_json_atomic(
+        _write_json_atomic(
             self.directory / STATE_FILE,
             {
                 "format": FORMAT_VERSION,
@@ -805,28 +1003,35 @@ class Spool:
                 "mark_names": self.mark_names,
                 "replayed_ns": self.replayed_ns,
             },
-            fsync=fsync,
+            self._fsync_wait if fsync else None,
         )
 
     def close(self) -> None:
-        """fsync and close the current file and persist the state. Idempotent."""
+        """fsync and close the current file and persist the state. Idempotent.
+        Returns by :attr:`deadline`: everything is written then, and an fsync still
+        running (a slow disk) finishes in the background, with a warning."""
         if self._closed:
             return
         self._closed = True
         try:
             if self._fd is not None:
-                try:
-                    self._sync_or_warn()
-                finally:
-                    os.close(self._fd)
-                    self._fd = None
-                    self._file = None
+                fd, self._fd, self._file = self._fd, None, None
+                self._retire(fd)
             if self.directory.exists():
                 if self.pending <= 0 and self._at_end(_spool_files(self.directory)):
                     for name in _spool_files(self.directory):
                         _unlink(self.directory / name)
                     self.cursor = SpoolPosition(_file_name(self._next_seq), 0)
                 self.save_state(fsync=True)
+            # "fsynced at close": also the interval and rotation fsyncs still in flight.
+            left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+            if not self._syncer.join(left):
+                logger.warning(
+                    "eventbus: the spool in %s is written, but its fsync did not finish by the close deadline (a slow "
+                    "disk); it goes on in the background. The spooled events survive this process exiting, a machine "
+                    "crash only once it finished: put the spool on a local disk (the sink's spool_dir)",
+                    self.directory,
+                )
         finally:
             self.unlock()
 
