@@ -31,7 +31,7 @@ import msgspec
 
 from eventbus import _marks
 from eventbus import values as _values
-from eventbus.errors import BusStateError, SinkConfigError, SpoolError
+from eventbus.errors import BusStateError, SinkConfigError, SinkError, SpoolError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainEnd
 from eventbus.overflow import Overflow
 from eventbus.sink import RunInfo, Sink, retry_after_seconds
@@ -83,6 +83,17 @@ def resolve_event(event: BaseEvent) -> BaseEvent:
     return event
 
 
+def _describe(exc: BaseException) -> str:
+    """``repr(exc)``, with the file an ``OSError`` names (its repr leaves it out:
+    ``IsADirectoryError(21, 'Is a directory')`` says nothing of which path)."""
+    text = repr(exc)
+    if isinstance(exc, OSError):
+        for name in (exc.filename, exc.filename2):
+            if name is not None and str(name) not in text:
+                text += f": {name}"
+    return text
+
+
 class _SinkWorker:
     """Owns one sink on the loop: its bounded queue, counters, retries and circuit."""
 
@@ -98,6 +109,7 @@ class _SinkWorker:
         self.log_drop = _RateLimitedLog()  # queue overflow drops: not hidden behind write errors
         self.opened = False
         self.open_error: str | None = None
+        self.open_exc: Exception | None = None  # why the last open failed
         self.spool_instead = False  # spooling to a directory of its own: its own was busy
         self.closing = False
         self.finished = False  # run() got to the end: the sink was closed (or never opened)
@@ -498,9 +510,11 @@ class _SinkWorker:
                 await self.sink.open(self.bus.run)
         except Exception as exc:
             self._record_error("open", exc)
-            self.open_error = repr(exc)
+            self.open_error = _describe(exc)
+            self.open_exc = exc
             return False
         self.opened = True
+        self.open_exc = None
         return True
 
     async def _close_sink(self) -> None:
@@ -513,8 +527,9 @@ class _SinkWorker:
 
     def _record_error(self, what: str, exc: BaseException) -> None:
         self.stats.errors += 1
-        self.stats.last_error = f"{what}: {exc!r}"
-        self.log(logging.WARNING, "eventbus: sink %r failed in %s: %r", self.name, what, exc)
+        text = _describe(exc)
+        self.stats.last_error = f"{what}: {text}"
+        self.log(logging.WARNING, "eventbus: sink %r failed in %s: %s", self.name, what, text)
 
     def _backoff(self, attempt: int, exc: BaseException) -> float:
         retry_after = retry_after_seconds(exc)
@@ -577,7 +592,12 @@ class _SinkWorker:
             try:
                 if batch:
                     if not await self._try_open():
-                        raise ConnectionError(f"sink {self.name!r} could not be opened: {st.last_error}")
+                        opening = self.open_exc
+                        if opening is None or isinstance(opening, TimeoutError) or self._is_transient(opening):
+                            raise ConnectionError(f"sink {self.name!r} could not be opened: {st.last_error}")
+                        # Not worth retrying (a path that is a file, a bad option): the
+                        # batch fails at once, and the open is tried again with the next.
+                        raise SinkError(f"sink {self.name!r} could not be opened: {self.open_error}")
                     with anyio.fail_after(sink.write_timeout):
                         await sink.write(batch)
             except Exception as exc:

@@ -103,13 +103,15 @@ def assert_identity(stats: BusStats) -> None:
 
 
 def settled(bus: EventBus, name: str, received: int) -> bool:
-    """The pump has handed ``received`` events to sink ``name`` and finished offering them."""
+    """The pump has handed ``received`` events to sink ``name`` and finished offering them
+    (the queue's high-water mark, updated last, included: stats are read unlocked)."""
     s = bus.stats()
     st = s.sinks[name]
     return (
         s.ingress_depth == 0
         and st.received == received
         and st.received == st.delivered + st.dropped + st.spooled + st.queue_depth
+        and st.queue_high_water >= st.queue_depth
     )
 
 

@@ -374,3 +374,27 @@ def test_tensorboard_log_dir_deleted_mid_run_goes_on_in_a_new_readable_event_fil
     acc = ea.EventAccumulator(str(log_dir))
     acc.Reload()
     assert hp_metadata.SESSION_START_INFO_TAG in acc.summary_metadata  # the HParams session is in the new file
+
+
+def test_an_open_that_cannot_succeed_fails_its_batches_at_once_naming_the_path(tmp_path, caplog):
+    # The sink's file path is a directory (or read-only, or a file where a folder
+    # goes): retrying as for a network outage cost every batch its retries and
+    # backoff, and held the end of training up to the close deadline. The error
+    # names the path (an OSError's repr leaves it out).
+    from eventbus import EventBus, Log, RunInfo
+
+    from sinks.jsonl import JSONLSink
+
+    target = tmp_path / "events.jsonl"
+    target.mkdir()
+    sink = JSONLSink(path=str(target))
+    sink.isolate = False
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        with EventBus([sink], run=RunInfo(run_id="r")) as bus:
+            for step in range(1, 21):
+                bus.publish(Log(step=step, values={"loss": 1.0}))
+    st = bus.stats().sinks["jsonl"]
+    assert (st.received, st.delivered, st.failed, st.retries) == (20, 0, 20, 0)
+    assert "IsADirectoryError" in st.last_error and str(target) in st.last_error
+    assert str(target) in bus.open_errors()["jsonl"]
+    assert any(str(target) in r.getMessage() for r in caplog.records if "failed in open" in r.getMessage())
