@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import math
 import operator
@@ -81,6 +82,19 @@ def resolve_event(event: BaseEvent) -> BaseEvent:
         resolved = _values.resolve_mapping(event.metrics)
         return event if resolved is None else msgspec.structs.replace(event, metrics=resolved)
     return event
+
+
+_LOCAL_OS_ERRORS = (IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
+
+
+def _fails_for_good(exc: BaseException | None) -> bool:
+    """Whether an open failed in a way retrying the batch cannot fix: a configuration
+    error, or a local path that is a directory where a file goes (or a file where a
+    directory goes), not permitted, or on a read-only filesystem. Anything else (an
+    SDK's connection error, DNS, a server error) may be an outage, retried as one."""
+    if isinstance(exc, SinkConfigError):
+        return True
+    return isinstance(exc, OSError) and (isinstance(exc, _LOCAL_OS_ERRORS) or exc.errno == errno.EROFS)
 
 
 def _describe(exc: BaseException) -> str:
@@ -592,12 +606,14 @@ class _SinkWorker:
             try:
                 if batch:
                     if not await self._try_open():
-                        opening = self.open_exc
-                        if opening is None or isinstance(opening, TimeoutError) or self._is_transient(opening):
-                            raise ConnectionError(f"sink {self.name!r} could not be opened: {st.last_error}")
-                        # Not worth retrying (a path that is a file, a bad option): the
-                        # batch fails at once, and the open is tried again with the next.
-                        raise SinkError(f"sink {self.name!r} could not be opened: {self.open_error}")
+                        if _fails_for_good(self.open_exc):
+                            # Retrying cannot fix it (a path that is a directory, a bad
+                            # option): the batch fails at once, and the open is tried
+                            # again with the next one.
+                            raise SinkError(f"sink {self.name!r} could not be opened: {self.open_error}")
+                        # Anything else may be an outage (an SDK's own connection or
+                        # DNS error): retried as one.
+                        raise ConnectionError(f"sink {self.name!r} could not be opened: {st.last_error}")
                     with anyio.fail_after(sink.write_timeout):
                         await sink.write(batch)
             except Exception as exc:

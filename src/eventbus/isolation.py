@@ -365,6 +365,12 @@ del _attr
 _ERRORS: dict[str, type[SinkError]] = {
     "SinkConfigError": SinkConfigError,
     "MissingDependencyError": MissingDependencyError,
+    # A local path the sink cannot use: retrying the batch cannot fix it (the bus fails
+    # it at once and tries the open again with the next one), as in-process.
+    "IsADirectoryError": SinkConfigError,
+    "NotADirectoryError": SinkConfigError,
+    "PermissionError": SinkConfigError,
+    "FileExistsError": SinkConfigError,
 }
 """Permanent errors whose type the proxy keeps (others become ``SinkError``)."""
 

@@ -96,6 +96,10 @@ _SLOW_FSYNC = 2.0
 once per spool: a machine crash can lose that much more than the interval says."""
 _DEADLINE_POLL = 0.05
 """Seconds: how often a caller waiting for an fsync looks at a deadline set meanwhile."""
+_LATE_FSYNC = 1.0
+"""Seconds: an fsync waited for this long and not done at the close deadline is a slow
+disk, warned about; one started just before (the close spooled what the deadline cut
+off) is left to finish, in milliseconds on an ordinary disk, without a word."""
 _SYNCER_IDLE = 0.5
 """Seconds the syncer thread waits for more work before it exits (with
 ``fsync_interval=0`` an fsync per append: not a thread per append)."""
@@ -316,6 +320,20 @@ def _load_state(directory: Path) -> dict[str, Any]:
     return state if isinstance(state, dict) else {}
 
 
+def write_all(fd: int, data: bytes | bytearray, write: Callable[[int, Any], int] | None = None) -> None:
+    """``os.write`` (or ``write``) until every byte of ``data`` is written, or an error:
+    a nearly full disk takes part of a write before it fails, and a write that takes
+    nothing is an ``OSError`` (EIO) rather than a loop forever. The rest is copied only
+    after a short write, so no view of ``data`` outlives the call (a ``bytearray``
+    stays resizable)."""
+    write = os.write if write is None else write
+    while data:
+        n = write(fd, data)
+        if n <= 0:
+            raise OSError(errno.EIO, "the write wrote nothing")
+        data = data[n:]
+
+
 def write_json_atomic(path: Path, data: Any, *, fsync: bool = False) -> None:
     """Write ``data`` as JSON to ``path`` atomically (temp file + ``os.replace``),
     owner-only. ``fsync`` also makes it durable against a machine crash."""
@@ -335,9 +353,7 @@ def _write_json_atomic(path: Path, data: Any, sync: Callable[[int], None] | None
         try:
             # Every byte, or an error: a short write on a nearly full disk must not
             # replace a good file with a cut one.
-            view = memoryview(json.dumps(data, sort_keys=True).encode())
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, json.dumps(data, sort_keys=True).encode())
             if sync is not None:
                 sync(fd)
         finally:
@@ -360,8 +376,9 @@ class _Syncer:
     def __init__(self, name: str) -> None:
         self._name = name
         self._cond = threading.Condition()
-        self._jobs: collections.deque[Callable[[], None]] = collections.deque()
+        self._jobs: collections.deque[tuple[float, Callable[[], None]]] = collections.deque()
         self._running = False
+        self._running_since: float | None = None
         self._thread: threading.Thread | None = None
 
     def submit(self, job: Callable[[], None]) -> threading.Event:
@@ -376,7 +393,7 @@ class _Syncer:
                 done.set()
 
         with self._cond:
-            self._jobs.append(run)
+            self._jobs.append((time.monotonic(), run))
             self._cond.notify_all()
             if self._thread is None:
                 thread = threading.Thread(target=self._run, name=self._name, daemon=True)
@@ -398,6 +415,13 @@ class _Syncer:
         with self._cond:
             return self._cond.wait_for(lambda: not self._jobs and not self._running, timeout)
 
+    def waiting_since(self) -> float | None:
+        """When the oldest job not done yet was submitted (``time.monotonic()``), or
+        None when there is none."""
+        with self._cond:
+            times = [t for t in (self._running_since, self._jobs[0][0] if self._jobs else None) if t is not None]
+        return min(times) if times else None
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -407,7 +431,7 @@ class _Syncer:
                     self._thread = None
                     self._cond.notify_all()
                     return
-                job = self._jobs.popleft()
+                self._running_since, job = self._jobs.popleft()
                 self._running = True
             try:
                 job()
@@ -416,6 +440,7 @@ class _Syncer:
             finally:
                 with self._cond:
                     self._running = False
+                    self._running_since = None
                     self._cond.notify_all()
 
 
@@ -678,12 +703,9 @@ class Spool:
         self._fd, self._file, self._size = fd, name, size
 
     def _write_fd(self, fd: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = self._write(fd, view)
-            view = view[n:]
+        write_all(fd, data, self._write)
 
-    def _write(self, fd: int, data: memoryview) -> int:
+    def _write(self, fd: int, data: bytes | bytearray | memoryview) -> int:
         """One ``os.write``; the seam tests replace to simulate a full disk."""
         return os.write(fd, data)
 
@@ -1025,7 +1047,10 @@ class Spool:
                 self.save_state(fsync=True)
             # "fsynced at close": also the interval and rotation fsyncs still in flight.
             left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-            if not self._syncer.join(left):
+            since = None if self._syncer.join(left) else self._syncer.waiting_since()
+            if since is not None and time.monotonic() - since >= _LATE_FSYNC:
+                # (One that just started, at or past the deadline: the close spooled
+                # what the deadline cut off, is no slow disk; it ends in a moment.)
                 logger.warning(
                     "eventbus: the spool in %s is written, but its fsync did not finish by the close deadline (a slow "
                     "disk); it goes on in the background. The spooled events survive this process exiting, a machine "

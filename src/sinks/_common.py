@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from eventbus.errors import MissingDependencyError, SinkConfigError
 from eventbus.redact import is_secret_key
+from eventbus.spool import write_all
 
 __all__ = [
     "BATCH_SIZE", "import_sdk", "rewrite_name", "rewrite_logs", "prefixed_name", "evaluation_names", "ScalarFilter",
@@ -336,8 +337,8 @@ class AppendFile:
             if self._torn:
                 os.ftruncate(fd, self._good)
                 self._torn = False
-            _write_all(fd, self._head)
-            _write_all(fd, self.buf)
+            write_all(fd, self._head)
+            write_all(fd, self.buf)
         except OSError as exc:
             self._cut_back()
             self.discard_batch()
@@ -416,14 +417,3 @@ class AppendFile:
             fd, self._fd = self._fd, None
             os.close(fd)  # type: ignore[arg-type]
 
-
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    """``os.write`` until all of ``data`` is written (a nearly full disk takes part of
-    a write before it fails)."""
-    while data:
-        n = os.write(fd, data)
-        if n <= 0:
-            raise OSError(errno.EIO, "the write wrote nothing")
-        # A copy of the rest, only after a short write: no view of the buffer outlives
-        # the call, so a failed flush can take a batch out of it.
-        data = data[n:]

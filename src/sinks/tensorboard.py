@@ -212,10 +212,11 @@ class TensorBoardSink(ThreadedSink):
         self._resume_mark: int | None = None
         # The TrainBegin record, for a new event file that replaces a deleted one.
         self._begin_record = b""
+        self._begin_flushed = False  # the record is in the file, not (only) in the buffer
         # What write_sync changed, as it was before the batch: a batch whose flush fails
         # is not in the file, and a retry writes its points again (not skipped as
         # already written) and its START.
-        self._undo: tuple[dict[str, tuple[int, float]], tuple[str, int] | None, bytes] | None = None
+        self._undo: tuple[dict[str, tuple[int, float]], tuple[str, int] | None, bytes, bool] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # For process isolation (sink.isolate): modules and open files do not travel;
@@ -302,7 +303,9 @@ class TensorBoardSink(ThreadedSink):
         log directory, beginning with the header and the run's TrainBegin."""
         assert self.log_dir is not None
         self.path = os.path.join(self.log_dir, self._file_name(self.log_dir))
-        return self.path, self._header() + self._begin_record
+        # The TrainBegin record again, unless it is still in the buffer (which goes to
+        # the new file anyway): once in each file.
+        return self.path, self._header() + (self._begin_record if self._begin_flushed else b"")
 
     def _file_name(self, log_dir: str) -> str:
         # Readers load a directory's event files in name order, so a resumed run's
@@ -323,7 +326,7 @@ class TensorBoardSink(ThreadedSink):
         if f is None:
             raise SinkConfigError("tensorboard sink: write before open (the bus opens sinks before writing)")
         f.begin(len(batch))
-        self._undo = (self._last_written.copy(), self._pending_start, self._begin_record)
+        self._undo = (self._last_written.copy(), self._pending_start, self._begin_record, self._begin_flushed)
         try:
             urgent = False
             for ev in batch:
@@ -358,7 +361,7 @@ class TensorBoardSink(ThreadedSink):
     def _restore(self) -> None:
         """Undo what the last write_sync changed (its batch is not in the file)."""
         if self._undo is not None:
-            self._last_written, self._pending_start, self._begin_record = self._undo
+            self._last_written, self._pending_start, self._begin_record, self._begin_flushed = self._undo
             self._undo = None
 
     def close_sync(self) -> None:
@@ -378,6 +381,7 @@ class TensorBoardSink(ThreadedSink):
         try:
             if self._file is not None:
                 self._file.flush()
+                self._begin_flushed = bool(self._begin_record)
         finally:
             self._last_flush = time.monotonic()
 
@@ -555,6 +559,7 @@ class TensorBoardSink(ThreadedSink):
         if values:
             assert self._file is not None  # write_sync checked
             self._begin_record = self._frame(self._summary_event(ev, values))
+            self._begin_flushed = False
             self._file.write(self._begin_record)
 
     def _train_end(self, ev: TrainEnd) -> None:

@@ -107,31 +107,46 @@ class LoaderWorkerSignals:
     well. torch's handler in a worker ends it on any SIGTERM not sent by its parent,
     and the training process then fails mid-step with "DataLoader worker ... killed by
     signal", before the trainer can save its checkpoint. Here a worker ignores SIGINT
-    and reads SIGTERM on a thread of its own: sent by its parent (torch ending a
-    worker that did not stop when told), or with the parent gone, the worker exits as
-    torch's handler would; from anywhere else it is ignored, and the trainer, which
-    got the same signal, finishes the step, saves and shuts its loaders' workers down.
+    and its first SIGTERM while the training process lives: the trainer, which got the
+    same signal, finishes the step, saves and shuts its loaders' workers down. A second
+    SIGTERM (torch ending a worker that did not stop when told, then
+    ``multiprocessing`` at exit), or one after the training process is gone, ends the
+    worker as torch's handler would. The handlers are Python's own, so a program the
+    worker starts (a decoder, ``subprocess``) gets the default handling back when it
+    runs, with nothing blocked or ignored; any start method works (fork, spawn,
+    forkserver).
 
     A loader you build yourself can pass ``worker_init_fn=LoaderWorkerSignals()``
     (or call an instance from your own ``worker_init_fn``)."""
 
     def __init__(self) -> None:
         self.parent = os.getpid()
+        self._terms = 0
 
     def __call__(self, worker_id: int) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if not hasattr(signal, "sigwaitinfo"):  # pragma: no cover - not on macOS/Windows
-            return
-        # Blocked in this thread (and the threads it starts): the kernel queues a
-        # SIGTERM for the watcher below, which learns who sent it.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        threading.Thread(target=self._watch, name="trainer-loader-sigterm", daemon=True).start()
+        self._terms = 0
+        signal.signal(signal.SIGINT, _ignore_signal)
+        signal.signal(signal.SIGTERM, self._on_term)
 
-    def _watch(self) -> None:
-        while True:
-            info = signal.sigwaitinfo({signal.SIGTERM})
-            if info.si_pid == self.parent or os.getppid() != self.parent:
-                os._exit(0)
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self._terms += 1
+        if self._terms > 1 or not _process_alive(self.parent):
+            os._exit(0)
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """A handler that does nothing (unlike ``SIG_IGN``, not inherited by a program the
+    process starts)."""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's (the pid was reused): gone for us
+        return False
+    return True
 
 
 class _Interrupt(Exception):

@@ -4,8 +4,10 @@ bus tests."""
 
 from __future__ import annotations
 
+import errno
 import math
 import re
+import socket
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -524,3 +526,43 @@ def test_an_event_published_without_a_run_id_gets_the_bus_s():
         wait_for(lambda: len(rec.got) == 2, what="both events")
     assert [(type(e).__name__, e.run_id) for e in rec.got] == [("Log", "r42"), ("StepEnd", "other")]
     assert rec.got[0].values == {"loss": 1.0}
+
+
+class _OpensOnThirdTry(ThreadedSink):
+    """Its open fails twice with an SDK's own network error (not a ConnectionError),
+    then works."""
+
+    name = "flaky-open"  # type: ignore[assignment]
+    events = (StepEnd,)
+    retry_backoff = 0.01
+    max_delay = 0.0
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.opens = 0
+        self.got: list[int] = []
+
+    def open_sync(self, run: Any) -> None:
+        self.opens += 1
+        if self.opens <= 2:
+            raise self.error
+
+    def write_sync(self, batch: Any) -> None:
+        self.got.extend(ev.step for ev in batch)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [socket.gaierror(-3, "Temporary failure in name resolution"), OSError(errno.ESTALE, "Stale file handle"), RuntimeError("connection lost")],
+    ids=["dns", "stale-nfs", "sdk-error"],
+)
+def test_an_open_that_fails_for_a_while_is_retried_and_loses_nothing(error: Exception) -> None:
+    # Only an open error retrying cannot fix (a bad option, a path that is a
+    # directory) fails its batch at once; an SDK's connection or DNS error is an outage.
+    sink = _OpensOnThirdTry(error)
+    with EventBus([sink]) as bus:
+        for i in range(5):
+            bus.publish(StepEnd(step=i))
+    st = bus.stats().sinks["flaky-open"]
+    assert sink.got == [0, 1, 2, 3, 4]
+    assert (st.delivered, st.failed) == (5, 0) and st.retries >= 1

@@ -188,3 +188,29 @@ def test_the_interval_fsync_runs_off_the_appending_thread_and_close_keeps_a_dead
     slow_fsync.set()
     sp._syncer.join(10)
     assert sp._syncer.join(0)
+
+
+class Hung(Sink):
+    """A backend that hangs (the network): the close deadline cuts it off."""
+
+    name = "hung"
+    spool = True
+    max_delay = 0.01
+
+    async def write(self, batch: Sequence[BaseEvent]) -> None:
+        await anyio.sleep(3600)
+
+
+def test_spooling_at_the_close_deadline_on_an_ordinary_disk_is_no_slow_disk_warning(tmp_path, caplog):
+    # The usual end of a run whose backend is down: the close deadline cuts the sink
+    # off and its events are spooled then, their fsync started at the deadline. That
+    # is no slow disk, and must not be reported as one.
+    bus = EventBus([Hung()], run=RunInfo(output_dir=str(tmp_path), run_id="r"), flush_interval=0.01).start()
+    for ev in logs(0, 100, "r"):
+        bus.publish(ev)
+    wait_for(lambda: bus.stats().sinks["hung"].received == 100, timeout=10)
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        stats = bus.close(0.5)
+    assert stats.sinks["hung"].spooled == 100
+    assert [e.step for e in read_spool(tmp_path / "spool" / "hung", from_cursor=True)] == list(range(100))
+    assert not [r.getMessage() for r in caplog.records if "did not finish by the close deadline" in r.getMessage()]

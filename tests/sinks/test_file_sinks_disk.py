@@ -376,19 +376,46 @@ def test_tensorboard_log_dir_deleted_mid_run_goes_on_in_a_new_readable_event_fil
     assert hp_metadata.SESSION_START_INFO_TAG in acc.summary_metadata  # the HParams session is in the new file
 
 
-def test_an_open_that_cannot_succeed_fails_its_batches_at_once_naming_the_path(tmp_path, caplog):
+def test_tensorboard_file_deleted_before_its_first_flush_holds_train_begin_once(tmp_path):
+    # The TrainBegin record is still in the buffer when the file goes: the new file
+    # gets it from there, not a second time as its opening record.
+    _, _, TensorBoardSink = _tb()
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import metadata as hp_metadata
+
+    log_dir = tmp_path / "out" / "logs"
+    sink = TensorBoardSink(log_dir=str(log_dir), flush_secs=3600)
+    sink.isolate = False
+    bus = EventBus([sink], run=RunInfo(run_id=RUN_ID, output_dir=str(tmp_path / "out")))
+    bus.start()
+    try:
+        bus.publish(TrainBegin(run_id=RUN_ID, step=0, config={"learning_rate": 0.1}, hparams={"learning_rate": 0.1}))
+        for ev in logs(1, 10):
+            bus.publish(ev)
+        wait_written(bus, "tensorboard", 11)
+        shutil.rmtree(tmp_path / "out")
+        bus.publish(Save(run_id=RUN_ID, step=10, checkpoint_dir="c"))  # flushes
+        wait_written(bus, "tensorboard", 12)
+    finally:
+        bus.close(timeout=30)
+    [path] = log_dir.iterdir()
+    tags = [v.tag for ev in EventFileLoader(str(path)).Load() for v in ev.summary.value]
+    assert tags.count(hp_metadata.SESSION_START_INFO_TAG) == 1 and tags.count("args/text_summary") == 1
+    assert loss_steps(str(log_dir)) == list(range(1, 11))
+
+
+@pytest.mark.parametrize("isolate", [False, True], ids=["in-process", "in-a-child-process"])
+def test_an_open_that_cannot_succeed_fails_its_batches_at_once_naming_the_path(tmp_path, caplog, isolate):
     # The sink's file path is a directory (or read-only, or a file where a folder
     # goes): retrying as for a network outage cost every batch its retries and
     # backoff, and held the end of training up to the close deadline. The error
     # names the path (an OSError's repr leaves it out).
-    from eventbus import EventBus, Log, RunInfo
-
     from sinks.jsonl import JSONLSink
 
     target = tmp_path / "events.jsonl"
     target.mkdir()
     sink = JSONLSink(path=str(target))
-    sink.isolate = False
+    sink.isolate = isolate
     with caplog.at_level(logging.WARNING, logger="eventbus"):
         with EventBus([sink], run=RunInfo(run_id="r")) as bus:
             for step in range(1, 21):

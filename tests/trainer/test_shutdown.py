@@ -205,20 +205,28 @@ class GroupTerm(TrainerCallback):
             # terminal send it (torch's handler spares only what the parent sends).
             subprocess.run(["kill", "-TERM", "--", "-%d" % os.getpgrp()], check=False)
 
-args = tiny_args(sys.argv[1], max_steps=200, dataloader_num_workers=2, dataloader_persistent_workers={persistent})
-t = Trainer(TinyClassifier(), args, train_dataset=make_dataset(400), callbacks=[GroupTerm()])
-try:
-    t.train()
-except TrainingInterrupted as exc:
-    print(json.dumps({{"step": exc.global_step, "checkpoint": exc.checkpoint}}))
-    sys.exit(0)
-print("not interrupted")
-sys.exit(3)
+if __name__ == "__main__":
+    args = tiny_args(
+        sys.argv[1], max_steps=200, dataloader_num_workers=2, dataloader_persistent_workers={persistent},
+        dataloader_multiprocessing_context={context!r},
+    )
+    t = Trainer(TinyClassifier(), args, train_dataset=make_dataset(400), callbacks=[GroupTerm()])
+    try:
+        t.train()
+    except TrainingInterrupted as exc:
+        print(json.dumps({{"step": exc.global_step, "checkpoint": exc.checkpoint}}))
+        sys.exit(0)
+    print("not interrupted")
+    sys.exit(3)
 """
 
 
-@pytest.mark.parametrize("persistent", [False, True], ids=["workers", "persistent-workers"])
-def test_a_sigterm_to_the_process_group_with_loader_workers_saves_and_stops(tmp_path, persistent):
+@pytest.mark.parametrize(
+    ("persistent", "context"),
+    [(False, "fork"), (True, "fork"), (False, "spawn")],
+    ids=["workers", "persistent-workers", "spawned-workers"],
+)
+def test_a_sigterm_to_the_process_group_with_loader_workers_saves_and_stops(tmp_path, persistent, context):
     # The workers get the job's SIGTERM too: they must leave it to the trainer (torch's
     # own handler ends them, and the training process then dies mid-step with
     # "DataLoader worker ... killed by signal", no checkpoint).
@@ -229,7 +237,7 @@ def test_a_sigterm_to_the_process_group_with_loader_workers_saves_and_stops(tmp_
 
     root = str(Path(__file__).resolve().parents[2])
     script = tmp_path / "group_term.py"
-    script.write_text(_GROUP_SIGTERM_SCRIPT.format(root=root, persistent=persistent))
+    script.write_text(_GROUP_SIGTERM_SCRIPT.format(root=root, persistent=persistent, context=context))
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(script), str(out)],
@@ -240,3 +248,65 @@ def test_a_sigterm_to_the_process_group_with_loader_workers_saves_and_stops(tmp_
     assert result == {"step": 3, "checkpoint": str(out / "checkpoint-3")}
     assert checkpoints(str(out)) == ["checkpoint-3"]
     assert "killed by signal" not in proc.stderr
+
+
+def _start_and_terminate_a_program(conn) -> None:
+    """In a process set up as a loader worker: a program it starts (a decoder) must
+    still end on SIGTERM (nothing blocked or ignored is inherited)."""
+    import subprocess
+    import time
+
+    from trainer.trainer import LoaderWorkerSignals
+
+    LoaderWorkerSignals()(0)
+    child = subprocess.Popen(["sleep", "30"])
+    child.terminate()
+    start = time.monotonic()
+    try:
+        code = child.wait(10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        code = None
+    conn.send((code, time.monotonic() - start < 10))
+
+
+def test_a_program_a_loader_worker_starts_still_ends_on_sigterm():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_start_and_terminate_a_program, args=(child,))
+    proc.start()
+    try:
+        assert parent.poll(30), "the worker-like process did not answer"
+        code, in_time = parent.recv()
+    finally:
+        proc.join(10)
+    assert code == -signal.SIGTERM and in_time
+
+
+def test_a_loader_worker_ends_on_a_second_sigterm_or_without_its_parent():
+    # The first SIGTERM is the job's (the trainer handles it); a second one is torch
+    # (or multiprocessing at exit) ending the worker: it must end then.
+    import multiprocessing
+    import time
+
+    from trainer.trainer import LoaderWorkerSignals
+
+    def worker(conn) -> None:
+        LoaderWorkerSignals()(0)
+        conn.send("ready")
+        while True:
+            time.sleep(0.05)
+
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=worker, args=(child,))
+    proc.start()
+    assert parent.poll(30) and parent.recv() == "ready"
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(1.0)
+    assert proc.is_alive(), "the first SIGTERM (the job's) must be left to the trainer"
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(10)
+    assert not proc.is_alive() and proc.exitcode == 0
