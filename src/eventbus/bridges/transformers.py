@@ -249,7 +249,7 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
                 model_config=model_config,
                 max_steps=int(getattr(state, "max_steps", 0) or 0),
                 num_train_epochs=int(getattr(state, "num_train_epochs", 0) or 0),
-                resumed_from=None,
+                resumed_from=_resumed_from(args, state),
             )
         )
 
@@ -357,6 +357,18 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
         """Publish :class:`PushBegin` with the hub repository as destination."""
         if PushBegin in self._holder.wanted or self._holder.bus is None:
             self._emit(PushBegin, args, state, destination=getattr(args, "hub_model_id", None))
+
+
+def _resumed_from(args: Any, state: Any) -> str | None:
+    """The checkpoint a ``train()`` resumes from, as far as a callback can tell:
+    transformers has loaded its state before ``on_train_begin``, so a run that starts
+    past step 0 is a resume, of ``<output_dir>/checkpoint-<step>`` by its naming (the
+    path is what a callback cannot see; the step is what sinks use: TensorBoard and the
+    jsonl reader drop what the interrupted run logged from there on)."""
+    step = int(getattr(state, "global_step", 0) or 0)
+    if step <= 0:
+        return None
+    return os.path.join(str(getattr(args, "output_dir", None) or "."), f"checkpoint-{step}")
 
 
 def _run_key(args: Any) -> tuple[Any, int, Any]:

@@ -259,9 +259,14 @@ def test_a_second_train_is_a_run_of_its_own_and_a_resume_is_not(tmp_path):
         return [e.step for e in read_jsonl(tmp_path / "events" / f"events-{run_id}.jsonl") if type(e) is Log and "loss" in e.values]
 
     assert steps(first) == [2, 4, 6, 8]
-    assert steps(second) == [2, 4, 6, 8, 6, 8]  # the resume from checkpoint-4 in the same file
-    evaluations = [e for e in read_jsonl(tmp_path / "events" / f"events-{second}.jsonl") if type(e) is Evaluate]
-    assert [e.step for e in evaluations][-2:] == [8, 8]  # during training, then evaluate()
+    # The resume from checkpoint-4 is marked as one (TrainBegin.resumed_from): the
+    # reader drops what the run logged after step 4 before it, which it logged again.
+    assert steps(second) == [2, 4, 6, 8]
+    begins = [e for e in read_jsonl(tmp_path / "events" / f"events-{second}.jsonl", purge_orphans=False) if type(e) is TrainBegin]
+    assert [(b.step, b.resumed_from) for b in begins] == [(0, None), (4, str(tmp_path / "out" / "checkpoint-4"))]
+    evaluations = [e for e in read_jsonl(tmp_path / "events" / f"events-{second}.jsonl", purge_orphans=False) if type(e) is Evaluate]
+    # during training (4, 8), evaluate() after it (8), then the resumed run's (8)
+    assert [e.step for e in evaluations] == [4, 8, 8, 8]
 
 
 def test_a_hyperparameter_search_trial_closes_its_bus_at_train_end(tmp_path):
