@@ -92,3 +92,19 @@ def wait_collected(predicate: Any, timeout: float = 20.0) -> bool:
             return True
         time.sleep(0.01)
     return bool(predicate())
+
+
+def kill_isolated_child_once_delivered(bus: Any, name: str, events: list[Any]) -> None:
+    """Publish ``events``, wait until the isolated sink ``name`` counted them all
+    delivered, then SIGKILL its child process (as the OOM killer would) and reap it."""
+    import signal
+
+    [proxy] = [s for s in bus.sinks if s.name == name]
+    for ev in events:
+        bus.publish(ev)
+    stats = bus.wait_handed(30)
+    assert stats is not None and stats.sinks[name].delivered == len(events), "the events were not delivered"
+    child = proxy.process
+    assert child is not None and child.pid != os.getpid()
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(10)

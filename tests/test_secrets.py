@@ -328,7 +328,7 @@ SETTING_KEYS = [
     # transformers' own arguments and model configs: settings, logged as they are
     "pad_token_id", "bos_token_id", "eos_token_id", "average_tokens_across_devices",
     "include_num_input_tokens_seen", "max_tokens", "tokenizer_name", "token_ids", "hub_model_id", "key",
-    "author", "passage_len", "signal_dim", "sig_figs", "sort_key", "label_key", "text_key", "num_passes", "design",
+    "author", "passage_len", "signal_dim", "sig_figs", "sort_key", "label_key", "text_key", "design",
     # class labels (a config's label2id) and settings with short words in them
     "mountain pass", "fortune cookie", "boarding pass", "pass_at_k", "pass@k", "noise_sig", "two_pass", "num_passes",
     "bypass", "compass", "sigma",
@@ -547,6 +547,8 @@ def test_an_error_body_echoing_a_long_token_is_not_shown_in_part(monkeypatch, ca
     finally:
         server.close()
     assert "403" in (s.last_error or "")
+    # The body is in the message (what the server said helps), its token masked whole.
+    assert "you sent Bearer ***" in (s.last_error or "")
     for text in (s.last_error or "", caplog.text):
         assert "zzLongBearerToken" not in text
 

@@ -122,8 +122,7 @@ class _SinkWorker:
         self.log = _RateLimitedLog()
         self.log_drop = _RateLimitedLog()  # queue overflow drops: not hidden behind write errors
         self.opened = False
-        self.open_error: str | None = None
-        self.open_exc: Exception | None = None  # why the last open failed
+        self.open_exc: Exception | None = None  # why the last open failed (None: it did not)
         self.spool_instead = False  # spooling to a directory of its own: its own was busy
         self.closing = False
         self.finished = False  # run() got to the end: the sink was closed (or never opened)
@@ -516,6 +515,11 @@ class _SinkWorker:
         await self.wakeup.wait()
         self.wakeup = anyio.Event()
 
+    @property
+    def open_error(self) -> str | None:
+        """Why the last open failed, as logged; None when it did not."""
+        return None if self.open_exc is None else _describe(self.open_exc)
+
     async def _try_open(self) -> bool:
         if self.opened:
             return True
@@ -524,7 +528,6 @@ class _SinkWorker:
                 await self.sink.open(self.bus.run)
         except Exception as exc:
             self._record_error("open", exc)
-            self.open_error = _describe(exc)
             self.open_exc = exc
             return False
         self.opened = True
@@ -1308,6 +1311,28 @@ class EventBus:
             if entry is not None:
                 out[w.name] = entry
         return out
+
+    def wait_handed(self, timeout: float) -> BusStats | None:
+        """Wait, up to ``timeout`` seconds, until the sinks were handed everything
+        published before the call (written, or dropped/spooled as the bus decides;
+        a sink whose circuit is open keeps its queue), without closing anything.
+        Returns the stats then, or ``None`` when the deadline came first. Not from
+        the bus thread (it would wait for itself)."""
+        deadline = time.monotonic() + timeout
+        stats = self.stats()
+        target = stats.published - stats.ingress_dropped  # accepted before this call
+        settled: int | None = None
+        while True:
+            taken = stats.published - stats.ingress_dropped - stats.ingress_depth
+            idle = taken >= target and all(s.queue_depth == 0 or s.circuit_open for s in stats.sinks.values())
+            received = sum(s.received for s in stats.sinks.values())
+            if idle and settled == received:
+                return stats  # idle twice in a row: nothing was between the pump and a queue
+            settled = received if idle else None
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.002 if idle else 0.01)
+            stats = self.stats()
 
     def stats(self) -> BusStats:
         """A snapshot of the bus's and every sink's counters (safe from any thread;

@@ -816,15 +816,6 @@ class Spool:
             self._fd = None
         self._open_file()
 
-    def sync(self) -> None:
-        """``fsync`` the current file (when anything was written since the last one),
-        on the calling thread; raises ``OSError`` when it fails."""
-        if self._fd is not None and self._dirty:
-            os.fsync(self._fd)
-            self._dirty = False
-        self._last_sync = time.monotonic()
-        self._sync_failing = False
-
     def _sync_or_warn(self) -> None:
         """fsync the current file now (``fsync_interval=0``): the append waits for it,
         as 0 asks, until a :attr:`deadline` is set (the bus closing): from then on it

@@ -193,15 +193,16 @@ def wide_int_text(value: int) -> str | None:
 
 
 def plain_array(value: Any) -> Any:
-    """For an event's values (what sinks write): a numpy scalar or array as Python
-    data, as a tensor of the same values becomes: its number (a scalar, or an array
+    """For an event's values (what sinks write): a numpy scalar or array, or an
+    instance of a float/int subclass, as Python data, as a tensor of the same values
+    becomes: its number (a scalar, or an array
     of one element whatever its shape), else its list; anything else unchanged,
     rather than written as the array's repr. (Callbacks get arrays as they were
     logged, as in transformers: :func:`resolve` leaves them.)"""
+    n = number(value)  # a numpy scalar, a float/int subclass: its plain number
+    if n is not value:
+        return n
     if type(value).__module__ == "numpy":
-        n = number(value)
-        if n is not value:
-            return n
         try:
             if getattr(value, "size", None) == 1:
                 return value.item()

@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import re
+import time
 import types
 import typing
 from typing import Any, Callable, Iterator, Mapping
@@ -282,6 +283,8 @@ class AppendFile:
         """Bytes not handed to the file yet."""
         self.failing = False
         """The last flush failed: the sinks flush every batch until one succeeds."""
+        self.last_flush = time.monotonic()
+        """When the last flush was tried (``time.monotonic()``): see :meth:`due`."""
         self._reopen = reopen
         self._head = head  # written before the buffer until a flush succeeds (a file header)
         self._batch_start = 0  # where the bytes of the batch begun last start in buf
@@ -321,6 +324,12 @@ class AppendFile:
         del self.buf[self._batch_start :]
         self._batch_events = 0
 
+    def due(self, flush_secs: float, limit: int) -> bool:
+        """Whether the sink should flush after the batch just written: while flushes
+        fail (so that what the bus counts delivered waits no longer than one batch),
+        when the buffer holds ``limit`` bytes, or ``flush_secs`` after the last flush."""
+        return self.failing or len(self.buf) >= limit or time.monotonic() - self.last_flush >= flush_secs
+
     def flush(self) -> None:
         """Write the buffer to the file. On failure, cut the file back to its last
         whole record, take the batch begun last out of the buffer (the bus counts it
@@ -329,6 +338,7 @@ class AppendFile:
         fd = self._fd
         if fd is None:
             raise OSError(errno.EBADF, f"{self.owner}: {self.path} is closed")
+        self.last_flush = time.monotonic()
         if not self.buf and not self._head and not self._torn:
             return
         try:
@@ -356,7 +366,7 @@ class AppendFile:
                     self.unit,
                 )
             raise OSError(exc.errno, f"{reason}: {self.path}") from exc
-        self._good = os.lseek(fd, 0, os.SEEK_CUR)  # O_APPEND: the end of what was just written
+        self._good = os.lseek(fd, 0, os.SEEK_END)  # the file's size (also after a cut back alone)
         self._head = b""
         self.buf.clear()
         self._batch_start = self._batch_events = self._kept_events = 0

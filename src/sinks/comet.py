@@ -233,6 +233,7 @@ class CometSink(ThreadedSink):
         """Per metric name, the step and value last logged."""
         self._name_limit = _NAME_LIMIT
         self._short_names: dict[str, str] = {}
+        self._short_taken: set[str] = set()  # the values of _short_names (a lookup per new long name)
         """Per metric name over Comet's limit, the name it is logged under."""
         self._warned: set[str] = set()
 
@@ -292,6 +293,7 @@ class CometSink(ThreadedSink):
         self._run = run
         self._last_step.clear()
         self._short_names.clear()
+        self._short_taken.clear()
         if self.disabled:
             logger.info("comet_ml sink: COMET_MODE=DISABLED, nothing is logged to Comet")
             return
@@ -521,12 +523,13 @@ class CometSink(ThreadedSink):
         if name is not None:
             return name
         digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-        taken = set(self._short_names.values())
+        taken = self._short_taken
         for width in (8, 16, 32):  # a longer hash in the unlikely case of a clash
             name = f"{key[: self._name_limit - width - 1]}~{digest[:width]}"
             if name not in taken and name not in self._last_step:
                 break
         self._short_names[key] = name
+        taken.add(name)
         if f"long {key}" not in self._warned:
             self._warned.add(f"long {key}")
             logger.warning(

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from typing import Any, Iterator, Sequence
 
 import msgspec
@@ -278,7 +277,6 @@ class JSONLSink(ThreadedSink):
         self.flush_secs = float(flush_secs)
         self.buffer_size = int(buffer_size)
         self._file: AppendFile | None = None
-        self._last_flush = 0.0
 
     def resolve_path(self, run: RunInfo) -> str:
         """The file this sink writes for ``run``; on a rank other than 0 (a sink with
@@ -300,7 +298,6 @@ class JSONLSink(ThreadedSink):
         """Open (append to) the run's file."""
         path = self.path = self.resolve_path(run)
         self._file = AppendFile(path, owner=f"{self.name} sink", unit="line", reopen=self._reopened, log=logger, head=_line_end(path))
-        self._last_flush = time.monotonic()
 
     def _reopened(self) -> tuple[str, bytes]:
         """The file was deleted: the rest of the run goes to a new one at its path."""
@@ -317,22 +314,14 @@ class JSONLSink(ThreadedSink):
         data = encode_lines(batch)
         f.begin(len(batch))
         f.write(data)
-        if (
-            f.failing
-            or len(f.buf) >= self.buffer_size
-            or any(isinstance(ev, _URGENT) for ev in batch)
-            or time.monotonic() - self._last_flush >= self.flush_secs
-        ):
-            self.flush_sync()
+        if any(isinstance(ev, _URGENT) for ev in batch) or f.due(self.flush_secs, self.buffer_size):
+            f.flush()
 
     def flush_sync(self) -> None:
         """Write the buffered lines out to the file (an isolated child calls it after
         every batch). On failure the last batch written is not in the file."""
         if self._file is not None:
-            try:
-                self._file.flush()
-            finally:
-                self._last_flush = time.monotonic()
+            self._file.flush()
 
     def close_sync(self) -> None:
         """Flush and close the file."""

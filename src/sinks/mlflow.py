@@ -687,11 +687,11 @@ class MLflowSink(Sink):
             out.append((f"{_API}/runs/update", end))
         return out
 
-    def _metric_name(self, key: str, siblings: Mapping[str, Any]) -> str:
+    def _metric_name(self, key: str) -> str:
         """The name MLflow gets for ``key``, worked out once per key (``""``: one the
-        server refused, not sent). ``siblings``: the values ``key`` came with, so that
-        a name that needs no change keeps it when one renamed in the same log would
-        take it (``acc_1`` beside ``acc@1``)."""
+        server refused, not sent). A name that needs no change keeps it when one
+        renamed in the same log would take it (``acc_1`` beside ``acc@1``): the caller
+        names those first (see :meth:`_metrics`)."""
         name = self._name_cache.get(key)
         if name is not None:
             return name
@@ -705,11 +705,11 @@ class MLflowSink(Sink):
             self._owners[moved] = owner
             self._names[owner] = self._name_cache[owner] = moved
             self._collided.append((owner, key, clean, moved))
-        elif (owner is not None and owner != key) or (clean != key and owner is None and clean in siblings):
+        elif owner is not None and owner != key:
             # Two metrics, one name: never one series holding both. The renamed one
             # gets a suffix of its own (a hash of its name: the same in every process).
             shared, clean = clean, self._distinct(clean, key)
-            self._collided.append((key, owner if owner is not None else shared, shared, clean))
+            self._collided.append((key, owner, shared, clean))
         self._owners[clean] = key
         if clean != key:
             self._names[key] = clean
@@ -769,11 +769,11 @@ class MLflowSink(Sink):
             # aside before any of its points is put under that name.
             for key in values:
                 if key not in names and sanitize_name(key) == key:
-                    self._metric_name(key, values)
+                    self._metric_name(key)
         for key, value in self._filter.scalars(values):
             name = names.get(key)
             if name is None:
-                name = self._metric_name(key, values)
+                name = self._metric_name(key)
             if not name:
                 continue  # the server refused this name: not sent for the rest of the run
             if floor:

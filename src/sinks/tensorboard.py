@@ -192,7 +192,6 @@ class TensorBoardSink(ThreadedSink):
         """The event file being written (set when the sink is opened)."""
         self._file: AppendFile | None = None
         self._writer: Any = None
-        self._last_flush = 0.0
         self._filter = ScalarFilter(self.name)
         self._last_written: dict[str, tuple[int, float]] = {}
         self._scalar_tags: set[str] = set()
@@ -342,7 +341,7 @@ class TensorBoardSink(ThreadedSink):
                 elif isinstance(ev, TrainEnd):
                     self._train_end(ev)
                     urgent = True
-            if urgent or f.failing or len(f.buf) >= _BUFFER_BYTES or time.monotonic() - self._last_flush >= self.flush_secs:
+            if urgent or f.due(self.flush_secs, _BUFFER_BYTES):
                 self._flush()
         except Exception:
             f.discard_batch()
@@ -378,12 +377,9 @@ class TensorBoardSink(ThreadedSink):
         self._writer.write(event.SerializeToString())
 
     def _flush(self) -> None:
-        try:
-            if self._file is not None:
-                self._file.flush()
-                self._begin_flushed = bool(self._begin_record)
-        finally:
-            self._last_flush = time.monotonic()
+        if self._file is not None:
+            self._file.flush()
+            self._begin_flushed = bool(self._begin_record)
 
     def _summary_event(self, ev: BaseEvent, values: list[Any], step: int | None = None) -> Any:
         tb = self._tb

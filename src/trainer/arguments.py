@@ -711,16 +711,21 @@ class TrainingArguments:
         bools = ("logging_first_step", "logging_nan_inf_filter", "disable_tqdm", "eval_on_start",
                  "load_best_model_at_end", "restore_callback_states_from_checkpoint", "ignore_data_skip",
                  "dataloader_drop_last", "dataloader_pin_memory", "log_on_each_node", "save_on_each_node",
-                 "push_to_hub", "prediction_loss_only")
+                 "push_to_hub", "prediction_loss_only",
+                 # kept for transformers' scripts and callbacks (a callback testing
+                 # ``if args.do_eval`` gets a bool)
+                 "do_train", "do_eval", "do_predict", "hub_always_push", "remove_unused_columns",
+                 "eval_use_gather_object", "enable_jit_checkpoint")
         for name in bools:
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise TrainingArgumentsError(f"{name} must be True or False, got {v!r}")
-        for name in ("greater_is_better",):
+        for name in ("greater_is_better", "hub_private_repo"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise TrainingArgumentsError(f"{name} must be True, False or None, got {v!r}")
-        for name in ("metric_for_best_model", "run_name", "hub_model_id"):
+        for name in ("metric_for_best_model", "run_name", "hub_model_id", "trackio_space_id", "trackio_bucket_id",
+                     "hub_revision", "resume_from_checkpoint"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
                 raise TrainingArgumentsError(f"{name} must be a string or None, got {v!r}")
@@ -734,24 +739,12 @@ class TrainingArguments:
         self._check_unsupported()
 
     def _check_compat_types(self) -> None:
-        """The fields kept for transformers' scripts and callbacks hold what those
-        expect to read (a callback testing ``if args.do_eval`` gets a bool)."""
-        for name in ("do_train", "do_eval", "do_predict", "hub_always_push", "remove_unused_columns",
-                     "eval_use_gather_object", "enable_jit_checkpoint"):
-            v = getattr(self, name)
-            if not isinstance(v, bool):
-                raise TrainingArgumentsError(f"{name} must be True or False, got {v!r}")
-        v = self.hub_private_repo
-        if v is not None and not isinstance(v, bool):
-            raise TrainingArgumentsError(f"hub_private_repo must be True, False or None, got {v!r}")
+        """The other fields kept for transformers' scripts and callbacks hold what those
+        expect to read."""
         for name in ("project", "length_column_name"):
             v = getattr(self, name)
             if not isinstance(v, str):
                 raise TrainingArgumentsError(f"{name} must be a string, got {v!r}")
-        for name in ("trackio_space_id", "trackio_bucket_id", "hub_revision", "resume_from_checkpoint"):
-            v = getattr(self, name)
-            if v is not None and not isinstance(v, str):
-                raise TrainingArgumentsError(f"{name} must be a string or None, got {v!r}")
         v = self.hub_token
         if v is not None and not isinstance(v, str):
             # The value itself stays out of the message: it may be a token.

@@ -371,7 +371,6 @@ class CallbackHandler(TrainerCallback):
         self._profile = False
         self.logs_are_fresh = False
         self.log_record: dict[str, Any] | None = None
-        self._plain_logs_for: Any = None
         self._plain_logs = False
         self._objects: dict[str, Any] = dict.fromkeys(_HANDLER_OBJECTS)
         self._timings: dict[tuple[str, str], list[float]] = {}
@@ -451,10 +450,7 @@ class CallbackHandler(TrainerCallback):
         transformers' counterparts of ours name ours too, see :meth:`pop_callback`), or
         the instance ``callback`` (a ``ValueError`` if it is not in the list)."""
         if isinstance(callback, type):
-            for cb in self._callbacks:
-                if _is_kind(cb, callback):
-                    self._callbacks.remove(cb)
-                    return
+            self.pop_callback(callback)
             return
         try:
             self._callbacks.remove(callback)
@@ -499,6 +495,7 @@ class CallbackHandler(TrainerCallback):
         step_end = self._d_on_step_end
         self._l_on_step_end = tuple(fn for fn, _ in step_end) if all(lean for _, lean in step_end) else None
         self._plain_history = any(not _reads_no_history(cb) for cb in self._callbacks)
+        self._plain_logs = any(not getattr(cb, "accepts_tensor_logs", False) for cb in tables.get("on_log", ()))
 
     def refresh(self) -> None:
         """Re-read the per-step hooks (:data:`BOUND_HOOKS`) of every callback.
@@ -848,10 +845,6 @@ class CallbackHandler(TrainerCallback):
         callback but those whose class sets ``accepts_tensor_logs = True``): tensors
         in ``logs`` are then read before the callbacks run. The trainer asks it too,
         and reads its logged losses before recording them in ``state.log_history``."""
-        fns = self._d_on_log
-        if fns is not self._plain_logs_for:
-            self._plain_logs_for = fns
-            self._plain_logs = any(not getattr(cb, "accepts_tensor_logs", False) for cb in self._tables.get("on_log", ()))
         return self._plain_logs
 
     def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:

@@ -408,12 +408,13 @@ def _remove_stale_staging(parent: str) -> None:
         return
     for name in names:
         m = _STAGING.match(name)
-        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+        if m is None or int(m.group(1)) == os.getpid() or process_alive(int(m.group(1))):
             continue
         shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -130,23 +130,18 @@ class LoaderWorkerSignals:
 
     def _on_term(self, signum: int, frame: Any) -> None:
         self._terms += 1
-        if self._terms > 1 or not _process_alive(self.parent):
+        if self._terms > 1 or not ckpt.process_alive(self.parent):
             os._exit(0)
+
+
+def _new_run_id() -> str:
+    """A new eventbus run id, rank 0's on every rank."""
+    return distributed.broadcast_object(uuid.uuid4().hex[:12])
 
 
 def _ignore_signal(signum: int, frame: Any) -> None:
     """A handler that does nothing (unlike ``SIG_IGN``, not inherited by a program the
     process starts)."""
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's (the pid was reused): gone for us
-        return False
-    return True
 
 
 class _Interrupt(Exception):
@@ -559,7 +554,7 @@ class Trainer:
             if not isinstance(s, Sink):
                 raise TypeError(f"sinks must be eventbus.Sink instances, got {type(s).__name__}: {s!r}")
         # Every rank publishes under rank 0's run id.
-        self.run_id = distributed.broadcast_object(uuid.uuid4().hex[:12])
+        self.run_id = _new_run_id()
         self._resumed = False
         self._resume_marks: dict[str, int] = {}
         self._bus_started = False
@@ -631,10 +626,10 @@ class Trainer:
 
     def remove_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None:
         """Remove a callback (by class or instance)."""
-        before = len(self.callback_handler.callbacks)
-        self.callback_handler.remove_callback(callback)
-        if len(self.callback_handler.callbacks) == before:
-            self._explain_integration(callback)
+        if isinstance(callback, type):
+            self.pop_callback(callback)  # says what report_to made of an integration class
+        else:
+            self.callback_handler.remove_callback(callback)
 
     def _explain_integration(self, callback: Any) -> None:
         """transformers' Trainer turns ``report_to`` into integration callbacks, which
@@ -1011,7 +1006,7 @@ class Trainer:
                 # Another training run of this trainer, not a continuation: a run of its
                 # own (a new MLflow run, Comet experiment, jsonl file), as transformers'
                 # integrations start one per train(); the report_to sinks are built anew.
-                self.run_id = distributed.broadcast_object(uuid.uuid4().hex[:12])
+                self.run_id = _new_run_id()
         self._trained = True
 
         self._signal_received = None

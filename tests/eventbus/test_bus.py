@@ -566,3 +566,17 @@ def test_an_open_that_fails_for_a_while_is_retried_and_loses_nothing(error: Exce
     st = bus.stats().sinks["flaky-open"]
     assert sink.got == [0, 1, 2, 3, 4]
     assert (st.delivered, st.failed) == (5, 0) and st.retries >= 1
+
+
+def test_wait_handed_waits_for_what_is_still_in_the_ingress() -> None:
+    # Published just now, the events are still in the ingress (the pump hands them
+    # over every flush interval): waiting only on the sinks' queues would return at
+    # once with nothing received.
+    rec = Recorder(capacity=1000)
+    with EventBus([rec], flush_interval=0.5) as bus:
+        for i in range(200):
+            bus.publish(StepEnd(step=i))
+        stats = bus.wait_handed(30)
+        assert stats is not None
+        assert stats.sinks["rec"].received == 200 and stats.sinks["rec"].queue_depth == 0
+        assert rec.steps == list(range(200))

@@ -16,9 +16,10 @@ import anyio
 import pytest
 
 import eventbus.spool as spool_module
-from eventbus import Evaluate, EventBus, Log, RunInfo, Sink, TransientSinkError
+from eventbus import Evaluate, EventBus, Log, RunInfo, Sink
 from eventbus.events import BaseEvent
 from eventbus.spool import Spool, read_spool
+from tests.eventbus.test_spool_outage import Gated as _OutageGated
 
 SLOW_FSYNC = 30.0
 """Seconds a "slow" fsync takes unless the test lets it go earlier: far beyond every
@@ -36,14 +37,21 @@ def logs(start: int, n: int, run_id: str = "") -> list[Log]:
     return [Log(run_id=run_id, step=i, values={"loss": float(i)}) for i in range(start, start + n)]
 
 
+class _Release(threading.Event):
+    """Set to let the slow fsyncs finish; ``entered`` counts the fsyncs started."""
+
+    entered = 0
+
+
 @pytest.fixture
-def slow_fsync(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+def slow_fsync(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Release]:
     """Every fsync of the spool module takes SLOW_FSYNC seconds, or until the event
     returned is set (at teardown at the latest, so no thread is left waiting)."""
     real = os.fsync
-    release = threading.Event()
+    release = _Release()
 
     def fsync(fd: int) -> None:
+        release.entered += 1
         release.wait(SLOW_FSYNC)
         real(fd)
 
@@ -90,7 +98,7 @@ def test_a_slow_spool_fsync_never_delays_a_healthy_sink(tmp_path, slow_fsync):
         # The healthy sink gets everything while the spool's fsync is still running.
         wait_for(lambda: len(healthy.got) == 201, timeout=10)
         wait_for(lambda: bus.stats().sinks["down"].spooled == 201, timeout=10)
-        assert not slow_fsync.is_set()
+        assert slow_fsync.entered > 0 and not slow_fsync.is_set()  # an fsync is still running
     finally:
         slow_fsync.set()
         bus.close(10)
@@ -117,7 +125,7 @@ def test_close_keeps_its_deadline_with_a_slow_fsync_and_spools_everything(tmp_pa
     assert (st.received, st.spooled, st.abandoned, st.dropped) == (300, 300, 0, 0)
     assert stats.sinks["healthy"].delivered == 300 and len(healthy.got) == 300
     # Written, though the fsync still runs (a reader sees every event, in order).
-    assert not slow_fsync.is_set()
+    assert slow_fsync.entered > 0 and not slow_fsync.is_set()  # an fsync is still running
     assert [e.step for e in read_spool(tmp_path / "spool" / "down", from_cursor=True)] == list(range(300))
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]  # no "a sink is blocking its loop"
@@ -125,31 +133,12 @@ def test_close_keeps_its_deadline_with_a_slow_fsync_and_spools_everything(tmp_pa
     assert len(late) == 1 and str(tmp_path / "spool" / "down") in late[0] and "spool_dir" in late[0], caplog.text
 
 
-class Gated(Sink):
-    """Down; its first write blocks until ``release`` is set, then fails: a batch in
-    flight while newer events are spooled behind it, which close() puts in front of
-    them on disk (Spool.prepend: a rewrite, fsynced before it replaces the file)."""
+class Gated(_OutageGated):
+    """test_spool_outage's gated sink (down; its first write blocks until released,
+    then fails), with a spool fsynced only at rotation and close."""
 
-    name = "gated"
-    events = (Log,)
     spool = True
     spool_fsync_interval = 3600
-    capacity = 20
-    max_batch_size = 10
-    max_delay = 0.01
-    max_retries = 0
-    circuit_threshold = 1
-    circuit_cooldown = 3600
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    async def write(self, batch: Sequence[BaseEvent]) -> None:
-        self.entered.set()
-        while not self.release.is_set():
-            await anyio.sleep(0.005)
-        raise TransientSinkError("down")
 
 
 def test_close_puts_older_events_in_front_on_disk_by_its_deadline_with_a_slow_fsync(tmp_path, slow_fsync):
@@ -182,7 +171,7 @@ def test_the_interval_fsync_runs_off_the_appending_thread_and_close_keeps_a_dead
     t0 = time.monotonic()
     sp.close()
     assert time.monotonic() - t0 < 10
-    assert not slow_fsync.is_set()
+    assert slow_fsync.entered > 0 and not slow_fsync.is_set()  # an fsync is still running
     assert [e.step for e in read_spool(tmp_path)] == list(range(40))
     # The fsyncs finish in the background once the disk lets them.
     slow_fsync.set()

@@ -288,3 +288,24 @@ def test_publish_log_of_an_urgent_log_is_flushed_at_once() -> None:
         bus.publish_log("r", 0, 1, None, V.Snapshot(loss=1.0))
         wait_for(lambda: rec.steps == [1], what="urgent Log")
         assert rec.got[0].values == {"loss": 1.0}
+
+
+def test_a_float_or_int_subclass_in_an_event_s_values_is_its_plain_number() -> None:
+    # A metric class deriving from float (a library's own Score type): a number for
+    # every sink, in-process and in an isolated child (whose encoder would otherwise
+    # write its text), as a numpy scalar is.
+    class Score(float):
+        pass
+
+    class Count(int):
+        pass
+
+    assert V.resolve_mapping({"acc": Score(0.5), "n": Count(3)}) == {"acc": 0.5, "n": 3}
+    assert type(V.plain_array(Score(0.5))) is float and type(V.plain_array(Count(3))) is int
+    import msgspec
+
+    from eventbus.events import encode_lenient, lenient
+
+    assert msgspec.json.decode(msgspec.json.encode({"acc": Score(0.5)}, enc_hook=lenient)) == {"acc": 0.5}
+    sent = msgspec.msgpack.decode(encode_lenient(Log(step=1, values={"acc": Score(0.5)})))
+    assert sent["values"] == {"acc": 0.5}

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import time
 
 import msgspec
 import pytest
@@ -28,6 +26,7 @@ from eventbus.events import (
     encode_json,
 )
 from eventbus.registry import create_sink
+from tests.conftest import kill_isolated_child_once_delivered
 from sinks.jsonl import DEFAULT_EVENTS, NONFINITE_KEY, PER_BATCH_EVENTS, JSONLSink, decode_line, encode_line, iter_jsonl, read_jsonl
 
 RUN_ID = "jrun"
@@ -148,17 +147,7 @@ def test_an_isolated_child_killed_loses_nothing_counted_delivered(tmp_path):
     sink = JSONLSink(path=str(tmp_path / "run.jsonl"), flush_secs=3600)
     sink.isolate = True
     with EventBus([sink], run=RunInfo(run_id="r")) as bus:
-        [proxy] = bus.sinks
-        for step in range(1, 21):
-            bus.publish(Log(step=step, values={"loss": 1.0 / step}))
-        deadline = time.monotonic() + 30
-        while bus.stats().sinks["jsonl"].delivered < 20:
-            assert time.monotonic() < deadline, "the events were not delivered"
-            time.sleep(0.01)
-        child = proxy.process
-        assert child is not None and child.pid != os.getpid()
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(10)
+        kill_isolated_child_once_delivered(bus, "jsonl", [Log(step=s, values={"loss": 1.0 / s}) for s in range(1, 21)])
         assert [(ev.step, ev.values["loss"]) for ev in read_jsonl(str(tmp_path / "run.jsonl"))] == [
             (s, 1.0 / s) for s in range(1, 21)
         ]

@@ -7,10 +7,8 @@ import json
 import logging
 import math
 import os
-import signal
 import struct
 import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from eventbus import EventBus, RunInfo
 from eventbus.errors import MissingDependencyError, SinkConfigError
 from eventbus.events import Evaluate, Log, Predict, Save, StepEnd, TrainBegin, TrainEnd
 from eventbus.registry import create_sink
-from tests.conftest import require_module
+from tests.conftest import kill_isolated_child_once_delivered, require_module
 
 require_module("tensorboard")
 
@@ -218,18 +216,8 @@ def test_an_isolated_child_killed_loses_nothing_counted_delivered(tmp_path):
     sink = TensorBoardSink(flush_secs=3600)
     sink.isolate = True
     with EventBus([sink], run=RunInfo(run_id=RUN_ID, output_dir=str(tmp_path))) as bus:
-        [proxy] = bus.sinks
-        for step in range(1, 21):
-            bus.publish(Log(step=step, values={"loss": 1.0 / step}))
-        deadline = time.monotonic() + 30
-        while bus.stats().sinks["tensorboard"].delivered < 20:
-            assert time.monotonic() < deadline, "the events were not delivered"
-            time.sleep(0.01)
-        child = proxy.process
-        assert child is not None and child.pid != os.getpid()
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(10)
-        log_dir = proxy.log_dir
+        kill_isolated_child_once_delivered(bus, "tensorboard", [Log(step=s, values={"loss": 1.0 / s}) for s in range(1, 21)])
+        log_dir = bus.sinks[0].log_dir
         assert scalars(accumulate(log_dir), "train/loss") == [(s, f32(1.0 / s)) for s in range(1, 21)]
 
 

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import threading
-import time
 import weakref
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -182,21 +181,9 @@ class BusHolder:
             return self.last_stats
         if not self.owns or not bus.running:
             return bus.stats() if not self.owns else self.last_stats
-        deadline = time.monotonic() + (self.close_timeout if timeout is None else timeout)
-        stats = bus.stats()
-        target = stats.published - stats.ingress_dropped  # accepted before this call
-        settled: int | None = None
-        while True:
-            taken = stats.published - stats.ingress_dropped - stats.ingress_depth
-            idle = taken >= target and all(s.queue_depth == 0 or s.circuit_open for s in stats.sinks.values())
-            received = sum(s.received for s in stats.sinks.values())
-            if idle and settled == received:
-                break  # idle twice in a row: nothing was between the pump and a queue
-            settled = received if idle else None
-            if time.monotonic() >= deadline:
-                logger.warning("eventbus: flush: the sinks were not handed everything within the deadline")
-                break
-            time.sleep(0.002 if idle else 0.01)
+        stats = bus.wait_handed(self.close_timeout if timeout is None else timeout)
+        if stats is None:
+            logger.warning("eventbus: flush: the sinks were not handed everything within the deadline")
             stats = bus.stats()
         self.last_stats = stats
         return stats

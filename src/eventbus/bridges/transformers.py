@@ -173,11 +173,15 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
         a second ``train()``) keeps its bus."""
         key = self._run_key
         if key is not None and not (_same_run(key, args) and _same_model(self._run_model, model)):
-            self._run_key = None
-            self._trained = False
-            self._holder.close_run()
+            self._end_run()
         if model is not None:
             self._run_model = _weak(model)
+
+    def _end_run(self) -> None:
+        """Close the bus and forget the run: the next event starts a new one."""
+        self._run_key = None
+        self._trained = False
+        self._holder.close_run()
 
     def _bus(self, args: Any, state: Any) -> EventBus:
         holder = self._holder
@@ -227,8 +231,7 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
             # The same trainer's train() again, from step 0 (a resume has loaded its
             # checkpoint's step by now): a run of its own, as transformers'
             # integrations start one per train() (a new MLflow run, jsonl file).
-            self._run_key = None
-            self._holder.close_run()
+            self._end_run()
         self._trained = True
         bus = self._bus(args, state)
         if TrainBegin not in self._holder.wanted:
@@ -271,9 +274,7 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
         if getattr(state, "is_hyper_param_search", False):
             # The next trial is a run of its own (its own run id: a Comet sink makes a
             # new experiment for it rather than continuing this one).
-            self._run_key = None
-            self._trained = False
-            self._holder.close_run()
+            self._end_run()
         else:
             # Not closed: an evaluate()/predict() after train() must reach the same
             # Comet experiment / Neptune run. A sink closed and reopened starts a new
@@ -343,7 +344,7 @@ class EventBusCallback(TrainerCallback):  # type: ignore[misc]
         """Publish :class:`Save` with the checkpoint folder transformers just wrote."""
         if Save not in self._holder.wanted and self._holder.bus is not None:
             return
-        ckpt = os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        ckpt = _checkpoint_dir(args, int(state.global_step))
         best = state.best_model_checkpoint
         is_best = best is not None and os.path.abspath(str(best)) == os.path.abspath(ckpt)
         self._emit(Save, args, state, checkpoint_dir=ckpt, is_best=is_best)
@@ -366,9 +367,12 @@ def _resumed_from(args: Any, state: Any) -> str | None:
     path is what a callback cannot see; the step is what sinks use: TensorBoard and the
     jsonl reader drop what the interrupted run logged from there on)."""
     step = int(getattr(state, "global_step", 0) or 0)
-    if step <= 0:
-        return None
-    return os.path.join(str(getattr(args, "output_dir", None) or "."), f"checkpoint-{step}")
+    return _checkpoint_dir(args, step) if step > 0 else None
+
+
+def _checkpoint_dir(args: Any, step: int) -> str:
+    """Where transformers saves (and names) the checkpoint of ``step``."""
+    return os.path.join(str(getattr(args, "output_dir", None) or "."), f"{PREFIX_CHECKPOINT_DIR}-{step}")
 
 
 def _run_key(args: Any) -> tuple[Any, int, Any]:
