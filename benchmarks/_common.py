@@ -166,12 +166,13 @@ def _log_every_step_kwargs(workdir: str, steps: int, batch: int) -> dict[str, An
     }
 
 
-def log_every_step_args(workdir: str, steps: int, batch: int) -> Any:
+def log_every_step_args(workdir: str, steps: int, batch: int, **extra: Any) -> Any:
     """Our ``TrainingArguments`` for the benchmarks (:func:`_log_every_step_kwargs`),
-    with no sinks from ``report_to`` (the caller passes its own)."""
+    with no sinks from ``report_to`` (the caller passes its own); ``extra`` fields
+    added (``bf16=True``...)."""
     from trainer import TrainingArguments
 
-    return TrainingArguments(**_log_every_step_kwargs(workdir, steps, batch), report_to="none")
+    return TrainingArguments(**_log_every_step_kwargs(workdir, steps, batch), report_to="none", **extra)
 
 
 def train_transformers(model: Any, data: Any, workdir: str, steps: int, batch: int, report_to: str, use_cpu: bool) -> float:

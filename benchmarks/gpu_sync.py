@@ -13,7 +13,9 @@ transformers' Trainer with ``report_to="tensorboard"``.
 
 Without a GPU it says so and exits 0. Run: ``python benchmarks/gpu_sync.py``
 (``--quick`` for fewer steps, ``--repeats N`` for N interleaved timing runs,
-``--profile`` for cProfile's view of one run). Exit status 1 when a sync was caught
+``--profile`` for cProfile's view of one run, ``--precision bf16`` or ``fp16`` to
+check mixed precision too: fp16's GradScaler unscales, skips and rescales on the
+device). Exit status 1 when a sync was caught
 or a logged value did not arrive.
 """
 
@@ -89,10 +91,12 @@ def _sinks(workdir: str) -> list[Any]:
     return out
 
 
-def logged_values_problems(workdir: str, steps: int) -> list[str]:
+def logged_values_problems(workdir: str, steps: int, scaled: bool = False) -> list[str]:
     """What is wrong with the values the jsonl sink wrote: every step 1..steps must
     have logged a finite ``loss`` and ``grad_norm`` (device tensors, resolved by the
-    bus off the step path)."""
+    bus off the step path). ``scaled`` (fp16): a step whose gradients overflowed (the
+    loss scaler skips it) logs an infinite or NaN ``grad_norm``; it must still be a
+    float, and some step must have a finite one."""
     import glob
     import math
 
@@ -113,13 +117,16 @@ def logged_values_problems(workdir: str, steps: int) -> list[str]:
     for step, logs in sorted(seen.items()):
         for key in ("loss", "grad_norm"):
             value = logs.get(key)
-            if not isinstance(value, float) or not math.isfinite(value):
+            if not isinstance(value, float) or not (math.isfinite(value) or (scaled and key == "grad_norm")):
                 problems.append(f"step {step}: {key} = {value!r}, not a finite float")
                 break
+    norms = [logs.get("grad_norm") for logs in seen.values()]
+    if scaled and seen and not any(isinstance(v, float) and math.isfinite(v) for v in norms):
+        problems.append(f"no step of {len(seen)} logged a finite grad_norm: the loss scale never settled")
     return problems[:10]
 
 
-def sync_sites(workdir: str, steps: int) -> list[str]:
+def sync_sites(workdir: str, steps: int, precision: str = "fp32") -> list[str]:
     """After a failure: train again with the debug mode at "warn" and return each
     distinct Python stack (innermost frames last) that synchronised, so the report
     says where, not only that."""
@@ -139,17 +146,23 @@ def sync_sites(workdir: str, steps: int) -> list[str]:
     with warnings.catch_warnings():  # restores showwarning and the filters
         warnings.simplefilter("always")
         warnings.showwarning = record
-        run_ours(workdir, steps, guard=True, mode="warn")
+        run_ours(workdir, steps, guard=True, mode="warn", precision=precision)
     return [f"{count} times:\n{stack}" for stack, count in sorted(sites.items(), key=lambda kv: -kv[1])]
 
 
-def run_ours(workdir: str, steps: int, guard: bool, mode: str = "error", sinks: bool = True) -> tuple[float, Any]:
-    """Train on CUDA through our Trainer; (steps/s, bus stats)."""
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def run_ours(
+    workdir: str, steps: int, guard: bool, mode: str = "error", sinks: bool = True, precision: str = "fp32"
+) -> tuple[float, Any]:
+    """Train on CUDA through our Trainer (``precision``: one of :data:`PRECISIONS`);
+    (steps/s, bus stats)."""
     from trainer import PrinterCallback, ProgressCallback, Trainer
 
     torch.manual_seed(0)
     data = make_dataset(steps * BATCH, dim=DIM)
-    args = log_every_step_args(workdir, steps, BATCH)
+    args = log_every_step_args(workdir, steps, BATCH, **({precision: True} if precision != "fp32" else {}))
     timer = StepTimer()
     callbacks: list[Any] = [timer]
     if guard:
@@ -215,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer steps")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved timing repeats; median [min-max] (default 1)")
     parser.add_argument("--profile", action="store_true", help="also profile the training thread of one run with sinks")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="the precision of the checked run (bf16/fp16: mixed, as TrainingArguments(bf16/fp16=True)); "
+                        "the timings stay in fp32")
     opts = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_sync.py: no CUDA device here (torch.cuda.is_available() is False); this check needs one. Nothing to do.")
@@ -224,28 +240,31 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     root = tempfile.mkdtemp(prefix="eventbus-gpu-sync-")
     try:
-        say(f"training {steps} steps on {torch.cuda.get_device_name()} with torch.cuda.set_sync_debug_mode('error')")
+        say(f"training {steps} steps ({opts.precision}) on {torch.cuda.get_device_name()} with "
+            "torch.cuda.set_sync_debug_mode('error')")
         try:
-            _, stats = run_ours(os.path.join(root, "guarded"), steps, guard=True)
+            _, stats = run_ours(os.path.join(root, "guarded"), steps, guard=True, precision=opts.precision)
         except RuntimeError as exc:
             print(f"FAILED: the step path synchronised the GPU: {exc}")
             traceback.print_exc(file=sys.stdout)
             print("where it synchronises (a second run with the debug mode at 'warn'):")
-            for site in sync_sites(os.path.join(root, "diagnose"), min(steps, 50))[:5]:
+            for site in sync_sites(os.path.join(root, "diagnose"), min(steps, 50), opts.precision)[:5]:
                 print(site)
             return 1
         problems = {n: (s.failed, s.errors) for n, s in stats.sinks.items() if s.failed or s.errors}
         delivered = {n: s.delivered for n, s in stats.sinks.items()}
-        print(f"no GPU sync on the step path over {steps} steps, logging every step (sync debug mode 'error')")
+        print(f"no GPU sync on the step path over {steps} steps ({opts.precision}), logging every step "
+              "(sync debug mode 'error')")
         print(f"events delivered per sink: {delivered}")
         if problems:
             print(f"FAILED: sinks reported (failed, errors): {problems}")
             return 1
-        wrong = logged_values_problems(os.path.join(root, "guarded"), steps)
+        wrong = logged_values_problems(os.path.join(root, "guarded"), steps, scaled=opts.precision == "fp16")
         if wrong:
             print("FAILED: the logged values did not arrive intact: " + "; ".join(wrong))
             return 1
-        print(f"read back: a finite loss and grad_norm for each of the {steps} steps in the jsonl file")
+        norm = "grad_norm (non-finite only where fp16 skipped an overflowed step)" if opts.precision == "fp16" else "grad_norm"
+        print(f"read back: a finite loss and a {norm} for each of the {steps} steps in the jsonl file")
         say(f"timing (debug mode off), {opts.repeats} interleaved repeat(s)")
         timings = time_runs(root, steps, opts.repeats)
         for label, values in timings.items():

@@ -170,7 +170,10 @@ _OWN_OPTIMIZER = (
     "own optimizer with Trainer(optimizers=(optimizer, None))"
 )
 _OWN_LOADER = "override Trainer.get_train_dataloader()/get_eval_dataloader() to build your own DataLoader"
-_CAST_FOR_EVAL = "evaluation runs in the model's dtype; cast the model before evaluate()"
+_CAST_FOR_EVAL = (
+    "evaluation runs in the model's dtype, under autocast with bf16/fp16=True; cast the model before evaluate() "
+    "for a half-precision evaluation"
+)
 _CHECKPOINT_ON_MODEL = (
     "enable it on the model before creating the Trainer (e.g. model.gradient_checkpointing_enable(), or "
     "torch.utils.checkpoint in its forward)"
@@ -190,10 +193,6 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "optim_target_modules": ((None,), _OWN_OPTIMIZER),
     "label_smoothing_factor": ((0, 0.0), "smooth the labels in the model's loss (e.g. torch.nn.CrossEntropyLoss("
                                "label_smoothing=...)) or override Trainer.compute_loss"),
-    "bf16": ((False,), "this trainer trains in the model's dtype, without autocast; run the model's forward under "
-             "torch.autocast(...) yourself"),
-    "fp16": ((False,), "this trainer trains in the model's dtype, without autocast or a GradScaler; run the model's "
-             "forward under torch.autocast(...) yourself, or use bf16 weights"),
     "bf16_full_eval": ((False,), _CAST_FOR_EVAL),
     "fp16_full_eval": ((False,), _CAST_FOR_EVAL),
     "tf32": ((None, False), "set torch.backends.cuda.matmul.allow_tf32 (or torch.set_float32_matmul_precision) in your "
@@ -256,7 +255,7 @@ class TrainingArguments:
       :meth:`to_dict` (so tracking backends log them, as transformers' do), and not
       used by this trainer;
     - those that change training in transformers and that this trainer does not
-      implement (``fp16``/``bf16``, ``gradient_checkpointing``, ``torch_compile``,
+      implement (``gradient_checkpointing``, ``torch_compile``, ``bf16_full_eval``,
       ``optim`` other than AdamW, ``fsdp``, ``deepspeed``...): they hold
       transformers' default, and any other value is refused when the arguments are
       built, with what to do instead, rather than silently ignored.
@@ -486,9 +485,14 @@ class TrainingArguments:
     label_smoothing_factor: float = 0.0
     """Only ``0``: smooth labels in the model's loss."""
     bf16: bool = False
-    """Only ``False``: training runs in the model's dtype (no autocast)."""
+    """Mixed precision in bfloat16: the forward pass (training and evaluation) runs
+    under ``torch.autocast``, the weights and optimizer stay float32. Needs a device
+    with bfloat16 (the CPU; an Ampere or newer GPU)."""
     fp16: bool = False
-    """Only ``False``: training runs in the model's dtype (no autocast, no GradScaler)."""
+    """Mixed precision in float16: ``torch.autocast`` as with ``bf16``, plus a
+    ``GradScaler`` (its state saved in checkpoints as ``scaler.pt``). A step whose
+    gradients overflow is skipped by the optimizer (on the device with the default
+    fused AdamW); the schedule still advances. The model must be float32."""
     bf16_full_eval: bool = False
     """Only ``False``."""
     fp16_full_eval: bool = False
@@ -640,6 +644,8 @@ class TrainingArguments:
 
         self._check_types()
         self._check_ranges()
+        if self.bf16 and self.fp16:
+            raise TrainingArgumentsError("bf16=True and fp16=True: choose one mixed precision (bf16 where the device has it)")
         share = self.callback_time_warning_share
         if share is not None and (
             isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1
@@ -715,7 +721,7 @@ class TrainingArguments:
                  # kept for transformers' scripts and callbacks (a callback testing
                  # ``if args.do_eval`` gets a bool)
                  "do_train", "do_eval", "do_predict", "hub_always_push", "remove_unused_columns",
-                 "eval_use_gather_object", "enable_jit_checkpoint")
+                 "eval_use_gather_object", "enable_jit_checkpoint", "bf16", "fp16")
         for name in bools:
             v = getattr(self, name)
             if not isinstance(v, bool):

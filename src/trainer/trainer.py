@@ -36,6 +36,7 @@ from eventbus.values import Snapshot, is_tensor, snapshot
 from trainer import _marks
 from trainer import checkpoint as ckpt
 from trainer import distributed
+from trainer import precision
 from trainer.arguments import TrainingArguments, TrainingArgumentsError
 from trainer._callback_watch import CallbackTimeWatch
 from trainer.callbacks import CallbackHandler, TrainerCallback, _read_values
@@ -549,6 +550,9 @@ class Trainer:
         # The DDP wrapper used for training steps (set when training starts);
         # ``self.model`` stays the plain module (checkpoints, evaluation).
         self.model_wrapped: nn.Module = model
+        self._check_precision()
+        # fp16's loss scaler (made when training starts; None without fp16).
+        self.scaler: torch.amp.GradScaler | None = None
         self._user_sinks: list[Sink] = list(sinks or [])
         for s in self._user_sinks:
             if not isinstance(s, Sink):
@@ -594,6 +598,24 @@ class Trainer:
         self.current_gradient_accumulation_steps = 1
         self._record_device()
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    def _check_precision(self) -> None:
+        # Refused when the trainer is built (and again when training starts, the model
+        # may have moved): not hours later, nor silently in another precision.
+        try:
+            precision.check_precision(self.args, self.model, self._device)
+        except ValueError as exc:
+            raise TrainingArgumentsError(str(exc)) from None
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> Any:
+        """transformers' method: ``torch.autocast`` in the dtype ``bf16``/``fp16``
+        ask for, on the model's device; a null context in full precision."""
+        return precision.autocast(self.args, self._device, cache_enabled=cache_enabled)
+
+    def compute_loss_context_manager(self) -> Any:
+        """transformers' method: the context the forward pass runs in, in training
+        (around :meth:`compute_loss`) and in evaluation (:meth:`prediction_step`)."""
+        return self.autocast_smart_context_manager()
 
     def _record_device(self) -> None:
         """Tell our arguments the device this trainer runs on (its model's), which
@@ -932,9 +954,22 @@ class Trainer:
             groups = [g for g in groups if g["params"]]
             if not groups:
                 raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to train")
-            self.optimizer = torch.optim.AdamW(
-                groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
-            )
+            options: dict[str, Any] = {}
+            if precision.amp_dtype(args) is torch.float16 and str(getattr(args, "optim", "")) == "adamw_torch_fused":
+                # The fused kernel takes the GradScaler's overflow flag and skips an
+                # overflowed step on the device: no host sync per step.
+                options["fused"] = True
+            try:
+                self.optimizer = torch.optim.AdamW(
+                    groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, **options
+                )
+            except RuntimeError as exc:  # no fused kernel for these parameters' device: torch's default
+                if not options:
+                    raise
+                logger.info("fused AdamW is not available here (%s); using torch's default AdamW kernel", exc)
+                self.optimizer = torch.optim.AdamW(
+                    groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+                )
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int) -> Any:
@@ -1207,11 +1242,14 @@ class Trainer:
         if self._created_lr_scheduler:
             self.lr_scheduler = None
             self._created_lr_scheduler = False
+        self._check_precision()
         self.create_optimizer()
         self.create_scheduler(max_steps)
+        self.scaler = precision.make_scaler(args, self._device)
         if resume_from_checkpoint is not None:
-            self.optimizer.load_state_dict(ckpt.load_torch(os.path.join(resume_from_checkpoint, ckpt.OPTIMIZER_NAME)))
+            self._load_optimizer(ckpt.load_torch(os.path.join(resume_from_checkpoint, ckpt.OPTIMIZER_NAME)))
             self.lr_scheduler.load_state_dict(ckpt.load_torch(os.path.join(resume_from_checkpoint, ckpt.SCHEDULER_NAME)))
+            self._load_scaler(resume_from_checkpoint)
         handler.model = self.model
         handler.optimizer = self.optimizer
         handler.lr_scheduler = self.lr_scheduler
@@ -1264,6 +1302,28 @@ class Trainer:
             self._check_interrupt()
 
         return self._finalize_training(start_time, max_steps, num_train_samples)
+
+    def _load_optimizer(self, state: Mapping[str, Any]) -> None:
+        # load_state_dict takes every group setting from the checkpoint, the kernel
+        # choice (fused/foreach) too: the optimizer keeps the one it was built with
+        # (an fp16 run's fused AdamW resumed from a full-precision checkpoint would
+        # otherwise get the GradScaler's flags on a kernel that refuses them).
+        kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state)
+        for group, kernel in zip(self.optimizer.param_groups, kernels):
+            group.update(kernel)
+
+    def _load_scaler(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, precision.SCALER_NAME)
+        if self.scaler is None:
+            return
+        if os.path.isfile(path):
+            self.scaler.load_state_dict(ckpt.load_torch(path))
+        else:
+            logger.warning(
+                "fp16=True, but %s holds no %s (it was saved without fp16): the loss scale starts again from %s",
+                checkpoint, precision.SCALER_NAME, self.scaler.get_scale(),
+            )
 
     def _wrap_model(self) -> nn.Module:
         """The module training steps run through: ``DistributedDataParallel`` around
@@ -1488,10 +1548,22 @@ class Trainer:
 
                 if do_sync_step:
                     max_norm = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else float("inf")
+                    scaler = self.scaler
+                    if scaler is not None:
+                        # fp16: the true gradients (on the device), so that the norm is
+                        # clipped and logged unscaled.
+                        scaler.unscale_(self.optimizer)
                     # Returns the total norm as a tensor; clipping scales on the device.
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
                     self.control = handler.on_pre_optimizer_step(args, state, self.control)
-                    self.optimizer.step()
+                    if scaler is not None:
+                        # Skips the update when the gradients overflowed (on the device
+                        # with the fused AdamW) and adjusts the scale; the schedule and
+                        # global_step go on (no host check of the overflow flag).
+                        scaler.step(self.optimizer)
+                        scaler.update()
+                    else:
+                        self.optimizer.step()
                     self.control = handler.on_optimizer_step(args, state, self.control)
                     learning_rate = self._get_learning_rate()
                     self.lr_scheduler.step()
@@ -1544,14 +1616,18 @@ class Trainer:
         reduction on every step), so the loss is always the model's per-batch mean
         divided by the accumulation steps."""
         model.train()
-        if num_items_in_batch is None:
-            # Without the keyword: a compute_loss override with the older signature
-            # (model, inputs, return_outputs=False) keeps working.
-            loss = self.compute_loss(model, inputs)
-        else:
-            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        with self.compute_loss_context_manager():
+            if num_items_in_batch is None:
+                # Without the keyword: a compute_loss override with the older signature
+                # (model, inputs, return_outputs=False) keeps working.
+                loss = self.compute_loss(model, inputs)
+            else:
+                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         loss = loss / self.current_gradient_accumulation_steps
-        loss.backward()
+        if self.scaler is not None:  # fp16: the scaled loss, unscaled before the step
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
         return loss.detach()
 
     def compute_loss(
@@ -1832,6 +1908,8 @@ class Trainer:
                         ckpt.save_torch(self.optimizer.state_dict(), os.path.join(tmp, ckpt.OPTIMIZER_NAME))
                     if self.lr_scheduler is not None:
                         ckpt.save_torch(self.lr_scheduler.state_dict(), os.path.join(tmp, ckpt.SCHEDULER_NAME))
+                    if self.scaler is not None:
+                        ckpt.save_torch(self.scaler.state_dict(), os.path.join(tmp, precision.SCALER_NAME))
                 ckpt.save_rng_state(tmp, self.dist.rank, self.dist.world_size)
                 if rank0:
                     state.stateful_callbacks = self.callback_handler.export_callback_states(control=self.control)
@@ -2061,7 +2139,7 @@ class Trainer:
         if has_labels:
             found = tuple(inputs[k].detach() if isinstance(inputs[k], torch.Tensor) else inputs[k] for k in self.label_names)
             label = found[0] if len(found) == 1 else found
-        with torch.no_grad():
+        with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**inputs)
             loss = None
             if has_labels:
@@ -2075,9 +2153,13 @@ class Trainer:
                     logits = tuple(v for k, v in outputs.items() if k not in ignore)
                 else:
                     logits = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+        if loss is not None and loss.dtype in (torch.float16, torch.bfloat16):
+            loss = loss.float()
         if prediction_loss_only:
             return loss, None, None
-        logits = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in logits if v is not None)
+        # Half-precision outputs of an autocast forward as float32 (numpy, which
+        # compute_metrics gets, has no bfloat16).
+        logits = tuple(precision.outputs_to_fp32(v.detach() if isinstance(v, torch.Tensor) else v) for v in logits if v is not None)
         if not logits:
             return loss, None, label
         return loss, (logits[0] if len(logits) == 1 else logits), label

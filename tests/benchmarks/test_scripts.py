@@ -16,8 +16,11 @@ from tests.conftest import require_module
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def test_gpu_sync_says_what_it_needs_and_exits_0_without_a_gpu() -> None:
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu_sync.py"), "--quick"], capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("options", [[], ["--precision", "fp16"]])
+def test_gpu_sync_says_what_it_needs_and_exits_0_without_a_gpu(options: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_sync.py"), "--quick", *options], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     if torch.cuda.is_available():
         assert "no GPU sync on the step path" in proc.stdout
@@ -57,6 +60,35 @@ def test_gpu_sync_reads_every_logged_step_back(tmp_path: Path, monkeypatch: pyte
     lines = [encode_line(Log(step=s, values={"loss": 0.5, "grad_norm": float("nan") if s == 2 else 1.0})) for s in (1, 2)]
     (bad / "jsonl" / "events-x.jsonl").write_bytes(b"".join(lines))
     assert gpu_sync.logged_values_problems(str(bad), 2) == ["step 2: grad_norm = nan, not a finite float"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_gpu_sync_reads_back_every_step_of_a_mixed_precision_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    """What ``gpu_sync.py --precision`` checks on a GPU, on the CPU: under autocast
+    (and fp16's scaler) every step still logs a finite loss and grad_norm."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_sync
+    from _common import TinyModel, log_every_step_args, make_dataset
+
+    from trainer import PrinterCallback, ProgressCallback, Trainer
+
+    steps = 8
+    trainer = Trainer(
+        TinyModel(gpu_sync.DIM, 32), log_every_step_args(str(tmp_path), steps, 8, **{precision: True}),
+        train_dataset=make_dataset(steps * 8, dim=gpu_sync.DIM), sinks=gpu_sync._sinks(str(tmp_path)),
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.train()
+    scaled = precision == "fp16"
+    assert (trainer.scaler is not None) == scaled
+    assert gpu_sync.logged_values_problems(str(tmp_path), steps, scaled=scaled) == []
+    if scaled:
+        # The first steps overflow at the initial scale (65536) and log a non-finite
+        # grad_norm; judged as a full-precision run, those would be errors.
+        assert gpu_sync.logged_values_problems(str(tmp_path), steps)
 
 
 def test_overhead_script_is_the_bench_command(tmp_path: Path) -> None:

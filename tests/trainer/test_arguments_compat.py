@@ -65,10 +65,7 @@ _NOT_IMPLEMENTED = {
     "optim": "adafactor",
     "optim_args": "betas=(0.9,0.95)",
     "optim_target_modules": ["attn"],
-
     "label_smoothing_factor": 0.1,
-    "bf16": True,
-    "fp16": True,
     "bf16_full_eval": True,
     "fp16_full_eval": True,
     "tf32": True,
@@ -90,9 +87,6 @@ _NOT_IMPLEMENTED = {
     "use_cpu": True,
     "accelerator_config": {"split_batches": True},
     "parallelism_config": object(),
-
-
-
     "dataloader_in_order": False,
     "train_sampling_strategy": "group_by_length",
     "fsdp": "full_shard",
