@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import datetime
 import enum
+import json
 import logging
 import math
 import os
@@ -174,11 +175,6 @@ _CAST_FOR_EVAL = (
     "evaluation runs in the model's dtype, under autocast with bf16/fp16=True; cast the model before evaluate() "
     "for a half-precision evaluation"
 )
-_CHECKPOINT_ON_MODEL = (
-    "enable it on the model before creating the Trainer (e.g. model.gradient_checkpointing_enable(), or "
-    "torch.utils.checkpoint in its forward)"
-)
-_COMPILE_FIRST = "compile the model in place (model.compile({})) before creating the Trainer"
 
 # transformers' fields whose other values change training there, and which this
 # trainer does not implement: (the values accepted, what to do instead). The
@@ -197,16 +193,10 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "fp16_full_eval": ((False,), _CAST_FOR_EVAL),
     "tf32": ((None, False), "set torch.backends.cuda.matmul.allow_tf32 (or torch.set_float32_matmul_precision) in your "
              "script before training"),
-    "activation_checkpointing": ((None, False), _CHECKPOINT_ON_MODEL),
-    "gradient_checkpointing": ((None, False), _CHECKPOINT_ON_MODEL),
-    "torch_compile": ((False,), _COMPILE_FIRST.format("")),
-    "torch_compile_backend": ((None,), _COMPILE_FIRST.format("backend=...")),
-    "torch_compile_mode": ((None,), _COMPILE_FIRST.format("mode=...")),
     "use_liger_kernel": ((False,), "apply Liger's kernels to the model yourself before creating the Trainer"),
     "use_cache": ((False,), "this trainer leaves model.config.use_cache as the model has it; set it there"),
     "neftune_noise_alpha": ((None,), "add the noise to the embeddings yourself (a forward hook on the embedding "
                             "layer)"),
-    "torch_empty_cache_steps": ((None,), "call torch.cuda.empty_cache() from a callback's on_step_end if you need it"),
     "auto_find_batch_size": ((False,), "set per_device_train_batch_size to a size that fits"),
     "eval_do_concat_batches": ((True,), "evaluation here always concatenates the batches' predictions"),
     "include_for_metrics": (([], ()), "compute_metrics receives EvalPrediction(predictions, label_ids) here; "
@@ -214,8 +204,6 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "batch_eval_metrics": ((False,), "compute_metrics is called once, on the whole evaluation set, here"),
     "save_only_model": ((False,), "checkpoints here always hold the optimizer, scheduler and RNG states that a "
                         "resume needs; copy the model out of a checkpoint if you want it alone"),
-    "full_determinism": ((False,), "call torch.use_deterministic_algorithms(True) (and set CUBLAS_WORKSPACE_CONFIG) "
-                         "in your script; seed and data_seed are honoured"),
     "use_cpu": ((False,), "this trainer trains where the model is: keep the model on the CPU, or hide the GPUs "
                 "with CUDA_VISIBLE_DEVICES=''"),
     "accelerator_config": ((None,), "this trainer does not use accelerate"),
@@ -255,8 +243,8 @@ class TrainingArguments:
       :meth:`to_dict` (so tracking backends log them, as transformers' do), and not
       used by this trainer;
     - those that change training in transformers and that this trainer does not
-      implement (``gradient_checkpointing``, ``torch_compile``, ``bf16_full_eval``,
-      ``optim`` other than AdamW, ``fsdp``, ``deepspeed``...): they hold
+      implement (``bf16_full_eval``, ``label_smoothing_factor``, ``optim`` other
+      than AdamW, ``fsdp``, ``deepspeed``...): they hold
       transformers' default, and any other value is refused when the arguments are
       built, with what to do instead, rather than silently ignored.
 
@@ -500,20 +488,28 @@ class TrainingArguments:
     tf32: bool | None = None
     """Only ``None``: set torch's TF32 flags in your script."""
     activation_checkpointing: bool | None = None
-    """Only ``None``/``False`` (``False`` after construction, as transformers)."""
+    """Recompute activations in backward instead of keeping them (less memory): the
+    trainer calls the model's ``activation_checkpointing_enable()`` (transformers'
+    models; or its older ``gradient_checkpointing_enable()``) when training starts. A
+    model with neither is refused when the trainer is built: checkpoint in its
+    forward with ``torch.utils.checkpoint`` instead. ``False`` after construction
+    when unset, as transformers."""
     activation_checkpointing_kwargs: dict[str, Any] | str | None = None
-    """Accepted for compatibility, not used by this trainer (activation checkpointing is off)."""
+    """Passed to the model's ``activation_checkpointing_enable()``: ``every_n_layers``
+    and ``offload`` as its own arguments, the rest (``use_reentrant``...) for
+    ``torch.utils.checkpoint``. A JSON object in text is parsed."""
     gradient_checkpointing: bool | None = None
-    """Only ``None``/``False`` (``False`` after construction, as transformers): enable
-    it on the model before creating the trainer."""
+    """transformers' deprecated alias of ``activation_checkpointing`` (used when that
+    one is unset); mirrors it after construction."""
     gradient_checkpointing_kwargs: dict[str, Any] | str | None = None
-    """Accepted for compatibility, not used by this trainer (gradient checkpointing is off)."""
+    """The deprecated alias of ``activation_checkpointing_kwargs``, as above."""
     torch_compile: bool = False
-    """Only ``False``: call ``model.compile()`` before creating the trainer."""
+    """Compile the model the training steps run through with ``torch.compile``
+    (checkpoints and evaluation use the model itself). Set by a backend or mode."""
     torch_compile_backend: str | None = None
-    """Only ``None``."""
+    """``torch.compile``'s backend; ``"inductor"`` when compiling without one."""
     torch_compile_mode: str | None = None
-    """Only ``None``."""
+    """``torch.compile``'s mode (``"reduce-overhead"``, ``"max-autotune"``...)."""
     use_liger_kernel: bool = False
     """Only ``False``."""
     liger_kernel_config: dict[str, bool] | None = None
@@ -523,7 +519,9 @@ class TrainingArguments:
     neftune_noise_alpha: float | None = None
     """Only ``None``."""
     torch_empty_cache_steps: int | None = None
-    """Only ``None``."""
+    """Every this many steps, free the accelerator's cached memory
+    (``torch.cuda.empty_cache()``, or the device's own) in the training step, as
+    transformers: less fragmentation, slower steps. Nothing to free on the CPU."""
     auto_find_batch_size: bool = False
     """Only ``False``."""
     eval_do_concat_batches: bool = True
@@ -535,7 +533,11 @@ class TrainingArguments:
     save_only_model: bool = False
     """Only ``False``: checkpoints hold what a resume needs."""
     full_determinism: bool = False
-    """Only ``False`` (``seed`` and ``data_seed`` are honoured)."""
+    """Seed and switch torch to deterministic algorithms (process-wide, as
+    transformers' ``enable_full_determinism``: ``torch.use_deterministic_algorithms``,
+    cuDNN deterministic without benchmarking, ``CUBLAS_WORKSPACE_CONFIG``): a run
+    repeats exactly on the same hardware, slower; an operation without a
+    deterministic implementation then raises."""
     use_cpu: bool = False
     """Only ``False``: the trainer trains where the model is."""
     accelerator_config: dict[str, Any] | str | None = None
@@ -691,6 +693,28 @@ class TrainingArguments:
             self.debug = self.debug.split()
         if isinstance(self.resume_from_checkpoint, os.PathLike):
             self.resume_from_checkpoint = os.fspath(self.resume_from_checkpoint)
+        for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip().startswith("{"):  # from a command line, as transformers
+                try:
+                    setattr(self, name, json.loads(value))
+                except ValueError as exc:
+                    raise TrainingArgumentsError(f"{name}: not a JSON object ({exc}): {value!r}") from None
+        # transformers' deprecated aliases: used when the new name is unset, then mirror it.
+        for old, new in (
+            ("gradient_checkpointing", "activation_checkpointing"),
+            ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+        ):
+            if getattr(self, new) is None and getattr(self, old) is not None:
+                setattr(self, new, getattr(self, old))
+            setattr(self, old, getattr(self, new))
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = self.gradient_checkpointing = False
+        # As transformers: a backend or a mode asks for compiling; inductor by default.
+        if (self.torch_compile_backend is not None or self.torch_compile_mode is not None) and not self.torch_compile:
+            self.torch_compile = True
+        if self.torch_compile is True and self.torch_compile_backend is None:
+            self.torch_compile_backend = "inductor"
 
     def _check_types(self) -> None:
         ints = ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -721,7 +745,8 @@ class TrainingArguments:
                  # kept for transformers' scripts and callbacks (a callback testing
                  # ``if args.do_eval`` gets a bool)
                  "do_train", "do_eval", "do_predict", "hub_always_push", "remove_unused_columns",
-                 "eval_use_gather_object", "enable_jit_checkpoint", "bf16", "fp16")
+                 "eval_use_gather_object", "enable_jit_checkpoint", "bf16", "fp16", "activation_checkpointing",
+                 "torch_compile", "full_determinism")
         for name in bools:
             v = getattr(self, name)
             if not isinstance(v, bool):
@@ -760,9 +785,19 @@ class TrainingArguments:
             if v not in _LOG_LEVELS:
                 choices = ", ".join(repr(k) for k in _LOG_LEVELS)
                 raise TrainingArgumentsError(f"{name}={v!r} is not valid; choose one of {choices}")
-        v = self.eval_accumulation_steps
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise TrainingArgumentsError(f"eval_accumulation_steps must be a positive integer or None, got {v!r}")
+        for name in ("eval_accumulation_steps", "torch_empty_cache_steps"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise TrainingArgumentsError(f"{name} must be a positive integer or None, got {v!r}")
+        v = self.activation_checkpointing_kwargs
+        if v is not None and not isinstance(v, dict):
+            raise TrainingArgumentsError(
+                f"activation_checkpointing_kwargs must be a dict (or a JSON object) or None, got {type(v).__name__}"
+            )
+        for name in ("torch_compile_backend", "torch_compile_mode"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise TrainingArgumentsError(f"{name} must be a string or None, got {v!r}")
 
     def _check_unsupported(self) -> None:
         tokens = self.include_num_input_tokens_seen
@@ -792,8 +827,6 @@ class TrainingArguments:
                     f"{name}={redact(v)!r} is not implemented by this trainer; leave it at its default "
                     f"({accepted[0]!r}): {instead}"
                 )
-        # As transformers: the deprecated name mirrors the new one.
-        self.activation_checkpointing = self.gradient_checkpointing = False
 
     def _check_ranges(self) -> None:
         def at_least(name: str, low: float, hint: str = "") -> None:

@@ -158,6 +158,35 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def enable_full_determinism(seed: int, warn_only: bool = False) -> None:
+    """transformers' function: :func:`set_seed`, then torch's deterministic
+    algorithms for the whole process (``torch.use_deterministic_algorithms``, cuDNN
+    deterministic and not benchmarking, and the environment CUDA needs for it:
+    ``CUBLAS_WORKSPACE_CONFIG``, ``CUDA_LAUNCH_BLOCKING``). ``warn_only``: an
+    operation without a deterministic implementation warns instead of raising."""
+    set_seed(seed)
+    os.environ["CUDA_LAUNCH_BLOCKING"] = "1"
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":16:8"
+    os.environ["FLASH_ATTENTION_DETERMINISTIC"] = "1"
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def clear_device_cache() -> None:
+    """Free the memory torch's allocator keeps cached on the accelerators there are
+    (CUDA, XPU, MPS), as transformers' ``torch_empty_cache_steps`` does; nothing to
+    do on the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        xpu.empty_cache()
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        torch.mps.empty_cache()
+
+
 def default_data_collator(features: Sequence[Any]) -> dict[str, Any]:
     """Stack a list of dict-like examples into a batch of tensors.
 
@@ -528,7 +557,10 @@ class Trainer:
             raise TypeError("optimizers must be a pair (optimizer, lr_scheduler); use (None, None) for the defaults")
         self.args = args
         # Seed before anything random happens, as transformers does in its __init__.
-        set_seed(args.seed)
+        if getattr(args, "full_determinism", False):
+            enable_full_determinism(args.seed)
+        else:
+            set_seed(args.seed)
         self.model = model
         self.data_collator = data_collator if data_collator is not None else default_data_collator
         self.train_dataset = train_dataset
@@ -550,7 +582,10 @@ class Trainer:
         # The DDP wrapper used for training steps (set when training starts);
         # ``self.model`` stays the plain module (checkpoints, evaluation).
         self.model_wrapped: nn.Module = model
+        # (the module compiled, its compiled form) with torch_compile, once built.
+        self._compiled: tuple[nn.Module, nn.Module] | None = None
         self._check_precision()
+        self._check_activation_checkpointing()
         # fp16's loss scaler (made when training starts; None without fp16).
         self.scaler: torch.amp.GradScaler | None = None
         self._user_sinks: list[Sink] = list(sinks or [])
@@ -598,6 +633,42 @@ class Trainer:
         self.current_gradient_accumulation_steps = 1
         self._record_device()
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    def _check_activation_checkpointing(self) -> None:
+        if getattr(self.args, "activation_checkpointing", False) and self._checkpointing_enabler() is None:
+            raise TrainingArgumentsError(
+                f"activation_checkpointing=True (or gradient_checkpointing=True): {type(self.model).__name__} has no "
+                "activation_checkpointing_enable() or gradient_checkpointing_enable() method (transformers' models "
+                "have them); checkpoint inside its forward with torch.utils.checkpoint.checkpoint instead and leave "
+                "the argument unset"
+            )
+
+    def _checkpointing_enabler(self) -> Callable[..., Any] | None:
+        for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
+            fn = getattr(self.model, name, None)
+            if callable(fn):
+                return fn
+        return None
+
+    def _enable_activation_checkpointing(self) -> None:
+        """As transformers when training starts: the model's own switch, with
+        ``activation_checkpointing_kwargs`` (``every_n_layers`` and ``offload`` as
+        its arguments, the rest for ``torch.utils.checkpoint``)."""
+        if not getattr(self.args, "activation_checkpointing", False):
+            return
+        self._check_activation_checkpointing()
+        enable = self._checkpointing_enabler()
+        assert enable is not None
+        options = dict(getattr(self.args, "activation_checkpointing_kwargs", None) or {})
+        every_n_layers = options.pop("every_n_layers", 1)
+        offload = options.pop("offload", False)
+        # An older gradient_checkpointing_enable(gradient_checkpointing_kwargs=None)
+        # takes neither extra argument: they are passed only when set.
+        extra = {} if every_n_layers == 1 and not offload else {"every_n_layers": every_n_layers, "offload": offload}
+        if enable.__name__ == "activation_checkpointing_enable":
+            enable(activation_checkpointing_kwargs=options or None, every_n_layers=every_n_layers, offload=offload)
+        else:
+            enable(gradient_checkpointing_kwargs=options or None, **extra)
 
     def _check_precision(self) -> None:
         # Refused when the trainer is built (and again when training starts, the model
@@ -1235,6 +1306,7 @@ class Trainer:
             if not getattr(args, "ignore_data_skip", False):
                 steps_trained_in_current_epoch = (self.state.global_step % nuspe) * args.gradient_accumulation_steps
         self.state.init_training_references(self, max_steps, num_train_epochs)
+        self._enable_activation_checkpointing()
         self.model_wrapped = self._wrap_model()
         self._interrupt_agreed = False
 
@@ -1328,10 +1400,23 @@ class Trainer:
     def _wrap_model(self) -> nn.Module:
         """The module training steps run through: ``DistributedDataParallel`` around
         ``self.model`` when distributed (its gradients are averaged across ranks in
-        backward), else the model itself. Wrapped after a resume loaded the weights:
-        DDP broadcasts rank 0's parameters when it is built."""
+        backward), else the model itself; compiled with ``torch.compile`` when
+        ``args.torch_compile`` (once per trainer: a second train() reuses it). Wrapped
+        after a resume loaded the weights: DDP broadcasts rank 0's parameters when it
+        is built."""
+        model = self._ddp_model()
+        if not getattr(self.args, "torch_compile", False):
+            return model
+        if self._compiled is None or self._compiled[0] is not model:
+            backend = getattr(self.args, "torch_compile_backend", None) or "inductor"
+            self._compiled = (model, torch.compile(model, backend=backend, mode=getattr(self.args, "torch_compile_mode", None)))
+        return self._compiled[1]
+
+    def _ddp_model(self) -> nn.Module:
         if not self.dist.is_distributed or not distributed.is_initialized():
             return self.model
+        if self._compiled is not None and isinstance(self._compiled[0], nn.parallel.DistributedDataParallel):
+            return self._compiled[0]
         if isinstance(self.model_wrapped, nn.parallel.DistributedDataParallel):
             return self.model_wrapped
         device = self._device
@@ -1468,6 +1553,7 @@ class Trainer:
         ga = args.gradient_accumulation_steps
         state = self.state
         model = self.model_wrapped
+        ddp = getattr(model, "_orig_mod", model)  # under torch.compile: the module it compiled
         device = self._device
         distributed_run = self.dist.is_distributed
         step = -1
@@ -1532,9 +1618,9 @@ class Trainer:
                 if step % ga == 0:
                     self.control = handler.on_step_begin(args, state, self.control)
 
-                if distributed_run and not do_sync_step and isinstance(model, nn.parallel.DistributedDataParallel):
+                if distributed_run and not do_sync_step and isinstance(ddp, nn.parallel.DistributedDataParallel):
                     # Accumulate locally; the gradients are averaged once, on the sync step.
-                    with model.no_sync():
+                    with ddp.no_sync():
                         loss_step = self.training_step(model, _to_device(inputs, device), *step_args)
                 else:
                     loss_step = self.training_step(model, _to_device(inputs, device), *step_args)
@@ -1623,6 +1709,9 @@ class Trainer:
                 loss = self.compute_loss(model, inputs)
             else:
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        every = getattr(self.args, "torch_empty_cache_steps", None)
+        if every is not None and self.state.global_step % every == 0:
+            clear_device_cache()
         loss = loss / self.current_gradient_accumulation_steps
         if self.scaler is not None:  # fp16: the scaled loss, unscaled before the step
             self.scaler.scale(loss).backward()

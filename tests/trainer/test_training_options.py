@@ -1,0 +1,217 @@
+"""transformers' training options this trainer implements beyond the loop itself:
+activation (gradient) checkpointing, torch.compile, full determinism and emptying
+the device cache every N steps."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import trainer.trainer as trainer_module
+from trainer import Trainer, TrainerCallback, TrainingArguments
+from trainer.arguments import TrainingArgumentsError
+
+from tests.conftest import require_module
+
+from ._loop_helpers import TinyClassifier, make_dataset, tiny_args
+
+N = 32
+
+
+def _losses(t: Trainer) -> list[float]:
+    return [h["loss"] for h in t.state.log_history if "loss" in h]
+
+
+# -- activation checkpointing --------------------------------------------------------
+
+
+def _tiny_gpt2():
+    """A real transformers model (built from a config: nothing downloaded), without
+    dropout so that two runs compare exactly."""
+    transformers = require_module("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _token_data(n: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 40, (n, 12), generator=g)
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+class _CheckpointSpy(TrainerCallback):
+    """Whether the model was checkpointing when training began."""
+
+    def __init__(self) -> None:
+        self.at_begin: bool | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.at_begin = model.is_activation_checkpointing
+
+
+class _SavedTensorsCounting(Trainer):
+    """Counts the tensors autograd saves for backward in each training step (what
+    activation checkpointing cuts down)."""
+
+    saved_per_step: list[int]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        count = [0]
+
+        def pack(t):
+            count[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        self.saved_per_step = getattr(self, "saved_per_step", []) + [count[0]]
+        return loss
+
+
+def test_activation_checkpointing_enables_the_models_own_and_trains_the_same(tmp_path):
+    data = _token_data(N)
+    plain = _SavedTensorsCounting(
+        _tiny_gpt2(), tiny_args(tmp_path / "a", max_steps=4, per_device_train_batch_size=8), train_dataset=data
+    )
+    plain.train()
+    spy = _CheckpointSpy()
+    model = _tiny_gpt2()
+    args = tiny_args(tmp_path / "b", max_steps=4, per_device_train_batch_size=8, gradient_checkpointing=True,
+                     gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert args.activation_checkpointing is True and args.activation_checkpointing_kwargs == {"use_reentrant": False}
+    checkpointed = _SavedTensorsCounting(model, args, train_dataset=data, callbacks=[spy])
+    assert not model.is_activation_checkpointing  # switched on when training starts, as transformers
+    checkpointed.train()
+    assert spy.at_begin is True and model.is_activation_checkpointing
+    # The blocks' activations are recomputed in backward, not kept: far fewer saved.
+    assert max(checkpointed.saved_per_step) < min(plain.saved_per_step) / 2
+    assert _losses(checkpointed) == pytest.approx(_losses(plain), rel=1e-5)
+
+
+def test_activation_checkpointing_options_reach_the_model(tmp_path):
+    class Recording(TinyClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[dict] = []
+
+        def activation_checkpointing_enable(self, **kwargs):
+            self.calls.append(kwargs)
+
+    class Older(TinyClassifier):
+        """A model with only the older switch (sentence-transformers' kind)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[dict] = []
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.calls.append({"gradient_checkpointing_kwargs": gradient_checkpointing_kwargs})
+
+    model = Recording()
+    options = '{"use_reentrant": false, "every_n_layers": 2}'  # a JSON object, as from a command line
+    Trainer(model, tiny_args(tmp_path, max_steps=1, activation_checkpointing=True, activation_checkpointing_kwargs=options),
+            train_dataset=make_dataset(N)).train()
+    assert model.calls == [{"activation_checkpointing_kwargs": {"use_reentrant": False}, "every_n_layers": 2, "offload": False}]
+
+    older = Older()
+    Trainer(older, tiny_args(tmp_path, max_steps=1, gradient_checkpointing=True), train_dataset=make_dataset(N)).train()
+    assert older.calls == [{"gradient_checkpointing_kwargs": None}]
+
+
+def test_activation_checkpointing_of_a_model_without_the_switch_is_refused_when_built(tmp_path):
+    with pytest.raises(TrainingArgumentsError, match="TinyClassifier has no activation_checkpointing_enable.*torch.utils.checkpoint"):
+        Trainer(TinyClassifier(), tiny_args(tmp_path, activation_checkpointing=True), train_dataset=make_dataset(N))
+
+
+def test_checkpointing_aliases_mirror_each_other_as_in_transformers():
+    assert TrainingArguments(output_dir="x").gradient_checkpointing is False
+    args = TrainingArguments(output_dir="x", activation_checkpointing=True)
+    assert args.gradient_checkpointing is True
+    with pytest.raises(TrainingArgumentsError, match="activation_checkpointing_kwargs: not a JSON object"):
+        TrainingArguments(output_dir="x", activation_checkpointing_kwargs="{oops")
+
+
+# -- torch.compile -------------------------------------------------------------------
+
+
+def test_torch_compile_trains_through_the_compiled_model_with_the_backend_asked_for(tmp_path):
+    from torch._dynamo import register_backend
+
+    graphs = []
+
+    @register_backend(name="eventbus_test_recording")
+    def recording(gm, example_inputs):  # noqa: ANN001
+        graphs.append(gm)
+        return gm.forward
+
+    reference = Trainer(TinyClassifier(), tiny_args(tmp_path / "a", max_steps=6), train_dataset=make_dataset(N))
+    reference.train()
+    args = tiny_args(tmp_path / "b", max_steps=6, torch_compile_backend="eventbus_test_recording")
+    assert args.torch_compile is True  # a backend asks for compiling, as in transformers
+    model = TinyClassifier()
+    t = Trainer(model, args, train_dataset=make_dataset(N), eval_dataset=make_dataset(8))
+    t.train()
+    assert graphs, "the backend never compiled a graph"
+    assert type(t.model_wrapped).__name__ == "OptimizedModule" and t.model_wrapped._orig_mod is model
+    assert _losses(t) == pytest.approx(_losses(reference), rel=1e-6)
+    # Checkpoints and evaluation use the model itself (no "_orig_mod." in its keys).
+    assert not any(k.startswith("_orig_mod") for k in t.model.state_dict())
+    assert "eval_loss" in t.evaluate()
+    # A second train() of the same trainer reuses the compiled module.
+    compiled = t.model_wrapped
+    t.args.max_steps = 2
+    t.train()
+    assert t.model_wrapped is compiled
+
+
+def test_torch_compile_defaults_to_inductor_and_trains_the_same(tmp_path):
+    args = tiny_args(tmp_path / "b", max_steps=3, torch_compile=True)
+    assert args.torch_compile_backend == "inductor"
+    reference = Trainer(TinyClassifier(), tiny_args(tmp_path / "a", max_steps=3), train_dataset=make_dataset(N))
+    reference.train()
+    t = Trainer(TinyClassifier(), args, train_dataset=make_dataset(N))
+    t.train()
+    assert type(t.model_wrapped).__name__ == "OptimizedModule"
+    assert _losses(t) == pytest.approx(_losses(reference), rel=1e-5)
+
+
+# -- full determinism, empty cache ---------------------------------------------------
+
+
+def test_full_determinism_turns_on_torchs_deterministic_algorithms(tmp_path, monkeypatch):
+    for name in ("CUBLAS_WORKSPACE_CONFIG", "CUDA_LAUNCH_BLOCKING", "FLASH_ATTENTION_DETERMINISTIC"):
+        monkeypatch.delenv(name, raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        runs = []
+        for sub in ("a", "b"):
+            t = Trainer(TinyClassifier(dropout=0.3), tiny_args(tmp_path / sub, max_steps=4, full_determinism=True),
+                        train_dataset=make_dataset(N))
+            assert torch.are_deterministic_algorithms_enabled()
+            assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+            t.train()
+            runs.append(_losses(t))
+        assert runs[0] == runs[1]  # seeded again by the second trainer: the same run
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
+
+
+def test_torch_empty_cache_steps_clears_the_device_cache_on_its_schedule(tmp_path, monkeypatch):
+    at_steps: list[int] = []
+    t = Trainer(TinyClassifier(), tiny_args(tmp_path, max_steps=7, torch_empty_cache_steps=3, gradient_accumulation_steps=2),
+                train_dataset=make_dataset(64))
+    monkeypatch.setattr(trainer_module, "clear_device_cache", lambda: at_steps.append(t.state.global_step))
+    t.train()
+    # As transformers: in each micro-batch's training step whose global_step (the
+    # steps done before it) is a multiple of 3.
+    assert at_steps == [0, 0, 3, 3, 6, 6]
+    with pytest.raises(TrainingArgumentsError, match="torch_empty_cache_steps must be a positive integer"):
+        TrainingArguments(output_dir="x", torch_empty_cache_steps=0)
