@@ -187,8 +187,6 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
                             "with Trainer(optimizers=(optimizer, lr_scheduler))"),
     "optim_args": ((None, ""), _OWN_OPTIMIZER),
     "optim_target_modules": ((None,), _OWN_OPTIMIZER),
-    "label_smoothing_factor": ((0, 0.0), "smooth the labels in the model's loss (e.g. torch.nn.CrossEntropyLoss("
-                               "label_smoothing=...)) or override Trainer.compute_loss"),
     "bf16_full_eval": ((False,), _CAST_FOR_EVAL),
     "fp16_full_eval": ((False,), _CAST_FOR_EVAL),
     "tf32": ((None, False), "set torch.backends.cuda.matmul.allow_tf32 (or torch.set_float32_matmul_precision) in your "
@@ -243,8 +241,8 @@ class TrainingArguments:
       :meth:`to_dict` (so tracking backends log them, as transformers' do), and not
       used by this trainer;
     - those that change training in transformers and that this trainer does not
-      implement (``bf16_full_eval``, ``label_smoothing_factor``, ``optim`` other
-      than AdamW, ``fsdp``, ``deepspeed``...): they hold
+      implement (``bf16_full_eval``, ``optim`` other than AdamW, ``fsdp``,
+      ``deepspeed``...): they hold
       transformers' default, and any other value is refused when the arguments are
       built, with what to do instead, rather than silently ignored.
 
@@ -471,7 +469,10 @@ class TrainingArguments:
     """Accepted for compatibility, not used by this trainer: the loss is the model's
     own per-batch mean (no ``num_items_in_batch``)."""
     label_smoothing_factor: float = 0.0
-    """Only ``0``: smooth labels in the model's loss."""
+    """Label smoothing in [0, 1), as transformers: the model is called without
+    ``labels`` and the loss (training and evaluation) is computed from its logits
+    (``output["logits"]`` or ``output[0]``) with labels -100 ignored, shifted by one
+    for transformers' causal language models. Not for multi-label classification."""
     bf16: bool = False
     """Mixed precision in bfloat16: the forward pass (training and evaluation) runs
     under ``torch.autocast``, the weights and optimizer stay float32. Needs a device
@@ -728,7 +729,7 @@ class TrainingArguments:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                 raise TrainingArgumentsError(f"{name} must be an integer or None, got {v!r} ({type(v).__name__})")
         numbers = ("num_train_epochs", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
-                   "warmup_steps", "logging_steps", "save_steps", "eval_delay", "bus_close_timeout",
+                   "label_smoothing_factor", "warmup_steps", "logging_steps", "save_steps", "eval_delay", "bus_close_timeout",
                    "bus_flush_interval", "ddp_timeout")
         for name in numbers:
             v = getattr(self, name)
@@ -845,7 +846,7 @@ class TrainingArguments:
             at_least(name, 0)
         at_least("max_grad_norm", 0, " (use 0 or None to disable clipping)")
         at_least("warmup_steps", 0)
-        for name in ("adam_beta1", "adam_beta2"):
+        for name in ("adam_beta1", "adam_beta2", "label_smoothing_factor"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise TrainingArgumentsError(f"{name} must be in [0, 1), got {v!r}")

@@ -37,6 +37,7 @@ from trainer import _marks
 from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer import precision
+from trainer.label_smoothing import LabelSmoother, is_causal_lm
 from trainer.arguments import TrainingArguments, TrainingArgumentsError
 from trainer._callback_watch import CallbackTimeWatch
 from trainer.callbacks import CallbackHandler, TrainerCallback, _read_values
@@ -582,6 +583,10 @@ class Trainer:
         # The DDP wrapper used for training steps (set when training starts);
         # ``self.model`` stays the plain module (checkpoints, evaluation).
         self.model_wrapped: nn.Module = model
+        # label_smoothing_factor: transformers' smoother on the model's logits, the
+        # labels shifted for its causal language models.
+        self.label_smoother = self._make_label_smoother()
+        self._causal_lm = is_causal_lm(model)
         # (the module compiled, its compiled form) with torch_compile, once built.
         self._compiled: tuple[nn.Module, nn.Module] | None = None
         self._check_precision()
@@ -633,6 +638,26 @@ class Trainer:
         self.current_gradient_accumulation_steps = 1
         self._record_device()
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    def _make_label_smoother(self) -> LabelSmoother | None:
+        factor = getattr(self.args, "label_smoothing_factor", 0.0) or 0.0
+        if not factor:
+            return None
+        if getattr(getattr(self.model, "config", None), "problem_type", None) == "multi_label_classification":
+            logger.warning(
+                "label_smoothing_factor=%s does not apply to multi-label classification (config.problem_type); "
+                "training without label smoothing, as transformers", factor,
+            )
+            return None
+        return LabelSmoother(epsilon=float(factor))
+
+    def _smoothed_loss(self, model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, Any]:
+        """(loss, outputs) with label smoothing: the model is called without its
+        labels and the smoother computes the loss from its logits."""
+        assert self.label_smoother is not None
+        rest = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**rest)
+        return self.label_smoother(outputs, inputs["labels"], shift_labels=self._causal_lm), outputs
 
     def _check_activation_checkpointing(self) -> None:
         if getattr(self.args, "activation_checkpointing", False) and self._checkpointing_enabler() is None:
@@ -1732,7 +1757,14 @@ class Trainer:
         ``num_items_in_batch`` is accepted for transformers' signature and not used:
         the model is called with the batch alone, and its loss is its own (per-batch)
         reduction. An override that normalises by it must also skip the division by
-        the accumulation steps in :meth:`training_step`."""
+        the accumulation steps in :meth:`training_step`.
+
+        With ``label_smoothing_factor``, the model is called without ``labels`` and
+        the loss is :class:`~trainer.label_smoothing.LabelSmoother`'s on its logits,
+        as transformers."""
+        if self.label_smoother is not None and "labels" in inputs:
+            loss, outputs = self._smoothed_loss(model, inputs)
+            return (loss, outputs) if return_outputs else loss
         outputs = model(**inputs)
         loss = _loss_of(outputs)
         if loss.dim() > 0:
@@ -2229,9 +2261,15 @@ class Trainer:
             found = tuple(inputs[k].detach() if isinstance(inputs[k], torch.Tensor) else inputs[k] for k in self.label_names)
             label = found[0] if len(found) == 1 else found
         with torch.no_grad(), self.compute_loss_context_manager():
-            outputs = model(**inputs)
             loss = None
-            if has_labels:
+            if has_labels and self.label_smoother is not None and "labels" in inputs:
+                # The evaluation loss smoothed too, as transformers (its prediction_step
+                # goes through compute_loss).
+                smoothed, outputs = self._smoothed_loss(model, inputs)
+                loss = smoothed.detach()
+            else:
+                outputs = model(**inputs)
+            if has_labels and loss is None:
                 loss = _loss_of(outputs).detach().mean()
                 if isinstance(outputs, Mapping):
                     logits = tuple(v for k, v in outputs.items() if k not in ignore + ["loss"])

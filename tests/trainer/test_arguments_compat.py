@@ -65,7 +65,6 @@ _NOT_IMPLEMENTED = {
     "optim": "adafactor",
     "optim_args": "betas=(0.9,0.95)",
     "optim_target_modules": ["attn"],
-    "label_smoothing_factor": 0.1,
     "bf16_full_eval": True,
     "fp16_full_eval": True,
     "tf32": True,

@@ -215,3 +215,65 @@ def test_torch_empty_cache_steps_clears_the_device_cache_on_its_schedule(tmp_pat
     assert at_steps == [0, 0, 3, 3, 6, 6]
     with pytest.raises(TrainingArgumentsError, match="torch_empty_cache_steps must be a positive integer"):
         TrainingArguments(output_dir="x", torch_empty_cache_steps=0)
+
+
+# -- label smoothing -----------------------------------------------------------------
+
+
+def test_label_smoother_computes_what_transformers_does():
+    from transformers.trainer_pt_utils import LabelSmoother as Theirs
+
+    from trainer.label_smoothing import LabelSmoother
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 7, 11, generator=g)
+    labels = torch.randint(0, 11, (4, 7), generator=g)
+    labels[0, :3] = -100  # padding, ignored
+    for shift in (False, True):
+        ours = LabelSmoother(epsilon=0.2)({"logits": logits}, labels, shift_labels=shift)
+        theirs = Theirs(epsilon=0.2)({"logits": logits}, labels, shift_labels=shift)
+        assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
+    # A classifier's labels (one per example), a tuple output.
+    flat = torch.randn(5, 3, generator=g)
+    y = torch.tensor([0, 2, 1, 1, -100])
+    assert float(LabelSmoother(0.1)((flat,), y)) == pytest.approx(float(Theirs(0.1)((flat,), y)), rel=1e-6)
+
+
+def test_label_smoothing_trains_and_evaluates_on_the_smoothed_loss(tmp_path):
+    from trainer.label_smoothing import LabelSmoother
+
+    def smoothed_and_plain(model, data):
+        x = torch.stack([d["x"] for d in data])
+        y = torch.tensor([d["labels"] for d in data])
+        with torch.no_grad():
+            return float(LabelSmoother(0.25)(model(x), y)), float(model(x, y)["loss"])
+
+    model = TinyClassifier()
+    train_data, eval_data = make_dataset(N), make_dataset(8, seed=1)
+    expected_eval, plain_eval = smoothed_and_plain(model, eval_data)
+    expected_first_step, _ = smoothed_and_plain(model, train_data)
+    t = Trainer(
+        model, tiny_args(tmp_path, max_steps=3, label_smoothing_factor=0.25, per_device_train_batch_size=N,
+                         per_device_eval_batch_size=8),
+        train_dataset=train_data, eval_dataset=eval_data,
+    )
+    assert t.evaluate()["eval_loss"] == pytest.approx(expected_eval, rel=1e-6)
+    assert expected_eval != pytest.approx(plain_eval, rel=1e-3)
+    t.train()
+    # The first step's batch is the whole training set: its loss is the smoothed one.
+    assert _losses(t)[0] == pytest.approx(expected_first_step, rel=1e-5)
+    with pytest.raises(TrainingArgumentsError, match=r"label_smoothing_factor must be in \[0, 1\)"):
+        TrainingArguments(output_dir="x", label_smoothing_factor=1.5)
+
+
+def test_label_smoothing_shifts_the_labels_of_a_causal_language_model(tmp_path):
+    from trainer.label_smoothing import LabelSmoother, is_causal_lm
+
+    model = _tiny_gpt2()
+    assert is_causal_lm(model) and not is_causal_lm(TinyClassifier())
+    data = _token_data(8)
+    ids = torch.stack([d["input_ids"] for d in data])
+    with torch.no_grad():
+        expected = float(LabelSmoother(0.1)(model(input_ids=ids), ids, shift_labels=True))
+    t = Trainer(model, tiny_args(tmp_path, label_smoothing_factor=0.1, per_device_eval_batch_size=8), eval_dataset=data)
+    assert t.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)
