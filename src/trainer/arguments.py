@@ -189,8 +189,6 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "optim_target_modules": ((None,), _OWN_OPTIMIZER),
     "bf16_full_eval": ((False,), _CAST_FOR_EVAL),
     "fp16_full_eval": ((False,), _CAST_FOR_EVAL),
-    "tf32": ((None, False), "set torch.backends.cuda.matmul.allow_tf32 (or torch.set_float32_matmul_precision) in your "
-             "script before training"),
     "use_liger_kernel": ((False,), "apply Liger's kernels to the model yourself before creating the Trainer"),
     "use_cache": ((False,), "this trainer leaves model.config.use_cache as the model has it; set it there"),
     "neftune_noise_alpha": ((None,), "add the noise to the embeddings yourself (a forward hook on the embedding "
@@ -202,8 +200,6 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "batch_eval_metrics": ((False,), "compute_metrics is called once, on the whole evaluation set, here"),
     "save_only_model": ((False,), "checkpoints here always hold the optimizer, scheduler and RNG states that a "
                         "resume needs; copy the model out of a checkpoint if you want it alone"),
-    "use_cpu": ((False,), "this trainer trains where the model is: keep the model on the CPU, or hide the GPUs "
-                "with CUDA_VISIBLE_DEVICES=''"),
     "accelerator_config": ((None,), "this trainer does not use accelerate"),
     "parallelism_config": ((None,), "this trainer does not use accelerate; it trains with DistributedDataParallel "
                            "under torchrun"),
@@ -487,7 +483,11 @@ class TrainingArguments:
     fp16_full_eval: bool = False
     """Only ``False``."""
     tf32: bool | None = None
-    """Only ``None``: set torch's TF32 flags in your script."""
+    """TF32 matrix products and convolutions on the GPU (torch's
+    ``backends.cuda.matmul.allow_tf32`` and ``backends.cudnn.allow_tf32``, process
+    wide), set when the trainer is built, as transformers: ``True`` needs an Ampere or
+    newer NVIDIA GPU (refused otherwise), ``False`` turns both off, ``None`` leaves
+    torch's settings alone."""
     activation_checkpointing: bool | None = None
     """Recompute activations in backward instead of keeping them (less memory): the
     trainer calls the model's ``activation_checkpointing_enable()`` (transformers'
@@ -540,7 +540,8 @@ class TrainingArguments:
     repeats exactly on the same hardware, slower; an operation without a
     deterministic implementation then raises."""
     use_cpu: bool = False
-    """Only ``False``: the trainer trains where the model is."""
+    """Train on the CPU even where there is a GPU: the trainer moves the model to the
+    CPU (it otherwise trains where the model is), and a distributed run uses gloo."""
     accelerator_config: dict[str, Any] | str | None = None
     """Only ``None``: this trainer does not use accelerate."""
     parallelism_config: Any = None
@@ -747,12 +748,12 @@ class TrainingArguments:
                  # ``if args.do_eval`` gets a bool)
                  "do_train", "do_eval", "do_predict", "hub_always_push", "remove_unused_columns",
                  "eval_use_gather_object", "enable_jit_checkpoint", "bf16", "fp16", "activation_checkpointing",
-                 "torch_compile", "full_determinism")
+                 "torch_compile", "full_determinism", "use_cpu")
         for name in bools:
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise TrainingArgumentsError(f"{name} must be True or False, got {v!r}")
-        for name in ("greater_is_better", "hub_private_repo"):
+        for name in ("greater_is_better", "hub_private_repo", "tf32"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise TrainingArgumentsError(f"{name} must be True, False or None, got {v!r}")

@@ -174,6 +174,22 @@ def enable_full_determinism(seed: int, warn_only: bool = False) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def _apply_tf32(tf32: bool | None) -> None:
+    """``args.tf32`` as transformers applies it: torch's TF32 switches for matrix
+    products and cuDNN, on (needs an Ampere or newer GPU) or off; ``None``: as they are."""
+    if tf32 is None:
+        return
+    if tf32:
+        capable = torch.cuda.is_available() and torch.version.cuda is not None and torch.cuda.get_device_capability() >= (8, 0)
+        if not capable:
+            raise TrainingArgumentsError(
+                "tf32=True needs an NVIDIA GPU of the Ampere generation or newer (compute capability 8.0), and "
+                "none is visible here; leave tf32 unset (or False)"
+            )
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
 def clear_device_cache() -> None:
     """Free the memory torch's allocator keeps cached on the accelerators there are
     (CUDA, XPU, MPS), as transformers' ``torch_empty_cache_steps`` does; nothing to
@@ -573,11 +589,15 @@ class Trainer:
         self.label_names: list[str] = list(getattr(args, "label_names", None) or ["labels"])
         # Under torchrun (WORLD_SIZE > 1) the process group starts here, as in
         # transformers' TrainingArguments, so the rank is known from the start.
+        use_cpu = bool(getattr(args, "use_cpu", False))
+        if use_cpu:
+            self.model = model = model.to("cpu")
         distributed.init_process_group(
-            timeout=args.ddp_timeout, backend=args.ddp_backend
+            timeout=args.ddp_timeout, backend=args.ddp_backend or ("gloo" if use_cpu else None)
         )
         self.dist = distributed.get_info()
-        if distributed.is_initialized() and distributed.device_for_rank().type == "cuda":
+        _apply_tf32(getattr(args, "tf32", None))
+        if not use_cpu and distributed.is_initialized() and distributed.device_for_rank().type == "cuda":
             # One GPU per rank: the user's script need not know its local rank.
             self.model = model = model.to(distributed.device_for_rank())
         # The DDP wrapper used for training steps (set when training starts);

@@ -277,3 +277,38 @@ def test_label_smoothing_shifts_the_labels_of_a_causal_language_model(tmp_path):
         expected = float(LabelSmoother(0.1)(model(input_ids=ids), ids, shift_labels=True))
     t = Trainer(model, tiny_args(tmp_path, label_smoothing_factor=0.1, per_device_eval_batch_size=8), eval_dataset=data)
     assert t.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+# -- use_cpu, tf32 -------------------------------------------------------------------
+
+
+def test_use_cpu_trains_on_the_cpu_and_picks_gloo_for_a_process_group(tmp_path, monkeypatch):
+    chosen = []
+    monkeypatch.setattr(trainer_module.distributed, "init_process_group",
+                        lambda timeout=None, backend=None: chosen.append(backend) or False)
+    model = TinyClassifier()
+    t = Trainer(model, tiny_args(tmp_path, max_steps=2, use_cpu=True), train_dataset=make_dataset(N))
+    t.train()
+    assert chosen == ["gloo"] and str(t.args.device) == "cpu" and t.args.n_gpu == 0
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    Trainer(TinyClassifier(), tiny_args(tmp_path, use_cpu=True, ddp_backend="nccl"), train_dataset=make_dataset(N))
+    Trainer(TinyClassifier(), tiny_args(tmp_path), train_dataset=make_dataset(N))
+    assert chosen[1:] == ["nccl", None]  # the backend asked for; without use_cpu, the device decides
+
+
+def test_tf32_false_turns_torchs_switches_off_and_true_needs_an_ampere_gpu(tmp_path):
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        Trainer(TinyClassifier(), tiny_args(tmp_path, tf32=False), train_dataset=make_dataset(N))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        Trainer(TinyClassifier(), tiny_args(tmp_path), train_dataset=make_dataset(N))  # None: left alone
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+        if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+            Trainer(TinyClassifier(), tiny_args(tmp_path, tf32=True), train_dataset=make_dataset(N))
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        else:
+            with pytest.raises(TrainingArgumentsError, match="tf32=True needs an NVIDIA GPU of the Ampere generation"):
+                Trainer(TinyClassifier(), tiny_args(tmp_path, tf32=True), train_dataset=make_dataset(N))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
