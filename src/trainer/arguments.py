@@ -101,12 +101,20 @@ class SaveStrategy(_StrEnum):
 
 
 class SchedulerType(_StrEnum):
-    """The learning-rate schedules this trainer implements (transformers' names)."""
+    """The learning-rate schedules this trainer implements (transformers' names;
+    :mod:`trainer.schedules`)."""
 
     LINEAR = "linear"
     COSINE = "cosine"
+    COSINE_WITH_RESTARTS = "cosine_with_restarts"
+    POLYNOMIAL = "polynomial"
     CONSTANT = "constant"
     CONSTANT_WITH_WARMUP = "constant_with_warmup"
+    INVERSE_SQRT = "inverse_sqrt"
+    REDUCE_ON_PLATEAU = "reduce_lr_on_plateau"
+    COSINE_WITH_MIN_LR = "cosine_with_min_lr"
+    COSINE_WARMUP_WITH_MIN_LR = "cosine_warmup_with_min_lr"
+    WARMUP_STABLE_DECAY = "warmup_stable_decay"
 
 
 class HubStrategy(_StrEnum):
@@ -183,8 +191,6 @@ _CAST_FOR_EVAL = (
 # trains without the mixed precision or the checkpointing it asked for is worse
 # than one that does not start.
 _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "lr_scheduler_kwargs": ((None, {}), "the schedules here take no extra arguments; pass your own scheduler "
-                            "with Trainer(optimizers=(optimizer, lr_scheduler))"),
     "optim_args": ((None, ""), _OWN_OPTIMIZER),
     "optim_target_modules": ((None,), _OWN_OPTIMIZER),
     "bf16_full_eval": ((False,), _CAST_FOR_EVAL),
@@ -452,7 +458,12 @@ class TrainingArguments:
     # default is refused when the arguments are built (see _NOT_IMPLEMENTED for
     # what to do instead). Settings of a feature that is off are accepted.
     lr_scheduler_kwargs: dict[str, Any] | str | None = None
-    """Only ``None``: the schedules here take no extra arguments."""
+    """Options of the ``lr_scheduler_type`` schedule, as transformers': ``num_cycles``
+    (cosine ones), ``lr_end``/``power`` (polynomial), ``timescale`` (inverse_sqrt),
+    ``min_lr``/``min_lr_rate`` (the min_lr ones, which need one), ``num_decay_steps``
+    (warmup_stable_decay, needed)..., torch's ``ReduceLROnPlateau`` arguments for
+    ``reduce_lr_on_plateau``. A JSON object in text is parsed; an option the schedule
+    does not take is refused when the trainer is built."""
     optim: OptimizerNames | str = "adamw_torch_fused"
     """``adamw_torch_fused`` or ``adamw_torch`` (an :class:`OptimizerNames`): both
     torch's AdamW, the optimizer this trainer creates; other optimizers are refused
@@ -670,7 +681,13 @@ class TrainingArguments:
                 )
         self._check_steps()
 
-        if self.load_best_model_at_end and self.metric_for_best_model is None:
+        plateau = self.lr_scheduler_type == SchedulerType.REDUCE_ON_PLATEAU
+        if plateau and self.eval_strategy == IntervalStrategy.NO:
+            raise TrainingArgumentsError(
+                'lr_scheduler_type="reduce_lr_on_plateau" lowers the rate when an evaluation metric stops improving, '
+                'but eval_strategy="no"; set eval_strategy to "steps" or "epoch"'
+            )
+        if (self.load_best_model_at_end or plateau) and self.metric_for_best_model is None:
             self.metric_for_best_model = "loss"
         if self.greater_is_better is None and self.metric_for_best_model is not None:
             self.greater_is_better = not self.metric_for_best_model.endswith("loss")
@@ -695,7 +712,7 @@ class TrainingArguments:
             self.debug = self.debug.split()
         if isinstance(self.resume_from_checkpoint, os.PathLike):
             self.resume_from_checkpoint = os.fspath(self.resume_from_checkpoint)
-        for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
+        for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs", "lr_scheduler_kwargs"):
             value = getattr(self, name)
             if isinstance(value, str) and value.strip().startswith("{"):  # from a command line, as transformers
                 try:
@@ -791,11 +808,10 @@ class TrainingArguments:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise TrainingArgumentsError(f"{name} must be a positive integer or None, got {v!r}")
-        v = self.activation_checkpointing_kwargs
-        if v is not None and not isinstance(v, dict):
-            raise TrainingArgumentsError(
-                f"activation_checkpointing_kwargs must be a dict (or a JSON object) or None, got {type(v).__name__}"
-            )
+        for name in ("activation_checkpointing_kwargs", "lr_scheduler_kwargs"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, dict):
+                raise TrainingArgumentsError(f"{name} must be a dict (or a JSON object) or None, got {type(v).__name__}")
         for name in ("torch_compile_backend", "torch_compile_mode"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):

@@ -38,6 +38,7 @@ from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer import precision
 from trainer.label_smoothing import LabelSmoother, is_causal_lm
+from trainer.schedules import get_scheduler
 from trainer.arguments import TrainingArguments, TrainingArgumentsError
 from trainer._callback_watch import CallbackTimeWatch
 from trainer.callbacks import CallbackHandler, TrainerCallback, _read_values
@@ -274,52 +275,6 @@ def get_warmup_steps(args: Any, num_training_steps: int) -> int:
         return int(warmup_steps)
     ratio = getattr(args, "warmup_ratio", 0.0) or 0.0
     return math.ceil(num_training_steps * ratio)
-
-
-def get_scheduler(
-    name: str, optimizer: torch.optim.Optimizer, num_warmup_steps: int, num_training_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """transformers' learning-rate schedules as ``LambdaLR``: ``linear``, ``cosine``,
-    ``constant`` and ``constant_with_warmup``."""
-    name = str(getattr(name, "value", name))
-    warmup = max(0, int(num_warmup_steps))
-    total = max(1, int(num_training_steps))
-
-    def warm(step: int) -> float | None:
-        if step < warmup:
-            return float(step) / float(max(1, warmup))
-        return None
-
-    if name == "constant":
-        fn: Callable[[int], float] = lambda step: 1.0  # noqa: E731
-    elif name == "constant_with_warmup":
-
-        def fn(step: int) -> float:
-            w = warm(step)
-            return 1.0 if w is None else w
-
-    elif name == "linear":
-
-        def fn(step: int) -> float:
-            w = warm(step)
-            if w is not None:
-                return w
-            return max(0.0, float(total - step) / float(max(1, total - warmup)))
-
-    elif name == "cosine":
-
-        def fn(step: int) -> float:
-            w = warm(step)
-            if w is not None:
-                return w
-            progress = float(step - warmup) / float(max(1, total - warmup))
-            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
-
-    else:
-        raise ValueError(
-            f"lr_scheduler_type={name!r} is not supported; use one of: linear, cosine, constant, constant_with_warmup"
-        )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
 def _speed_metrics(prefix: str, start: float, num_samples: int | None = None, num_steps: int | None = None) -> dict:
@@ -611,6 +566,7 @@ class Trainer:
         self._compiled: tuple[nn.Module, nn.Module] | None = None
         self._check_precision()
         self._check_activation_checkpointing()
+        self._check_schedule()
         # fp16's loss scaler (made when training starts; None without fp16).
         self.scaler: torch.amp.GradScaler | None = None
         self._user_sinks: list[Sink] = list(sinks or [])
@@ -678,6 +634,18 @@ class Trainer:
         rest = {k: v for k, v in inputs.items() if k != "labels"}
         outputs = model(**rest)
         return self.label_smoother(outputs, inputs["labels"], shift_labels=self._causal_lm), outputs
+
+    def _check_schedule(self) -> None:
+        # The schedule's options are checked now, on a stand-in optimizer with the
+        # run's learning rate: a typo in lr_scheduler_kwargs fails here, not when
+        # training starts (maybe after a long data preparation).
+        if self.lr_scheduler is not None:
+            return
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=float(getattr(self.args, "learning_rate", 1.0)) or 1.0)
+        try:
+            get_scheduler(self.args.lr_scheduler_type, probe, 0, 1, getattr(self.args, "lr_scheduler_kwargs", None))
+        except ValueError as exc:
+            raise TrainingArgumentsError(str(exc)) from None
 
     def _check_activation_checkpointing(self) -> None:
         if getattr(self.args, "activation_checkpointing", False) and self._checkpointing_enabler() is None:
@@ -1101,6 +1069,7 @@ class Trainer:
                 self.optimizer,
                 warmup,
                 num_training_steps,
+                getattr(self.args, "lr_scheduler_kwargs", None),
             )
             self._created_lr_scheduler = True
         return self.lr_scheduler
@@ -1697,7 +1666,8 @@ class Trainer:
                         self.optimizer.step()
                     self.control = handler.on_optimizer_step(args, state, self.control)
                     learning_rate = self._get_learning_rate()
-                    self.lr_scheduler.step()
+                    if not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                        self.lr_scheduler.step()  # (on a plateau: after each evaluation, _evaluate)
                     model.zero_grad(set_to_none=True)
                     state.global_step += 1
                     state.epoch = epoch + (step + 1) / steps_in_epoch
@@ -1860,7 +1830,18 @@ class Trainer:
         )
 
     def _evaluate(self) -> dict[str, float]:
-        return self.evaluate()
+        metrics = self.evaluate()
+        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # As transformers: the plateau schedule steps on each evaluation's metric.
+            metric = self.args.metric_for_best_model or "loss"
+            key = metric if metric.startswith("eval_") else f"eval_{metric}"
+            value = metrics.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.lr_scheduler.step(value)
+            else:
+                # A missing metric is warned by _determine_best_metric; the rate stays.
+                logger.debug("reduce_lr_on_plateau: %r not in the evaluation metrics; the learning rate stays", key)
+        return metrics
 
     def _determine_best_metric(self, metrics: Mapping[str, Any]) -> bool:
         args = self.args

@@ -61,7 +61,6 @@ _NO_BEHAVIOUR = {
 # Fields that change training in transformers and that this trainer does not
 # implement, with a value other than the default each.
 _NOT_IMPLEMENTED = {
-    "lr_scheduler_kwargs": {"num_cycles": 2},
     "optim": "adafactor",
     "optim_args": "betas=(0.9,0.95)",
     "optim_target_modules": ["attn"],

@@ -426,14 +426,37 @@ def test_weight_decay_groups_exclude_bias_and_layernorm(tmp_path):
     assert len(decay["params"]) == 2 and len(no_decay["params"]) == 4
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine", "constant", "constant_with_warmup"])
-def test_schedules_match_transformers(name):
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("linear", None),
+        ("cosine", None),
+        ("cosine", {"num_cycles": 1.5}),
+        ("cosine_with_restarts", {"num_cycles": 3}),
+        ("polynomial", {"lr_end": 0.1, "power": 2.0}),
+        ("constant", None),
+        ("constant_with_warmup", None),
+        ("inverse_sqrt", None),
+        ("inverse_sqrt", {"timescale": 7}),
+        ("cosine_with_min_lr", {"min_lr_rate": 0.2}),
+        ("cosine_with_min_lr", {"min_lr": 0.05, "num_cycles": 0.75}),
+        ("cosine_warmup_with_min_lr", {"min_lr_rate": 0.1}),
+        ("cosine_warmup_with_min_lr", {"min_lr": 0.1, "warmup_lr_rate": 0.3}),
+        ("warmup_stable_decay", {"num_decay_steps": 4}),
+        ("warmup_stable_decay", {"num_decay_steps": 3, "num_stable_steps": 2, "warmup_type": "cosine",
+                                 "decay_type": "1-sqrt", "min_lr_ratio": 0.1}),
+    ],
+)
+def test_schedules_match_transformers(name, options):
     optimization = require_module("transformers.optimization")
     p = [nn.Parameter(torch.zeros(1))]
-    ours = get_scheduler(name, torch.optim.SGD(p, lr=1.0), num_warmup_steps=3, num_training_steps=10)
-    theirs = optimization.get_scheduler(name, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), num_warmup_steps=3, num_training_steps=10)
+    ours = get_scheduler(name, torch.optim.SGD(p, lr=1.0), 3, 10, options)
+    theirs = optimization.get_scheduler(
+        name, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), num_warmup_steps=3, num_training_steps=10,
+        scheduler_specific_kwargs=options,
+    )
     a, b = [], []
-    for _ in range(12):
+    for _ in range(14):
         a.append(ours.get_last_lr()[0])
         b.append(theirs.get_last_lr()[0])
         ours.optimizer.step()

@@ -4,6 +4,7 @@ the device cache every N steps."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -312,3 +313,62 @@ def test_tf32_false_turns_torchs_switches_off_and_true_needs_an_ampere_gpu(tmp_p
                 Trainer(TinyClassifier(), tiny_args(tmp_path, tf32=True), train_dataset=make_dataset(N))
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+# -- schedules -----------------------------------------------------------------------
+
+
+def test_lr_scheduler_kwargs_reach_the_schedule(tmp_path):
+    args = tiny_args(tmp_path, max_steps=8, learning_rate=0.1, lr_scheduler_type="cosine_with_min_lr",
+                     lr_scheduler_kwargs='{"min_lr": 0.025}')  # a JSON object, as from a command line
+    t = Trainer(TinyClassifier(), args, train_dataset=make_dataset(N))
+    t.train()
+    rates = [h["learning_rate"] for h in t.state.log_history if "learning_rate" in h]
+    # The rate each step trained with: a half cosine from 0.1 down towards min_lr.
+    expected = [0.025 + 0.075 * 0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(8)]
+    assert rates == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "kind,options,message",
+    [
+        ("cosine", {"num_cycle": 2}, r"lr_scheduler_kwargs \['num_cycle'\] are not options of the 'cosine' schedule"),
+        ("cosine_with_min_lr", None, "needs min_lr or min_lr_rate"),
+        ("warmup_stable_decay", {}, "needs num_decay_steps"),
+        ("reduce_lr_on_plateau", {"patiense": 2}, "lr_scheduler_kwargs for reduce_lr_on_plateau"),
+    ],
+)
+def test_wrong_schedule_options_are_refused_when_the_trainer_is_built(tmp_path, kind, options, message):
+    args = tiny_args(tmp_path, lr_scheduler_type=kind, lr_scheduler_kwargs=options, eval_strategy="steps", eval_steps=5)
+    with pytest.raises(TrainingArgumentsError, match=message):
+        Trainer(TinyClassifier(), args, train_dataset=make_dataset(N), eval_dataset=make_dataset(8))
+
+
+def test_reduce_lr_on_plateau_steps_on_each_evaluation_metric(tmp_path):
+    with pytest.raises(TrainingArgumentsError, match="reduce_lr_on_plateau.*eval_strategy"):
+        TrainingArguments(output_dir="x", lr_scheduler_type="reduce_lr_on_plateau")
+    args = tiny_args(tmp_path, max_steps=8, learning_rate=1e-3, lr_scheduler_type="reduce_lr_on_plateau",
+                     lr_scheduler_kwargs={"patience": 0, "factor": 0.5}, eval_strategy="steps", eval_steps=2)
+    assert args.metric_for_best_model == "loss"  # as transformers
+    seen = []
+
+    class Metric(TrainerCallback):
+        """The steps evaluated at."""
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            seen.append(state.global_step)
+
+    class Flat(Trainer):
+        def evaluate(self, *a, **kw):
+            metrics = super().evaluate(*a, **kw)
+            metrics["eval_loss"] = 1.0
+            return metrics
+
+    t = Flat(TinyClassifier(), args, train_dataset=make_dataset(N), eval_dataset=make_dataset(8), callbacks=[Metric()])
+    t.train()
+    rates = {h["step"]: h["learning_rate"] for h in t.state.log_history if "learning_rate" in h}
+    # Steps never move it; each evaluation after the first without improvement halves it.
+    assert seen == [2, 4, 6, 8]
+    assert [rates[s] for s in (1, 2, 3, 4, 5, 6, 7, 8)] == pytest.approx(
+        [1e-3, 1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4]
+    )
