@@ -128,11 +128,14 @@ class HubStrategy(_StrEnum):
 
 
 class OptimizerNames(_StrEnum):
-    """The ``optim`` values this trainer accepts: both name ``torch.optim.AdamW``,
-    the optimizer it creates (torch picks the kernel)."""
+    """The ``optim`` values this trainer accepts (transformers' names; see
+    :mod:`trainer.optimizers`)."""
 
     ADAMW_TORCH = "adamw_torch"
     ADAMW_TORCH_FUSED = "adamw_torch_fused"
+    SGD = "sgd"
+    ADAGRAD = "adagrad"
+    RMSPROP = "rmsprop"
 
 
 class ParallelMode(_StrEnum):
@@ -174,10 +177,7 @@ _LOG_LEVELS: dict[str, int] = {
     "passive": -1,
 }
 
-_OWN_OPTIMIZER = (
-    "this trainer creates torch.optim.AdamW (learning_rate, adam_beta1/2, adam_epsilon, weight_decay); pass your "
-    "own optimizer with Trainer(optimizers=(optimizer, None))"
-)
+_OWN_OPTIMIZER = "pass your own optimizer with Trainer(optimizers=(optimizer, None))"
 _OWN_LOADER = "override Trainer.get_train_dataloader()/get_eval_dataloader() to build your own DataLoader"
 _CAST_FOR_EVAL = (
     "evaluation runs in the model's dtype, under autocast with bf16/fp16=True; cast the model before evaluate() "
@@ -191,7 +191,6 @@ _CAST_FOR_EVAL = (
 # trains without the mixed precision or the checkpointing it asked for is worse
 # than one that does not start.
 _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "optim_args": ((None, ""), _OWN_OPTIMIZER),
     "optim_target_modules": ((None,), _OWN_OPTIMIZER),
     "bf16_full_eval": ((False,), _CAST_FOR_EVAL),
     "fp16_full_eval": ((False,), _CAST_FOR_EVAL),
@@ -465,11 +464,15 @@ class TrainingArguments:
     ``reduce_lr_on_plateau``. A JSON object in text is parsed; an option the schedule
     does not take is refused when the trainer is built."""
     optim: OptimizerNames | str = "adamw_torch_fused"
-    """``adamw_torch_fused`` or ``adamw_torch`` (an :class:`OptimizerNames`): both
-    torch's AdamW, the optimizer this trainer creates; other optimizers are refused
-    (pass your own with ``Trainer(optimizers=...)``)."""
+    """The optimizer the trainer creates (an :class:`OptimizerNames`), as
+    transformers: ``adamw_torch_fused`` (torch's AdamW with its fused kernel),
+    ``adamw_torch`` (its default kernel), ``sgd``, ``adagrad`` or ``rmsprop``; others
+    are refused (pass your own with ``Trainer(optimizers=...)``)."""
     optim_args: str | None = None
-    """Only ``None``."""
+    """Options of ``sgd``/``adagrad``/``rmsprop`` as ``"key=value,..."``
+    (``momentum``, ``nesterov``, ``dampening``, ``lr_decay``, ``alpha``, ``eps``,
+    ``centered``); an option the optimizer does not take is refused when the
+    trainer is built."""
     optim_target_modules: None | str | list[str] = None
     """Only ``None``."""
     average_tokens_across_devices: bool = True
@@ -703,8 +706,8 @@ class TrainingArguments:
             self.optim = OptimizerNames(self.optim.value if isinstance(self.optim, enum.Enum) else self.optim)
         except ValueError:
             raise TrainingArgumentsError(
-                f"optim={redact(self.optim)!r} is not implemented by this trainer; leave it at 'adamw_torch_fused' "
-                f"(the default) or 'adamw_torch': {_OWN_OPTIMIZER}"
+                f"optim={redact(self.optim)!r} is not implemented by this trainer; choose one of "
+                f"{', '.join(repr(m.value) for m in OptimizerNames)} (default 'adamw_torch_fused'), or {_OWN_OPTIMIZER}"
             ) from None
         if self.debug is None or self.debug == "":
             self.debug = []

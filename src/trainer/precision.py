@@ -6,9 +6,10 @@ Trainer gives them, with torch's own ``torch.autocast`` and ``torch.amp.GradScal
 - ``fp16`` also scales the loss with a ``GradScaler``, unscales the gradients before
   clipping (the grad norm logged and clipped is the true one) and skips the
   optimizer step whose gradients are not finite. With the default optimizer (fused
-  AdamW, built fused for this reason) the skip happens on the device: no host sync
-  per step. An optimizer without fused scaling support makes ``GradScaler.step``
-  read the overflow flag on the host each step (torch's behaviour).
+  AdamW, ``optim="adamw_torch_fused"``) the skip happens on the device: no host sync
+  per step. An optimizer without fused scaling support (``adamw_torch``, ``sgd``...)
+  makes ``GradScaler.step`` read the overflow flag on the host each step (torch's
+  behaviour).
 - Evaluation outputs in half precision are returned as float32 (as accelerate's
   ``convert_outputs_to_fp32``): numpy, hence ``compute_metrics``, has no bfloat16.
 """

@@ -38,6 +38,7 @@ from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer import precision
 from trainer.label_smoothing import LabelSmoother, is_causal_lm
+from trainer.optimizers import optimizer_cls_and_kwargs
 from trainer.schedules import get_scheduler
 from trainer.arguments import TrainingArguments, TrainingArgumentsError
 from trainer._callback_watch import CallbackTimeWatch
@@ -566,6 +567,7 @@ class Trainer:
         self._compiled: tuple[nn.Module, nn.Module] | None = None
         self._check_precision()
         self._check_activation_checkpointing()
+        self._check_optimizer()
         self._check_schedule()
         # fp16's loss scaler (made when training starts; None without fp16).
         self.scaler: torch.amp.GradScaler | None = None
@@ -634,6 +636,14 @@ class Trainer:
         rest = {k: v for k, v in inputs.items() if k != "labels"}
         outputs = model(**rest)
         return self.label_smoother(outputs, inputs["labels"], shift_labels=self._causal_lm), outputs
+
+    def _check_optimizer(self) -> None:
+        # optim and optim_args checked now, as the schedule below.
+        if self.optimizer is None:
+            try:
+                optimizer_cls_and_kwargs(self.args)
+            except ValueError as exc:
+                raise TrainingArgumentsError(str(exc)) from None
 
     def _check_schedule(self) -> None:
         # The schedule's options are checked now, on a stand-in optimizer with the
@@ -1026,7 +1036,9 @@ class Trainer:
     # -- optimizer and schedule -------------------------------------------------------
 
     def create_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW with weight decay on every parameter except biases and norms."""
+        """The optimizer ``args.optim`` names (:mod:`trainer.optimizers`; AdamW with
+        its fused kernel by default), weight decay on every parameter except biases
+        and norms."""
         if self.optimizer is None:
             args = self.args
             decay = set(get_decay_parameter_names(self.model))
@@ -1038,22 +1050,17 @@ class Trainer:
             groups = [g for g in groups if g["params"]]
             if not groups:
                 raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to train")
-            options: dict[str, Any] = {}
-            if precision.amp_dtype(args) is torch.float16 and str(getattr(args, "optim", "")) == "adamw_torch_fused":
-                # The fused kernel takes the GradScaler's overflow flag and skips an
-                # overflowed step on the device: no host sync per step.
-                options["fused"] = True
             try:
-                self.optimizer = torch.optim.AdamW(
-                    groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, **options
-                )
+                cls, options = optimizer_cls_and_kwargs(args)
+            except ValueError as exc:
+                raise TrainingArgumentsError(str(exc)) from None
+            try:
+                self.optimizer = cls(groups, **options)
             except RuntimeError as exc:  # no fused kernel for these parameters' device: torch's default
-                if not options:
+                if not options.pop("fused", False):
                     raise
-                logger.info("fused AdamW is not available here (%s); using torch's default AdamW kernel", exc)
-                self.optimizer = torch.optim.AdamW(
-                    groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
-                )
+                logger.info("fused %s is not available here (%s); using torch's default kernel", cls.__name__, exc)
+                self.optimizer = cls(groups, **options)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int) -> Any:

@@ -62,7 +62,6 @@ _NO_BEHAVIOUR = {
 # implement, with a value other than the default each.
 _NOT_IMPLEMENTED = {
     "optim": "adafactor",
-    "optim_args": "betas=(0.9,0.95)",
     "optim_target_modules": ["attn"],
     "bf16_full_eval": True,
     "fp16_full_eval": True,

@@ -372,3 +372,41 @@ def test_reduce_lr_on_plateau_steps_on_each_evaluation_metric(tmp_path):
     assert [rates[s] for s in (1, 2, 3, 4, 5, 6, 7, 8)] == pytest.approx(
         [1e-3, 1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4]
     )
+
+
+# -- optimizers ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "optim,optim_args",
+    [
+        ("adamw_torch_fused", None),
+        ("adamw_torch", None),
+        ("sgd", "momentum=0.9,nesterov=true,dampening=0"),
+        ("adagrad", "lr_decay=0.01,eps=1e-8"),
+        ("rmsprop", "momentum=0.5, alpha=0.9, centered=True"),
+    ],
+)
+def test_optimizers_are_built_as_transformers_builds_them(tmp_path, optim, optim_args):
+    transformers = require_module("transformers")
+    kw = dict(optim=optim, optim_args=optim_args, learning_rate=0.01, adam_beta1=0.8, adam_epsilon=1e-7)
+    theirs_cls, theirs_kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(
+        transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), use_cpu=True, report_to="none", **kw)
+    )
+    t = Trainer(TinyClassifier(), tiny_args(tmp_path, max_steps=2, **kw), train_dataset=make_dataset(N))
+    t.train()
+    assert type(t.optimizer) is theirs_cls
+    for key, value in theirs_kwargs.items():
+        assert t.optimizer.defaults[key] == value, key
+    assert [h["loss"] for h in t.state.log_history if "loss" in h]
+
+
+def test_optim_args_the_optimizer_does_not_take_are_refused_when_built(tmp_path):
+    with pytest.raises(TrainingArgumentsError, match=r"optim_args \['betas'\] are not options of optim='sgd'; it takes: momentum"):
+        Trainer(TinyClassifier(), tiny_args(tmp_path, optim="sgd", optim_args="betas=0.9"), train_dataset=make_dataset(N))
+    with pytest.raises(TrainingArgumentsError, match="'momentum' is not key=value"):
+        Trainer(TinyClassifier(), tiny_args(tmp_path, optim="sgd", optim_args="momentum"), train_dataset=make_dataset(N))
+    with pytest.raises(TrainingArgumentsError, match="optim_args: momentum='fast' is not a number"):
+        Trainer(TinyClassifier(), tiny_args(tmp_path, optim="sgd", optim_args="momentum=fast"), train_dataset=make_dataset(N))
+    with pytest.raises(TrainingArgumentsError, match="optim='adafactor' is not implemented.*'rmsprop'"):
+        TrainingArguments(output_dir="x", optim="adafactor")
