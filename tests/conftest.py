@@ -108,3 +108,14 @@ def kill_isolated_child_once_delivered(bus: Any, name: str, events: list[Any]) -
     assert child is not None and child.pid != os.getpid()
     os.kill(child.pid, signal.SIGKILL)
     child.wait(10)
+
+
+def tb_run_dir(base: Any, run_id: str | None = None) -> str:
+    """The TensorBoard directory of the one run (or of ``run_id``) under ``base``
+    (``<output_dir>/logs``): the sink writes each run into a directory of its own,
+    ``<time>_<host>_<run id>``."""
+    names = sorted(n for n in os.listdir(base) if os.path.isdir(os.path.join(base, n)) and not n.startswith("rank"))
+    if run_id is not None:
+        names = [n for n in names if n.endswith(f"_{run_id}")]
+    assert len(names) == 1, f"expected one run directory under {base}, found {names}"
+    return os.path.join(str(base), names[0])

@@ -151,13 +151,30 @@ def _tb() -> SimpleNamespace:
     )
 
 
+def run_directory(base: str, run_id: str) -> str:
+    """The directory of run ``run_id`` under ``base``: the one already there (a
+    resumed run, or a later bus of the same run), else a new name in transformers'
+    format (``<Mon><DD>_<HH>-<MM>-<SS>_<host>``) followed by the run id."""
+    existing = sorted(glob.glob(os.path.join(glob.escape(base), f"*_{glob.escape(run_id)}")))
+    existing = [d for d in existing if os.path.isdir(d)]
+    if existing:
+        return existing[0]
+    host = socket.gethostname().replace(os.sep, "_")
+    return os.path.join(base, f"{time.strftime('%b%d_%H-%M-%S')}_{host}_{run_id}")
+
+
 class TensorBoardSink(ThreadedSink):
     """Writes TensorBoard event files (report_to name ``"tensorboard"``).
 
     Options:
 
     - ``log_dir``: where the event file goes. Default: ``$TENSORBOARD_LOGGING_DIR``
-      (as transformers), else the run's ``logging_dir``, else ``<output_dir>/logs``.
+      (as transformers), else the run's ``logging_dir``, else a directory of the
+      run's own under ``<output_dir>/logs``, named as transformers names its runs
+      plus the run id (``Nov29_14-02-11_host_3f2a9c1b7d4e``, see
+      :func:`run_directory`): a run started again in the same output directory is
+      a run of its own in TensorBoard (its points are not drawn into the earlier
+      run's lines), and a resumed run (same run id) continues in its directory.
     - ``flush_secs``: the longest time written events may sit in the file buffer
       while events keep arriving (default 5 s).
     - ``filename_suffix``: appended to the event file name.
@@ -250,7 +267,7 @@ class TensorBoardSink(ThreadedSink):
         elif run.logging_dir:
             log_dir = os.path.expanduser(run.logging_dir)
         elif run.output_dir:
-            log_dir = os.path.join(os.path.expanduser(run.output_dir), "logs")
+            log_dir = run_directory(os.path.join(os.path.expanduser(run.output_dir), "logs"), run.run_id)
         else:
             raise SinkConfigError(
                 "tensorboard sink: no directory to write to; pass TensorBoardSink(log_dir=...) "

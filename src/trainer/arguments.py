@@ -253,7 +253,8 @@ class TrainingArguments:
       callbacks (early stopping's patience counter...) continue where they were.
     - ``report_to`` defaults to ``"none"`` and is kept as a list of sink names, or
       ``["all"]`` (resolved by the event bus's registry when the trainer starts).
-    - ``logging_dir`` defaults to ``<output_dir>/logs``.
+    - ``logging_dir`` defaults to ``<output_dir>/logs``, with a directory per run in
+      it (``<time>_<host>_<run id>``; transformers: ``runs/<time>_<host>``).
     - ``warmup_ratio`` is kept (transformers 5 folded it into a fractional
       ``warmup_steps``, which works here too); setting both is an error.
     - ``bus_close_timeout`` and ``bus_flush_interval`` configure the event bus.
@@ -316,7 +317,11 @@ class TrainingArguments:
 
     # -- logging --
     logging_dir: str | None = None
-    """Directory for local logs (TensorBoard...). Default ``<output_dir>/logs``."""
+    """Directory for local logs (TensorBoard...). Default ``<output_dir>/logs``, where
+    each run writes into a directory of its own, ``<time>_<host>_<run id>`` (as
+    transformers' ``runs/<time>_<host>``; a resumed run continues in its own): a
+    script run again with the same ``output_dir`` shows as another run. An explicit
+    ``logging_dir`` is written to as it is."""
     logging_strategy: IntervalStrategy | str = "steps"
     """When to log: ``no``, ``steps`` (every ``logging_steps``) or ``epoch``."""
     logging_steps: float = 500

@@ -239,21 +239,16 @@ def run_train(ns: argparse.Namespace) -> int:
 
 
 def _prepare_output_dir(output_dir: str, *, resume: bool) -> str:
-    """Where this run's TensorBoard files go: ``<output_dir>/logs/<time>`` for a fresh
-    run (so ``tensorboard --logdir <output_dir>/logs`` shows every run side by side),
-    the latest such directory when resuming. A fresh run in a directory that holds an
-    earlier run's checkpoints removes them: they would mix with this run's in the
-    rotation and in ``--resume``."""
+    """The logging directory, ``<output_dir>/logs``: the TensorBoard sink writes each
+    run into a directory of its own there (a resumed run into its earlier one), so
+    ``tensorboard --logdir <output_dir>/logs`` shows every run side by side. A fresh
+    run in a directory that holds an earlier run's checkpoints removes them: they
+    would mix with this run's in the rotation and in ``--resume``."""
     import shutil
-    import time
 
     from trainer.checkpoint import sorted_checkpoints
 
     logs_root = os.path.join(output_dir, "logs")
-    if resume:
-        runs = sorted(d for d in os.listdir(logs_root) if os.path.isdir(os.path.join(logs_root, d))) if os.path.isdir(logs_root) else []
-        if runs:
-            return os.path.join(logs_root, runs[-1])
     old = sorted_checkpoints(output_dir)
     if old and not resume:
         for path in old:
@@ -263,7 +258,7 @@ def _prepare_output_dir(output_dir: str, *, resume: bool) -> str:
             "(pass --resume to continue that run instead)",
             file=sys.stderr,
         )
-    return os.path.join(logs_root, time.strftime("%Y%m%d-%H%M%S"))
+    return logs_root
 
 
 def _resumed_step(output_dir: str) -> tuple[str, int] | None:
@@ -329,11 +324,14 @@ def _print_summary(trainer: Any, args: Any, result: Any, outcome: str = "") -> N
     lines.append(f"output dir    : {args.output_dir}" if made else f"output dir    : not created ({args.output_dir})")
     sinks = {s.name: s for s in trainer.bus.sinks}
     if "tensorboard" in sinks:
-        logdir = getattr(sinks["tensorboard"], "log_dir", None) or args.logging_dir
+        from sinks.tensorboard import run_directory
+
+        # (An isolated sink resolved its directory in its child process: found again here.)
+        logdir = run_directory(args.logging_dir, trainer.run_id)
         if os.path.isdir(logdir) and os.listdir(logdir):
             lines.append(f"tensorboard   : {logdir}")
             # The parent holds every run of this output dir: TensorBoard shows them side by side.
-            lines.append(f"open with     : {_tensorboard_command()} --logdir {os.path.dirname(logdir.rstrip(os.sep))}")
+            lines.append(f"open with     : {_tensorboard_command()} --logdir {args.logging_dir}")
         else:
             lines.append("tensorboard   : nothing written")
     if "jsonl" in sinks:

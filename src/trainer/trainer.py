@@ -711,6 +711,20 @@ class Trainer:
         (around :meth:`compute_loss`) and in evaluation (:meth:`prediction_step`)."""
         return self.autocast_smart_context_manager()
 
+    def _run_logging_dir(self) -> str | None:
+        """Where this run's local logs (TensorBoard) go: under the default
+        ``<output_dir>/logs``, a directory of the run's own
+        (``<time>_<host>_<run id>``, the one it has when resumed), so that a script
+        started again in the same output directory shows as a second run instead of
+        drawing over the first; an explicit ``logging_dir`` as it is (transformers)."""
+        logging_dir = getattr(self.args, "logging_dir", None)
+        output_dir = getattr(self.args, "output_dir", None)
+        if not logging_dir or not output_dir or os.path.normpath(logging_dir) != os.path.normpath(os.path.join(output_dir, "logs")):
+            return logging_dir
+        from sinks.tensorboard import run_directory
+
+        return run_directory(logging_dir, self.run_id)
+
     def _record_device(self) -> None:
         """Tell our arguments the device this trainer runs on (its model's), which
         ``args.device``/``args.n_gpu`` report to callbacks, as transformers' do."""
@@ -786,7 +800,7 @@ class Trainer:
             run_id=self.run_id,
             run_name=getattr(args, "run_name", None),
             output_dir=getattr(args, "output_dir", None),
-            logging_dir=getattr(args, "logging_dir", None),
+            logging_dir=self._run_logging_dir(),
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             resumed=self._resumed,

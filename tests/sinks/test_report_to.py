@@ -3,6 +3,8 @@ installed, so pyproject's entry points exist)."""
 
 from __future__ import annotations
 
+import os
+
 import importlib.metadata
 import sys
 
@@ -15,6 +17,7 @@ from eventbus.registry import available_sinks, sinks_from_report_to
 from sinks.console import ConsoleSink, ProgressSink
 from sinks.jsonl import JSONLSink, read_jsonl
 from sinks.tensorboard import TensorBoardSink
+from tests.conftest import tb_run_dir
 
 
 def test_our_sinks_are_registered_as_entry_points():
@@ -82,4 +85,4 @@ def test_report_to_sinks_run_on_a_bus(tmp_path):
     stats = bus.close(timeout=30)
     assert stats.sinks["tensorboard"].delivered == 2 and stats.sinks["jsonl"].delivered == 2
     assert [e.step for e in read_jsonl(tmp_path / "events-r2.jsonl")] == [1, 1]
-    assert any(p.name.startswith("events.out.tfevents.") for p in (tmp_path / "logs").iterdir())
+    assert any(n.startswith("events.out.tfevents.") for n in os.listdir(tb_run_dir(tmp_path / "logs", "r2")))

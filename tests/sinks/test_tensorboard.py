@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import struct
 import sys
 
@@ -17,7 +18,7 @@ from eventbus import EventBus, RunInfo
 from eventbus.errors import MissingDependencyError, SinkConfigError
 from eventbus.events import Evaluate, Log, Predict, Save, StepEnd, TrainBegin, TrainEnd
 from eventbus.registry import create_sink
-from tests.conftest import kill_isolated_child_once_delivered, require_module
+from tests.conftest import tb_run_dir, kill_isolated_child_once_delivered, require_module
 
 require_module("tensorboard")
 
@@ -95,7 +96,7 @@ def test_end_to_end_scalars_text_and_nan(tmp_path, caplog):
     run = RunInfo(run_id=RUN_ID, output_dir=str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="sinks"):
         run_bus(sink, realistic_events(), run)
-    log_dir = str(tmp_path / "logs")
+    log_dir = tb_run_dir(tmp_path / "logs", RUN_ID)
     assert sink.path is not None and os.path.dirname(sink.path) == log_dir
     acc = accumulate(log_dir)
 
@@ -168,7 +169,8 @@ def test_resumed_run_has_no_duplicate_steps(tmp_path):
     second += [TrainEnd(run_id=RUN_ID, step=40)]
     run_bus(TensorBoardSink(), second, run)
 
-    log_dir = str(tmp_path / "logs")
+    # The same run (its id): continued in its directory, not a run of its own.
+    log_dir = tb_run_dir(tmp_path / "logs", RUN_ID)
     assert len([f for f in os.listdir(log_dir) if f.startswith("events.out.tfevents.")]) == 2
     got = scalars(accumulate(log_dir), "train/loss")
     assert got == [(10, f32(0.1)), (20, f32(0.05)), (30, f32(2.0 / 30)), (40, f32(0.05))]
@@ -224,8 +226,15 @@ def test_an_isolated_child_killed_loses_nothing_counted_delivered(tmp_path):
 def test_log_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     sink = TensorBoardSink()
-    assert sink.resolve_log_dir(RunInfo(output_dir="o", logging_dir="l")) == "l"
-    assert sink.resolve_log_dir(RunInfo(output_dir="o")) == os.path.join("o", "logs")
+    monkeypatch.chdir(tmp_path)
+    assert sink.resolve_log_dir(RunInfo(run_id="aaa", output_dir="o", logging_dir="l")) == "l"  # as given
+    first = sink.resolve_log_dir(RunInfo(run_id="bbb", output_dir="o"))
+    assert re.fullmatch(r"o/logs/[A-Z][a-z]{2}\d{2}_\d{2}-\d{2}-\d{2}_[^/]+_bbb", first), first
+    # A directory of the run that exists (a resume, a later bus of the run) is the one
+    # written to, whenever it was made; another run gets one of its own.
+    os.makedirs("o/logs/Jan01_00-00-00_elsewhere_bbb")
+    assert sink.resolve_log_dir(RunInfo(run_id="bbb", output_dir="o")) == "o/logs/Jan01_00-00-00_elsewhere_bbb"
+    assert sink.resolve_log_dir(RunInfo(run_id="ccc", output_dir="o")).endswith("_ccc")
     assert TensorBoardSink(log_dir="x").resolve_log_dir(RunInfo(output_dir="o", logging_dir="l")) == "x"
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "env"))
     assert sink.resolve_log_dir(RunInfo(output_dir="o", logging_dir="l")) == str(tmp_path / "env")
@@ -302,7 +311,7 @@ def test_a_sink_on_every_rank_writes_each_rank_to_a_run_of_its_own(tmp_path, mon
         # Opened again (evaluate() after train(), a restarted child): the same directory.
         again = sink.resolve_log_dir(RunInfo(run_id=RUN_ID, output_dir=str(tmp_path), rank=rank, world_size=2))
         assert again == sink.log_dir
-    logs = tmp_path / "logs"
-    assert sink.log_dir == str(logs / "rank1")
-    assert scalars(accumulate(str(logs)), "train/loss") == [(1, 1.0), (2, 2.0)]
-    assert scalars(accumulate(str(logs / "rank1")), "train/loss") == [(1, 11.0), (2, 12.0)]
+    logs = tb_run_dir(tmp_path / "logs", RUN_ID)
+    assert sink.log_dir == os.path.join(logs, "rank1")
+    assert scalars(accumulate(logs), "train/loss") == [(1, 1.0), (2, 2.0)]
+    assert scalars(accumulate(os.path.join(logs, "rank1")), "train/loss") == [(1, 11.0), (2, 12.0)]

@@ -14,7 +14,7 @@ import pytest
 
 from eventbus.errors import SinkConfigError
 from eventbus.isolation import ProcessSink
-from tests.conftest import require
+from tests.conftest import require, tb_run_dir
 from tests.integration.test_comet import _COMET_ENV, Archive
 from tests.trainer._loop_helpers import TinyClassifier, make_dataset
 from trainer import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
@@ -160,7 +160,7 @@ def test_isolated_tensorboard_writes_the_scalars_it_writes_in_process(tmp_path: 
         assert all(isinstance(s, ProcessSink) for s in trainer.bus.sinks) == (isolate != ["none"])
         stats = trainer.bus.stats().sinks["tensorboard"]
         assert stats.delivered == stats.received > 0 and stats.errors == 0
-        acc = EventAccumulator(str(out / "logs"), size_guidance={"scalars": 0})
+        acc = EventAccumulator(tb_run_dir(out / "logs", trainer.run_id), size_guidance={"scalars": 0})
         acc.Reload()
         return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 

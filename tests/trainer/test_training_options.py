@@ -14,7 +14,7 @@ import trainer.trainer as trainer_module
 from trainer import Trainer, TrainerCallback, TrainingArguments
 from trainer.arguments import TrainingArgumentsError
 
-from tests.conftest import require_module
+from tests.conftest import require_module, tb_run_dir
 
 from ._loop_helpers import TinyClassifier, make_dataset, tiny_args
 
@@ -410,3 +410,40 @@ def test_optim_args_the_optimizer_does_not_take_are_refused_when_built(tmp_path)
         Trainer(TinyClassifier(), tiny_args(tmp_path, optim="sgd", optim_args="momentum=fast"), train_dataset=make_dataset(N))
     with pytest.raises(TrainingArgumentsError, match="optim='adafactor' is not implemented.*'rmsprop'"):
         TrainingArguments(output_dir="x", optim="adafactor")
+
+
+# -- TensorBoard directories per run -------------------------------------------------
+
+
+def test_runs_started_again_in_one_output_dir_are_separate_tensorboard_runs(tmp_path):
+    ea = require_module("tensorboard.backend.event_processing.event_accumulator")
+
+    def rates(run_dir: str) -> list[tuple[int, float]]:
+        acc = ea.EventAccumulator(run_dir, size_guidance={"scalars": 0})
+        acc.Reload()
+        return [(e.step, round(e.value, 6)) for e in acc.Scalars("train/learning_rate")]
+
+    out = tmp_path / "out"
+    trainers = []
+    for lr in (1e-3, 5e-2):  # the same script run twice with another learning rate
+        t = Trainer(TinyClassifier(), tiny_args(out, max_steps=4, learning_rate=lr, report_to="tensorboard",
+                                                save_strategy="steps", save_steps=2), train_dataset=make_dataset(N))
+        t.train()
+        trainers.append(t)
+    logs = out / "logs"
+    first, second = (tb_run_dir(logs, t.run_id) for t in trainers)
+    assert first != second
+    assert rates(first) == [(1, 0.001), (2, 0.00075), (3, 0.0005), (4, 0.00025)]
+    assert rates(second) == [(1, 0.05), (2, 0.0375), (3, 0.025), (4, 0.0125)]
+    # Resuming the second run continues in its directory (its run id), not a third one.
+    resumed = Trainer(TinyClassifier(), tiny_args(out, max_steps=6, learning_rate=5e-2, report_to="tensorboard"),
+                      train_dataset=make_dataset(N))
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-4"))
+    assert resumed.run_id == trainers[1].run_id
+    assert sorted(os.listdir(logs)) == sorted(os.path.basename(d) for d in (first, second))
+    assert [s for s, _ in rates(second)] == [1, 2, 3, 4, 5, 6]
+    # An explicit logging_dir is written to as it is, as transformers does.
+    explicit = tmp_path / "mine"
+    Trainer(TinyClassifier(), tiny_args(out, max_steps=1, report_to="tensorboard", logging_dir=str(explicit)),
+            train_dataset=make_dataset(N)).train()
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(explicit))
