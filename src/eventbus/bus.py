@@ -263,9 +263,9 @@ class _SinkWorker:
             self.stats.last_error = f"spool: {exc!r}"
             if not self.spool_failing:  # once per failing streak, not once per event
                 self.spool_failing = True
-                from eventbus.spool import is_disk_full
+                from eventbus.spool import SpoolFullError, is_disk_full
 
-                why = "the disk is full" if is_disk_full(exc) else repr(exc)
+                why = "the disk is full" if is_disk_full(exc) else str(exc) if isinstance(exc, SpoolFullError) else repr(exc)
                 logger.error(
                     "eventbus: cannot write the spool of sink %r in %s: %s. Its undeliverable events are "
                     "counted as failed (bus.stats()) until the spool can be written again; training continues.",

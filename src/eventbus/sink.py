@@ -112,6 +112,17 @@ class Sink:
     spool_max_file_bytes: int = 16 * 1024 * 1024
     """The spool rotates to a new file past this size."""
 
+    spool_max_bytes: int | None = 8 * 1024**3
+    """The most the spool holds on disk (``None``: no cap). Past it, newer events
+    that cannot be delivered are counted failed and dropped (with an ERROR saying
+    why) instead of spooled; what the spool holds is kept and delivered. A WARNING
+    when the spool passes half of it."""
+
+    spool_min_free_fraction: float = 0.05
+    """The spool starts no new file while less than this share of its disk is free
+    (the room is left to the run's checkpoints); as at the cap, undeliverable events
+    are then counted failed and dropped. 0: no floor."""
+
     spool_fsync_interval: float = 1.0
     """Seconds between fsyncs of the spool, run on a thread of the spool's own (0:
     after every append, and the bus loop waits for each); always at close, within its

@@ -32,6 +32,14 @@ an fsync past it: the events are written, and the fsync finishes in the backgrou
 Directories are created ``0o700`` and files ``0o600``: the spool holds the run's
 metrics and config.
 
+Size: a spool holds at most ``max_bytes`` on disk (``Sink.spool_max_bytes``), and
+starts no new file while less than ``min_free_fraction`` of its filesystem is free
+(``Sink.spool_min_free_fraction``): a tracking server down for days fills neither
+the disk nor the room the run's checkpoints need. Past either limit an append raises
+:class:`SpoolFullError` and holds nothing (the bus counts those events failed and
+dropped, and says why once per streak); what the spool holds is kept and delivered.
+A warning is logged once when the spool passes half its cap.
+
 The spool is used from one thread at a time (the bus thread while the bus runs).
 A bus locks its spool directory (``flock`` on ``.lock``, :meth:`Spool.lock`) while it
 runs: two live buses never write one spool.
@@ -71,6 +79,9 @@ __all__ = [
     "RECORD_MARK",
     "DEFAULT_MAX_FILE_BYTES",
     "DEFAULT_FSYNC_INTERVAL",
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MIN_FREE_FRACTION",
+    "SpoolFullError",
     "STATE_FILE",
     "LOCK_FILE",
     "write_json_atomic",
@@ -91,6 +102,23 @@ LOCK_FILE = ".lock"
 
 DEFAULT_MAX_FILE_BYTES = 16 * 1024 * 1024
 DEFAULT_FSYNC_INTERVAL = 1.0
+DEFAULT_MAX_BYTES = 8 * 1024**3
+DEFAULT_MIN_FREE_FRACTION = 0.05
+
+
+class SpoolFullError(SpoolError):
+    """The spool is at its size cap, or its disk is nearly full: nothing was appended."""
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+
+
+def _disk_usage(path: Path) -> Any:
+    """``shutil.disk_usage`` (the seam tests replace to simulate a nearly full disk)."""
+    import shutil
+
+    return shutil.disk_usage(path)
 _SLOW_FSYNC = 2.0
 """Seconds: an fsync slower than this (a network or overloaded disk) is warned about,
 once per spool: a machine crash can lose that much more than the interval says."""
@@ -462,9 +490,24 @@ class Spool:
         *,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
         fsync_interval: float = DEFAULT_FSYNC_INTERVAL,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
+        min_free_fraction: float = DEFAULT_MIN_FREE_FRACTION,
     ) -> None:
         if not isinstance(max_file_bytes, int) or isinstance(max_file_bytes, bool) or max_file_bytes < 1024:
             raise SpoolError(f"spool max_file_bytes must be an int >= 1024, got {max_file_bytes!r}")
+        if max_bytes is not None and (not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1024):
+            raise SpoolError(f"spool max_bytes must be an int >= 1024, or None for no cap; got {max_bytes!r}")
+        if (
+            isinstance(min_free_fraction, bool)
+            or not isinstance(min_free_fraction, (int, float))
+            or not 0 <= min_free_fraction < 1
+        ):
+            raise SpoolError(f"spool min_free_fraction must be a fraction in [0, 1), got {min_free_fraction!r}")
+        self.max_bytes = max_bytes
+        self.min_free_fraction = float(min_free_fraction)
+        self.bytes = 0
+        """What the spool's files take on disk (consumed parts of the current file included)."""
+        self._half_warned = False
         if isinstance(fsync_interval, bool) or not isinstance(fsync_interval, (int, float)) or fsync_interval < 0:
             raise SpoolError(f"spool fsync_interval must be a number of seconds >= 0, got {fsync_interval!r}")
         self.directory = Path(directory)
@@ -526,6 +569,44 @@ class Spool:
             except SpoolError as exc:
                 logger.warning("eventbus: %s; that file is left as it is and not replayed", exc)
         self._next_seq = (_seq(files[-1]) + 1) if files else 1
+        self._count_bytes()
+
+    def _count_bytes(self) -> None:
+        self.bytes = sum(_size(self.directory / name) for name in _spool_files(self.directory))
+
+    def _check_room(self, size: int) -> None:
+        """Raise :class:`SpoolFullError` when ``size`` more bytes would pass the cap."""
+        if self.max_bytes is None:
+            return
+        if self.bytes + size > self.max_bytes:
+            raise SpoolFullError(
+                f"the spool holds {_gib(self.bytes)}, its cap (spool_max_bytes={self.max_bytes}): what it holds is "
+                "kept and delivered when the sink is back, newer undeliverable events are not spooled; raise "
+                "Sink.spool_max_bytes (or set it to None) to keep more"
+            )
+        if not self._half_warned and self.bytes + size > self.max_bytes // 2:
+            self._half_warned = True
+            logger.warning(
+                "eventbus: the spool in %s holds %s, over half its cap of %s (Sink.spool_max_bytes): its sink has "
+                "been unable to deliver for a while",
+                self.directory, _gib(self.bytes + size), _gib(self.max_bytes),
+            )
+
+    def _check_disk(self) -> None:
+        """Raise :class:`SpoolFullError` when less than ``min_free_fraction`` of the
+        disk is free (checked when a new file starts: the room checkpoints need)."""
+        if self.min_free_fraction <= 0:
+            return
+        try:
+            usage = _disk_usage(self.directory)
+        except OSError:
+            return  # cannot tell: the write itself will say
+        if usage.free - self.max_file_bytes < usage.total * self.min_free_fraction:
+            raise SpoolFullError(
+                f"the disk holding it has {_gib(usage.free)} free of {_gib(usage.total)}, less than "
+                f"{self.min_free_fraction:.0%} (Sink.spool_min_free_fraction) once another spool file is written: "
+                "the room is left to the run's checkpoints; free disk space or move the spool (Sink.spool_dir)"
+            )
 
     def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
         """Name, size and modification time of each file in the directory (what
@@ -550,7 +631,8 @@ class Spool:
         """The spool of ``sink`` in ``run``: ``sink.spool_dir`` if set, else
         ``<run.output_dir>/spool/<sink.name>``, else ``./eventbus-spool/<run_id>/<sink.name>``
         (on a rank other than 0, ``<sink.name>-rank<N>``, or ``<spool_dir>/rank<N>``).
-        ``sink.spool_max_file_bytes`` and ``sink.spool_fsync_interval`` override the
+        ``sink.spool_max_file_bytes``, ``sink.spool_fsync_interval``,
+        ``sink.spool_max_bytes`` and ``sink.spool_min_free_fraction`` override the
         defaults when the sink sets them."""
         rank = getattr(run, "rank", 0) or 0
         # Ranks share the output_dir: a sink that runs on every rank gets one spool each.
@@ -565,6 +647,8 @@ class Spool:
             directory,
             max_file_bytes=getattr(sink, "spool_max_file_bytes", DEFAULT_MAX_FILE_BYTES),
             fsync_interval=getattr(sink, "spool_fsync_interval", DEFAULT_FSYNC_INTERVAL),
+            max_bytes=getattr(sink, "spool_max_bytes", DEFAULT_MAX_BYTES),
+            min_free_fraction=getattr(sink, "spool_min_free_fraction", DEFAULT_MIN_FREE_FRACTION),
         )
 
     # -- ownership -----------------------------------------------------------------------
@@ -687,6 +771,7 @@ class Spool:
 
     def _open_file(self) -> None:
         self._ensure_dir()
+        self._check_disk()
         name = _file_name(self._next_seq)
         self._next_seq += 1
         path = self.directory / name
@@ -700,6 +785,7 @@ class Spool:
             os.close(fd)
             _unlink(path)  # no empty or headless files left behind by a full disk
             raise
+        self.bytes += size
         self._fd, self._file, self._size = fd, name, size
 
     def _write_fd(self, fd: int, data: bytes) -> None:
@@ -716,6 +802,7 @@ class Spool:
         if not events:
             return
         buf = _encode(events)
+        self._check_room(len(buf) + len(_HEADER))
         if self._fd is None or self._size >= self.max_file_bytes:
             self._rotate()
         assert self._fd is not None
@@ -729,6 +816,7 @@ class Spool:
                 pass
             raise
         self._size += len(buf)
+        self.bytes += len(buf)
         self.pending += len(events)
         self._dirty = True
         # The events are written (a SIGKILL loses none of them): a failed fsync only
@@ -751,6 +839,7 @@ class Spool:
             self.append(events)
             return
         buf = _encode(events)
+        self._check_room(len(buf))
         name = self.cursor.file
         path = self.directory / name
         try:
@@ -809,6 +898,7 @@ class Spool:
                 fd = os.open(path, os.O_WRONLY | os.O_APPEND, 0o600)
                 self._fd, self._file, self._size = fd, name, os.fstat(fd).st_size
         self.pending += len(events)
+        self._count_bytes()
 
     def _rotate(self) -> None:
         if self._fd is not None:
@@ -982,6 +1072,7 @@ class Spool:
             for name in _spool_files(self.directory):
                 _unlink(self.directory / name)
             self.cursor = SpoolPosition(_file_name(self._next_seq), 0)
+        self._count_bytes()
         try:
             self.save_state()
         except OSError as exc:  # e.g. a full disk: the cursor lives on in memory
