@@ -58,6 +58,7 @@ from typing import Any, BinaryIO, Mapping, Sequence
 from eventbus.errors import SinkConfigError
 from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainBegin, TrainEnd
 from eventbus.redact import redact
+from eventbus.rundir import run_directory
 from eventbus.sink import RunInfo, ThreadedSink
 from eventbus.values import wide_int_text
 from sinks._common import (
@@ -149,18 +150,6 @@ def _tb() -> SimpleNamespace:
         text_pb2=text_pb2,
         RecordWriter=_record_writer_class(RecordWriter),
     )
-
-
-def run_directory(base: str, run_id: str) -> str:
-    """The directory of run ``run_id`` under ``base``: the one already there (a
-    resumed run, or a later bus of the same run), else a new name in transformers'
-    format (``<Mon><DD>_<HH>-<MM>-<SS>_<host>``) followed by the run id."""
-    existing = sorted(glob.glob(os.path.join(glob.escape(base), f"*_{glob.escape(run_id)}")))
-    existing = [d for d in existing if os.path.isdir(d)]
-    if existing:
-        return existing[0]
-    host = socket.gethostname().replace(os.sep, "_")
-    return os.path.join(base, f"{time.strftime('%b%d_%H-%M-%S')}_{host}_{run_id}")
 
 
 class TensorBoardSink(ThreadedSink):

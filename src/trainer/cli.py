@@ -324,7 +324,7 @@ def _print_summary(trainer: Any, args: Any, result: Any, outcome: str = "") -> N
     lines.append(f"output dir    : {args.output_dir}" if made else f"output dir    : not created ({args.output_dir})")
     sinks = {s.name: s for s in trainer.bus.sinks}
     if "tensorboard" in sinks:
-        from sinks.tensorboard import run_directory
+        from eventbus.rundir import run_directory
 
         # (An isolated sink resolved its directory in its child process: found again here.)
         logdir = run_directory(args.logging_dir, trainer.run_id)

@@ -721,7 +721,7 @@ class Trainer:
         output_dir = getattr(self.args, "output_dir", None)
         if not logging_dir or not output_dir or os.path.normpath(logging_dir) != os.path.normpath(os.path.join(output_dir, "logs")):
             return logging_dir
-        from sinks.tensorboard import run_directory
+        from eventbus.rundir import run_directory
 
         return run_directory(logging_dir, self.run_id)
 
