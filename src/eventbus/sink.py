@@ -228,24 +228,32 @@ class _SinkThread:
         self._thread.start()
 
     def _run(self) -> None:
+        get, run_one = self._jobs.get, self._run_one
         while True:
-            job = self._jobs.get()
+            job = get()
             if job is None:
                 return
-            loop, future, fn, args = job
-            if future is None:  # posted: nobody waits for it (see post)
-                fn(*args)
-                continue
-            if future.cancelled():  # the caller gave up (a timeout, the close deadline) first
-                continue
-            try:
-                settle, outcome = _settle_result, fn(*args)
-            except BaseException as exc:  # handed to the awaiting task
-                settle, outcome = _settle_exception, exc
-            try:
-                loop.call_soon_threadsafe(settle, future, outcome)
-            except RuntimeError:  # the loop is closed: nobody waits for this any more
-                pass
+            run_one(job)
+            # No reference to the job is left while the thread waits for the next: an
+            # idle thread keeps no batch (nor the result of a call) alive.
+            del job
+
+    @staticmethod
+    def _run_one(job: _Job) -> None:
+        loop, future, fn, args = job
+        if future is None:  # posted: nobody waits for it (see post)
+            fn(*args)
+            return
+        if future.cancelled():  # the caller gave up (a timeout, the close deadline) first
+            return
+        try:
+            settle, outcome = _settle_result, fn(*args)
+        except BaseException as exc:  # handed to the awaiting task
+            settle, outcome = _settle_exception, exc
+        try:
+            loop.call_soon_threadsafe(settle, future, outcome)
+        except RuntimeError:  # the loop is closed: nobody waits for this any more
+            pass
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -260,6 +268,12 @@ class _SinkThread:
 
     def stop(self) -> None:
         self._jobs.put(None)
+
+    @property
+    def queued(self) -> int:
+        """How many jobs wait on the thread's queue, not counting the one it runs (for
+        tests and diagnostics; approximate while other threads post)."""
+        return self._jobs.qsize()
 
 
 def _settle_result(future: asyncio.Future[Any], value: Any) -> None:
@@ -280,14 +294,18 @@ class _Write:
 
     ``claim`` decides, once, between the sink thread starting the call and the caller
     giving up on it: whichever takes it first wins. A call given up on before it
-    started never runs (the retry submits the batch again: nothing was written); one
-    the thread started runs to its end, and its outcome is kept here for the retry.
-    A lock taken without blocking is the one step both threads can race on and only
-    one win: a flag read on one side and set on the other leaves a window in which
-    the call runs while its caller thinks it never will.
+    started never runs (the retry submits the batch again: nothing was written), and
+    the caller lets go of its batch at once (:meth:`drop`): the job itself stays on
+    the thread's queue until the thread gets to it. One the thread started runs to
+    its end, and its outcome is kept here for the retry. A lock taken without
+    blocking is the one step both threads can race on and only one win: a flag read
+    on one side and set on the other leaves a window in which the call runs while
+    its caller thinks it never will.
 
-    The outcome reaches the loop through one ``call_soon_threadsafe`` and is recorded
-    there, on the loop thread, as a retry's waiter is set: the two never race.
+    ``done`` says the thread is finished with the job: it ran the call (``error`` is
+    its outcome) or, the caller having given up on it first, skipped it. Either
+    reaches the loop through one ``call_soon_threadsafe`` and is recorded there, on
+    the loop thread, as a waiter is set: the two never race.
     """
 
     __slots__ = ("batch", "claim", "done", "error", "loop", "waiter", "write_sync")
@@ -299,8 +317,8 @@ class _Write:
         batch: Sequence[BaseEvent],
     ) -> None:
         self.loop = loop
-        self.write_sync = write_sync
-        self.batch = batch
+        self.write_sync: Callable[[Sequence[BaseEvent]], None] | None = write_sync
+        self.batch: Sequence[BaseEvent] | None = batch
         self.claim = threading.Lock()
         self.waiter: asyncio.Future[None] | None = None
         self.done = False
@@ -308,20 +326,30 @@ class _Write:
 
     def run(self) -> None:
         """On the sink thread (posted: it must not raise)."""
-        if not self.claim.acquire(False):
-            return  # the caller gave up (a timeout, the close deadline) before it started
         error: BaseException | None = None
-        try:
-            self.write_sync(self.batch)
-        except BaseException as exc:  # handed to the awaiting task
-            error = exc
+        if self.claim.acquire(False):
+            write_sync, batch = self.write_sync, self.batch  # dropped only by a claim's holder
+            try:
+                assert write_sync is not None and batch is not None
+                write_sync(batch)
+            except BaseException as exc:  # handed to the awaiting task
+                error = exc
+        # else the caller gave up (a timeout, the close deadline) before it started:
+        # it is skipped, and the loop learns the thread is free for the next write.
         try:
             self.loop.call_soon_threadsafe(self._settle, error)
         except RuntimeError:  # the loop is closed: nobody waits for this any more
             pass
 
+    def drop(self) -> None:
+        """Let go of the batch and the sink's method: for a call that never runs, but
+        whose job waits on the queue behind one that hangs (until it returns, if ever)."""
+        self.batch = None
+        self.write_sync = None
+
     def _settle(self, error: BaseException | None) -> None:
-        """On the loop: record the outcome and hand it to whoever waits for it now."""
+        """On the loop: record that the thread is done with the job, and the outcome
+        of its call, and hand it to whoever waits for it now."""
         self.done = True
         self.error = error
         waiter = self.waiter
@@ -346,12 +374,22 @@ class ThreadedSink(Sink):
     for good (its retries ran out, the close deadline passed) while its call runs is
     counted as failed (or spooled) all the same, and may still reach the backend when
     the call returns; a call given up on before the thread started it never runs.
+
+    While the thread is still in a call the bus gave up on, the write of the next
+    batch waits for that call to return, for ``write_timeout`` too, before its own
+    call is queued (and times out as the retries did while it does not return): at
+    most one write is queued or running on the thread however long a call hangs (a
+    stalled NFS mount), and the batches given up on meanwhile are not held in memory
+    by the thread's queue.
     """
 
     _thread: _SinkThread | None = None
     _pending: _Write | None = None
     """The last write the bus gave up on while it ran on the thread: a retry of its
     batch (``batch is`` the same list, see :meth:`Sink.write`) waits for it."""
+    _posted: _Write | None = None
+    """The last write queued on the thread, until the thread is known to be done with
+    it (it ran it, or skipped it as given up on): no other is queued before that."""
 
     def open_sync(self, run: RunInfo) -> None:
         """Blocking counterpart of :meth:`Sink.open`."""
@@ -383,24 +421,50 @@ class ThreadedSink(Sink):
     async def write(self, batch: Sequence[BaseEvent]) -> None:
         """Run :meth:`write_sync` on the thread; a retry of a batch whose call the bus
         gave up on while it ran waits for that call instead (see the class docstring).
-        Any other batch means the bus is done with that call: its outcome is dropped."""
+        Any other batch means the bus is done with that call: its outcome is dropped,
+        and this batch's call is queued once the thread is done with it."""
         loop = asyncio.get_running_loop()
         job, self._pending = self._pending, None
         if job is None or job.batch is not batch or (job.done and job.error is not None):
-            job = _Write(loop, self.write_sync, batch)
+            await self._thread_done(loop)
+            job = self._posted = _Write(loop, self.write_sync, batch)
             self._worker().post(job.run)
         elif job.done:
+            if self._posted is job:
+                self._posted = None
             return  # the call the bus timed out on wrote the batch after all
         waiter = job.waiter = loop.create_future()
         try:
             await waiter
         except asyncio.CancelledError:  # a timeout, the close deadline
-            if not job.claim.acquire(False):  # the thread is in the call, or done with it
+            if job.claim.acquire(False):  # it never runs: the queue need not keep its batch
+                job.drop()
+            else:  # the thread is in the call, or done with it
                 self._pending = job
             raise
+        finally:
+            if job.done and self._posted is job:
+                self._posted = None
+
+    async def _thread_done(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait until the thread is done with the last write queued on it: one the bus
+        gave up on while it ran returns (if ever: the caller's timeout cuts this short,
+        as it does a retry waiting for it), one given up on before it started is
+        skipped. The thread then takes the next write at once, and no more than one
+        write waits on its queue behind a call that hangs."""
+        last = self._posted
+        if last is not None and not last.done and last.loop is loop:
+            waiter = last.waiter = loop.create_future()
+            try:
+                await waiter
+            except BaseException as exc:
+                if not (last.done and exc is last.error):
+                    raise  # a timeout, the close deadline
+                # else the call failed: the bus gave that batch up, its outcome is dropped
+        self._posted = None
 
     async def close(self) -> None:
-        self._pending = None
+        self._pending = self._posted = None
         worker = self._worker()
         try:
             await worker.call(self.close_sync)
@@ -413,7 +477,7 @@ class ThreadedSink(Sink):
         thread runs ``close_sync`` (when it was opened) once the call it is in returns,
         if ever, and then ends, instead of waiting for work forever."""
         worker, self._thread = self._thread, None
-        self._pending = None
+        self._pending = self._posted = None
         if worker is None:
             return
         if opened:
