@@ -48,6 +48,14 @@ opens a new child first. A write or close cancelled by ``write_timeout`` or by t
 bus's close deadline terminates the child (SIGTERM, then SIGKILL after
 ``KILL_GRACE`` seconds) and the next attempt starts a new one.
 
+An ``open`` that fails with a transient error (the backend is down) keeps its child,
+alive and idle: the bus's next attempt opens the sink in that child again, as it would
+call ``open`` again on an in-process sink, instead of paying a new interpreter and the
+SDK's imports for every retry of an outage. The child is replaced when its ``open``
+failed otherwise (a configuration error), timed out, or the child died; and it is
+stopped when the bus stops trying (the bus's task that opened it ends, or the bus
+releases the sink) or when the sink, changed in the parent since, pickles otherwise.
+
 After ``open`` and ``close``, the public plain attributes (``str``, ``int``,
 ``float``, ``bool``, ``None``) the sink set in the child are copied back onto the
 parent's instance, so that, e.g., ``CometSink.archive_path`` reads as it would
@@ -155,6 +163,10 @@ class ProcessSink(Sink):
         self._run: RunInfo | None = None
         self._opened = False
         self._busy = False  # a request is on its way (its answer not read yet)
+        # The pickled sink a live child was started with, while that child is kept after
+        # a transient open failure (see _start); None otherwise.
+        self._kept: bytes | None = None
+        self._guard: asyncio.Task[Any] | None = None  # see _guard_kept
 
     def _pickle(self) -> bytes:
         sink = self.sink
@@ -205,13 +217,18 @@ class ProcessSink(Sink):
     async def write(self, batch: Sequence[BaseEvent]) -> None:
         """Send ``batch`` to the child and wait (off the loop) for its answer; a dead
         child is started again (and the sink opened in it) first."""
-        if self._conn is None:
+        if self._conn is None or not self._opened:
             await self._start()
         await self._request(_WRITE + encode_lenient(batch))
 
     async def close(self) -> None:
         """Close the sink in the child and wait for the child to exit."""
         self._opened = False
+        if self._kept is not None:
+            # A child whose open failed: the sink is not open there, so there is nothing
+            # to close (as for a sink whose open failed in-process).
+            self._stop_child()
+            return
         if self._conn is None:
             return
         try:
@@ -225,22 +242,60 @@ class ProcessSink(Sink):
     # -- the child --------------------------------------------------------------------
 
     async def _start(self) -> None:
-        self._stop_child()
-        if self._run is None:
-            raise SinkError(f"sink {self.name!r}: write before open")
-        # Pickled again at each start: options set after attaching, and what an
-        # earlier child copied back (e.g. the file it writes to), carry over.
-        pickled = self._pickle()
+        kept, self._kept = self._kept, None
+        pickled = b""
         try:
-            # Assigned here, not in the thread: a start abandoned on cancel must not
-            # leave its (unopened) child behind as the current one.
-            self._proc, self._conn = await anyio.to_thread.run_sync(self._spawn, pickled, abandon_on_cancel=True)
+            if self._run is None:
+                raise SinkError(f"sink {self.name!r}: write before open")
+            # Pickled again at each attempt: options set after attaching, and what an
+            # earlier child copied back (e.g. the file it writes to), carry over.
+            pickled = self._pickle()
+            proc = self._proc
+            # The child kept after a transient open failure, still alive and given the
+            # sink as it is now, opens the sink again: a new one would cost a fresh
+            # interpreter and the SDK's imports at every retry of an outage.
+            if not (kept == pickled and proc is not None and proc.poll() is None and self._conn is not None):
+                self._stop_child()
+                # Assigned here, not in the thread: a start abandoned on cancel must not
+                # leave its (unopened) child behind as the current one.
+                self._proc, self._conn = await anyio.to_thread.run_sync(self._spawn, pickled, abandon_on_cancel=True)
             await self._request(_OPEN + msgspec.msgpack.encode(self._run), attrs=True)
             self._opened = True
+        except TransientSinkError:
+            # The child answered: its sink's open failed in a way worth retrying (the
+            # backend is down). The bus retries the open; the child is kept for that.
+            proc = self._proc
+            if proc is not None and proc.poll() is None and self._guard_kept():
+                self._kept = pickled
+            else:
+                self._stop_child()
+            raise
         except BaseException:
-            # A child that could not be set up is not kept: the next attempt starts anew.
+            # Otherwise (a configuration error, a timeout or cancel, a child that died)
+            # the child is not kept: the next attempt starts anew.
             self._stop_child()
             raise
+
+    def _guard_kept(self) -> bool:
+        """Stop a kept child when the task that tried to open it (the bus's worker of
+        this sink) ends: the bus stops trying, and does not close a sink whose open
+        failed. False when there is no asyncio task to tie it to: then it is not kept."""
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # not on an asyncio loop
+            return False
+        if task is None:
+            return False
+        if self._guard is not task:  # once per task, not once per failed attempt
+            self._guard = task
+            task.add_done_callback(self._task_done)
+        return True
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if self._guard is task:
+            self._guard = None
+            if self._kept is not None:
+                self._stop_child()
 
     def _spawn(self, pickled: bytes) -> tuple[subprocess.Popen[bytes], Connection]:
         """Start the child and hand it the sink (in a worker thread: blocking)."""
@@ -334,6 +389,7 @@ class ProcessSink(Sink):
         """Terminate the child, if any, without waiting (a thread reaps it)."""
         proc, self._proc = self._proc, None
         self._opened = False
+        self._kept = None
         # Dropped, not closed: a worker thread abandoned on cancel may still be
         # reading it; the descriptor closes when the last reference goes, so a new
         # pipe can never get its number while that thread reads.
