@@ -111,7 +111,9 @@ class SpoolFullError(SpoolError):
 
 
 def _gib(n: float) -> str:
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+    if n >= 1024**3:
+        return f"{n / 1024**3:.2f} GiB"
+    return f"{n / 1024**2:.1f} MiB" if n >= 1024**2 else f"{n / 1024:.1f} KiB"
 
 
 def _disk_usage(path: Path) -> Any:
@@ -506,7 +508,7 @@ class Spool:
         self.max_bytes = max_bytes
         self.min_free_fraction = float(min_free_fraction)
         self.bytes = 0
-        """What the spool's files take on disk (consumed parts of the current file included)."""
+        """What the pending records take on disk (see :meth:`_count_bytes`)."""
         self._half_warned = False
         if isinstance(fsync_interval, bool) or not isinstance(fsync_interval, (int, float)) or fsync_interval < 0:
             raise SpoolError(f"spool fsync_interval must be a number of seconds >= 0, got {fsync_interval!r}")
@@ -572,7 +574,19 @@ class Spool:
         self._count_bytes()
 
     def _count_bytes(self) -> None:
-        self.bytes = sum(_size(self.directory / name) for name in _spool_files(self.directory))
+        """What the pending records take: the files from the cursor's on, less the part
+        of the cursor's file already delivered (kept on disk until the file is done,
+        at most ``max_file_bytes``, but not counted against the cap)."""
+        total = 0
+        cursor = _seq(self.cursor.file)
+        for name in _spool_files(self.directory):
+            if _seq(name) < cursor:
+                continue
+            size = _size(self.directory / name)
+            if name == self.cursor.file:
+                size -= max(0, min(self.cursor.offset, size) - len(_HEADER))
+            total += size
+        self.bytes = total
 
     def _check_room(self, size: int) -> None:
         """Raise :class:`SpoolFullError` when ``size`` more bytes would pass the cap."""

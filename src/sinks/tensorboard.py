@@ -192,6 +192,9 @@ class TensorBoardSink(ThreadedSink):
             raise SinkConfigError(f"tensorboard sink: filename_suffix must be a plain string without {os.sep!r}, got {filename_suffix!r}")
         self._tb = _tb()  # a missing tensorboard is an error when the sink is asked for
         self.log_dir: str | None = os.fspath(log_dir) if log_dir is not None else None
+        """The ``log_dir`` option; once open, the directory written to."""
+        self._log_dir_option = self.log_dir
+        self._log_dir_run: str | None = None  # the run id log_dir was resolved for
         self.flush_secs = float(flush_secs)
         self.filename_suffix = filename_suffix
         self.path: str | None = None
@@ -249,8 +252,10 @@ class TensorBoardSink(ThreadedSink):
         """The directory this sink writes to for ``run`` (see the class docstring); on a
         rank other than 0 (a sink with ``all_ranks``), its ``rank<N>`` subdirectory:
         TensorBoard shows each rank as a run of its own instead of every point twice."""
-        if self.log_dir:
-            log_dir = os.path.expanduser(self.log_dir)
+        if self._log_dir_option:
+            log_dir = os.path.expanduser(self._log_dir_option)
+        elif self.log_dir and self._log_dir_run == run.run_id:
+            return self.log_dir  # opened again in the same run (a retry, a new file)
         elif os.environ.get("TENSORBOARD_LOGGING_DIR"):
             log_dir = os.path.expanduser(os.environ["TENSORBOARD_LOGGING_DIR"])
         elif run.logging_dir:
@@ -262,7 +267,7 @@ class TensorBoardSink(ThreadedSink):
                 "tensorboard sink: no directory to write to; pass TensorBoardSink(log_dir=...) "
                 "or give the run an output_dir or logging_dir"
             )
-        # Once only: open keeps the resolved directory in log_dir for the next open.
+        # (An open again in the same run returned the directory above, rank included.)
         if run.rank and os.path.basename(os.path.normpath(log_dir)) != f"rank{run.rank}":
             log_dir = os.path.join(log_dir, f"rank{run.rank}")
         return log_dir
@@ -271,7 +276,7 @@ class TensorBoardSink(ThreadedSink):
         """Create the log directory and a new event file in it."""
         log_dir = self.resolve_log_dir(run)
         os.makedirs(log_dir, exist_ok=True)
-        self.log_dir = log_dir
+        self.log_dir, self._log_dir_run = log_dir, run.run_id
         # The high-water mark this run starts from: a resumed run's START goes after it.
         self._resume_mark = run.resume_marks.get(self.name)
         self.path = os.path.join(log_dir, self._file_name(log_dir))

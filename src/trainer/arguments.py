@@ -242,8 +242,8 @@ class TrainingArguments:
       :meth:`to_dict` (so tracking backends log them, as transformers' do), and not
       used by this trainer;
     - those that change training in transformers and that this trainer does not
-      implement (``bf16_full_eval``, ``optim`` other than AdamW, ``fsdp``,
-      ``deepspeed``...): they hold
+      implement (``bf16_full_eval``, optimizers outside torch such as ``adafactor``,
+      ``fsdp``, ``deepspeed``...): they hold
       transformers' default, and any other value is refused when the arguments are
       built, with what to do instead, rather than silently ignored.
 

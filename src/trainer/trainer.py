@@ -656,6 +656,11 @@ class Trainer:
             get_scheduler(self.args.lr_scheduler_type, probe, 0, 1, getattr(self.args, "lr_scheduler_kwargs", None))
         except ValueError as exc:
             raise TrainingArgumentsError(str(exc)) from None
+        except TypeError as exc:  # e.g. a number given as text: {"lr_end": "0.0"}
+            raise TrainingArgumentsError(
+                f"lr_scheduler_kwargs={self.args.lr_scheduler_kwargs!r} for {self.args.lr_scheduler_type!s}: {exc}; "
+                "give numbers as numbers"
+            ) from None
 
     def _check_activation_checkpointing(self) -> None:
         if getattr(self.args, "activation_checkpointing", False) and self._checkpointing_enabler() is None:
@@ -1395,7 +1400,7 @@ class Trainer:
         self.control = handler.on_train_begin(args, self.state, self.control, resumed_from=resume_from_checkpoint)
         self._callback_watch.start(self.state.global_step)
         if getattr(args, "eval_on_start", False):
-            self._evaluate()
+            self._evaluate(skip_scheduler=True)  # as transformers: no plateau step before training
 
         for epoch in range(epochs_trained, num_train_epochs):
             skip = steps_trained_in_current_epoch if epoch == epochs_trained else 0
@@ -1415,10 +1420,14 @@ class Trainer:
         # choice (fused/foreach) too: the optimizer keeps the one it was built with
         # (an fp16 run's fused AdamW resumed from a full-precision checkpoint would
         # otherwise get the GradScaler's flags on a kernel that refuses them).
-        kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in self.optimizer.param_groups]
+        # Set in the checkpoint's groups before loading, not after: torch moves each
+        # parameter's step count to the parameter's device only for a group that is
+        # fused (or capturable) as it loads it; a fused kernel given a step left on the
+        # CPU fails on a GPU ("Expected all tensors to be on the same device").
+        kernels = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in self.optimizer.param_groups]
+        state = dict(state)
+        state["param_groups"] = [{**saved, **kernel} for saved, kernel in zip(state["param_groups"], kernels)]
         self.optimizer.load_state_dict(state)
-        for group, kernel in zip(self.optimizer.param_groups, kernels):
-            group.update(kernel)
 
     def _load_scaler(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, precision.SCALER_NAME)
@@ -1850,18 +1859,22 @@ class Trainer:
             self.args, self.state, self.control, checkpoint_dir=path, is_best=is_best
         )
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self, skip_scheduler: bool = False) -> dict[str, float]:
         metrics = self.evaluate()
-        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if not skip_scheduler and isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             # As transformers: the plateau schedule steps on each evaluation's metric.
             metric = self.args.metric_for_best_model or "loss"
             key = metric if metric.startswith("eval_") else f"eval_{metric}"
             value = metrics.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.lr_scheduler.step(value)
-            else:
-                # A missing metric is warned by _determine_best_metric; the rate stays.
-                logger.debug("reduce_lr_on_plateau: %r not in the evaluation metrics; the learning rate stays", key)
+            elif not getattr(self, "_plateau_warned", False):
+                self._plateau_warned = True
+                logger.warning(
+                    "lr_scheduler_type=reduce_lr_on_plateau watches %r (metric_for_best_model), which is not a number "
+                    "in the evaluation metrics %s: the learning rate is not lowered. Fix metric_for_best_model (this "
+                    "warning is shown once)", key, sorted(metrics),
+                )
         return metrics
 
     def _determine_best_metric(self, metrics: Mapping[str, Any]) -> bool:

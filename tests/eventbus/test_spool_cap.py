@@ -121,3 +121,25 @@ def test_a_long_outage_fills_the_spool_to_its_cap_then_counts_drops_and_delivers
     bus.close(10)
     # The oldest events were kept, in order (the ones past the cap were refused).
     assert sink.got == list(range(1, kept + 1))
+
+
+def test_what_was_delivered_does_not_count_against_the_cap(tmp_path, caplog):
+    # Files rotate at 16 MiB (the default), far above this cap: the delivered part of
+    # the file still being written stays on disk, but the next outage has the whole
+    # cap again.
+    sp = Spool(tmp_path, max_bytes=64 * 1024, min_free_fraction=0)
+    held = []
+    for outage in range(2):
+        n = 0
+        with pytest.raises(SpoolFullError):
+            while True:
+                sp.append(logs(1 + n, 1))
+                n += 1
+        held.append(n)
+        sp.consume(sp.read(n))
+        assert sp.pending == 0 and sp.bytes == 8  # the header alone
+    assert held[1] == held[0] > 100
+    with caplog.at_level(logging.WARNING, logger="eventbus"):
+        Spool(tmp_path / "b", max_bytes=4096, min_free_fraction=0).append(logs(1, 10))
+    assert "over half its cap of 4.0 KiB" in caplog.text
+    sp.close()

@@ -336,6 +336,7 @@ def test_lr_scheduler_kwargs_reach_the_schedule(tmp_path):
         ("cosine_with_min_lr", None, "needs min_lr or min_lr_rate"),
         ("warmup_stable_decay", {}, "needs num_decay_steps"),
         ("reduce_lr_on_plateau", {"patiense": 2}, "lr_scheduler_kwargs for reduce_lr_on_plateau"),
+        ("polynomial", {"lr_end": "0.0"}, "give numbers as numbers"),
     ],
 )
 def test_wrong_schedule_options_are_refused_when_the_trainer_is_built(tmp_path, kind, options, message):
@@ -364,14 +365,19 @@ def test_reduce_lr_on_plateau_steps_on_each_evaluation_metric(tmp_path):
             metrics["eval_loss"] = 1.0
             return metrics
 
-    t = Flat(TinyClassifier(), args, train_dataset=make_dataset(N), eval_dataset=make_dataset(8), callbacks=[Metric()])
-    t.train()
-    rates = {h["step"]: h["learning_rate"] for h in t.state.log_history if "learning_rate" in h}
-    # Steps never move it; each evaluation after the first without improvement halves it.
-    assert seen == [2, 4, 6, 8]
-    assert [rates[s] for s in (1, 2, 3, 4, 5, 6, 7, 8)] == pytest.approx(
-        [1e-3, 1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4]
-    )
+    for eval_on_start in (False, True):
+        seen.clear()
+        args.eval_on_start = eval_on_start
+        t = Flat(TinyClassifier(), args, train_dataset=make_dataset(N), eval_dataset=make_dataset(8), callbacks=[Metric()])
+        t.train()
+        rates = {h["step"]: h["learning_rate"] for h in t.state.log_history if "learning_rate" in h}
+        # Steps never move it; each evaluation after the first without improvement
+        # halves it. The evaluation before training (eval_on_start) does not count, as
+        # in transformers.
+        assert seen == [0] * eval_on_start + [2, 4, 6, 8]
+        assert [rates[s] for s in (1, 2, 3, 4, 5, 6, 7, 8)] == pytest.approx(
+            [1e-3, 1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4]
+        )
 
 
 # -- optimizers ----------------------------------------------------------------------
@@ -442,6 +448,17 @@ def test_runs_started_again_in_one_output_dir_are_separate_tensorboard_runs(tmp_
     assert resumed.run_id == trainers[1].run_id
     assert sorted(os.listdir(logs)) == sorted(os.path.basename(d) for d in (first, second))
     assert [s for s, _ in rates(second)] == [1, 2, 3, 4, 5, 6]
+    # A TensorBoard sink passed to the Trainer (not from report_to) does the same on a
+    # second train() of one trainer: a new run, a directory of its own.
+    from sinks.tensorboard import TensorBoardSink
+
+    own = tmp_path / "own"
+    t = Trainer(TinyClassifier(), tiny_args(own, max_steps=2), train_dataset=make_dataset(N), sinks=[TensorBoardSink()])
+    ids = []
+    for _ in range(2):
+        t.train()
+        ids.append(t.run_id)
+    assert ids[0] != ids[1] and [rates(tb_run_dir(own / "logs", i)) for i in ids] == [[(1, 5e-05), (2, 2.5e-05)]] * 2
     # An explicit logging_dir is written to as it is, as transformers does.
     explicit = tmp_path / "mine"
     Trainer(TinyClassifier(), tiny_args(out, max_steps=1, report_to="tensorboard", logging_dir=str(explicit)),
