@@ -183,6 +183,8 @@ class TensorBoardSink(ThreadedSink):
     isolate = os.name == "posix"
     isolate_optional = True  # an instance that cannot be pickled runs here instead
     max_batch_size = BATCH_SIZE
+    _log_dir_option: str | None = None
+    _log_dir_run: str | None = None
 
     def __init__(self, *, log_dir: str | os.PathLike[str] | None = None, flush_secs: float = 5.0, filename_suffix: str = "") -> None:
         check_option_types(self.name, TensorBoardSink.__init__, locals())
