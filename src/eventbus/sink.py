@@ -10,6 +10,7 @@ training.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -390,6 +391,11 @@ class ThreadedSink(Sink):
     _posted: _Write | None = None
     """The last write queued on the thread, until the thread is known to be done with
     it (it ran it, or skipped it as given up on): no other is queued before that."""
+    _opening: asyncio.Future[None] | None = None
+    """The open running on the thread that the bus gave up waiting for (see :meth:`open`)."""
+    _open_here = False
+    """Set on the thread when ``open_sync`` returned, cleared when ``close_sync`` ran:
+    an open the bus gave up on that succeeded later is still closed (_release)."""
 
     def open_sync(self, run: RunInfo) -> None:
         """Blocking counterpart of :meth:`Sink.open`."""
@@ -410,13 +416,33 @@ class ThreadedSink(Sink):
         flush interval: what the training process loses when it is killed is in its
         queues as well. The default does nothing (a sink that does not buffer)."""
 
+    def _open_on_thread(self, run: RunInfo) -> None:
+        self.open_sync(run)
+        self._open_here = True  # read on this thread only (see _close_if_open)
+
     def _worker(self) -> _SinkThread:
         if self._thread is None:
             self._thread = _SinkThread(f"{self.name}-{os.getpid()}")
         return self._thread
 
     async def open(self, run: RunInfo) -> None:
-        await self._worker().call(self.open_sync, run)
+        """Run :meth:`open_sync` on the thread. An open the bus gave up on (it outlasted
+        ``write_timeout``) is not started again while it runs: the retry waits for it
+        (within its own timeout), and one that has since succeeded counts as this
+        open. ``open_sync`` never runs twice for one open, and a hung one has nothing
+        queued behind it."""
+        loop = asyncio.get_running_loop()
+        call = self._opening
+        if call is not None and call.get_loop() is loop and call.done():
+            self._opening = None
+            if not call.cancelled() and call.exception() is None:
+                return  # the open given up on finished after all: the sink is open
+            call = None  # it failed: open again
+        if call is None or call.get_loop() is not loop:
+            call = self._opening = asyncio.ensure_future(self._worker().call(self._open_on_thread, run))
+        # Shielded: a timeout gives up waiting, not the call (the thread may be in it).
+        await asyncio.shield(call)
+        self._opening = None
 
     async def write(self, batch: Sequence[BaseEvent]) -> None:
         """Run :meth:`write_sync` on the thread; a retry of a batch whose call the bus
@@ -464,10 +490,10 @@ class ThreadedSink(Sink):
         self._posted = None
 
     async def close(self) -> None:
-        self._pending = self._posted = None
+        self._pending = self._posted = self._opening = None
         worker = self._worker()
         try:
-            await worker.call(self.close_sync)
+            await worker.call(self._close_on_thread)
         finally:
             worker.stop()
             self._thread = None
@@ -477,15 +503,26 @@ class ThreadedSink(Sink):
         thread runs ``close_sync`` (when it was opened) once the call it is in returns,
         if ever, and then ends, instead of waiting for work forever."""
         worker, self._thread = self._thread, None
-        self._pending = self._posted = None
+        self._pending = self._posted = self._opening = None
         if worker is None:
             return
-        if opened:
-            worker.post(self._late_close)
+        worker.post(functools.partial(self._close_if_open, opened))
         worker.stop()
 
-    def _late_close(self) -> None:
+    def _close_if_open(self, opened: bool) -> None:
+        """On the thread, after the call it was in: close the sink when the bus had
+        opened it, or when an open the bus gave up on succeeded meanwhile."""
+        if opened or self._open_here:
+            self._close_after_deadline()
+
+    def _close_on_thread(self) -> None:
         try:
             self.close_sync()
+        finally:
+            self._open_here = False
+
+    def _close_after_deadline(self) -> None:
+        try:
+            self._close_on_thread()
         except Exception as exc:
             logger.warning("eventbus: sink %r failed in close_sync after the close deadline: %r", self.name, exc)
