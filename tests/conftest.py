@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+import time
+from typing import Any, Callable
 
 import pytest
 
@@ -119,3 +120,12 @@ def tb_run_dir(base: Any, run_id: str | None = None) -> str:
         names = [n for n in names if n.endswith(f"_{run_id}")]
     assert len(names) == 1, f"expected one run directory under {base}, found {names}"
     return os.path.join(str(base), names[0])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until true; fail after ``timeout`` seconds (a generous bound)."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)

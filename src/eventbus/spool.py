@@ -110,7 +110,7 @@ class SpoolFullError(SpoolError):
     """The spool is at its size cap, or its disk is nearly full: nothing was appended."""
 
 
-def _gib(n: float) -> str:
+def _size_text(n: float) -> str:
     if n >= 1024**3:
         return f"{n / 1024**3:.2f} GiB"
     return f"{n / 1024**2:.1f} MiB" if n >= 1024**2 else f"{n / 1024:.1f} KiB"
@@ -594,7 +594,7 @@ class Spool:
             return
         if self.bytes + size > self.max_bytes:
             raise SpoolFullError(
-                f"the spool holds {_gib(self.bytes)}, its cap (spool_max_bytes={self.max_bytes}): what it holds is "
+                f"the spool holds {_size_text(self.bytes)}, its cap (spool_max_bytes={self.max_bytes}): what it holds is "
                 "kept and delivered when the sink is back, newer undeliverable events are not spooled; raise "
                 "Sink.spool_max_bytes (or set it to None) to keep more"
             )
@@ -603,7 +603,7 @@ class Spool:
             logger.warning(
                 "eventbus: the spool in %s holds %s, over half its cap of %s (Sink.spool_max_bytes): its sink has "
                 "been unable to deliver for a while",
-                self.directory, _gib(self.bytes + size), _gib(self.max_bytes),
+                self.directory, _size_text(self.bytes + size), _size_text(self.max_bytes),
             )
 
     def _check_disk(self) -> None:
@@ -617,7 +617,7 @@ class Spool:
             return  # cannot tell: the write itself will say
         if usage.free - self.max_file_bytes < usage.total * self.min_free_fraction:
             raise SpoolFullError(
-                f"the disk holding it has {_gib(usage.free)} free of {_gib(usage.total)}, less than "
+                f"the disk holding it has {_size_text(usage.free)} free of {_size_text(usage.total)}, less than "
                 f"{self.min_free_fraction:.0%} (Sink.spool_min_free_fraction) once another spool file is written: "
                 "the room is left to the run's checkpoints; free disk space or move the spool (Sink.spool_dir)"
             )

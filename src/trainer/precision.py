@@ -17,7 +17,7 @@ Trainer gives them, with torch's own ``torch.autocast`` and ``torch.amp.GradScal
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -66,12 +66,18 @@ def check_precision(args: Any, model: nn.Module, device: torch.device) -> None:
             )
 
 
-def autocast(args: Any, device: torch.device, cache_enabled: bool | None = True) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``device`` in ``args``' dtype; a null context without one."""
+_NO_AUTOCAST = contextlib.nullcontext()  # reusable: full precision allocates nothing per step
+
+
+def autocast(
+    args: Any, device: Callable[[], torch.device], cache_enabled: bool | None = True
+) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` in ``args``' dtype for the device ``device()`` returns (asked
+    only then); a shared null context without one."""
     dtype = amp_dtype(args)
     if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
+        return _NO_AUTOCAST
+    return torch.autocast(device().type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def make_scaler(args: Any, device: torch.device) -> torch.amp.GradScaler | None:

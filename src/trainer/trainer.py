@@ -637,13 +637,16 @@ class Trainer:
         outputs = model(**rest)
         return self.label_smoother(outputs, inputs["labels"], shift_labels=self._causal_lm), outputs
 
+    def _optimizer_spec(self) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+        try:
+            return optimizer_cls_and_kwargs(self.args)
+        except ValueError as exc:
+            raise TrainingArgumentsError(str(exc)) from None
+
     def _check_optimizer(self) -> None:
         # optim and optim_args checked now, as the schedule below.
         if self.optimizer is None:
-            try:
-                optimizer_cls_and_kwargs(self.args)
-            except ValueError as exc:
-                raise TrainingArgumentsError(str(exc)) from None
+            self._optimizer_spec()
 
     def _check_schedule(self) -> None:
         # The schedule's options are checked now, on a stand-in optimizer with the
@@ -709,7 +712,8 @@ class Trainer:
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> Any:
         """transformers' method: ``torch.autocast`` in the dtype ``bf16``/``fp16``
         ask for, on the model's device; a null context in full precision."""
-        return precision.autocast(self.args, self._device, cache_enabled=cache_enabled)
+        # The device is looked up only under mixed precision: this runs every micro-step.
+        return precision.autocast(self.args, lambda: self._device, cache_enabled=cache_enabled)
 
     def compute_loss_context_manager(self) -> Any:
         """transformers' method: the context the forward pass runs in, in training
@@ -1069,10 +1073,7 @@ class Trainer:
             groups = [g for g in groups if g["params"]]
             if not groups:
                 raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to train")
-            try:
-                cls, options = optimizer_cls_and_kwargs(args)
-            except ValueError as exc:
-                raise TrainingArgumentsError(str(exc)) from None
+            cls, options = self._optimizer_spec()
             try:
                 self.optimizer = cls(groups, **options)
             except RuntimeError as exc:  # no fused kernel for these parameters' device: torch's default
@@ -1625,6 +1626,8 @@ class Trainer:
                     break
         remainder = steps_in_epoch % ga or ga
         nan_filter = bool(getattr(args, "logging_nan_inf_filter", True))
+        # reduce_lr_on_plateau steps on evaluations (_evaluate), not per step.
+        step_schedule = not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         # transformers calls training_step(model, inputs, num_items_in_batch): so do
         # we (with None) when the method takes a third argument, so that an override
         # written for transformers without a default works, as one written for the
@@ -1696,8 +1699,8 @@ class Trainer:
                         self.optimizer.step()
                     self.control = handler.on_optimizer_step(args, state, self.control)
                     learning_rate = self._get_learning_rate()
-                    if not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                        self.lr_scheduler.step()  # (on a plateau: after each evaluation, _evaluate)
+                    if step_schedule:
+                        self.lr_scheduler.step()
                     model.zero_grad(set_to_none=True)
                     state.global_step += 1
                     state.epoch = epoch + (step + 1) / steps_in_epoch
@@ -2315,8 +2318,7 @@ class Trainer:
                     logits = tuple(v for k, v in outputs.items() if k not in ignore)
                 else:
                     logits = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
-        if loss is not None and loss.dtype in (torch.float16, torch.bfloat16):
-            loss = loss.float()
+        loss = precision.outputs_to_fp32(loss)
         if prediction_loss_only:
             return loss, None, None
         # Half-precision outputs of an autocast forward as float32 (numpy, which

@@ -11,24 +11,18 @@ imports nothing heavier than eventbus and pytest (no torch).
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from eventbus import EventBus, Log, RunInfo, Sink
 from eventbus.events import BaseEvent
 from eventbus.isolation import ProcessSink
 
+from tests.conftest import wait_for
+
 N = 20
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll ``predicate`` until true; fail after ``timeout`` seconds (a generous bound)."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 class OpensLate(Sink):

@@ -18,12 +18,9 @@ from eventbus import EventBus, Log, RunInfo, Sink, TransientSinkError
 from eventbus.events import BaseEvent
 from eventbus.spool import Spool, SpoolError, SpoolFullError, read_spool
 
+from tests.conftest import wait_for
 
-def wait_for(pred, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
+
 
 
 def logs(start: int, n: int) -> list[Log]:

@@ -11,7 +11,7 @@ import collections
 import gc
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import pytest
 
@@ -19,12 +19,9 @@ from eventbus import EventBus, Log, ThreadedSink
 from eventbus.events import BaseEvent
 from eventbus.sink import _Write
 
+from tests.conftest import wait_for
 
-def wait_for(what: str, cond: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 60
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+
 
 
 class Hanging(ThreadedSink):
@@ -76,7 +73,7 @@ def test_a_hung_write_queues_no_more_writes_and_keeps_no_batches_given_up_on() -
     try:
         step += 1
         bus.publish(Log(step=step, values={"loss": 1.0}))
-        wait_for("the write that hangs", sink.entered.is_set)
+        wait_for(timeout=60, what="the write that hangs", predicate=sink.entered.is_set)
         # Publish while the call hangs: several batches are tried, timed out and given
         # up on, each attempt bounded by write_timeout.
         most_queued = 0
@@ -105,13 +102,12 @@ def test_a_hung_write_queues_no_more_writes_and_keeps_no_batches_given_up_on() -
         sink.write_timeout = 30.0
         sink.max_retries = 5
         sink.gate.set()
-        wait_for("the hung call to return", lambda: len(sink.calls) >= 1)
+        wait_for(timeout=60, what="the hung call to return", predicate=lambda: len(sink.calls) >= 1)
         later = range(step + 1, step + 201)
         for s in later:
             bus.publish(Log(step=s, values={"loss": 1.0}))
         wait_for(
-            "the later events to be written",
-            lambda: set(later) <= {s for call in list(sink.calls) for s in call},
+            lambda: set(later) <= {s for call in list(sink.calls) for s in call}, 60, "the later events to be written"
         )
     finally:
         sink.gate.set()

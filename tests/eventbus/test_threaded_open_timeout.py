@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 from eventbus import EventBus, Log, ThreadedSink
 from eventbus.events import BaseEvent
 
+from tests.conftest import wait_for
 
-def wait_for(what: str, cond: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+
 
 
 class SlowOpen(ThreadedSink):
@@ -52,14 +49,14 @@ def test_an_open_that_outlasts_the_timeout_runs_once_and_its_retries_queue_nothi
     bus = EventBus([sink]).start()
     try:
         bus.publish(Log(step=1, values={"loss": 1.0}))
-        wait_for("the open that hangs", sink.entered.is_set)
+        wait_for(timeout=60, what="the open that hangs", predicate=sink.entered.is_set)
         # Several open attempts time out while open_sync hangs.
-        wait_for("retries of the open", lambda: bus.stats().sinks["slow_open"].errors >= 3)
+        wait_for(timeout=60, what="retries of the open", predicate=lambda: bus.stats().sinks["slow_open"].errors >= 3)
         assert sink._thread is not None and sink._thread.queued == 0
         sink.gate.set()
         for step in range(2, 6):
             bus.publish(Log(step=step, values={"loss": 1.0}))
-        wait_for("the later events", lambda: 5 in sink.steps)
+        wait_for(timeout=60, what="the later events", predicate=lambda: 5 in sink.steps)
     finally:
         bus.close(10)
     assert sink.opens == 1
@@ -81,7 +78,7 @@ def test_an_open_given_up_on_that_succeeds_after_the_bus_closed_is_closed_on_its
     sink = Closing()
     bus = EventBus([sink]).start()
     bus.publish(Log(step=1, values={"loss": 1.0}))
-    wait_for("the open that hangs", sink.entered.is_set)
+    wait_for(timeout=60, what="the open that hangs", predicate=sink.entered.is_set)
     bus.close(0.5)  # the bus never saw the sink open
     assert not sink.closed.is_set()
     sink.gate.set()  # the mount comes back: the open succeeds, then the sink is closed
@@ -108,7 +105,7 @@ def test_an_open_given_up_on_that_then_fails_is_not_closed() -> None:
     sink = NeverOpens()
     bus = EventBus([sink]).start()
     bus.publish(Log(step=1, values={"loss": 1.0}))
-    wait_for("the open that hangs", sink.entered.is_set)
+    wait_for(timeout=60, what="the open that hangs", predicate=sink.entered.is_set)
     bus.close(0.5)
     sink.gate.set()
     time.sleep(0.5)  # the thread ran the failing open, and then decided not to close
