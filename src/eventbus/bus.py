@@ -16,7 +16,6 @@ interval is a cost per second, not per event: 0.05 s cost the training process a
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import errno
 import logging
@@ -25,9 +24,8 @@ import operator
 import random
 import threading
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-import anyio
 import msgspec
 
 from eventbus import _marks
@@ -37,6 +35,16 @@ from eventbus.events import BaseEvent, Evaluate, Log, Predict, Save, TrainEnd
 from eventbus.overflow import Overflow
 from eventbus.sink import RunInfo, Sink, retry_after_seconds
 from eventbus.stats import BusStats, LagRecorder, SinkStats
+
+if TYPE_CHECKING:
+    import asyncio
+
+    import anyio
+else:  # the event loop's modules: imported when the first bus starts, on its thread
+    from eventbus._lazy import LazyModule
+
+    asyncio = LazyModule("asyncio", __name__)
+    anyio = LazyModule("anyio", __name__)
 
 __all__ = ["EventBus", "DEFAULT_URGENT"]
 

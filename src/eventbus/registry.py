@@ -3,12 +3,14 @@ registrations. The project's own sinks register there as a third party would."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from eventbus.errors import MissingDependencyError, SinkConfigError, UnknownSinkError
 from eventbus.sink import Sink
+
+if TYPE_CHECKING:
+    import importlib.metadata
 
 __all__ = ["ENTRY_POINT_GROUP", "register_sink", "unregister_sink", "available_sinks", "load_sink_factory", "create_sink", "sinks_from_report_to"]
 
@@ -34,6 +36,10 @@ def unregister_sink(name: str) -> None:
 
 
 def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    # Imported here: importlib.metadata (with email, zipfile, pathlib) is the largest
+    # import of the package otherwise, and is only needed to look a sink up by name.
+    import importlib.metadata
+
     return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 

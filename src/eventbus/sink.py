@@ -9,7 +9,6 @@ training.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import math
@@ -17,13 +16,20 @@ import os
 import queue
 import threading
 import uuid
-from typing import Any, Callable, ClassVar, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence, TypeVar
 
 import msgspec
 
 from eventbus.errors import TransientSinkError
 from eventbus.events import EVENT_TYPES, BaseEvent
 from eventbus.overflow import Overflow
+
+if TYPE_CHECKING:
+    import asyncio
+else:  # imported when a sink first runs on a bus's event loop
+    from eventbus._lazy import LazyModule
+
+    asyncio = LazyModule("asyncio", __name__)
 
 __all__ = ["RunInfo", "Sink", "ThreadedSink"]
 
@@ -206,7 +212,7 @@ def retry_after_seconds(exc: BaseException) -> float | None:
 
 
 # (the bus loop, the future the call settles, the function, its arguments)
-_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
+_Job = tuple["asyncio.AbstractEventLoop", "asyncio.Future[Any]", Callable[..., Any], tuple[Any, ...]]
 
 
 class _SinkThread:
