@@ -177,12 +177,11 @@ _LOG_LEVELS: dict[str, int] = {
     "passive": -1,
 }
 
+# What include_for_metrics may name (transformers' names).
+_INCLUDABLE = ("inputs", "loss")
+
 _OWN_OPTIMIZER = "pass your own optimizer with Trainer(optimizers=(optimizer, None))"
 _OWN_LOADER = "override Trainer.get_train_dataloader()/get_eval_dataloader() to build your own DataLoader"
-_CAST_FOR_EVAL = (
-    "evaluation runs in the model's dtype, under autocast with bf16/fp16=True; cast the model before evaluate() "
-    "for a half-precision evaluation"
-)
 
 # transformers' fields whose other values change training there, and which this
 # trainer does not implement: (the values accepted, what to do instead). The
@@ -192,19 +191,9 @@ _CAST_FOR_EVAL = (
 # than one that does not start.
 _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "optim_target_modules": ((None,), _OWN_OPTIMIZER),
-    "bf16_full_eval": ((False,), _CAST_FOR_EVAL),
-    "fp16_full_eval": ((False,), _CAST_FOR_EVAL),
     "use_liger_kernel": ((False,), "apply Liger's kernels to the model yourself before creating the Trainer"),
     "use_cache": ((False,), "this trainer leaves model.config.use_cache as the model has it; set it there"),
-    "neftune_noise_alpha": ((None,), "add the noise to the embeddings yourself (a forward hook on the embedding "
-                            "layer)"),
     "auto_find_batch_size": ((False,), "set per_device_train_batch_size to a size that fits"),
-    "eval_do_concat_batches": ((True,), "evaluation here always concatenates the batches' predictions"),
-    "include_for_metrics": (([], ()), "compute_metrics receives EvalPrediction(predictions, label_ids) here; "
-                            "override Trainer.prediction_step to return what else it needs"),
-    "batch_eval_metrics": ((False,), "compute_metrics is called once, on the whole evaluation set, here"),
-    "save_only_model": ((False,), "checkpoints here always hold the optimizer, scheduler and RNG states that a "
-                        "resume needs; copy the model out of a checkpoint if you want it alone"),
     "accelerator_config": ((None,), "this trainer does not use accelerate"),
     "parallelism_config": ((None,), "this trainer does not use accelerate; it trains with DistributedDataParallel "
                            "under torchrun"),
@@ -242,7 +231,7 @@ class TrainingArguments:
       :meth:`to_dict` (so tracking backends log them, as transformers' do), and not
       used by this trainer;
     - those that change training in transformers and that this trainer does not
-      implement (``bf16_full_eval``, optimizers outside torch such as ``adafactor``,
+      implement (optimizers outside torch such as ``adafactor``,
       ``fsdp``, ``deepspeed``...): they hold
       transformers' default, and any other value is refused when the arguments are
       built, with what to do instead, rather than silently ignored.
@@ -498,9 +487,13 @@ class TrainingArguments:
     gradients overflow is skipped by the optimizer (on the device with the default
     fused AdamW); the schedule still advances. The model must be float32."""
     bf16_full_eval: bool = False
-    """Only ``False``."""
+    """Evaluate in bfloat16, as transformers: an :meth:`~trainer.Trainer.evaluate` or
+    ``predict`` called outside :meth:`~trainer.Trainer.train` first casts the model
+    to bfloat16 (in place: ``self.model`` stays bfloat16 afterwards). Evaluations
+    during training run as training does. Saves memory; metrics may move a little."""
     fp16_full_eval: bool = False
-    """Only ``False``."""
+    """As ``bf16_full_eval``, in float16 (which wins when both are set, as in
+    transformers)."""
     tf32: bool | None = None
     """TF32 matrix products and convolutions on the GPU (torch's
     ``backends.cuda.matmul.allow_tf32`` and ``backends.cudnn.allow_tf32``, process
@@ -537,7 +530,11 @@ class TrainingArguments:
     use_cache: bool = False
     """Only ``False``; this trainer leaves ``model.config.use_cache`` as it is."""
     neftune_noise_alpha: float | None = None
-    """Only ``None``."""
+    """NEFTune, as transformers: during :meth:`~trainer.Trainer.train` a forward hook
+    on the model's input embeddings (``model.get_input_embeddings()``) adds uniform
+    noise of magnitude ``alpha / sqrt(sequence length * embedding size)`` to them
+    while the model is in training mode; removed when training ends (also when it
+    fails). ``None``: off."""
     torch_empty_cache_steps: int | None = None
     """Every this many steps, free the accelerator's cached memory
     (``torch.cuda.empty_cache()``, or the device's own) in the training step, as
@@ -545,13 +542,26 @@ class TrainingArguments:
     auto_find_batch_size: bool = False
     """Only ``False``."""
     eval_do_concat_batches: bool = True
-    """Only ``True``: evaluation concatenates the batches' predictions."""
+    """``False``: evaluation keeps the batches' predictions, labels (and inputs and
+    losses for ``include_for_metrics``) as lists of per-batch arrays, as
+    transformers; ``compute_metrics`` and ``predict()`` get those lists (for
+    predictions of varying sequence length that should not be padded together)."""
     include_for_metrics: list[str] = field(default_factory=list)
-    """Only ``[]``: ``compute_metrics`` receives predictions and labels."""
+    """What else ``compute_metrics`` receives, as transformers: ``"inputs"`` (the
+    batches' main input, ``model.main_input_name`` or ``input_ids``, as
+    ``EvalPrediction.inputs``) and/or ``"loss"`` (``EvalPrediction.losses``: each
+    batch's loss once per example of that batch, in the order of the predictions)."""
     batch_eval_metrics: bool = False
-    """Only ``False``."""
+    """Call ``compute_metrics`` once per evaluation batch (with that batch's tensors,
+    on the device) instead of once on the whole set, as transformers: it must take a
+    ``compute_result`` keyword, ``True`` on the last batch, when it returns the
+    metrics of the whole evaluation (the other calls' results are dropped). Nothing is
+    accumulated for it. Not available in distributed evaluation."""
     save_only_model: bool = False
-    """Only ``False``: checkpoints hold what a resume needs."""
+    """Checkpoints hold the model, the trainer state and the bus's run info only:
+    no optimizer, scheduler, loss-scaler or RNG states (smaller, faster to write).
+    Such a checkpoint cannot be resumed from (``train(resume_from_checkpoint=...)``
+    says so); ``load_best_model_at_end`` works with it."""
     full_determinism: bool = False
     """Seed and switch torch to deterministic algorithms (process-wide, as
     transformers' ``enable_full_determinism``: ``torch.use_deterministic_algorithms``,
@@ -667,6 +677,7 @@ class TrainingArguments:
 
         self._check_types()
         self._check_ranges()
+        self._check_evaluation_options()
         if self.bf16 and self.fp16:
             raise TrainingArgumentsError("bf16=True and fp16=True: choose one mixed precision (bf16 where the device has it)")
         share = self.callback_time_warning_share
@@ -773,7 +784,8 @@ class TrainingArguments:
                  # ``if args.do_eval`` gets a bool)
                  "do_train", "do_eval", "do_predict", "hub_always_push", "remove_unused_columns",
                  "eval_use_gather_object", "enable_jit_checkpoint", "bf16", "fp16", "activation_checkpointing",
-                 "torch_compile", "full_determinism", "use_cpu")
+                 "torch_compile", "full_determinism", "use_cpu", "bf16_full_eval", "fp16_full_eval",
+                 "eval_do_concat_batches", "batch_eval_metrics", "save_only_model")
         for name in bools:
             v = getattr(self, name)
             if not isinstance(v, bool):
@@ -853,6 +865,26 @@ class TrainingArguments:
                     f"{name}={redact(v)!r} is not implemented by this trainer; leave it at its default "
                     f"({accepted[0]!r}): {instead}"
                 )
+
+    def _check_evaluation_options(self) -> None:
+        include = self.include_for_metrics
+        if isinstance(include, str):
+            include = [include]
+        if not isinstance(include, (list, tuple)) or not all(isinstance(v, str) for v in include):
+            raise TrainingArgumentsError(
+                f"include_for_metrics must be a list of names among {list(_INCLUDABLE)}, got {include!r}"
+            )
+        unknown = [v for v in include if v not in _INCLUDABLE]
+        if unknown:
+            raise TrainingArgumentsError(
+                f"include_for_metrics={list(include)!r}: {unknown} not known; it may hold {list(_INCLUDABLE)}"
+            )
+        self.include_for_metrics = list(include)
+        alpha = self.neftune_noise_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf):
+            raise TrainingArgumentsError(
+                f"neftune_noise_alpha must be a number > 0 (transformers' examples use 5), or None for no noise; got {alpha!r}"
+            )
 
     def _check_ranges(self) -> None:
         def at_least(name: str, low: float, hint: str = "") -> None:

@@ -207,6 +207,13 @@ def check_checkpoint(path: str | os.PathLike[str], required: Iterable[str] = REQ
         for name in required
         if not _has_file(p, name)
     ]
+    if missing and _model_only(p):
+        raise CheckpointError(
+            f"checkpoint directory {p!r} holds the model and the trainer state only (written with "
+            "save_only_model=True): it has no optimizer, scheduler or RNG states, so training cannot resume from it. "
+            "Load its weights into the model (trainer.checkpoint.load_model_weights(model, path)) and start a new "
+            "run, or resume from a checkpoint written with save_only_model=False"
+        )
     if missing:
         raise CheckpointError(
             f"checkpoint directory {p!r} is incomplete: missing {', '.join(missing)}. "
@@ -214,6 +221,15 @@ def check_checkpoint(path: str | os.PathLike[str], required: Iterable[str] = REQ
             "checkpoint-<step> directory instead"
         )
     return p
+
+
+def _model_only(directory: str) -> bool:
+    """Whether ``directory`` is a whole checkpoint written with ``save_only_model``:
+    the weights and the trainer state, and none of the states a resume needs."""
+    if not (_has_file(directory, WEIGHTS_NAME) and _has_file(directory, TRAINER_STATE_NAME)):
+        return False
+    names = os.listdir(directory)
+    return not any(n in (OPTIMIZER_NAME, SCHEDULER_NAME) or n.startswith("rng_state") for n in names)
 
 
 def save_torch(obj: Any, path: str | os.PathLike[str]) -> None:

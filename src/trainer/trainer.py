@@ -36,7 +36,7 @@ from eventbus.values import Snapshot, is_tensor, snapshot
 from trainer import _marks
 from trainer import checkpoint as ckpt
 from trainer import distributed
-from trainer import precision
+from trainer import neftune, precision
 from trainer.label_smoothing import LabelSmoother, is_causal_lm
 from trainer.optimizers import optimizer_cls_and_kwargs
 from trainer.schedules import get_scheduler
@@ -65,12 +65,54 @@ logger = logging.getLogger("trainer")
 _DECAY_EXCLUDED_NAMES = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
 
 
-class EvalPrediction(NamedTuple):
-    """What ``compute_metrics`` receives: numpy arrays of the model's predictions
-    (logits) and of the labels, concatenated over the evaluation set."""
+class EvalPrediction:
+    """What ``compute_metrics`` receives, as transformers' class of that name: the
+    model's predictions (logits, or what ``preprocess_logits_for_metrics`` made of
+    them) and the labels, as numpy arrays concatenated over the evaluation set (lists
+    of per-batch arrays with ``eval_do_concat_batches=False``; one batch's tensors
+    with ``batch_eval_metrics``); ``inputs`` and ``losses`` when
+    ``include_for_metrics`` asks for them, else ``None``.
 
-    predictions: Any
-    label_ids: Any
+    It unpacks like a tuple of the fields that are set: ``preds, labels = p``, or
+    ``preds, labels, inputs = p`` with ``include_for_metrics=["inputs"]``."""
+
+    def __init__(self, predictions: Any, label_ids: Any, inputs: Any = None, losses: Any = None) -> None:
+        self.predictions = predictions
+        self.label_ids = label_ids
+        self.inputs = inputs
+        self.losses = losses
+        self.elements: tuple[Any, ...] = (predictions, label_ids)
+        if inputs is not None:
+            self.elements += (inputs,)
+        if losses is not None:
+            self.elements += (losses,)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.elements)
+
+    def __getitem__(self, idx: int) -> Any:
+        if idx < 0 or idx >= len(self.elements):
+            raise IndexError("tuple index out of range")
+        return self.elements[idx]
+
+    def __len__(self) -> int:
+        return len(self.elements)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={_shape_text(getattr(self, k))}" for k in ("predictions", "label_ids", "inputs", "losses"))
+        return f"EvalPrediction({fields})"
+
+
+def _shape_text(value: Any) -> str:
+    """A short description of an array (or nested arrays) for a repr: shapes, not values."""
+    if value is None:
+        return "None"
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return f"<{type(value).__name__} {tuple(shape)}>"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__}[{', '.join(_shape_text(v) for v in value[:3])}{', ...' if len(value) > 3 else ''}]"
+    return type(value).__name__
 
 
 class PredictionOutput(NamedTuple):
@@ -501,6 +543,14 @@ class Trainer:
     published to ``trainer.bus``, whose sinks (from ``args.report_to`` and ``sinks``)
     consume events on a thread of their own.
 
+    The arguments are transformers' (by keyword; ``model_init`` and
+    ``compute_loss_func`` are not taken) plus ``sinks``: ``optimizers`` (an optimizer
+    and a schedule to use instead of the ones ``args`` describe) or
+    ``optimizer_cls_and_kwargs`` (an optimizer class and its options, given the
+    parameters in the trainer's weight-decay groups), and
+    ``preprocess_logits_for_metrics(logits, labels)`` (each evaluation batch's
+    logits, on the device, turned into what ``compute_metrics`` needs).
+
     Example::
 
         trainer = Trainer(model, TrainingArguments(output_dir="runs/x", report_to="jsonl"),
@@ -521,6 +571,8 @@ class Trainer:
         callbacks: Sequence[TrainerCallback | type[TrainerCallback]] | None = None,
         sinks: Sequence[Sink] | None = None,
         optimizers: tuple[torch.optim.Optimizer | None, Any] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None,
     ) -> None:
         if model is None:
             raise ValueError("Trainer needs a model (an nn.Module whose forward returns a loss when given labels)")
@@ -540,7 +592,11 @@ class Trainer:
         self.eval_dataset = eval_dataset
         self.processing_class = processing_class
         self.compute_metrics = compute_metrics
+        # transformers' hook: each evaluation batch's logits (and labels) in, what to
+        # keep for compute_metrics out (e.g. the argmax, not the full vocabulary).
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
         self.optimizer, self.lr_scheduler = optimizers
+        self.optimizer_cls_and_kwargs = _checked_optimizer_cls_and_kwargs(optimizer_cls_and_kwargs, self.optimizer)
         self._created_lr_scheduler = False
         self.label_names: list[str] = list(getattr(args, "label_names", None) or ["labels"])
         # Under torchrun (WORLD_SIZE > 1) the process group starts here, as in
@@ -567,6 +623,8 @@ class Trainer:
         self._compiled: tuple[nn.Module, nn.Module] | None = None
         self._check_precision()
         self._check_activation_checkpointing()
+        self._check_evaluation_options()
+        self._check_neftune()
         self._check_optimizer()
         self._check_schedule()
         # fp16's loss scaler (made when training starts; None without fp16).
@@ -607,6 +665,7 @@ class Trainer:
         self._signal_received: int | None = None
         self._interrupt_agreed = False
         self._last_saved_step: int | None = None
+        self._last_save_whole = True  # the last checkpoint can be resumed from
         self._tr_loss: torch.Tensor | None = None
         self._logs_on_cpu = True  # the training loss lives on the CPU (set when training starts)
         self._total_loss: torch.Tensor | None = None
@@ -645,8 +704,36 @@ class Trainer:
 
     def _check_optimizer(self) -> None:
         # optim and optim_args checked now, as the schedule below.
-        if self.optimizer is None:
+        if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
             self._optimizer_spec()
+
+    def _check_evaluation_options(self) -> None:
+        args = self.args
+        if getattr(args, "batch_eval_metrics", False):
+            if self.compute_metrics is not None and not _accepts_keyword(self.compute_metrics, "compute_result"):
+                raise ValueError(
+                    "batch_eval_metrics=True: compute_metrics is called once per evaluation batch and must take a "
+                    "compute_result keyword (True on the last batch, when it returns the metrics of the whole "
+                    "evaluation), as in transformers; add it, or leave batch_eval_metrics False"
+                )
+            if self.dist.is_distributed:
+                raise TrainingArgumentsError(
+                    "batch_eval_metrics=True is not available in a distributed run here (each rank evaluates its own "
+                    "share); leave it False: compute_metrics then sees the whole evaluation set, gathered from every rank"
+                )
+
+    def _check_neftune(self) -> None:
+        if getattr(self.args, "neftune_noise_alpha", None) is None:
+            return
+        get = getattr(self.model, "get_input_embeddings", None)
+        embeddings = get() if callable(get) else None
+        if not isinstance(embeddings, nn.Module):
+            raise TrainingArgumentsError(
+                f"neftune_noise_alpha={self.args.neftune_noise_alpha!r}: NEFTune adds noise to the model's input "
+                f"embeddings, found with model.get_input_embeddings(), which {type(self.model).__name__} does not "
+                "provide (transformers' models do); add that method returning the embedding layer, or leave "
+                "neftune_noise_alpha None"
+            )
 
     def _check_schedule(self) -> None:
         # The schedule's options are checked now, on a stand-in optimizer with the
@@ -1073,7 +1160,11 @@ class Trainer:
             groups = [g for g in groups if g["params"]]
             if not groups:
                 raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to train")
-            cls, options = self._optimizer_spec()
+            if self.optimizer_cls_and_kwargs is not None:
+                cls, options = self.optimizer_cls_and_kwargs
+                options = dict(options)
+            else:
+                cls, options = self._optimizer_spec()
             try:
                 self.optimizer = cls(groups, **options)
             except RuntimeError as exc:  # no fused kernel for these parameters' device: torch's default
@@ -1165,6 +1256,8 @@ class Trainer:
         self._resume_marks = {}
         self.is_in_train = True
         interrupted = False
+        alpha = getattr(args, "neftune_noise_alpha", None)
+        neftune_hook = neftune.activate_neftune(self.model, alpha) if alpha is not None else None
         try:
             try:
                 return self._inner_training_loop(resume_from_checkpoint)
@@ -1197,6 +1290,8 @@ class Trainer:
                 raise
         finally:
             self.is_in_train = False
+            if neftune_hook is not None:  # the embeddings' forward as it was, also after a failure
+                neftune.deactivate_neftune(self.model, neftune_hook)
             self._callback_watch.stop()
             try:
                 if owns_bus:
@@ -1801,8 +1896,10 @@ class Trainer:
         if not pending:
             return
         # The step that was running when the signal came has finished: checkpoint it.
-        if self.state.global_step > 0 and self._last_saved_step != self.state.global_step:
-            self._save_and_notify()
+        # With save_only_model the checkpoint is whole nonetheless: it is the one to
+        # resume from.
+        if self.state.global_step > 0 and (self._last_saved_step != self.state.global_step or not self._last_save_whole):
+            self._save_and_notify(whole=True)
         raise _Interrupt
 
     def _maybe_log_save_evaluate(self, grad_norm: torch.Tensor | None, learning_rate: float | None) -> None:
@@ -1855,8 +1952,8 @@ class Trainer:
             # rank, so every rank takes part in this agreement.
             self._agree_control()
 
-    def _save_and_notify(self) -> None:
-        path = self._save_checkpoint()
+    def _save_and_notify(self, whole: bool = False) -> None:
+        path = self._save_checkpoint(whole=whole)
         is_best = self.state.best_global_step == self.state.global_step and self.state.best_global_step is not None
         self.control = self.callback_handler.on_save(
             self.args, self.state, self.control, checkpoint_dir=path, is_best=is_best
@@ -2027,8 +2124,10 @@ class Trainer:
         self._history_settled = len(history)
         self._history_settled_list = history
 
-    def _save_checkpoint(self) -> str:
-        """Write ``checkpoint-<global_step>`` (atomically) and rotate old ones."""
+    def _save_checkpoint(self, whole: bool = False) -> str:
+        """Write ``checkpoint-<global_step>`` (atomically) and rotate old ones. With
+        ``save_only_model`` it holds the model and the trainer state only, unless
+        ``whole`` (the checkpoint of an interrupted run, to resume from)."""
         self._settle_log_history()
         args = self.args
         state = self.state
@@ -2061,15 +2160,18 @@ class Trainer:
             tmp = final
         if tmp is not None and error is None:
             try:
+                # save_only_model: the model and the trainer state, nothing a resume needs.
+                full = whole or not getattr(args, "save_only_model", False)
                 if rank0:
                     ckpt.save_model_weights(self.model, tmp)
-                    if self.optimizer is not None:
+                    if full and self.optimizer is not None:
                         ckpt.save_torch(self.optimizer.state_dict(), os.path.join(tmp, ckpt.OPTIMIZER_NAME))
-                    if self.lr_scheduler is not None:
+                    if full and self.lr_scheduler is not None:
                         ckpt.save_torch(self.lr_scheduler.state_dict(), os.path.join(tmp, ckpt.SCHEDULER_NAME))
-                    if self.scaler is not None:
+                    if full and self.scaler is not None:
                         ckpt.save_torch(self.scaler.state_dict(), os.path.join(tmp, precision.SCALER_NAME))
-                ckpt.save_rng_state(tmp, self.dist.rank, self.dist.world_size)
+                if full:
+                    ckpt.save_rng_state(tmp, self.dist.rank, self.dist.world_size)
                 if rank0:
                     state.stateful_callbacks = self.callback_handler.export_callback_states(control=self.control)
                     state.save_to_json(os.path.join(tmp, ckpt.TRAINER_STATE_NAME))
@@ -2109,6 +2211,7 @@ class Trainer:
         # checkpoint-<step> is in place (and rotation done) on every rank before on_save.
         distributed.barrier()
         self._last_saved_step = state.global_step
+        self._last_save_whole = whole or not getattr(args, "save_only_model", False)
         self._last_checkpoint_dir = final
         return final
 
@@ -2216,69 +2319,96 @@ class Trainer:
         metric_key_prefix: str = "eval",
     ) -> Trainer._LoopOutput:
         """Shared by :meth:`evaluate` and :meth:`predict`: run every batch, gather
-        losses, predictions and labels on the host, compute metrics."""
+        losses, predictions and labels on the host, compute metrics (as transformers:
+        ``preprocess_logits_for_metrics`` on each batch's logits, ``include_for_metrics``,
+        ``eval_do_concat_batches``, ``batch_eval_metrics``, ``bf16/fp16_full_eval``)."""
         args = self.args
         if prediction_loss_only is None:
             prediction_loss_only = bool(getattr(args, "prediction_loss_only", False))
         model = self.model
+        if not self.is_in_train:
+            # A whole half-precision evaluation, as transformers: the model is cast in
+            # place (it stays so), only when evaluate/predict run outside train().
+            if getattr(args, "fp16_full_eval", False):
+                model = model.to(dtype=torch.float16)
+            elif getattr(args, "bf16_full_eval", False):
+                model = model.to(dtype=torch.bfloat16)
         model.eval()
         self.callback_handler.eval_dataloader = dataloader
         self._record_device()
         device = self._device
+        phase = "predict" if description == "Prediction" else "eval"
+        include = set(getattr(args, "include_for_metrics", None) or ())
+        concat = bool(getattr(args, "eval_do_concat_batches", True))
+        per_batch = bool(getattr(args, "batch_eval_metrics", False))
+        # With per-batch metrics nothing is kept for them; predict() still returns
+        # every prediction.
+        keep = not per_batch or phase == "predict"
+        main_input = getattr(self.model, "main_input_name", "input_ids")
         losses: list[torch.Tensor] = []
         loss_weights: list[float] = []
-        preds: list[Any] = []
-        labels: list[Any] = []
+        kept = _EvalBatches()
+        metrics: Any = None
         observed = 0
-        phase = "predict" if description == "Prediction" else "eval"
         try:
             num_batches: int | None = len(dataloader)
         except TypeError:
             num_batches = None
-        for batch_index, inputs in enumerate(dataloader):
+        for batch_index, (inputs, last) in enumerate(_with_last(dataloader)):
             inputs = _to_device(inputs, device)
             bs = _find_batch_size(inputs)
             if bs is not None:
                 observed += bs
             loss, logits, label = self.prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            example_losses = None
             if loss is not None:
-                losses.append(loss.detach().reshape(1).cpu())
+                loss = loss.detach()
+                losses.append(loss.reshape(1).cpu())
                 loss_weights.append(float(bs) if bs is not None else 1.0)
-            if logits is not None:
-                preds.append(_nested_cpu(logits))
-            if label is not None:
-                labels.append(_nested_cpu(label))
+                if "loss" in include:
+                    # The batch's loss once per example, aligned with the predictions.
+                    example_losses = loss.reshape(1).repeat(bs if bs is not None else 1)
+            main = _main_input(inputs, main_input) if "inputs" in include else None
+            if logits is not None and self.preprocess_logits_for_metrics is not None:
+                logits = self.preprocess_logits_for_metrics(logits, label)
+            if keep:
+                kept.add(logits, label, main, example_losses)
             self.control = self.callback_handler.on_prediction_step(
                 args, self.state, self.control, batch_index=batch_index, num_batches=num_batches, phase=phase
             )
+            if per_batch and self.compute_metrics is not None and logits is not None and label is not None:
+                # transformers' call: this batch's tensors (the whole batch as inputs);
+                # the metrics are those of the call on the last batch.
+                batch = EvalPrediction(logits, label, inputs=inputs if main is not None else None, losses=example_losses)
+                metrics = self.compute_metrics(batch, compute_result=last)
         dataset = getattr(dataloader, "dataset", None)
         num_samples = len(dataset) if dataset is not None and _has_length(dataset) else observed
 
-        all_preds = _nested_numpy(_nested_concat(preds)) if preds else None
-        all_labels = _nested_numpy(_nested_concat(labels)) if labels else None
+        all_preds, all_labels, all_inputs, all_losses = kept.arrays(concat)
         if getattr(dataloader, "_trainer_sharded", False):
             # Every rank ran its share: gather them so that compute_metrics (and so
             # every control callback, early stopping included) sees the whole set, and
             # decides the same on every rank.
-            all_preds, all_labels, losses, loss_weights, observed = _gather_eval(
-                all_preds, all_labels, losses, loss_weights, observed
+            (all_preds, all_labels, all_inputs, all_losses), losses, loss_weights, observed = _gather_eval(
+                (all_preds, all_labels, all_inputs, all_losses), concat, losses, loss_weights, observed
             )
             if dataset is None or not _has_length(dataset):
                 num_samples = observed
-        metrics: dict[str, Any] = {}
-        if self.compute_metrics is not None and all_preds is not None and all_labels is not None:
-            metrics = _denumpify(dict(self.compute_metrics(EvalPrediction(all_preds, all_labels))))
+        if self.compute_metrics is not None and not per_batch and all_preds is not None and all_labels is not None:
+            # (inputs and losses are None unless include_for_metrics asked for them)
+            metrics = self.compute_metrics(EvalPrediction(all_preds, all_labels, inputs=all_inputs, losses=all_losses))
+        metrics = _denumpify(dict(metrics)) if metrics is not None else {}
         if losses:
-            all_losses = torch.cat(losses).double()
-            finite = torch.isfinite(all_losses)
+            all_batch_losses = torch.cat(losses).double()
+            finite = torch.isfinite(all_batch_losses)
             weights = torch.tensor(loss_weights, dtype=torch.float64)
             if getattr(args, "logging_nan_inf_filter", True) and bool(finite.any()):
-                all_losses = all_losses[finite]
+                all_batch_losses = all_batch_losses[finite]
                 weights = weights[finite]
             # The mean over examples, as transformers (which repeats each batch's loss
             # batch-size times): each batch mean weighs as many examples as it holds,
             # so a short last batch (or a rank's smaller share) counts for less.
-            metrics[f"{metric_key_prefix}_loss"] = ((all_losses * weights).sum() / weights.sum()).item()
+            metrics[f"{metric_key_prefix}_loss"] = ((all_batch_losses * weights).sum() / weights.sum()).item()
         for key in list(metrics):
             if not key.startswith(f"{metric_key_prefix}_"):
                 metrics[f"{metric_key_prefix}_{key}"] = metrics.pop(key)
@@ -2351,17 +2481,105 @@ def _interleave(parts: list[Any]) -> Any:
 
 
 def _gather_eval(
-    preds: Any, labels: Any, losses: list[torch.Tensor], weights: list[float], observed: int
-) -> tuple[Any, Any, list[torch.Tensor], list[float], int]:
-    """Every rank's evaluation results, on every rank, in dataset order."""
+    fields: tuple[Any, ...], concat: bool, losses: list[torch.Tensor], weights: list[float], observed: int
+) -> tuple[tuple[Any, ...], list[torch.Tensor], list[float], int]:
+    """Every rank's evaluation results (``fields``: predictions, labels, inputs,
+    per-example losses; arrays, or lists of per-batch arrays when not ``concat``), on
+    every rank, in dataset order."""
     loss_vec = torch.cat(losses) if losses else torch.zeros(0)
-    gathered = distributed.gather_objects((preds, labels, loss_vec, list(weights), observed))
-    # A rank whose share was empty (fewer examples than ranks) has None: skip it.
-    all_preds = _interleave([g[0] for g in gathered]) if any(g[0] is not None for g in gathered) else None
-    all_labels = _interleave([g[1] for g in gathered]) if any(g[1] is not None for g in gathered) else None
-    all_losses = [g[2] for g in gathered if g[2].numel()]
-    all_weights = [w for g in gathered for w in g[3]]
-    return all_preds, all_labels, all_losses, all_weights, sum(int(g[4]) for g in gathered)
+    gathered = distributed.gather_objects((fields, loss_vec, list(weights), observed))
+    merged = []
+    for i in range(len(fields)):
+        # A rank whose share was empty (fewer examples than ranks) has None: skipped.
+        parts = [g[0][i] for g in gathered if g[0][i] is not None]
+        if not parts:
+            merged.append(None)
+        elif concat:
+            merged.append(_interleave(parts))
+        else:
+            # Batch b of every rank holds the rows r + W * (b * size + k): together, one
+            # contiguous block of the dataset, in order once interleaved.
+            merged.append([_interleave([p[b] for p in parts if b < len(p)]) for b in range(max(len(p) for p in parts))])
+    all_losses = [g[1] for g in gathered if g[1].numel()]
+    all_weights = [w for g in gathered for w in g[2]]
+    return tuple(merged), all_losses, all_weights, sum(int(g[3]) for g in gathered)
+
+
+class _EvalBatches:
+    """The evaluation batches' predictions, labels, main inputs and per-example
+    losses, moved to the host as they come."""
+
+    def __init__(self) -> None:
+        self.fields: tuple[list[Any], ...] = ([], [], [], [])
+
+    def add(self, *values: Any) -> None:
+        for kept, value in zip(self.fields, values):
+            if value is not None:
+                kept.append(_nested_cpu(value))
+
+    def arrays(self, concat: bool) -> tuple[Any, ...]:
+        """Each field as numpy: concatenated over the batches (padded with -100
+        where their widths differ), or as a list of per-batch arrays; ``None`` when
+        no batch had it."""
+        if concat:
+            return tuple(_nested_numpy(_nested_concat(kept)) if kept else None for kept in self.fields)
+        return tuple([_nested_numpy(b) for b in kept] if kept else None for kept in self.fields)
+
+
+def _with_last(loader: Any) -> Iterator[tuple[Any, bool]]:
+    """``(batch, is_last)`` for each batch of ``loader``: one batch read ahead, so
+    that an unsized loader says which batch is its last too."""
+    it = iter(loader)
+    try:
+        current = next(it)
+    except StopIteration:
+        return
+    for following in it:
+        yield current, False
+        current = following
+    yield current, True
+
+
+def _main_input(inputs: Any, name: str) -> Any:
+    """The batch's main input (``include_for_metrics=["inputs"]``)."""
+    if isinstance(inputs, Mapping) and name in inputs:
+        return inputs[name]
+    keys = sorted(inputs) if isinstance(inputs, Mapping) else type(inputs).__name__
+    raise ValueError(
+        f"include_for_metrics=['inputs'] passes the batches' {name!r} (the model's main_input_name) to "
+        f"compute_metrics, but the evaluation batches hold {keys}; set model.main_input_name to the input to pass"
+    )
+
+
+def _checked_optimizer_cls_and_kwargs(spec: Any, optimizer: Any) -> tuple[type[torch.optim.Optimizer], dict[str, Any]] | None:
+    """Trainer's ``optimizer_cls_and_kwargs``: ``None`` or an (optimizer class,
+    options) pair, not given with an optimizer instance (as transformers)."""
+    if spec is None:
+        return None
+    if optimizer is not None:
+        raise RuntimeError("Passing both `optimizers` and `optimizer_cls_and_kwargs` arguments is incompatible.")
+    if (
+        not isinstance(spec, (tuple, list))
+        or len(spec) != 2
+        or not (isinstance(spec[0], type) and issubclass(spec[0], torch.optim.Optimizer))
+        or not isinstance(spec[1], Mapping)
+    ):
+        raise TypeError(
+            "optimizer_cls_and_kwargs must be a pair (a torch.optim.Optimizer subclass, a dict of its options), e.g. "
+            f"(torch.optim.AdamW, {{'lr': 1e-4}}); got {spec!r}"
+        )
+    return spec[0], dict(spec[1])
+
+
+def _accepts_keyword(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` takes ``name`` as a keyword (or any keyword: ``**kwargs``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read: let the call decide
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _takes_third_argument(method: Callable[..., Any]) -> bool:

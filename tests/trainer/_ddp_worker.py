@@ -374,8 +374,41 @@ def scenario_unused_parameters(out: str) -> dict[str, Any]:
     }
 
 
+class _MainX(TinyClassifier):
+    main_input_name = "x"
+
+
+def run_eval_inputs(output_dir: str, world_size: int) -> dict[str, Any]:
+    """evaluate() with include_for_metrics (inputs and losses), concatenated and per
+    batch: what compute_metrics received, as lists (batches of 4 at every world size,
+    so the per-batch lists compare too)."""
+    seen: dict[str, Any] = {}
+
+    def record(key: str) -> Any:
+        def compute_metrics(p: Any) -> dict[str, float]:
+            def plain(v: Any) -> Any:
+                return [plain(b) for b in v] if isinstance(v, list) else v.tolist()
+
+            seen[key] = {name: plain(getattr(p, name)) for name in ("predictions", "label_ids", "inputs", "losses")}
+            return {}
+
+        return compute_metrics
+
+    for concat in (True, False):
+        args = make_args(output_dir, world_size, per_device_eval_batch_size=4 if world_size == 1 else 2,
+                         include_for_metrics=["inputs", "loss"], eval_do_concat_batches=concat)
+        t = Trainer(_MainX(seed=0), args, eval_dataset=EVAL, compute_metrics=record(f"concat={concat}"))
+        t.evaluate()
+    return seen
+
+
+def scenario_eval_inputs(out: str) -> dict[str, Any]:
+    return run_eval_inputs(os.path.join(out, "eval_inputs"), 2)
+
+
 SCENARIOS = {
     "match": scenario_match,
+    "eval_inputs": scenario_eval_inputs,
     "stop": scenario_stop,
     "resume": scenario_interrupt_and_resume,
     "host_group": scenario_host_group,

@@ -154,6 +154,31 @@ def test_evaluation_metrics_are_reduced_across_ranks(ddp, reference):
             assert math.isclose(value, ref_loss[step], rel_tol=1e-5), (r, step)
 
 
+def test_included_inputs_and_losses_are_gathered_in_dataset_order(ddp, tmp_path):
+    """include_for_metrics under two ranks (shares of 11 and 10, batches of 2 per
+    rank): compute_metrics gets what one process with batches of 4 gets: the same
+    rows in the same order, and the same per-batch split without concatenation."""
+    single = worker.run_eval_inputs(str(tmp_path), 1)
+    got = scenario(ddp, "eval_inputs")
+    for r in (0, 1):
+        for key in ("concat=True", "concat=False"):
+            mine, ref = got[r][key], single[key]
+            for name in ("predictions", "label_ids", "inputs"):
+                assert _close(mine[name], ref[name]), (r, key, name)
+        # Losses: per example, each its batch's mean; the batches differ (2 per rank
+        # here, 4 in one process), so compare the lengths and the batch split.
+        assert len(got[r]["concat=True"]["losses"]) == 21
+        assert [len(b) for b in got[r]["concat=False"]["losses"]] == [len(b) for b in single["concat=False"]["losses"]]
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+    return a == b
+
+
 def test_process_zero_flags_and_one_run_id_for_all_ranks(ddp):
     got = scenario(ddp, "match")
     assert (got[0]["is_world_process_zero"], got[0]["is_local_process_zero"]) == (True, True)

@@ -200,7 +200,3 @@ def test_fp16_with_a_half_precision_model_is_refused_when_the_trainer_is_built(t
     # bf16 autocast over bfloat16 weights is fine (nothing to unscale).
     Trainer(TinyClassifier().to(torch.bfloat16), tiny_args(tmp_path, bf16=True), train_dataset=make_dataset(N))
 
-
-def test_half_precision_evaluation_casts_stay_refused():
-    with pytest.raises(TrainingArgumentsError, match="bf16_full_eval=True is not implemented.*cast the model"):
-        TrainingArguments(output_dir="x", bf16_full_eval=True)
