@@ -470,8 +470,12 @@ class TrainingArguments:
     optim_target_modules: None | str | list[str] = None
     """Only ``None``."""
     average_tokens_across_devices: bool = True
-    """Accepted for compatibility, not used by this trainer: the loss is the model's
-    own per-batch mean (no ``num_items_in_batch``)."""
+    """As transformers: when the loss is normalised by the labelled positions of the
+    optimizer step (``num_items_in_batch``: a model whose forward takes loss kwargs,
+    as transformers' models do, or ``Trainer(compute_loss_func=...)``), count them
+    over every rank (one small all-reduce per step, on the device) and scale the loss
+    by the number of ranks, so that each position weighs the same wherever it was;
+    ``False``: each rank normalises by its own count."""
     label_smoothing_factor: float = 0.0
     """Label smoothing in [0, 1), as transformers: the model is called without
     ``labels`` and the loss (training and evaluation) is computed from its logits

@@ -43,6 +43,7 @@ __all__ = [
     "broadcast_flags",
     "broadcast_object",
     "gather_objects",
+    "all_reduce_sum_",
     "all_reduce_mean_",
     "shard_indices",
 ]
@@ -323,6 +324,16 @@ def all_reduce_mean_(tensor: Any) -> _Pending:
         return _Pending(None, tensor, 1)
     work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
     return _Pending(work, tensor, dist.get_world_size())
+
+
+def all_reduce_sum_(tensor: Any) -> _Pending:
+    """Start summing ``tensor`` across ranks, in place, asynchronously (as
+    :func:`all_reduce_mean_`, without the division); ``.wait()`` before reading it."""
+    dist = _dist()
+    if dist is None:
+        return _Pending(None, tensor, 1)
+    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
+    return _Pending(work, tensor, 1)
 
 
 def shard_indices(indices: Sequence[int], rank: int, world_size: int, pad: bool = True) -> list[int]:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LabelSmoother", "is_causal_lm"]
+__all__ = ["LabelSmoother", "accepts_loss_kwargs", "is_causal_lm", "loss_shifts_labels"]
 
 
 @dataclass
@@ -20,12 +20,16 @@ class LabelSmoother:
     """Label smoothing on a model's output (``output["logits"]`` or ``output[0]``):
     ``(1 - epsilon) * nll + epsilon * mean(-log_softmax)`` over the positions whose
     label is not ``ignore_index``, as transformers' class of the same name.
-    ``shift_labels``: position ``i`` predicts label ``i + 1`` (causal language models)."""
+    ``shift_labels``: position ``i`` predicts label ``i + 1`` (causal language models).
+    ``num_items_in_batch``: the number of labelled positions to divide by (the
+    trainer's count over a whole accumulated batch), instead of this batch's."""
 
     epsilon: float = 0.1
     ignore_index: int = -100
 
-    def __call__(self, model_output: Any, labels: torch.Tensor, shift_labels: bool = False) -> torch.Tensor:
+    def __call__(
+        self, model_output: Any, labels: torch.Tensor, shift_labels: bool = False, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         logits = model_output["logits"] if isinstance(model_output, Mapping) else model_output[0]
         if shift_labels:
             logits = logits[..., :-1, :].contiguous()
@@ -40,7 +44,10 @@ class LabelSmoother:
         smoothed_loss = log_probs.sum(dim=-1, keepdim=True, dtype=torch.float32)
         nll_loss = nll_loss.masked_fill(padding_mask, 0.0)
         smoothed_loss = smoothed_loss.masked_fill(padding_mask, 0.0)
-        active = padding_mask.numel() - padding_mask.long().sum()
+        if num_items_in_batch is None:  # this batch's labelled positions
+            active = padding_mask.numel() - padding_mask.long().sum()
+        else:  # the trainer's count over the whole accumulated batch
+            active = num_items_in_batch.to(nll_loss.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
         nll = nll_loss.sum() / active
         smoothed = smoothed_loss.sum() / (active * log_probs.shape[-1])
         return (1 - self.epsilon) * nll + self.epsilon * smoothed
@@ -59,3 +66,35 @@ def is_causal_lm(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - an older or trimmed transformers
         return False
     return type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
+def accepts_loss_kwargs(model: nn.Module) -> bool:
+    """Whether the trainer hands ``num_items_in_batch`` to ``model``'s forward, as
+    transformers decides it: the model's ``accepts_loss_kwargs`` when it has one,
+    else whether its ``forward`` takes ``**kwargs``."""
+    if hasattr(model, "accepts_loss_kwargs"):
+        return bool(model.accepts_loss_kwargs)
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def loss_shifts_labels(model: nn.Module) -> bool:
+    """Whether ``model``'s loss shifts its labels (a decoder-only causal language
+    model's), so that the labelled positions are counted over ``labels[..., 1:]``: as
+    transformers' Trainer decides it, from the model's ``loss_type``; ``False`` for a
+    model transformers does not define."""
+    if type(model).__module__.startswith("peft.") and hasattr(model, "base_model"):
+        model = getattr(model.base_model, "model", model)
+    if not type(model).__module__.startswith("transformers.") or "transformers" not in sys.modules:
+        return False
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    except ImportError:  # pragma: no cover - an older or trimmed transformers
+        return False
+    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not encoder_decoder

@@ -37,7 +37,7 @@ from trainer import _marks
 from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer import neftune, precision
-from trainer.label_smoothing import LabelSmoother, is_causal_lm
+from trainer.label_smoothing import LabelSmoother, accepts_loss_kwargs, is_causal_lm, loss_shifts_labels
 from trainer.optimizers import optimizer_cls_and_kwargs
 from trainer.schedules import get_scheduler
 from trainer.arguments import TrainingArguments, TrainingArgumentsError
@@ -543,8 +543,10 @@ class Trainer:
     published to ``trainer.bus``, whose sinks (from ``args.report_to`` and ``sinks``)
     consume events on a thread of their own.
 
-    The arguments are transformers' (by keyword; ``model_init`` and
-    ``compute_loss_func`` are not taken) plus ``sinks``: ``optimizers`` (an optimizer
+    The arguments are transformers' (by keyword; ``model_init`` is not taken) plus
+    ``sinks``: ``compute_loss_func(outputs, labels, num_items_in_batch=...)`` (the
+    loss from the model's outputs, the model called without labels; see
+    :meth:`compute_loss`), ``optimizers`` (an optimizer
     and a schedule to use instead of the ones ``args`` describe) or
     ``optimizer_cls_and_kwargs`` (an optimizer class and its options, given the
     parameters in the trainer's weight-decay groups), and
@@ -573,6 +575,7 @@ class Trainer:
         optimizers: tuple[torch.optim.Optimizer | None, Any] = (None, None),
         optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
         preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None,
+        compute_loss_func: Callable[..., Any] | None = None,
     ) -> None:
         if model is None:
             raise ValueError("Trainer needs a model (an nn.Module whose forward returns a loss when given labels)")
@@ -619,6 +622,16 @@ class Trainer:
         # labels shifted for its causal language models.
         self.label_smoother = self._make_label_smoother()
         self._causal_lm = is_causal_lm(model)
+        # transformers' loss normalisation over an accumulated batch: the number of
+        # labelled positions in the optimizer step's micro-batches (num_items_in_batch)
+        # is handed to a model that takes loss kwargs, or to compute_loss_func(outputs,
+        # labels, num_items_in_batch=...), whose losses are then sums over that count,
+        # not divided again by the accumulation steps.
+        self.compute_loss_func = compute_loss_func
+        self.model_accepts_loss_kwargs = accepts_loss_kwargs(model)
+        self._loss_shifts_labels = loss_shifts_labels(model)
+        self.loss_is_scaled_for_ga: bool | None = None  # transformers' override of that decision
+        self._compute_loss_takes_items = _accepts_keyword(self.compute_loss, "num_items_in_batch")
         # (the module compiled, its compiled form) with torch_compile, once built.
         self._compiled: tuple[nn.Module, nn.Module] | None = None
         self._check_precision()
@@ -688,13 +701,60 @@ class Trainer:
             return None
         return LabelSmoother(epsilon=float(factor))
 
-    def _smoothed_loss(self, model: nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, Any]:
-        """(loss, outputs) with label smoothing: the model is called without its
-        labels and the smoother computes the loss from its logits."""
-        assert self.label_smoother is not None
-        rest = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**rest)
-        return self.label_smoother(outputs, inputs["labels"], shift_labels=self._causal_lm), outputs
+    def _model_loss(self, model: nn.Module, inputs: Mapping[str, Any], num_items_in_batch: Any = None) -> tuple[torch.Tensor, Any]:
+        """(loss, outputs) as transformers' compute_loss makes them: with
+        ``compute_loss_func`` or label smoothing the model is called without
+        ``labels`` and the loss is computed from its outputs; ``num_items_in_batch``
+        goes to a model that takes loss kwargs, to ``compute_loss_func`` and to the
+        label smoother."""
+        labels = None
+        if (self.label_smoother is not None or self.compute_loss_func is not None) and "labels" in inputs:
+            labels = inputs["labels"]
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
+        outputs = model(**inputs)
+        if self.compute_loss_func is not None:
+            return self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch), outputs
+        if labels is not None:
+            assert self.label_smoother is not None
+            smoother = self.label_smoother
+            return smoother(outputs, labels, shift_labels=self._causal_lm, num_items_in_batch=num_items_in_batch), outputs
+        loss = _loss_of(outputs)
+        return (loss.mean() if loss.dim() > 0 else loss), outputs
+
+    def _get_num_items_in_batch(
+        self, batch_samples: Sequence[Any], device: torch.device, across_ranks: bool = True
+    ) -> torch.Tensor | None:
+        """The labelled positions (labels other than -100) in an optimizer step's
+        micro-batches, summed over the ranks with ``average_tokens_across_devices``,
+        as transformers counts them (``labels[..., 1:]`` for a causal language model's
+        shifted loss, ``shift_labels`` when the batches carry them): a tensor on the
+        labels' device (the batches are moved there first), so counting never waits
+        for the device; ``None`` when nothing is counted (no labels, or neither the
+        model nor ``compute_loss_func`` takes the count)."""
+        if not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
+            return None
+        first = batch_samples[0] if batch_samples else None
+        if not isinstance(first, Mapping) or "labels" not in first:
+            return None
+        try:
+            counted = [
+                b["shift_labels"] if "shift_labels" in b else b["labels"][..., 1:] if self._loss_shifts_labels else b["labels"]
+                for b in batch_samples
+            ]
+            total = sum(labels.ne(-100).sum() for labels in counted)
+        except (TypeError, AttributeError):  # labels that are not tensors: not counted, as transformers
+            return None
+        if (
+            across_ranks
+            and self.dist.is_distributed
+            and distributed.is_initialized()
+            and getattr(self.args, "average_tokens_across_devices", True)
+        ):
+            # Summed over the ranks, on the device (NCCL: the stream waits, not the host).
+            total = distributed.all_reduce_sum_(total.to(device)).wait()
+        return total
 
     def _optimizer_spec(self) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
         try:
@@ -1727,7 +1787,8 @@ class Trainer:
         # we (with None) when the method takes a third argument, so that an override
         # written for transformers without a default works, as one written for the
         # two-argument form does.
-        step_args: tuple[Any, ...] = (None,) if _takes_third_argument(self.training_step) else ()
+        takes_items = _takes_third_argument(self.training_step)
+        count_items = takes_items and (self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
         # Distributed over a stream without a length (an IterableDataset the user
         # shards by rank), the shards may differ in length, and a rank that ran out
         # alone would leave the others in DDP's all-reduce. There the ranks read each
@@ -1754,6 +1815,14 @@ class Trainer:
             if not batch_samples:
                 break
             self.current_gradient_accumulation_steps = len(batch_samples)
+            step_args: tuple[Any, ...] = ()
+            if count_items:
+                # The step's micro-batches go to the device together (as transformers
+                # prefetches them) and their labels are counted there.
+                batch_samples = [_to_device(b, device) for b in batch_samples]
+                step_args = (self._get_num_items_in_batch(batch_samples, device),)
+            elif takes_items:
+                step_args = (None,)
             for inputs in batch_samples:
                 step += 1
                 do_sync_step = (step + 1) % ga == 0 or (step + 1) == steps_in_epoch
@@ -1836,26 +1905,33 @@ class Trainer:
         self, model: nn.Module, inputs: Mapping[str, Any], num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:
         """Forward and backward on one micro-batch; returns the detached loss, scaled
-        by the number of micro-batches in this optimizer step (so the accumulated
-        gradient is that of the mean loss).
-
-        ``num_items_in_batch`` is transformers' signature (so that an override written
-        for it, calling ``super()``, works); it is handed to :meth:`compute_loss`. The
-        loop passes none: it does not count label tokens per step (that would cost a
-        reduction on every step), so the loss is always the model's per-batch mean
-        divided by the accumulation steps."""
+        so that the accumulated gradient is that of the optimizer step's loss, as
+        transformers: a loss normalised by ``num_items_in_batch`` (the step's labelled
+        positions, which the loop counts when the model takes loss kwargs or a
+        ``compute_loss_func`` was given) as it is, any other (a batch mean) divided by
+        the number of micro-batches in the step. ``loss_is_scaled_for_ga`` (``True``
+        or ``False``) overrides that decision, as in transformers, for a
+        ``compute_loss`` override that normalises its own way."""
         model.train()
         with self.compute_loss_context_manager():
+            if num_items_in_batch is not None and not self._compute_loss_takes_items:
+                # A compute_loss override with the older signature (model, inputs,
+                # return_outputs=False): its loss is a batch mean, divided below.
+                num_items_in_batch = None
             if num_items_in_batch is None:
-                # Without the keyword: a compute_loss override with the older signature
-                # (model, inputs, return_outputs=False) keeps working.
                 loss = self.compute_loss(model, inputs)
             else:
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         every = getattr(self.args, "torch_empty_cache_steps", None)
         if every is not None and self.state.global_step % every == 0:
             clear_device_cache()
-        loss = loss / self.current_gradient_accumulation_steps
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            # Normalised over the whole optimizer step already (by the model or by
+            # compute_loss_func, with the count), else a batch mean: as transformers.
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        if not scaled:
+            loss = loss / self.current_gradient_accumulation_steps
         if self.scaler is not None:  # fp16: the scaled loss, unscaled before the step
             self.scaler.scale(loss).backward()
         else:
@@ -1869,24 +1945,23 @@ class Trainer:
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
-        """The loss ``model(**inputs)`` returns (``outputs["loss"]`` or ``outputs[0]``),
-        and the outputs too when ``return_outputs``.
-
-        ``num_items_in_batch`` is accepted for transformers' signature and not used:
-        the model is called with the batch alone, and its loss is its own (per-batch)
-        reduction. An override that normalises by it must also skip the division by
-        the accumulation steps in :meth:`training_step`.
-
-        With ``label_smoothing_factor``, the model is called without ``labels`` and
-        the loss is :class:`~trainer.label_smoothing.LabelSmoother`'s on its logits,
-        as transformers."""
-        if self.label_smoother is not None and "labels" in inputs:
-            loss, outputs = self._smoothed_loss(model, inputs)
-            return (loss, outputs) if return_outputs else loss
-        outputs = model(**inputs)
-        loss = _loss_of(outputs)
-        if loss.dim() > 0:
-            loss = loss.mean()
+        """The loss of one micro-batch, and the outputs too when ``return_outputs``,
+        as transformers: ``model(**inputs)``'s own loss (``outputs["loss"]`` or
+        ``outputs[0]``); ``compute_loss_func(outputs, labels, num_items_in_batch=...)``
+        when the Trainer was given one; transformers' label smoother with
+        ``label_smoothing_factor``. ``num_items_in_batch`` (the labelled positions of
+        the whole optimizer step, see :meth:`_get_num_items_in_batch`) is passed to a
+        model whose forward takes loss kwargs, and to those two; a loss normalised by
+        it is multiplied by the number of ranks with ``average_tokens_across_devices``
+        (DDP averages the gradients over the ranks)."""
+        loss, outputs = self._model_loss(model, inputs, num_items_in_batch)
+        if (
+            num_items_in_batch is not None
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
+            and getattr(self.args, "average_tokens_across_devices", True)
+            and self.dist.world_size > 1
+        ):
+            loss = loss * self.dist.world_size
         return (loss, outputs) if return_outputs else loss
 
     def _check_interrupt(self) -> None:
@@ -2430,24 +2505,28 @@ class Trainer:
             label = found[0] if len(found) == 1 else found
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = None
-            if has_labels and self.label_smoother is not None and "labels" in inputs:
-                # The evaluation loss smoothed too, as transformers (its prediction_step
-                # goes through compute_loss).
-                smoothed, outputs = self._smoothed_loss(model, inputs)
-                loss = smoothed.detach()
+            if has_labels:
+                # Through the training loss's path, as transformers (its prediction_step
+                # goes through compute_loss): compute_loss_func's or the smoothed loss,
+                # and this batch's labelled positions for a model that takes them.
+                count = self._get_num_items_in_batch([inputs], self._device, across_ranks=False)
+                loss, outputs = self._model_loss(model, inputs, count)
+                loss = loss.detach().mean()
+                # Called without labels (compute_loss_func, smoothing), the model's
+                # outputs hold no loss: all of them are predictions.
+                own_loss = not ((self.label_smoother is not None or self.compute_loss_func is not None) and "labels" in inputs)
             else:
                 outputs = model(**inputs)
-            if has_labels and loss is None:
-                loss = _loss_of(outputs).detach().mean()
+                own_loss = False
+            if own_loss:
                 if isinstance(outputs, Mapping):
                     logits = tuple(v for k, v in outputs.items() if k not in ignore + ["loss"])
                 else:
                     logits = tuple(outputs[1:])
+            elif isinstance(outputs, Mapping):
+                logits = tuple(v for k, v in outputs.items() if k not in ignore)
             else:
-                if isinstance(outputs, Mapping):
-                    logits = tuple(v for k, v in outputs.items() if k not in ignore)
-                else:
-                    logits = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+                logits = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
         loss = precision.outputs_to_fp32(loss)
         if prediction_loss_only:
             return loss, None, None

@@ -402,6 +402,44 @@ def run_eval_inputs(output_dir: str, world_size: int) -> dict[str, Any]:
     return seen
 
 
+class _CountNormalised(TinyClassifier):
+    """Takes loss kwargs, as transformers' models: its loss is the sum over the
+    labelled rows divided by the trainer's count (num_items_in_batch)."""
+
+    def forward(self, x: Any, labels: Any = None, num_items_in_batch: Any = None, **kwargs: Any) -> dict[str, Any]:
+        logits = self.out(self.drop(torch.relu(self.norm(self.lin(x)))))
+        if labels is None:
+            return {"logits": logits}
+        if num_items_in_batch is None:
+            return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+        total = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        return {"loss": total / num_items_in_batch, "logits": logits}
+
+
+def _partly_unlabelled() -> list[dict[str, Any]]:
+    """TRAIN with every third row's label -100: the ranks' micro-batches hold
+    different numbers of labelled rows."""
+    rows = [dict(r) for r in TRAIN]
+    for i in range(0, len(rows), 3):
+        rows[i]["labels"] = -100
+    return rows
+
+
+def run_count_normalised(output_dir: str, world_size: int, average: bool = True) -> dict[str, Any]:
+    """Train the count-normalised model; its parameters and training loss."""
+    args = make_args(output_dir, world_size, eval_strategy="no", average_tokens_across_devices=average)
+    t = Trainer(_CountNormalised(seed=0), args, train_dataset=_partly_unlabelled())
+    out = t.train()
+    return {"params": flat_params(t.model), "train_loss": out.training_loss}
+
+
+def scenario_count_normalised(out: str) -> dict[str, Any]:
+    return {
+        "average": run_count_normalised(os.path.join(out, "count-avg"), 2),
+        "per_rank": run_count_normalised(os.path.join(out, "count-rank"), 2, average=False),
+    }
+
+
 def scenario_eval_inputs(out: str) -> dict[str, Any]:
     return run_eval_inputs(os.path.join(out, "eval_inputs"), 2)
 
@@ -409,6 +447,7 @@ def scenario_eval_inputs(out: str) -> dict[str, Any]:
 SCENARIOS = {
     "match": scenario_match,
     "eval_inputs": scenario_eval_inputs,
+    "count_normalised": scenario_count_normalised,
     "stop": scenario_stop,
     "resume": scenario_interrupt_and_resume,
     "host_group": scenario_host_group,

@@ -53,6 +53,18 @@ class TinyClassifier(nn.Module):
         return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
 
 
+def tiny_gpt2(n_layer: int = 1) -> nn.Module:
+    """A real transformers causal language model (built from a config: nothing
+    downloaded), without dropout so that runs compare exactly."""
+    from tests.conftest import require_module
+
+    transformers = require_module("transformers")
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=n_layer, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
 def make_dataset(n: int, seed: int = 0) -> list[dict[str, Any]]:
     """``n`` examples ``{"x": float[4], "labels": int}`` whose label depends on x."""
     g = torch.Generator().manual_seed(seed)

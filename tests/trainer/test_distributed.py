@@ -171,6 +171,18 @@ def test_included_inputs_and_losses_are_gathered_in_dataset_order(ddp, tmp_path)
         assert [len(b) for b in got[r]["concat=False"]["losses"]] == [len(b) for b in single["concat=False"]["losses"]]
 
 
+def test_average_tokens_across_devices_trains_like_one_process(ddp, tmp_path):
+    """A model normalising its loss by num_items_in_batch, with a third of the rows
+    unlabelled: counted over both ranks (and the loss scaled by 2), two ranks train
+    as one process with the same global batch; each rank counting its own does not."""
+    single = worker.run_count_normalised(str(tmp_path), 1)
+    got = scenario(ddp, "count_normalised")
+    for r in (0, 1):
+        assert _max_diff(got[r]["average"]["params"], single["params"]) < 1e-5
+        assert got[r]["average"]["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
+        assert _max_diff(got[r]["per_rank"]["params"], single["params"]) > 1e-4
+
+
 def _close(a: Any, b: Any) -> bool:
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))

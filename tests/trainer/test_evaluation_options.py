@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import require_module
-from tests.trainer._loop_helpers import TinyClassifier, checkpoints, make_dataset, tiny_args
+from tests.trainer._loop_helpers import TinyClassifier, checkpoints, make_dataset, tiny_args, tiny_gpt2
 from trainer import Trainer, TrainerCallback
 from trainer import checkpoint as ckpt
 from trainer.arguments import TrainingArgumentsError
@@ -290,14 +290,6 @@ def test_an_interrupted_run_saves_a_whole_checkpoint_despite_save_only_model(tmp
 # -- neftune_noise_alpha ----------------------------------------------------------------
 
 
-def _tiny_gpt2() -> Any:
-    transformers = require_module("transformers")
-    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config)
-
-
 def _tokens(n: int) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 40, (n, 12), generator=g)
@@ -306,7 +298,7 @@ def _tokens(n: int) -> list[dict[str, torch.Tensor]]:
 
 def test_neftune_noise_is_transformers_own_and_only_while_training(tmp_path):
     neftune = require_module("transformers.integrations.neftune")
-    model = _tiny_gpt2()
+    model = tiny_gpt2()
     seen: list[torch.Tensor] = []
     ids = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(1))
 
@@ -339,7 +331,7 @@ def test_neftune_hook_is_removed_when_training_fails(tmp_path):
         def on_step_end(self, args, state, control, **kwargs):
             raise RuntimeError("boom")
 
-    t = Trainer(_tiny_gpt2(), tiny_args(tmp_path, max_steps=2, neftune_noise_alpha=5.0), train_dataset=_tokens(8),
+    t = Trainer(tiny_gpt2(), tiny_args(tmp_path, max_steps=2, neftune_noise_alpha=5.0), train_dataset=_tokens(8),
                 callbacks=[Boom()])
     with pytest.raises(RuntimeError, match="boom"):
         t.train()

@@ -270,14 +270,25 @@ def test_label_smoothing_trains_and_evaluates_on_the_smoothed_loss(tmp_path):
 def test_label_smoothing_shifts_the_labels_of_a_causal_language_model(tmp_path):
     from trainer.label_smoothing import LabelSmoother, is_causal_lm
 
+    transformers = require_module("transformers")
     model = _tiny_gpt2()
     assert is_causal_lm(model) and not is_causal_lm(TinyClassifier())
     data = _token_data(8)
     ids = torch.stack([d["input_ids"] for d in data])
+    # Shifted: 8 x 11 predicted positions; transformers' Trainer divides their sum by
+    # the labelled positions it counts for GPT-2 (whose loss_type is unset): 8 x 12.
     with torch.no_grad():
-        expected = float(LabelSmoother(0.1)(model(input_ids=ids), ids, shift_labels=True))
+        expected = float(LabelSmoother(0.1)(model(input_ids=ids), ids, shift_labels=True, num_items_in_batch=96))
+        unshifted = float(LabelSmoother(0.1)(model(input_ids=ids), ids, shift_labels=False, num_items_in_batch=96))
+    assert expected != pytest.approx(unshifted, rel=1e-3)
     t = Trainer(model, tiny_args(tmp_path, label_smoothing_factor=0.1, per_device_eval_batch_size=8), eval_dataset=data)
+    theirs = transformers.Trainer(
+        model=_tiny_gpt2(), eval_dataset=data,
+        args=transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), report_to="none", use_cpu=True,
+                                            label_smoothing_factor=0.1, per_device_eval_batch_size=8),
+    )
     assert t.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    assert theirs.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)
 
 
 # -- use_cpu, tf32 -------------------------------------------------------------------
