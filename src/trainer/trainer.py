@@ -15,6 +15,7 @@ host.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -36,7 +37,7 @@ from eventbus.values import Snapshot, is_tensor, snapshot
 from trainer import _marks
 from trainer import checkpoint as ckpt
 from trainer import distributed
-from trainer import neftune, precision
+from trainer import neftune, precision, reports
 from trainer.label_smoothing import LabelSmoother, accepts_loss_kwargs, is_causal_lm, loss_shifts_labels
 from trainer.optimizers import optimizer_cls_and_kwargs
 from trainer.schedules import get_scheduler
@@ -561,6 +562,12 @@ class Trainer:
         print(trainer.bus.stats().format_table())
     """
 
+    loss_is_scaled_for_ga: bool | None = None
+    """transformers' switch for a ``compute_loss`` of one's own: ``True`` when its
+    loss is normalised over the whole optimizer step already, ``False`` when it is a
+    batch mean (divided by the accumulation steps); ``None``: decided as transformers
+    does (see :meth:`training_step`). Set it on a subclass or an instance."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -630,7 +637,6 @@ class Trainer:
         self.compute_loss_func = compute_loss_func
         self.model_accepts_loss_kwargs = accepts_loss_kwargs(model)
         self._loss_shifts_labels = loss_shifts_labels(model)
-        self.loss_is_scaled_for_ga: bool | None = None  # transformers' override of that decision
         self._compute_loss_takes_items = _accepts_keyword(self.compute_loss, "num_items_in_batch")
         # (the module compiled, its compiled form) with torch_compile, once built.
         self._compiled: tuple[nn.Module, nn.Module] | None = None
@@ -2297,6 +2303,113 @@ class Trainer:
             return None
         directory = os.fspath(output_dir) if output_dir is not None else self.args.output_dir
         return ckpt.save_model_weights(self.model, directory)
+
+    # -- transformers' helpers for scripts ---------------------------------------------
+
+    def metrics_format(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """``metrics`` formatted for reading, as transformers (see :meth:`log_metrics`)."""
+        return reports.metrics_format(metrics)
+
+    def log_metrics(self, split: str, metrics: Mapping[str, Any]) -> None:
+        """Print ``metrics`` as transformers' example scripts show them, under
+        ``***** <split> metrics *****``, on the main process only."""
+        if not self.is_world_process_zero():
+            return
+        print(f"***** {split} metrics *****")
+        formatted = reports.metrics_format(metrics)
+        if not formatted:
+            return
+        k_width = max(len(str(k)) for k in formatted)
+        v_width = max(len(str(v)) for v in formatted.values())
+        for key in sorted(formatted):
+            print(f"  {key: <{k_width}} = {formatted[key]:>{v_width}}")
+
+    def save_metrics(self, split: str, metrics: Mapping[str, Any], combined: bool = True) -> None:
+        """Write ``metrics`` to ``<output_dir>/<split>_results.json`` and, with
+        ``combined``, merge them into ``all_results.json``, as transformers (on the
+        main process only; each file replaced atomically)."""
+        if not self.is_world_process_zero():
+            return
+        values = _denumpify(metrics)
+        reports.write_json(os.path.join(self.args.output_dir, f"{split}_results.json"), values)
+        if combined:
+            path = os.path.join(self.args.output_dir, "all_results.json")
+            merged: dict[str, Any] = {}
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    merged = json.load(f)
+            merged.update(values)
+            reports.write_json(path, merged)
+
+    def save_state(self) -> None:
+        """Write the trainer state to ``<output_dir>/trainer_state.json`` (main
+        process only), as transformers."""
+        if not self.is_world_process_zero():
+            return
+        self._settle_log_history()
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        self.state.save_to_json(os.path.join(self.args.output_dir, ckpt.TRAINER_STATE_NAME))
+
+    def create_model_card(self, **kwargs: Any) -> None:
+        """transformers' draft model card (``<output_dir>/README.md``: the
+        hyperparameters, the evaluation results, the training log), written by
+        transformers' own ``Trainer.create_model_card`` from this trainer's arguments
+        and state; it takes the same keywords (``model_name``, ``language``,
+        ``license``, ``tags``, ``finetuned_from``, ``tasks``, ``dataset_tags``,
+        ``dataset``, ``dataset_args``). Needs transformers (its example scripts, which
+        call this, import it anyway)."""
+        try:
+            import transformers
+        except ImportError:
+            raise ImportError(
+                "Trainer.create_model_card writes transformers' model card with transformers' own code; install "
+                "transformers (pip install transformers), or leave the call out"
+            ) from None
+        self._settle_log_history()
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        transformers.Trainer.create_model_card(self, **kwargs)
+
+    def num_examples(self, dataloader: Any) -> int:
+        """The examples in ``dataloader``'s dataset; without a length, the batches
+        times ``per_device_train_batch_size``, as transformers estimates it."""
+        try:
+            return len(dataloader.dataset)
+        except (AttributeError, TypeError):
+            return len(dataloader) * self.args.per_device_train_batch_size
+
+    def get_num_trainable_parameters(self) -> int:
+        """The number of parameters that require gradients."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def get_learning_rates(self) -> list[float]:
+        """The learning rate of each of the optimizer's parameter groups."""
+        if self.optimizer is None:
+            raise ValueError("Trainer optimizer is None, please make sure you have setup the optimizer before.")
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_optimizer_group(self, param: str | torch.nn.Parameter | None = None) -> Any:
+        """The optimizer's parameter group holding ``param`` (a parameter, or its
+        name in the model); otherwise (``None``, or not found) every group's
+        parameters, as transformers."""
+        if self.optimizer is None:
+            raise ValueError("Trainer optimizer is None, please make sure you have setup the optimizer before.")
+        if isinstance(param, str):
+            param = dict(self.model.named_parameters()).get(param)
+        if param is not None:
+            for group in self.optimizer.param_groups:
+                if any(p is param for p in group["params"]):
+                    return group
+        return [group["params"] for group in self.optimizer.param_groups]
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """The names of ``model``'s parameters that get weight decay (all but biases
+        and norms), as transformers' method of that name."""
+        return get_decay_parameter_names(model)
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        """:meth:`create_optimizer` then :meth:`create_scheduler`, as transformers."""
+        self.create_optimizer()
+        self.create_scheduler(num_training_steps=num_training_steps)
 
     # -- evaluation and prediction ---------------------------------------------------
 
