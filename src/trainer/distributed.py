@@ -44,6 +44,7 @@ __all__ = [
     "broadcast_object",
     "gather_objects",
     "all_reduce_sum_",
+    "destroy_process_group",
     "all_reduce_mean_",
     "shard_indices",
 ]
@@ -210,6 +211,17 @@ def init_process_group(timeout: float | None = None, backend: str | None = None)
         _env_int("LOCAL_RANK", 0),
     )
     return True
+
+
+def destroy_process_group() -> None:
+    """End the process group (and the host side group), when one is up: the last
+    collective of a distributed script. A no-op in a single process."""
+    global _control_group, _control_group_of
+    dist = _dist()
+    if dist is None:
+        return
+    dist.destroy_process_group()
+    _control_group = _control_group_of = None
 
 
 def barrier() -> None:

@@ -2369,6 +2369,15 @@ class Trainer:
         os.makedirs(self.args.output_dir, exist_ok=True)
         transformers.Trainer.create_model_card(self, **kwargs)
 
+    def end(self) -> None:
+        """Finish what the trainer holds for the process, as transformers' ``end()``:
+        its bus, if still open (after :meth:`train` it is closed already), and the
+        distributed process group, which every rank ends together. Call it once, at
+        the very end of a script, after everything that needs the other processes."""
+        if self.bus.running:
+            self._close_bus()
+        distributed.destroy_process_group()
+
     def num_examples(self, dataloader: Any) -> int:
         """The examples in ``dataloader``'s dataset; without a length, the batches
         times ``per_device_train_batch_size``, as transformers estimates it."""

@@ -183,6 +183,10 @@ def test_average_tokens_across_devices_trains_like_one_process(ddp, tmp_path):
         assert _max_diff(got[r]["per_rank"]["params"], single["params"]) > 1e-4
 
 
+def test_trainer_end_ends_the_process_group_on_every_rank(ddp):
+    assert [ddp["reports"][r].get("ended") for r in (0, 1)] == [True, True], ddp["logs"]
+
+
 def _close(a: Any, b: Any) -> bool:
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))

@@ -101,10 +101,18 @@ def test_the_optimizer_and_parameter_helpers(tmp_path):
     assert t.num_examples(t.get_train_dataloader()) == 8
 
 
+def test_end_closes_an_open_bus_and_is_harmless_in_one_process(tmp_path):
+    t = Trainer(TinyClassifier(), tiny_args(tmp_path), eval_dataset=make_dataset(4))
+    t.bus.start()
+    t.end()
+    assert not t.bus.running
+    t.end()  # again: nothing left to do
+
+
 # What transformers' Trainer has and this one leaves out, on purpose: the Hub,
 # hyperparameter search and the model_init that serves it, accelerate, FLOPs counting
 # and the sequence/context/tensor-parallel sizes.
-_LEFT_OUT = {"call_model_init", "create_accelerator_and_postprocess", "end", "floating_point_ops", "get_batch_samples",
+_LEFT_OUT = {"call_model_init", "create_accelerator_and_postprocess", "floating_point_ops", "get_batch_samples",
              "get_cp_size", "get_optimizer_cls_and_kwargs", "get_sp_size", "get_total_train_batch_size", "get_tp_size",
              "hyperparameter_search", "init_hf_repo", "push_to_hub", "set_initial_training_values", "store_flos"}
 
