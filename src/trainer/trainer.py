@@ -752,15 +752,20 @@ class Trainer:
             total = sum(labels.ne(-100).sum() for labels in counted)
         except (TypeError, AttributeError):  # labels that are not tensors: not counted, as transformers
             return None
-        if (
-            across_ranks
-            and self.dist.is_distributed
-            and distributed.is_initialized()
-            and getattr(self.args, "average_tokens_across_devices", True)
-        ):
+        if across_ranks and self._count_across_ranks():
             # Summed over the ranks, on the device (NCCL: the stream waits, not the host).
             total = distributed.all_reduce_sum_(total.to(device)).wait()
         return total
+
+    def _count_across_ranks(self) -> bool:
+        """Whether the training step's count is summed over the ranks (and the loss
+        normalised by it scaled by their number): ``average_tokens_across_devices``
+        under a process group."""
+        return (
+            self.dist.is_distributed
+            and distributed.is_initialized()
+            and bool(getattr(self.args, "average_tokens_across_devices", True))
+        )
 
     def _optimizer_spec(self) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
         try:
@@ -1964,8 +1969,7 @@ class Trainer:
         if (
             num_items_in_batch is not None
             and (self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
-            and getattr(self.args, "average_tokens_across_devices", True)
-            and self.dist.world_size > 1
+            and self._count_across_ranks()
         ):
             loss = loss * self.dist.world_size
         return (loss, outputs) if return_outputs else loss
