@@ -544,8 +544,9 @@ class Trainer:
     published to ``trainer.bus``, whose sinks (from ``args.report_to`` and ``sinks``)
     consume events on a thread of their own.
 
-    The arguments are transformers' (by keyword; ``model_init`` is not taken) plus
-    ``sinks``: ``compute_loss_func(outputs, labels, num_items_in_batch=...)`` (the
+    The arguments are transformers' (by keyword) plus ``sinks``: ``model_init`` (a
+    function returning a fresh model, called, seeded, when the Trainer is built and at
+    the start of every train(), instead of ``model``), ``compute_loss_func(outputs, labels, num_items_in_batch=...)`` (the
     loss from the model's outputs, the model called without labels; see
     :meth:`compute_loss`), ``optimizers`` (an optimizer
     and a schedule to use instead of the ones ``args`` describe) or
@@ -570,7 +571,7 @@ class Trainer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | None = None,
         args: TrainingArguments | None = None,
         data_collator: Callable[[list[Any]], Any] | None = None,
         train_dataset: Any = None,
@@ -583,19 +584,35 @@ class Trainer:
         optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
         preprocess_logits_for_metrics: Callable[[Any, Any], Any] | None = None,
         compute_loss_func: Callable[..., Any] | None = None,
+        model_init: Callable[..., nn.Module] | None = None,
     ) -> None:
-        if model is None:
-            raise ValueError("Trainer needs a model (an nn.Module whose forward returns a loss when given labels)")
+        if model is None and model_init is None:
+            raise RuntimeError(
+                "Trainer needs a model (an nn.Module whose forward returns a loss when given labels) or a model_init "
+                "(a function returning a fresh one)"
+            )
+        if model is not None and model_init is not None:
+            raise ValueError("`Trainer` requires either a `model` or `model_init` argument, but not both.")
         if args is None:
             args = TrainingArguments(output_dir="trainer_output")
         if not isinstance(optimizers, (tuple, list)) or len(optimizers) != 2:
             raise TypeError("optimizers must be a pair (optimizer, lr_scheduler); use (None, None) for the defaults")
+        if model_init is not None and (optimizers[0] is not None or optimizers[1] is not None):
+            raise RuntimeError(
+                "Passing a `model_init` is incompatible with providing the `optimizers` argument: each train() builds "
+                "a fresh model. Subclass Trainer and override `create_optimizer_and_scheduler` instead."
+            )
         self.args = args
         # Seed before anything random happens, as transformers does in its __init__.
         if getattr(args, "full_determinism", False):
             enable_full_determinism(args.seed)
         else:
             set_seed(args.seed)
+        # transformers' model_init: a model built now (seeded, as above) and again,
+        # freshly, at the start of every train().
+        self.model_init = model_init
+        if model is None:
+            model = self.call_model_init()
         self.model = model
         self.data_collator = data_collator if data_collator is not None else default_data_collator
         self.train_dataset = train_dataset
@@ -612,38 +629,23 @@ class Trainer:
         # Under torchrun (WORLD_SIZE > 1) the process group starts here, as in
         # transformers' TrainingArguments, so the rank is known from the start.
         use_cpu = bool(getattr(args, "use_cpu", False))
-        if use_cpu:
-            self.model = model = model.to("cpu")
         distributed.init_process_group(
             timeout=args.ddp_timeout, backend=args.ddp_backend or ("gloo" if use_cpu else None)
         )
         self.dist = distributed.get_info()
         _apply_tf32(getattr(args, "tf32", None))
-        if not use_cpu and distributed.is_initialized() and distributed.device_for_rank().type == "cuda":
-            # One GPU per rank: the user's script need not know its local rank.
-            self.model = model = model.to(distributed.device_for_rank())
-        # The DDP wrapper used for training steps (set when training starts);
-        # ``self.model`` stays the plain module (checkpoints, evaluation).
-        self.model_wrapped: nn.Module = model
         # label_smoothing_factor: transformers' smoother on the model's logits, the
         # labels shifted for its causal language models.
         self.label_smoother = self._make_label_smoother()
-        self._causal_lm = is_causal_lm(model)
         # transformers' loss normalisation over an accumulated batch: the number of
         # labelled positions in the optimizer step's micro-batches (num_items_in_batch)
         # is handed to a model that takes loss kwargs, or to compute_loss_func(outputs,
         # labels, num_items_in_batch=...), whose losses are then sums over that count,
         # not divided again by the accumulation steps.
         self.compute_loss_func = compute_loss_func
-        self.model_accepts_loss_kwargs = accepts_loss_kwargs(model)
-        self._loss_shifts_labels = loss_shifts_labels(model)
         self._compute_loss_takes_items = _accepts_keyword(self.compute_loss, "num_items_in_batch")
-        # (the module compiled, its compiled form) with torch_compile, once built.
-        self._compiled: tuple[nn.Module, nn.Module] | None = None
-        self._check_precision()
-        self._check_activation_checkpointing()
+        self._adopt_model(model)
         self._check_evaluation_options()
-        self._check_neftune()
         self._check_optimizer()
         self._check_schedule()
         # fp16's loss scaler (made when training starts; None without fp16).
@@ -694,6 +696,48 @@ class Trainer:
         self.current_gradient_accumulation_steps = 1
         self._record_device()
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    def _adopt_model(self, model: nn.Module) -> None:
+        """Make ``model`` the trainer's (at build, and for each train() with
+        model_init): placed on the run's device, checked against the arguments, and
+        what the loss path needs to know of it read."""
+        if getattr(self.args, "use_cpu", False):
+            model = model.to("cpu")
+        elif distributed.is_initialized() and distributed.device_for_rank().type == "cuda":
+            # One GPU per rank: the user's script need not know its local rank.
+            model = model.to(distributed.device_for_rank())
+        self.model = model
+        # The DDP wrapper used for training steps (set when training starts);
+        # ``self.model`` stays the plain module (checkpoints, evaluation).
+        self.model_wrapped: nn.Module = model
+        self._causal_lm = is_causal_lm(model)
+        self.model_accepts_loss_kwargs = accepts_loss_kwargs(model)
+        self._loss_shifts_labels = loss_shifts_labels(model)
+        # (the module compiled, its compiled form) with torch_compile, once built.
+        self._compiled: tuple[nn.Module, nn.Module] | None = None
+        self._check_precision()
+        self._check_activation_checkpointing()
+        self._check_neftune()
+
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        """A fresh model from ``model_init`` (called with no argument, or with
+        ``trial`` when it takes one), as transformers."""
+        import inspect
+
+        assert self.model_init is not None
+        try:
+            count = len(inspect.signature(self.model_init).parameters)
+        except (TypeError, ValueError):
+            count = 0
+        if count == 0:
+            model = self.model_init()
+        elif count == 1:
+            model = self.model_init(trial)
+        else:
+            raise RuntimeError("model_init should have 0 or 1 argument.")
+        if model is None:
+            raise RuntimeError("model_init should not return None.")
+        return model
 
     def _make_label_smoother(self) -> LabelSmoother | None:
         factor = getattr(self.args, "label_smoothing_factor", 0.0) or 0.0
@@ -1317,6 +1361,17 @@ class Trainer:
                 # integrations start one per train(); the report_to sinks are built anew.
                 self.run_id = _new_run_id()
         self._trained = True
+        if self.model_init is not None:
+            # A fresh model for this run, seeded as at build (transformers'
+            # hyperparameter searches rely on it), with a fresh optimizer and schedule.
+            if getattr(args, "full_determinism", False):
+                enable_full_determinism(args.seed)
+            else:
+                set_seed(args.seed)
+            self._adopt_model(self.call_model_init())
+            self.optimizer, self.lr_scheduler = None, None
+            self._created_lr_scheduler = False
+            self.callback_handler.model = self.model
 
         self._signal_received = None
         previous_handlers = self._install_signal_handlers()

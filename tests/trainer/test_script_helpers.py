@@ -110,9 +110,9 @@ def test_end_closes_an_open_bus_and_is_harmless_in_one_process(tmp_path):
 
 
 # What transformers' Trainer has and this one leaves out, on purpose: the Hub,
-# hyperparameter search and the model_init that serves it, accelerate, FLOPs counting
+# hyperparameter search, accelerate, FLOPs counting
 # and the sequence/context/tensor-parallel sizes.
-_LEFT_OUT = {"call_model_init", "create_accelerator_and_postprocess", "floating_point_ops", "get_batch_samples",
+_LEFT_OUT = {"create_accelerator_and_postprocess", "floating_point_ops", "get_batch_samples",
              "get_cp_size", "get_optimizer_cls_and_kwargs", "get_sp_size", "get_total_train_batch_size", "get_tp_size",
              "hyperparameter_search", "init_hf_repo", "push_to_hub", "set_initial_training_values", "store_flos"}
 
@@ -123,3 +123,60 @@ def test_every_public_method_of_transformers_trainer_exists_here_but_the_ones_le
     ours = {n for n in dir(Trainer) if not n.startswith("_")}
     assert sorted(theirs - ours - _LEFT_OUT) == []
     assert sorted(_LEFT_OUT & ours) == []
+
+
+# -- model_init -------------------------------------------------------------------------
+
+
+def test_model_init_builds_a_fresh_seeded_model_for_every_train_as_transformers(tmp_path):
+    transformers = require_module("transformers")
+    built: list[torch.nn.Module] = []
+    inits: list[list[torch.Tensor]] = []
+
+    def model_init():
+        # Its weights drawn from the global generator: the trainer's seed decides them.
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+        built.append(TinyClassifier.__new__(TinyClassifier))
+        m = built[-1]
+        torch.nn.Module.__init__(m)
+        m.lin, m.norm, m.drop, m.out = torch.nn.Linear(4, 16), torch.nn.LayerNorm(16), torch.nn.Dropout(0.0), \
+            torch.nn.Linear(16, 3)
+        inits.append([p.detach().clone() for p in m.parameters()])
+        return m
+
+    args = dict(max_steps=2, learning_rate=0.1, seed=11)
+    t = Trainer(model_init=model_init, args=tiny_args(tmp_path / "a", **args), train_dataset=make_dataset(8))
+    first = t.train()
+    second = t.train()
+    assert len(built) == 3 and t.model is built[-1]  # one at build, one per train()
+    assert first.training_loss == pytest.approx(second.training_loss, rel=1e-6)  # each run starts afresh, seeded
+    theirs = transformers.Trainer(
+        model_init=model_init, train_dataset=make_dataset(8),
+        args=transformers.TrainingArguments(output_dir=str(tmp_path / "b"), report_to="none", use_cpu=True,
+                                            disable_tqdm=True, per_device_train_batch_size=4, save_strategy="no",
+                                            logging_steps=1, **args),
+    )
+    theirs.train()
+    assert theirs.model is built[-1]
+    # Every model started from the same seeded weights, ours at build and per train(),
+    # transformers' per train().
+    for weights in inits[1:]:
+        for a, b in zip(weights, inits[0]):
+            assert torch.equal(a, b)
+
+
+def test_model_init_is_checked_as_transformers(tmp_path):
+    with pytest.raises(RuntimeError, match="needs a model .* or a model_init"):
+        Trainer(args=tiny_args(tmp_path))
+    with pytest.raises(ValueError, match="either a `model` or `model_init` argument, but not both"):
+        Trainer(TinyClassifier(), tiny_args(tmp_path), model_init=TinyClassifier)
+    opt = torch.optim.SGD(TinyClassifier().parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="`model_init` is incompatible with providing the `optimizers`"):
+        Trainer(args=tiny_args(tmp_path), model_init=TinyClassifier, optimizers=(opt, None))
+    with pytest.raises(RuntimeError, match="model_init should not return None"):
+        Trainer(args=tiny_args(tmp_path), model_init=lambda: None)
+    with pytest.raises(RuntimeError, match="model_init should have 0 or 1 argument"):
+        Trainer(args=tiny_args(tmp_path), model_init=lambda a, b: TinyClassifier())
+    trials = []
+    t = Trainer(args=tiny_args(tmp_path), model_init=lambda trial: trials.append(trial) or TinyClassifier())
+    assert trials == [None] and isinstance(t.call_model_init({"lr": 1}), TinyClassifier) and trials[-1] == {"lr": 1}
