@@ -193,7 +193,6 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "optim_target_modules": ((None,), _OWN_OPTIMIZER),
     "use_liger_kernel": ((False,), "apply Liger's kernels to the model yourself before creating the Trainer"),
     "use_cache": ((False,), "this trainer leaves model.config.use_cache as the model has it; set it there"),
-    "auto_find_batch_size": ((False,), "set per_device_train_batch_size to a size that fits"),
     "accelerator_config": ((None,), "this trainer does not use accelerate"),
     "parallelism_config": ((None,), "this trainer does not use accelerate; it trains with DistributedDataParallel "
                            "under torchrun"),
@@ -544,7 +543,10 @@ class TrainingArguments:
     (``torch.cuda.empty_cache()``, or the device's own) in the training step, as
     transformers: less fragmentation, slower steps. Nothing to free on the CPU."""
     auto_find_batch_size: bool = False
-    """Only ``False``."""
+    """As transformers: when training runs out of memory, start again from the
+    beginning with a per-device batch 0.9 times as large, until one fits (the size
+    found is saved in the trainer state, and a resume starts from it). Single-process
+    runs only."""
     eval_do_concat_batches: bool = True
     """``False``: evaluation keeps the batches' predictions, labels (and inputs and
     losses for ``include_for_metrics``) as lists of per-batch arrays, as
@@ -789,7 +791,7 @@ class TrainingArguments:
                  "do_train", "do_eval", "do_predict", "hub_always_push", "remove_unused_columns",
                  "eval_use_gather_object", "enable_jit_checkpoint", "bf16", "fp16", "activation_checkpointing",
                  "torch_compile", "full_determinism", "use_cpu", "bf16_full_eval", "fp16_full_eval",
-                 "eval_do_concat_batches", "batch_eval_metrics", "save_only_model")
+                 "eval_do_concat_batches", "batch_eval_metrics", "save_only_model", "auto_find_batch_size")
         for name in bools:
             v = getattr(self, name)
             if not isinstance(v, bool):

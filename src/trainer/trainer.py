@@ -625,6 +625,9 @@ class Trainer:
         self.optimizer, self.lr_scheduler = optimizers
         self.optimizer_cls_and_kwargs = _checked_optimizer_cls_and_kwargs(optimizer_cls_and_kwargs, self.optimizer)
         self._created_lr_scheduler = False
+        # The per-device training batch: args.per_device_train_batch_size, or smaller
+        # once auto_find_batch_size has run out of memory with it.
+        self._train_batch_size: int = args.per_device_train_batch_size
         self.label_names: list[str] = list(getattr(args, "label_names", None) or ["labels"])
         # Under torchrun (WORLD_SIZE > 1) the process group starts here, as in
         # transformers' TrainingArguments, so the rank is known from the start.
@@ -646,6 +649,7 @@ class Trainer:
         self._compute_loss_takes_items = _accepts_keyword(self.compute_loss, "num_items_in_batch")
         self._adopt_model(model)
         self._check_evaluation_options()
+        self._check_auto_find_batch_size()
         self._check_optimizer()
         self._check_schedule()
         # fp16's loss scaler (made when training starts; None without fp16).
@@ -836,6 +840,14 @@ class Trainer:
                     "batch_eval_metrics=True is not available in a distributed run here (each rank evaluates its own "
                     "share); leave it False: compute_metrics then sees the whole evaluation set, gathered from every rank"
                 )
+
+    def _check_auto_find_batch_size(self) -> None:
+        if getattr(self.args, "auto_find_batch_size", False) and self.dist.is_distributed:
+            raise TrainingArgumentsError(
+                "auto_find_batch_size=True is not available in a distributed run here: a rank that runs out of memory "
+                "alone would leave the others waiting in a collective; set per_device_train_batch_size to a size that "
+                "fits (find it with one process) and leave auto_find_batch_size False"
+            )
 
     def _check_neftune(self) -> None:
         if getattr(self.args, "neftune_noise_alpha", None) is None:
@@ -1192,7 +1204,7 @@ class Trainer:
     def _train_loader(self, epoch: int, skip_batches: int = 0) -> torch.utils.data.DataLoader:
         args = self.args
         ds = self.train_dataset
-        bs = args.per_device_train_batch_size
+        bs = self._train_batch_size
         common: dict[str, Any] = {"collate_fn": self.data_collator, **self._loader_options()}
         if isinstance(ds, torch.utils.data.IterableDataset) or not _has_length(ds):
             # Not sharded here: the dataset shards the stream by rank, or every rank
@@ -1386,6 +1398,8 @@ class Trainer:
         neftune_hook = neftune.activate_neftune(self.model, alpha) if alpha is not None else None
         try:
             try:
+                if getattr(args, "auto_find_batch_size", False):
+                    return self._train_finding_batch_size(resume_from_checkpoint)
                 return self._inner_training_loop(resume_from_checkpoint)
             except _Interrupt:
                 interrupted = True
@@ -1432,6 +1446,42 @@ class Trainer:
                     # or close): handed on now, to whoever handled it before, rather
                     # than dropped (a scheduler's SIGTERM would otherwise be ignored).
                     signal.raise_signal(pending)
+
+    def _train_finding_batch_size(self, resume_from_checkpoint: str | None) -> TrainOutput:
+        """``auto_find_batch_size``, as transformers (accelerate's
+        ``find_executable_batch_size``): train; when the device (or the host) runs out
+        of memory, free what the attempt held and start the run again with a
+        per-device batch 0.9 times as large, until one fits. A resume starts from the
+        batch size its checkpoint was trained with."""
+        if resume_from_checkpoint is not None:
+            saved = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, ckpt.TRAINER_STATE_NAME))
+            if saved.train_batch_size:
+                self._train_batch_size = int(saved.train_batch_size)
+        while True:
+            try:
+                return self._inner_training_loop(resume_from_checkpoint)
+            except Exception as exc:
+                if not _out_of_memory(exc):
+                    raise
+                failed = self._train_batch_size
+                self._train_batch_size = int(failed * 0.9)
+                self.model_wrapped = self.model  # the attempt's wrapper (and what it held) released
+                del exc
+                import gc
+
+                gc.collect()
+                clear_device_cache()
+                if self._train_batch_size == 0:
+                    raise RuntimeError(
+                        "auto_find_batch_size: out of memory even with a per-device batch of 1 (no executable batch "
+                        "size found, reached zero); the model alone does not fit, see its memory"
+                    ) from None
+                logger.warning(
+                    "auto_find_batch_size: out of memory with a per-device batch of %d; training again from the start "
+                    "with %d",
+                    failed,
+                    self._train_batch_size,
+                )
 
     def _check_resume_checkpoint(self, path: str | os.PathLike[str]) -> str:
         """``path`` when it is a checkpoint every rank can resume from, else a
@@ -1501,7 +1551,7 @@ class Trainer:
         transformers' arithmetic (``num_train_samples`` covers the whole schedule)."""
         args = self.args
         ga = args.gradient_accumulation_steps
-        total_batch = args.per_device_train_batch_size * ga * self.dist.world_size
+        total_batch = self._train_batch_size * ga * self.dist.world_size
         ds = getattr(loader, "dataset", self.train_dataset)
         if _has_length(loader) and not isinstance(ds, torch.utils.data.IterableDataset):
             len_loader = len(loader)
@@ -1511,7 +1561,7 @@ class Trainer:
                     "dataloader_drop_last); add data or lower per_device_train_batch_size"
                 )
             nuspe = max(len_loader // ga + int(len_loader % ga > 0), 1)
-            num_examples = len(ds) if _has_length(ds) else len_loader * args.per_device_train_batch_size
+            num_examples = len(ds) if _has_length(ds) else len_loader * self._train_batch_size
             if args.max_steps > 0:
                 max_steps = args.max_steps
                 num_train_epochs = max_steps // nuspe + int(max_steps % nuspe > 0)
@@ -1549,7 +1599,7 @@ class Trainer:
 
         # -- state, fresh or resumed --
         self.state = TrainerState(stateful_callbacks=self._stateful_callbacks())
-        self.state.train_batch_size = args.per_device_train_batch_size
+        self.state.train_batch_size = self._train_batch_size
         self.state.compute_steps(args, max_steps)
         epochs_trained = 0
         steps_trained_in_current_epoch = 0
@@ -1594,7 +1644,7 @@ class Trainer:
             num_examples,
             num_train_epochs,
             nuspe,
-            args.per_device_train_batch_size,
+            self._train_batch_size,
             args.gradient_accumulation_steps,
             max_steps,
         )
@@ -2809,6 +2859,22 @@ def _main_input(inputs: Any, name: str) -> Any:
         f"include_for_metrics=['inputs'] passes the batches' {name!r} (the model's main_input_name) to "
         f"compute_metrics, but the evaluation batches hold {keys}; set model.main_input_name to the input to pass"
     )
+
+
+# What accelerate's should_reduce_batch_size looks for in an error's message.
+_OOM_MESSAGES = (
+    " out of memory.",  # CUDA, HIP, XPU
+    "MPS backend out of memory",
+    "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED.",
+    "DefaultCPUAllocator: can't allocate memory",
+    "FATAL ERROR :: MODULE:PT_DEVMEM Allocation failed",  # HPU
+)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocator running out of memory, as accelerate decides
+    it for ``auto_find_batch_size``."""
+    return isinstance(exc, RuntimeError) and len(exc.args) == 1 and any(m in str(exc.args[0]) for m in _OOM_MESSAGES)
 
 
 def _checked_optimizer_cls_and_kwargs(spec: Any, optimizer: Any) -> tuple[type[torch.optim.Optimizer], dict[str, Any]] | None:

@@ -65,7 +65,6 @@ _NOT_IMPLEMENTED = {
     "optim_target_modules": ["attn"],
     "use_liger_kernel": True,
     "use_cache": True,
-    "auto_find_batch_size": True,
     "accelerator_config": {"split_batches": True},
     "parallelism_config": object(),
     "dataloader_in_order": False,

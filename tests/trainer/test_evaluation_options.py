@@ -1,6 +1,6 @@
 """transformers' evaluation and checkpoint options, each compared with transformers'
 own Trainer where it runs here: preprocess_logits_for_metrics, include_for_metrics,
-eval_do_concat_batches=False, batch_eval_metrics, bf16/fp16_full_eval,
+eval_do_concat_batches=False, batch_eval_metrics, bf16/fp16_full_eval, auto_find_batch_size,
 save_only_model, neftune_noise_alpha, optimizer_cls_and_kwargs, EvalPrediction."""
 
 from __future__ import annotations
@@ -41,10 +41,9 @@ def _hf_trainer(model: Any, out: Any, eval_ds: Any, train: Any = None, **kw: Any
     """transformers' own Trainer on the CPU, without downloads or reporting."""
     transformers = require_module("transformers")
     extra = {k: kw.pop(k) for k in ("compute_metrics", "preprocess_logits_for_metrics", "callbacks") if k in kw}
-    args = transformers.TrainingArguments(
-        output_dir=str(out), report_to="none", disable_tqdm=True, use_cpu=True, per_device_train_batch_size=4,
-        per_device_eval_batch_size=4, save_strategy="no", **kw,
-    )
+    base = dict(output_dir=str(out), report_to="none", disable_tqdm=True, use_cpu=True, per_device_train_batch_size=4,
+                per_device_eval_batch_size=4, save_strategy="no")
+    args = transformers.TrainingArguments(**{**base, **kw})
     return transformers.Trainer(model=model, args=args, train_dataset=train, eval_dataset=eval_ds, **extra)
 
 
@@ -386,3 +385,69 @@ def test_eval_prediction_behaves_as_transformers():
         with pytest.raises(IndexError):
             ours[len(ours)]
     assert "predictions=<ndarray (2,)>" in repr(EvalPrediction(a, b))
+
+
+# -- auto_find_batch_size ---------------------------------------------------------------
+
+
+class _Fits(TinyClassifier):
+    """Runs out of device memory on batches larger than ``limit`` (the error CUDA's
+    allocator raises); records every batch size it saw."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.seen: list[int] = []
+
+    def forward(self, x, labels=None):
+        self.seen.append(x.shape[0])
+        if self.training and x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 1.00 GiB free)")
+        return super().forward(x, labels)
+
+
+def test_auto_find_batch_size_shrinks_the_batch_until_it_fits_as_transformers(tmp_path, caplog):
+    ours, theirs = _Fits(limit=5), _Fits(limit=5)
+    kw = dict(max_steps=3, per_device_train_batch_size=8, auto_find_batch_size=True)
+    t = _ours(ours, tmp_path / "a", None, train=make_dataset(40), **kw)
+    with caplog.at_level("WARNING", logger="trainer"):
+        t.train()
+    _hf_trainer(theirs, tmp_path / "b", None, train=make_dataset(40), max_steps=3, per_device_train_batch_size=8,
+                auto_find_batch_size=True).train()
+    # 8, 7, 6 (int(7 * 0.9)) run out; 5 trains its 3 steps.
+    assert [n for n in ours.seen if n > 5] == [8, 7, 6] == [n for n in theirs.seen if n > 5]
+    assert ours.seen[3:] == [5, 5, 5] and t.state.train_batch_size == 5 and t.state.global_step == 3
+    assert "out of memory with a per-device batch of 8; training again from the start with 7" in caplog.text
+
+
+def test_auto_find_batch_size_resumes_with_the_size_it_found(tmp_path):
+    first = _Fits(limit=5)
+    kw = dict(max_steps=4, per_device_train_batch_size=8, auto_find_batch_size=True, save_strategy="steps", save_steps=2)
+    _ours(first, tmp_path, None, train=make_dataset(40), **kw).train()
+    again = _Fits(limit=5)
+    t = _ours(again, tmp_path, None, train=make_dataset(40), **{**kw, "max_steps": 6})
+    t.train(resume_from_checkpoint=os.path.join(t.args.output_dir, "checkpoint-2"))
+    assert again.seen == [5] * 4 and t.state.global_step == 6  # no new search: 5 from the checkpoint's state
+
+
+def test_auto_find_batch_size_leaves_other_errors_and_gives_up_at_zero(tmp_path):
+    class Broken(TinyClassifier):
+        def forward(self, x, labels=None):
+            raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        _ours(Broken(), tmp_path / "a", None, train=make_dataset(8), max_steps=1, auto_find_batch_size=True).train()
+    never = _Fits(limit=0)
+    with pytest.raises(RuntimeError, match="per-device batch of 1 .*reached zero"):
+        _ours(never, tmp_path / "b", None, train=make_dataset(8), max_steps=1, auto_find_batch_size=True).train()
+    assert never.seen == [4, 3, 2, 1]
+
+
+def test_auto_find_batch_size_is_refused_in_a_distributed_run(tmp_path, monkeypatch):
+    from trainer import distributed
+    from trainer import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module.distributed, "init_process_group", lambda **kw: False)
+    monkeypatch.setattr(trainer_module.distributed, "get_info", lambda: distributed.DistributedInfo(rank=0, world_size=2))
+    with pytest.raises(TrainingArgumentsError, match="auto_find_batch_size=True is not available in a distributed run"):
+        _ours(TinyClassifier(), tmp_path, None, train=make_dataset(8), auto_find_batch_size=True)
