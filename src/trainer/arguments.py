@@ -192,7 +192,6 @@ _OWN_LOADER = "override Trainer.get_train_dataloader()/get_eval_dataloader() to 
 _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "optim_target_modules": ((None,), _OWN_OPTIMIZER),
     "use_liger_kernel": ((False,), "apply Liger's kernels to the model yourself before creating the Trainer"),
-    "use_cache": ((False,), "this trainer leaves model.config.use_cache as the model has it; set it there"),
     "accelerator_config": ((None,), "this trainer does not use accelerate"),
     "parallelism_config": ((None,), "this trainer does not use accelerate; it trains with DistributedDataParallel "
                            "under torchrun"),
@@ -531,7 +530,9 @@ class TrainingArguments:
     liger_kernel_config: dict[str, bool] | None = None
     """Accepted for compatibility, not used by this trainer (Liger kernels are off)."""
     use_cache: bool = False
-    """Only ``False``; this trainer leaves ``model.config.use_cache`` as it is."""
+    """As transformers: the trainer sets the model's ``config.use_cache`` to this when
+    it takes the model (``False``: the outputs hold no key/value cache, which neither
+    training nor evaluation reads)."""
     neftune_noise_alpha: float | None = None
     """NEFTune, as transformers: during :meth:`~trainer.Trainer.train` a forward hook
     on the model's input embeddings (``model.get_input_embeddings()``) adds uniform
@@ -791,7 +792,8 @@ class TrainingArguments:
                  "do_train", "do_eval", "do_predict", "hub_always_push", "remove_unused_columns",
                  "eval_use_gather_object", "enable_jit_checkpoint", "bf16", "fp16", "activation_checkpointing",
                  "torch_compile", "full_determinism", "use_cpu", "bf16_full_eval", "fp16_full_eval",
-                 "eval_do_concat_batches", "batch_eval_metrics", "save_only_model", "auto_find_batch_size")
+                 "eval_do_concat_batches", "batch_eval_metrics", "save_only_model", "auto_find_batch_size",
+                 "use_cache")
         for name in bools:
             v = getattr(self, name)
             if not isinstance(v, bool):

@@ -714,6 +714,11 @@ class Trainer:
         # The DDP wrapper used for training steps (set when training starts);
         # ``self.model`` stays the plain module (checkpoints, evaluation).
         self.model_wrapped: nn.Module = model
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "use_cache"):
+            # As transformers: no key/value cache in the outputs (neither training nor
+            # evaluation reads it, and a cache object is no prediction).
+            config.use_cache = bool(getattr(self.args, "use_cache", False))
         self._causal_lm = is_causal_lm(model)
         self.model_accepts_loss_kwargs = accepts_loss_kwargs(model)
         self._loss_shifts_labels = loss_shifts_labels(model)
@@ -803,7 +808,8 @@ class Trainer:
         if across_ranks and self._count_across_ranks():
             # Summed over the ranks, on the device (NCCL: the stream waits, not the host).
             total = distributed.all_reduce_sum_(total.to(device)).wait()
-        return total
+        # A float, as transformers hands it (its count is divided by the parallel sizes).
+        return total.float()
 
     def _count_across_ranks(self) -> bool:
         """Whether the training step's count is summed over the ranks (and the loss
@@ -2074,6 +2080,7 @@ class Trainer:
         if (
             num_items_in_batch is not None
             and (self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
+            and model.training  # evaluation counts each batch on its own rank
             and self._count_across_ranks()
         ):
             loss = loss * self.dist.world_size
@@ -2737,11 +2744,14 @@ class Trainer:
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = None
             if has_labels:
-                # Through the training loss's path, as transformers (its prediction_step
-                # goes through compute_loss): compute_loss_func's or the smoothed loss,
-                # and this batch's labelled positions for a model that takes them.
+                # Through compute_loss, as transformers (so an override of it is the
+                # evaluation loss too): compute_loss_func's or the smoothed loss, and
+                # this batch's labelled positions for a model that takes them.
                 count = self._get_num_items_in_batch([inputs], self._device, across_ranks=False)
-                loss, outputs = self._model_loss(model, inputs, count)
+                if count is not None and self._compute_loss_takes_items:
+                    loss, outputs = self.compute_loss(model, inputs, return_outputs=True, num_items_in_batch=count)
+                else:  # an override with the older signature
+                    loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
                 loss = loss.detach().mean()
                 # Called without labels (compute_loss_func, smoothing), the model's
                 # outputs hold no loss: all of them are predictions.

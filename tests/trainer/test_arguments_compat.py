@@ -64,7 +64,6 @@ _NOT_IMPLEMENTED = {
     "optim": "adafactor",
     "optim_target_modules": ["attn"],
     "use_liger_kernel": True,
-    "use_cache": True,
     "accelerator_config": {"split_batches": True},
     "parallelism_config": object(),
     "dataloader_in_order": False,

@@ -189,3 +189,59 @@ def test_a_model_without_loss_kwargs_gets_no_count_and_no_labels_are_counted(tmp
     monkeypatch.setattr(Trainer, "_get_num_items_in_batch", lambda self, *a, **k: counted.append(a) or real(self, *a, **k))
     t.train()
     assert counted == []  # nothing counted per step when nothing takes the count
+
+
+def test_a_compute_loss_override_is_the_evaluation_loss_too_as_in_transformers(tmp_path):
+    """transformers' documented pattern (a weighted loss in a Trainer subclass): its
+    prediction_step goes through compute_loss, so eval_loss is the weighted one."""
+    transformers = require_module("transformers")
+    weights = torch.tensor([1.0, 2.0, 0.5])
+
+    def weighted(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        outputs = model(x=inputs["x"])
+        loss = nn.functional.cross_entropy(outputs["logits"], labels, weight=weights)
+        return (loss, outputs) if return_outputs else loss
+
+    ours_cls = type("Weighted", (Trainer,), {"compute_loss": weighted})
+    theirs_cls = type("Weighted", (transformers.Trainer,), {"compute_loss": weighted})
+    data = make_dataset(10, seed=1)
+    ours = ours_cls(TinyClassifier(), tiny_args(tmp_path / "a", per_device_eval_batch_size=10), eval_dataset=data)
+    theirs = theirs_cls(model=TinyClassifier(), eval_dataset=data, args=transformers.TrainingArguments(
+        output_dir=str(tmp_path / "b"), report_to="none", use_cpu=True, per_device_eval_batch_size=10))
+    plain = Trainer(TinyClassifier(), tiny_args(tmp_path / "c", per_device_eval_batch_size=10), eval_dataset=data)
+    m_ours, m_theirs = ours.evaluate(), theirs.evaluate()
+    assert m_ours["eval_loss"] == pytest.approx(m_theirs["eval_loss"], rel=1e-6)
+    assert m_ours["eval_loss"] != pytest.approx(plain.evaluate()["eval_loss"], rel=1e-3)
+
+
+def test_the_count_is_a_float_as_transformers_hands_it(tmp_path):
+    seen: list[torch.dtype] = []
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        seen.append(num_items_in_batch.dtype)
+        return _sum_over_items(outputs, labels, num_items_in_batch)
+
+    _ours(TinyClassifier(), tmp_path, make_dataset(4), compute_loss_func=loss, per_device_train_batch_size=4).train()
+    assert seen == [torch.float32]
+
+
+def test_a_causal_lm_predicts_its_logits_without_a_key_value_cache_as_in_transformers(tmp_path):
+    """transformers sets model.config.use_cache to args.use_cache (False): GPT-2's
+    outputs then hold no cache object, and predict()/preprocess_logits_for_metrics
+    see the logits."""
+    transformers = require_module("transformers")
+    data = _padded_tokens(6)
+    model = tiny_gpt2()
+    assert model.config.use_cache is True
+    ours = Trainer(model, tiny_args(tmp_path / "a", per_device_eval_batch_size=3), eval_dataset=data,
+                   preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
+                   compute_metrics=lambda p: {"n": float(p.predictions.size)})
+    assert model.config.use_cache is False
+    theirs = transformers.Trainer(model=tiny_gpt2(), eval_dataset=data, args=transformers.TrainingArguments(
+        output_dir=str(tmp_path / "b"), report_to="none", use_cpu=True, per_device_eval_batch_size=3))
+    out_ours, out_theirs = ours.predict(data), theirs.predict(data)
+    assert out_ours.predictions.shape == (6, 12) == out_theirs.predictions.shape[:2]
+    assert ours.evaluate()["eval_n"] == 72.0
+    kept = Trainer(tiny_gpt2(), tiny_args(tmp_path / "c", use_cache=True), eval_dataset=data)
+    assert kept.model.config.use_cache is True
