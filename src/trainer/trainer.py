@@ -811,6 +811,30 @@ class Trainer:
         # A float, as transformers hands it (its count is divided by the parallel sizes).
         return total.float()
 
+    def _warn_if_count_may_be_ignored(self) -> None:
+        """transformers' pitfall, said once: a model of one's own whose forward takes
+        ``**kwargs`` is handed ``num_items_in_batch`` and its loss is not divided by
+        the accumulation steps; if it ignores the count, its gradients are that many
+        times too large."""
+        if (
+            self.args.gradient_accumulation_steps > 1
+            and self.model_accepts_loss_kwargs
+            and self.compute_loss_func is None
+            and self.loss_is_scaled_for_ga is None
+            and not hasattr(self.model, "accepts_loss_kwargs")
+            and not type(self.model).__module__.startswith(("transformers.", "peft."))
+        ):
+            logger.warning(
+                "%s.forward takes **kwargs: as transformers' Trainer does, this trainer passes it num_items_in_batch (the "
+                "labelled positions of the whole accumulated step) and does not divide its loss by "
+                "gradient_accumulation_steps=%d. If the model ignores num_items_in_batch and returns a batch mean, set "
+                "trainer.loss_is_scaled_for_ga = False (or model.accepts_loss_kwargs = False), or its gradients are "
+                "%d times too large",
+                type(self.model).__name__,
+                self.args.gradient_accumulation_steps,
+                self.args.gradient_accumulation_steps,
+            )
+
     def _count_across_ranks(self) -> bool:
         """Whether the training step's count is summed over the ranks (and the loss
         normalised by it scaled by their number): ``average_tokens_across_devices``
@@ -1607,6 +1631,7 @@ class Trainer:
         self.state = TrainerState(stateful_callbacks=self._stateful_callbacks())
         self.state.train_batch_size = self._train_batch_size
         self.state.compute_steps(args, max_steps)
+        self._warn_if_count_may_be_ignored()
         epochs_trained = 0
         steps_trained_in_current_epoch = 0
         if resume_from_checkpoint is not None:

@@ -245,3 +245,30 @@ def test_a_causal_lm_predicts_its_logits_without_a_key_value_cache_as_in_transfo
     assert ours.evaluate()["eval_n"] == 72.0
     kept = Trainer(tiny_gpt2(), tiny_args(tmp_path / "c", use_cache=True), eval_dataset=data)
     assert kept.model.config.use_cache is True
+
+
+def test_a_model_of_ones_own_taking_kwargs_is_warned_about_the_pitfall(tmp_path, caplog):
+    class Kwargs(TinyClassifier):
+        def forward(self, x, labels=None, **kwargs):
+            return super().forward(x, labels)
+
+    kw = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    with caplog.at_level("WARNING", logger="trainer"):
+        _ours(Kwargs(), tmp_path / "a", make_dataset(4), **kw).train()
+    assert "Kwargs.forward takes **kwargs" in caplog.text and "loss_is_scaled_for_ga = False" in caplog.text
+    caplog.clear()
+
+    class Declared(Kwargs):
+        accepts_loss_kwargs = False  # transformers' switch: no count for it
+
+    seen: list[Any] = []
+
+    class Recording(Declared):
+        def forward(self, x, labels=None, **kwargs):
+            seen.append(kwargs)
+            return super().forward(x, labels)
+
+    with caplog.at_level("WARNING", logger="trainer"):
+        _ours(Recording(), tmp_path / "b", make_dataset(4), **kw).train()
+        _ours(tiny_gpt2(), tmp_path / "c", _padded_tokens(4), **kw).train()
+    assert "takes **kwargs" not in caplog.text and seen == [{}, {}]
