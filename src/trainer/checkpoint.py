@@ -229,7 +229,8 @@ def _model_only(directory: str) -> bool:
     if not (_has_file(directory, WEIGHTS_NAME) and _has_file(directory, TRAINER_STATE_NAME)):
         return False
     names = os.listdir(directory)
-    return not any(n in (OPTIMIZER_NAME, SCHEDULER_NAME) or n.startswith("rng_state") for n in names)
+    rng = os.path.splitext(RNG_STATE_NAME)[0]  # rng_state.pth, rng_state_<rank>.pth
+    return not any(n in (OPTIMIZER_NAME, SCHEDULER_NAME) or n.startswith(rng) for n in names)
 
 
 def save_torch(obj: Any, path: str | os.PathLike[str]) -> None:

@@ -331,11 +331,10 @@ def all_reduce_mean_(tensor: Any) -> _Pending:
     stream and ``wait()`` only orders the current stream after it; with gloo the
     tensor is on the host already.
     """
-    dist = _dist()
-    if dist is None:
-        return _Pending(None, tensor, 1)
-    work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
-    return _Pending(work, tensor, dist.get_world_size())
+    pending = all_reduce_sum_(tensor)
+    if pending.work is not None:
+        pending.divisor = _dist().get_world_size()
+    return pending
 
 
 def all_reduce_sum_(tensor: Any) -> _Pending:

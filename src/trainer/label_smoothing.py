@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LabelSmoother", "accepts_loss_kwargs", "is_causal_lm", "loss_shifts_labels"]
+__all__ = ["LabelSmoother", "accepts_loss_kwargs", "is_causal_lm", "loss_shifts_labels", "transformers_model"]
 
 
 @dataclass
@@ -53,13 +53,22 @@ class LabelSmoother:
         return (1 - self.epsilon) * nll + self.epsilon * smoothed
 
 
+def transformers_model(model: nn.Module) -> nn.Module | None:
+    """``model`` when it is of a class transformers defines (the model a PEFT
+    wrapper adapts, for one), else ``None``; transformers is never imported here."""
+    if type(model).__module__.startswith("peft.") and hasattr(model, "base_model"):
+        model = getattr(model.base_model, "model", model)  # a PEFT wrapper: the model it adapts
+    if not type(model).__module__.startswith("transformers.") or "transformers" not in sys.modules:
+        return None
+    return model
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     """Whether ``model`` is one of transformers' causal language models (their
     labels are the inputs, shifted by the loss): as transformers decides it, by the
     class name, for a model of a class transformers defines."""
-    if type(model).__module__.startswith("peft.") and hasattr(model, "base_model"):
-        model = getattr(model.base_model, "model", model)  # a PEFT wrapper: the model it adapts
-    if not type(model).__module__.startswith("transformers.") or "transformers" not in sys.modules:
+    model = transformers_model(model)
+    if model is None:
         return False
     try:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -88,9 +97,8 @@ def loss_shifts_labels(model: nn.Module) -> bool:
     model's), so that the labelled positions are counted over ``labels[..., 1:]``: as
     transformers' Trainer decides it, from the model's ``loss_type``; ``False`` for a
     model transformers does not define."""
-    if type(model).__module__.startswith("peft.") and hasattr(model, "base_model"):
-        model = getattr(model.base_model, "model", model)
-    if not type(model).__module__.startswith("transformers.") or "transformers" not in sys.modules:
+    model = transformers_model(model)
+    if model is None:
         return False
     try:
         from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss

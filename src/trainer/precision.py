@@ -17,7 +17,7 @@ Trainer gives them, with torch's own ``torch.autocast`` and ``torch.amp.GradScal
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,15 +69,20 @@ def check_precision(args: Any, model: nn.Module, device: torch.device) -> None:
 _NO_AUTOCAST = contextlib.nullcontext()  # reusable: full precision allocates nothing per step
 
 
-def autocast(
-    args: Any, device: Callable[[], torch.device], cache_enabled: bool | None = True
-) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` in ``args``' dtype for the device ``device()`` returns (asked
-    only then); a shared null context without one."""
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (the first one's device; the CPU without any)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def autocast(args: Any, model: nn.Module, cache_enabled: bool | None = True) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` in ``args``' dtype on ``model``'s device (looked up only
+    then); a shared null context without one: full precision allocates nothing."""
     dtype = amp_dtype(args)
     if dtype is None:
         return _NO_AUTOCAST
-    return torch.autocast(device().type, dtype=dtype, cache_enabled=cache_enabled)
+    return torch.autocast(model_device(model).type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def make_scaler(args: Any, device: torch.device) -> torch.amp.GradScaler | None:

@@ -15,6 +15,7 @@ host.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -38,7 +39,13 @@ from trainer import _marks
 from trainer import checkpoint as ckpt
 from trainer import distributed
 from trainer import neftune, precision, reports
-from trainer.label_smoothing import LabelSmoother, accepts_loss_kwargs, is_causal_lm, loss_shifts_labels
+from trainer.label_smoothing import (
+    LabelSmoother,
+    accepts_loss_kwargs,
+    is_causal_lm,
+    loss_shifts_labels,
+    transformers_model,
+)
 from trainer.optimizers import optimizer_cls_and_kwargs
 from trainer.schedules import get_scheduler
 from trainer.arguments import TrainingArguments, TrainingArgumentsError
@@ -545,13 +552,13 @@ class Trainer:
     consume events on a thread of their own.
 
     The arguments are transformers' (by keyword) plus ``sinks``: ``model_init`` (a
-    function returning a fresh model, called, seeded, when the Trainer is built and at
-    the start of every train(), instead of ``model``), ``compute_loss_func(outputs, labels, num_items_in_batch=...)`` (the
-    loss from the model's outputs, the model called without labels; see
-    :meth:`compute_loss`), ``optimizers`` (an optimizer
-    and a schedule to use instead of the ones ``args`` describe) or
-    ``optimizer_cls_and_kwargs`` (an optimizer class and its options, given the
-    parameters in the trainer's weight-decay groups), and
+    function returning a fresh model, called, seeded, when the Trainer is built and
+    at the start of every train(), instead of ``model``);
+    ``compute_loss_func(outputs, labels, num_items_in_batch=...)`` (the loss from the
+    model's outputs, the model called without labels; see :meth:`compute_loss`);
+    ``optimizers`` (an optimizer and a schedule to use instead of the ones ``args``
+    describe) or ``optimizer_cls_and_kwargs`` (an optimizer class and its options,
+    given the parameters in the trainer's weight-decay groups); and
     ``preprocess_logits_for_metrics(logits, labels)`` (each evaluation batch's
     logits, on the device, turned into what ``compute_metrics`` needs).
 
@@ -767,7 +774,7 @@ class Trainer:
         goes to a model that takes loss kwargs, to ``compute_loss_func`` and to the
         label smoother."""
         labels = None
-        if (self.label_smoother is not None or self.compute_loss_func is not None) and "labels" in inputs:
+        if self._loss_from_outputs(inputs):
             labels = inputs["labels"]
             inputs = {k: v for k, v in inputs.items() if k != "labels"}
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
@@ -782,6 +789,17 @@ class Trainer:
         loss = _loss_of(outputs)
         return (loss.mean() if loss.dim() > 0 else loss), outputs
 
+    @property
+    def _takes_count(self) -> bool:
+        """Whether anything takes ``num_items_in_batch``: the model (loss kwargs) or
+        ``compute_loss_func``."""
+        return self.model_accepts_loss_kwargs or self.compute_loss_func is not None
+
+    def _loss_from_outputs(self, inputs: Mapping[str, Any]) -> bool:
+        """Whether the loss is computed from the model's outputs, the model called
+        without ``labels`` (``compute_loss_func``, label smoothing)."""
+        return (self.label_smoother is not None or self.compute_loss_func is not None) and "labels" in inputs
+
     def _get_num_items_in_batch(
         self, batch_samples: Sequence[Any], device: torch.device, across_ranks: bool = True
     ) -> torch.Tensor | None:
@@ -792,7 +810,7 @@ class Trainer:
         labels' device (the batches are moved there first), so counting never waits
         for the device; ``None`` when nothing is counted (no labels, or neither the
         model nor ``compute_loss_func`` takes the count)."""
-        if not (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
+        if not self._takes_count:
             return None
         first = batch_samples[0] if batch_samples else None
         if not isinstance(first, Mapping) or "labels" not in first:
@@ -822,7 +840,7 @@ class Trainer:
             and self.compute_loss_func is None
             and self.loss_is_scaled_for_ga is None
             and not hasattr(self.model, "accepts_loss_kwargs")
-            and not type(self.model).__module__.startswith(("transformers.", "peft."))
+            and transformers_model(self.model) is None
         ):
             logger.warning(
                 "%s.forward takes **kwargs: as transformers' Trainer does, this trainer passes it num_items_in_batch (the "
@@ -956,8 +974,8 @@ class Trainer:
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> Any:
         """transformers' method: ``torch.autocast`` in the dtype ``bf16``/``fp16``
         ask for, on the model's device; a null context in full precision."""
-        # The device is looked up only under mixed precision: this runs every micro-step.
-        return precision.autocast(self.args, lambda: self._device, cache_enabled=cache_enabled)
+        # Every micro-step: the device is looked up only under mixed precision.
+        return precision.autocast(self.args, self.model, cache_enabled=cache_enabled)
 
     def compute_loss_context_manager(self) -> Any:
         """transformers' method: the context the forward pass runs in, in training
@@ -1167,9 +1185,7 @@ class Trainer:
 
     @property
     def _device(self) -> torch.device:
-        for p in self.model.parameters():
-            return p.device
-        return torch.device("cpu")
+        return precision.model_device(self.model)
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         """The training ``DataLoader``, transformers' method: :meth:`train` calls it
@@ -1497,8 +1513,6 @@ class Trainer:
                 self._train_batch_size = int(failed * 0.9)
                 self.model_wrapped = self.model  # the attempt's wrapper (and what it held) released
                 del exc
-                import gc
-
                 gc.collect()
                 clear_device_cache()
                 if self._train_batch_size == 0:
@@ -1935,7 +1949,7 @@ class Trainer:
         # written for transformers without a default works, as one written for the
         # two-argument form does.
         takes_items = _takes_third_argument(self.training_step)
-        count_items = takes_items and (self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
+        count_items = takes_items and self._takes_count
         # Distributed over a stream without a length (an IterableDataset the user
         # shards by rank), the shards may differ in length, and a rank that ran out
         # alone would leave the others in DDP's all-reduce. There the ranks read each
@@ -2104,7 +2118,7 @@ class Trainer:
         loss, outputs = self._model_loss(model, inputs, num_items_in_batch)
         if (
             num_items_in_batch is not None
-            and (self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
+            and self._takes_count
             and model.training  # evaluation counts each batch on its own rank
             and self._count_across_ranks()
         ):
@@ -2352,6 +2366,7 @@ class Trainer:
         ``whole`` (the checkpoint of an interrupted run, to resume from)."""
         self._settle_log_history()
         args = self.args
+        whole = whole or not getattr(args, "save_only_model", False)
         state = self.state
         final = ckpt.checkpoint_path(args.output_dir, state.global_step)
         if _save_strategy(args) in ("steps", "epoch", "best") and state.best_global_step:
@@ -2382,17 +2397,17 @@ class Trainer:
             tmp = final
         if tmp is not None and error is None:
             try:
-                # save_only_model: the model and the trainer state, nothing a resume needs.
-                full = whole or not getattr(args, "save_only_model", False)
+                # Not whole (save_only_model): the model and the trainer state, nothing a
+                # resume needs.
                 if rank0:
                     ckpt.save_model_weights(self.model, tmp)
-                    if full and self.optimizer is not None:
+                    if whole and self.optimizer is not None:
                         ckpt.save_torch(self.optimizer.state_dict(), os.path.join(tmp, ckpt.OPTIMIZER_NAME))
-                    if full and self.lr_scheduler is not None:
+                    if whole and self.lr_scheduler is not None:
                         ckpt.save_torch(self.lr_scheduler.state_dict(), os.path.join(tmp, ckpt.SCHEDULER_NAME))
-                    if full and self.scaler is not None:
+                    if whole and self.scaler is not None:
                         ckpt.save_torch(self.scaler.state_dict(), os.path.join(tmp, precision.SCALER_NAME))
-                if full:
+                if whole:
                     ckpt.save_rng_state(tmp, self.dist.rank, self.dist.world_size)
                 if rank0:
                     state.stateful_callbacks = self.callback_handler.export_callback_states(control=self.control)
@@ -2433,7 +2448,7 @@ class Trainer:
         # checkpoint-<step> is in place (and rotation done) on every rank before on_save.
         distributed.barrier()
         self._last_saved_step = state.global_step
-        self._last_save_whole = whole or not getattr(args, "save_only_model", False)
+        self._last_save_whole = whole
         self._last_checkpoint_dir = final
         return final
 
@@ -2780,7 +2795,7 @@ class Trainer:
                 loss = loss.detach().mean()
                 # Called without labels (compute_loss_func, smoothing), the model's
                 # outputs hold no loss: all of them are predictions.
-                own_loss = not ((self.label_smoother is not None or self.compute_loss_func is not None) and "labels" in inputs)
+                own_loss = not self._loss_from_outputs(inputs)
             else:
                 outputs = model(**inputs)
                 own_loss = False

@@ -30,6 +30,7 @@ from eventbus import (
 from eventbus.events import EVENT_TYPES, BaseEvent
 from eventbus.stats import BusStats
 from eventbus.values import Snapshot
+from tests.conftest import wait_for
 
 
 class Recorder(Sink):
@@ -81,15 +82,6 @@ class GateSink(ThreadedSink):
     @property
     def steps(self) -> list[int]:
         return [e.step for b in self.batches for e in b]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``predicate`` until true; fail after ``timeout`` seconds (a generous bound)."""
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)
 
 
 def assert_identity(stats: BusStats) -> None:

@@ -4,13 +4,13 @@ step twice to that sink (per-sink high-water marks of Log/Evaluate/Predict steps
 from __future__ import annotations
 
 import json
-import time
 from typing import Sequence
 
 from eventbus import EventBus, Evaluate, Log, Predict, RunInfo, Sink, StepEnd
 from eventbus.events import BaseEvent
 from eventbus.replay import replay
 from eventbus.spool import STATE_FILE
+from tests.conftest import wait_for
 
 
 class Recorder(Sink):
@@ -30,13 +30,6 @@ class Recorder(Sink):
         if self.down:
             raise ConnectionError("down")
         self.got.extend(batch)
-
-
-def wait_for(pred, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def metric_steps(events: Sequence[BaseEvent]) -> list[int]:

@@ -18,6 +18,7 @@ import pytest
 from eventbus import EventBus, Log, Overflow, RunInfo, Sink, StepEnd
 from eventbus.events import BaseEvent
 from eventbus.spool import MAGIC, Spool, read_spool
+from tests.conftest import wait_for
 
 
 class Recorder(Sink):
@@ -53,13 +54,6 @@ class Flaky(Recorder):
             self.failures += 1
             raise ConnectionError("backend unreachable")
         self.got.extend(batch)
-
-
-def wait_for(pred, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def identity(bus: EventBus) -> None:

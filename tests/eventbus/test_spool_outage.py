@@ -19,13 +19,7 @@ import eventbus.spool as spool_module
 from eventbus import EventBus, Log, Overflow, RunInfo, Sink, TransientSinkError
 from eventbus.events import BaseEvent
 from eventbus.spool import Spool, read_spool
-
-
-def wait_for(pred, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
+from tests.conftest import wait_for
 
 
 def identity(st) -> bool:

@@ -20,17 +20,11 @@ from eventbus import Evaluate, EventBus, Log, RunInfo, Sink
 from eventbus.events import BaseEvent
 from eventbus.spool import Spool, read_spool
 from tests.eventbus.test_spool_outage import Gated as _OutageGated
+from tests.conftest import wait_for
 
 SLOW_FSYNC = 30.0
 """Seconds a "slow" fsync takes unless the test lets it go earlier: far beyond every
 bound asserted below, so the old behaviour (the loop waiting for it) cannot pass."""
-
-
-def wait_for(pred, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def logs(start: int, n: int, run_id: str = "") -> list[Log]:

@@ -15,8 +15,6 @@ from eventbus.events import BaseEvent
 from tests.conftest import wait_for
 
 
-
-
 class SlowOpen(ThreadedSink):
     """Its first ``open_sync`` blocks until ``gate`` is set; counts opens and writes."""
 

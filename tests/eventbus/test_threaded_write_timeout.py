@@ -10,13 +10,13 @@ import glob
 import json
 import os
 import threading
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 from eventbus import EventBus, Log, RunInfo, ThreadedSink, TransientSinkError
 from eventbus.events import BaseEvent
 from sinks.jsonl import JSONLSink
 from sinks.tensorboard import TensorBoardSink
+from tests.conftest import wait_for
 
 STEPS = 40
 
@@ -30,13 +30,6 @@ def fast_retries(sink: ThreadedSink, max_retries: int = 1000) -> None:
     sink.retry_backoff_max = 0.01
     sink.max_retries = max_retries
     sink.max_delay = 0.0
-
-
-def wait_for(what: str, cond: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 60
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 class StallOnce:
@@ -58,8 +51,8 @@ def hold_until_retried(bus: EventBus, name: str, stall: StallOnce, retries: int 
     out and retried it (``retries`` times) while it was still running."""
     for step in range(1, STEPS + 1):
         bus.publish(Log(step=step, values={"loss": float(step)}))
-    wait_for("the stalled write", stall.stalled.is_set)
-    wait_for("the bus to retry the stalled write", lambda: bus.stats().sinks[name].retries >= retries)
+    wait_for(stall.stalled.is_set, 60, what="the stalled write")
+    wait_for(lambda: bus.stats().sinks[name].retries >= retries, 60, what="the bus to retry the stalled write")
     stall.release.set()
 
 
@@ -184,7 +177,7 @@ def test_a_write_that_never_returns_times_every_retry_out_and_later_batches_neve
     try:
         for step in range(1, STEPS + 1):
             bus.publish(Log(step=step, values={"loss": float(step)}))
-        wait_for("the bus to give every batch up", lambda: bus.stats().sinks["recording"].failed == STEPS)
+        wait_for(lambda: bus.stats().sinks["recording"].failed == STEPS, 60, what="the bus to give every batch up")
         sink.stall.release.set()
     finally:
         stats = bus.close(30).sinks["recording"]
@@ -202,8 +195,8 @@ def test_the_close_deadline_cuts_off_a_retry_waiting_for_a_hung_write() -> None:
     try:
         for step in range(1, STEPS + 1):
             bus.publish(Log(step=step, values={"loss": float(step)}))
-        wait_for("the stalled write", sink.stall.stalled.is_set)
-        wait_for("the bus to retry the stalled write", lambda: bus.stats().sinks["recording"].retries >= 2)
+        wait_for(sink.stall.stalled.is_set, 60, what="the stalled write")
+        wait_for(lambda: bus.stats().sinks["recording"].retries >= 2, 60, what="the bus to retry the stalled write")
         stats = bus.close(0.2).sinks["recording"]  # returns although the write still hangs
         assert not sink.closed.is_set()
     finally:
